@@ -1,0 +1,133 @@
+# pagefill: fill guest RAM with pages in 16 groups of identical content,
+# deduplicate, rewrite one word per page, deduplicate again, and report
+# checksums at each step. The Rust model is guest_images::pagefill_expected_reports.
+#
+# Region: [2 MiB, RDI rounded down to a page); N = its size / 4096 pages
+# (N = 0 if RAM <= 2 MiB). Page i (counting from 2 MiB) is in group
+# g = i % 16, and its 8-byte word w (0..511) holds
+#     pattern(g, w) = ((g + 1) * 0x9E3779B97F4A7C15) ^ (w * 0x100000001B3)
+# (wrapping 64-bit arithmetic; no word is ever zero).
+#
+#   phase 1: fill every word of the N pages with pattern(g, w)
+#   phase 2: dedup 1 (one synchronous full pass)
+#   phase 3: sum word 0 of every page; report it (low 32, high 32)
+#   phase 4: store pattern(g, 1) + 1 into word 1 of every page (all pages of
+#            a group get the same value, so groups stay identical)
+#   phase 5: dedup 1
+#   phase 6: sum word 1 of every page, report it; sum every word of every
+#            page, report it; exit 0
+#
+# Exits with dedup off: 6 phase + 2 dedup + 6 report + 1 exit = 15 io.
+        .include "abi.inc"
+
+        .set    PAGEFILL_START,  0x200000
+        .set    PAGEFILL_GROUPS, 16             # a power of two
+        .set    WORDS_PER_PAGE,  PAGE_SIZE / 8
+
+# Registers kept across the whole program (the macros clobber rax, rdx, rsi):
+#   r15 = region start, r14 = region end, r13 = group multiplier,
+#   r12 = word multiplier; loops use rbx (pointer), rcx (page index),
+#   r8-r11 (temporaries), rdi (word index), rbp (checksum).
+
+        .text
+        .globl  _start
+_start:
+        mov     r15, PAGEFILL_START
+        mov     r14, rdi
+        and     r14, -PAGE_SIZE         # round RAM size down to a page
+        cmp     r14, r15
+        cmovb   r14, r15                # RAM below 2 MiB: empty region
+        movabs  r13, 0x9E3779B97F4A7C15
+        movabs  r12, 0x100000001B3
+
+# ---- phase 1: fill every word of every page with pattern(g, w)
+        phase   1
+        mov     rbx, r15                # page pointer
+        xor     ecx, ecx                # page index i
+.Lfill_page:
+        cmp     rbx, r14
+        jae     .Lfill_done
+        mov     r8, rcx
+        and     r8, PAGEFILL_GROUPS - 1 # g = i % 16
+        inc     r8
+        imul    r8, r13                 # r8 = (g + 1) * C
+        xor     r9d, r9d                # r9 = w * P
+        xor     edi, edi                # w
+.Lfill_word:
+        mov     r10, r8
+        xor     r10, r9                 # pattern(g, w)
+        mov     [rbx + rdi * 8], r10
+        add     r9, r12
+        inc     edi
+        cmp     edi, WORDS_PER_PAGE
+        jb      .Lfill_word
+        add     rbx, PAGE_SIZE
+        inc     rcx
+        jmp     .Lfill_page
+.Lfill_done:
+
+# ---- phase 2: one synchronous dedup pass
+        phase   2
+        dedup   DEDUP_PASS
+
+# ---- phase 3: checksum of word 0 of every page
+        phase   3
+        xor     ebp, ebp
+        mov     rbx, r15
+.Lsum0:
+        cmp     rbx, r14
+        jae     .Lsum0_done
+        add     rbp, [rbx]
+        add     rbx, PAGE_SIZE
+        jmp     .Lsum0
+.Lsum0_done:
+        report64 rbp                    # 2 io
+
+# ---- phase 4: word 1 of every page := pattern(g, 1) + 1
+        phase   4
+        mov     rbx, r15
+        xor     ecx, ecx
+.Lpoke:
+        cmp     rbx, r14
+        jae     .Lpoke_done
+        mov     r8, rcx
+        and     r8, PAGEFILL_GROUPS - 1
+        inc     r8
+        imul    r8, r13
+        xor     r8, r12                 # pattern(g, 1)
+        inc     r8
+        mov     [rbx + 8], r8
+        add     rbx, PAGE_SIZE
+        inc     rcx
+        jmp     .Lpoke
+.Lpoke_done:
+
+# ---- phase 5: dedup again
+        phase   5
+        dedup   DEDUP_PASS
+
+# ---- phase 6: checksum of word 1 of every page, then of every word
+        phase   6
+        xor     ebp, ebp
+        mov     rbx, r15
+.Lsum1:
+        cmp     rbx, r14
+        jae     .Lsum1_done
+        add     rbp, [rbx + 8]
+        add     rbx, PAGE_SIZE
+        jmp     .Lsum1
+.Lsum1_done:
+        report64 rbp                    # 2 io
+
+        xor     ebp, ebp
+        mov     rbx, r15
+.Lsum_all:
+        cmp     rbx, r14
+        jae     .Lsum_all_done
+        add     rbp, [rbx]
+        add     rbx, 8
+        jmp     .Lsum_all
+.Lsum_all_done:
+        report64 rbp                    # 2 io
+
+        exit    0

@@ -1,0 +1,373 @@
+//! The built-in guest images of the VMM lab.
+//!
+//! Each image is a tiny static ELF64 x86-64 executable written in assembly
+//! against the tiny-guest ABI, version 1 (`guest-abi.md`, summarised in this
+//! crate's `README.md`). The build script assembles `asm/<name>.S` with GNU
+//! `as` and links it with `ld -T link.ld` at 1 MiB; this crate embeds the
+//! results, so the VMM and its tests can run a guest by name without any
+//! file on disk. [`IMAGES`] lists them, [`find`] looks one up.
+//!
+//! The constants and model functions here document what each image does, so
+//! that tests can check a run's exits and reports exactly: in particular
+//! [`pagefill_expected_reports`] computes the checksums `pagefill` reports
+//! for a given RAM size.
+
+/// A built-in guest image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Image {
+    /// The image's name, e.g. `"hello"` (the `asm/<name>.S` it is built from).
+    pub name: &'static str,
+    /// One line saying what the guest does and which exits it takes.
+    pub summary: &'static str,
+    /// The static ELF64 x86-64 executable, loaded at 1 MiB.
+    pub elf: &'static [u8],
+}
+
+/// Embeds `$OUT_DIR/<name>.elf`, built by build.rs from `asm/<name>.S`.
+macro_rules! image {
+    ($name:literal, $summary:expr) => {
+        Image { name: $name, summary: $summary, elf: include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".elf")) }
+    };
+}
+
+/// Every built-in image, sorted by name.
+pub const IMAGES: &[Image] = &[
+    image!("hello", "prints \"Hello from a tiny guest\\n\" on COM1, exits 0: 25 io exits"),
+    image!(
+        "misbehave-beyond-ram",
+        "reads and writes just past RAM, reads port 0x80, reports the reads, \
+         exits 0: 2 mmio + 5 io exits"
+    ),
+    image!("misbehave-exit-code", "exits with code 3 at once: 1 io exit"),
+    image!("misbehave-hlt", "executes HLT at its entry point (ends the run with code 0): no io exit"),
+    image!("misbehave-port-flood", "writes port 0x80 100,000 times, exits 0: 100,001 io exits"),
+    image!("misbehave-spin", "prints \"spinning\\n\" (9 io exits), then loops forever"),
+    image!("misbehave-triple-fault", "prints \"about to fault\\n\" (15 io exits), then ud2 at 0x100000: triple fault"),
+    image!(
+        "pagefill",
+        "fills RAM above 2 MiB with 16 groups of identical pages, dedups, \
+         rewrites a word per page, dedups, reports 3 checksums: 15 io exits"
+    ),
+];
+
+/// Looks up a built-in image by its exact name.
+pub fn find(name: &str) -> Option<&'static Image> {
+    IMAGES.iter().find(|image| image.name == name)
+}
+
+/// Guest-physical (= virtual) address every built-in image is linked at.
+pub const IMAGE_BASE: u64 = 0x10_0000;
+
+/// Size of a guest page in bytes.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// What `hello` prints on COM1, one io exit per byte.
+pub const HELLO_MESSAGE: &str = "Hello from a tiny guest\n";
+
+/// What `misbehave-spin` prints on COM1 before it loops forever.
+pub const SPIN_MESSAGE: &str = "spinning\n";
+
+/// What `misbehave-triple-fault` prints on COM1 before it faults.
+pub const TRIPLE_FAULT_MESSAGE: &str = "about to fault\n";
+
+/// Guest RIP of the `ud2` in `misbehave-triple-fault`: the first byte of its
+/// `.text`, so the triple fault the VMM reports is at this address.
+pub const TRIPLE_FAULT_RIP: u64 = IMAGE_BASE;
+
+/// Exit code `misbehave-exit-code` ends its run with.
+pub const MISBEHAVE_EXIT_CODE: u32 = 3;
+
+/// The unknown port `misbehave-port-flood` writes (and
+/// `misbehave-beyond-ram` reads).
+pub const UNKNOWN_PORT: u16 = 0x80;
+
+/// How many times `misbehave-port-flood` writes [`UNKNOWN_PORT`].
+pub const PORT_FLOOD_WRITES: u64 = 100_000;
+
+/// First guest-physical address `pagefill` fills (2 MiB): its region is
+/// `[PAGEFILL_START, RAM size rounded down to a page)`.
+pub const PAGEFILL_START: u64 = 0x20_0000;
+
+/// Number of groups of identical pages `pagefill` writes: page `i` of the
+/// region belongs to group `i % PAGEFILL_GROUPS`.
+pub const PAGEFILL_GROUPS: u64 = 16;
+
+/// Multiplier of the group term of [`pagefill_pattern`].
+pub const PAGEFILL_GROUP_MUL: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// Multiplier of the word term of [`pagefill_pattern`].
+pub const PAGEFILL_WORD_MUL: u64 = 0x100_0000_01B3;
+
+/// Number of 8-byte words in a page.
+pub const PAGEFILL_WORDS_PER_PAGE: u64 = PAGE_SIZE / 8;
+
+/// Number of phases `pagefill` marks (phases 1 to 6; phase 0 is the part of
+/// the run before the first marker).
+pub const PAGEFILL_PHASES: u32 = 6;
+
+/// Io exits `pagefill` takes whatever the RAM size: 6 phase markers + 2
+/// dedup requests + 6 reports + 1 exit. With dedup off these are all its
+/// exits.
+pub const PAGEFILL_IO_EXITS: u64 = 6 + 2 + 6 + 1;
+
+/// Number of pages `pagefill` fills for a guest of `mem_bytes` bytes of RAM:
+/// `(mem_bytes rounded down to a page - 2 MiB) / 4096`, or 0 when RAM is not
+/// larger than 2 MiB.
+pub fn pagefill_pages(mem_bytes: u64) -> u64 {
+    (mem_bytes & !(PAGE_SIZE - 1)).saturating_sub(PAGEFILL_START) / PAGE_SIZE
+}
+
+/// The value `pagefill` writes in phase 1 to 8-byte word `word` (0..512) of
+/// every page of group `group` (0..16):
+/// `((group + 1) * 0x9E3779B97F4A7C15) ^ (word * 0x100000001B3)`, wrapping.
+/// No such value is zero, so no filled page is a zero page.
+pub fn pagefill_pattern(group: u64, word: u64) -> u64 {
+    (group + 1).wrapping_mul(PAGEFILL_GROUP_MUL) ^ word.wrapping_mul(PAGEFILL_WORD_MUL)
+}
+
+/// The value `pagefill` stores in phase 4 to word 1 of every page of group
+/// `group`: `pagefill_pattern(group, 1) + 1`, wrapping. Every page of a group
+/// gets the same value, so the groups stay groups of identical pages.
+pub fn pagefill_rewritten_word1(group: u64) -> u64 {
+    pagefill_pattern(group, 1).wrapping_add(1)
+}
+
+/// The exact report list `pagefill` produces for a guest of `mem_bytes`
+/// bytes of RAM (the values it writes to port 0x502, in order, each a
+/// 32-bit value widened to `u64`).
+///
+/// Three 64-bit checksums (wrapping sums), each reported as two port writes,
+/// low 32 bits first, then high 32 bits:
+///
+/// 1. phase 3: the sum of word 0 of every page;
+/// 2. phase 6: the sum of word 1 of every page (after the phase-4 rewrite);
+/// 3. phase 6: the sum of every word of every page.
+///
+/// Deduplication must not change these: they are the same with dedup off.
+pub fn pagefill_expected_reports(mem_bytes: u64) -> Vec<u64> {
+    let pages = pagefill_pages(mem_bytes);
+    let (mut word0, mut word1, mut all) = (0u64, 0u64, 0u64);
+    for group in 0..PAGEFILL_GROUPS {
+        let count = pages / PAGEFILL_GROUPS + u64::from(group < pages % PAGEFILL_GROUPS);
+        let new_word1 = pagefill_rewritten_word1(group);
+        let page_sum = (0..PAGEFILL_WORDS_PER_PAGE)
+            .map(|w| if w == 1 { new_word1 } else { pagefill_pattern(group, w) })
+            .fold(0u64, u64::wrapping_add);
+        word0 = word0.wrapping_add(count.wrapping_mul(pagefill_pattern(group, 0)));
+        word1 = word1.wrapping_add(count.wrapping_mul(new_word1));
+        all = all.wrapping_add(count.wrapping_mul(page_sum));
+    }
+    [word0, word1, all].into_iter().flat_map(|sum| [sum & 0xFFFF_FFFF, sum >> 32]).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PT_LOAD: u32 = 1;
+
+    fn u16_at(b: &[u8], off: usize) -> u16 {
+        u16::from_le_bytes([b[off], b[off + 1]])
+    }
+
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(b[off..off + 4].try_into().expect("4 bytes"))
+    }
+
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
+    }
+
+    fn to_usize(v: u64) -> usize {
+        usize::try_from(v).expect("fits in usize")
+    }
+
+    /// A PT_LOAD segment: (p_flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz).
+    type Load = (u32, u64, u64, u64, u64, u64);
+
+    /// Checks the ELF header by hand; returns (e_entry, PT_LOAD segments).
+    fn parse(image: &Image) -> (u64, Vec<Load>) {
+        let b = image.elf;
+        let name = image.name;
+        assert!(b.len() >= 64, "{name}: too short");
+        assert_eq!(&b[..4], b"\x7fELF", "{name}: magic");
+        assert_eq!(b[4], 2, "{name}: not ELFCLASS64");
+        assert_eq!(b[5], 1, "{name}: not little-endian");
+        assert_eq!(b[6], 1, "{name}: EI_VERSION");
+        assert_eq!(u16_at(b, 16), 2, "{name}: e_type is not ET_EXEC");
+        assert_eq!(u16_at(b, 18), 62, "{name}: e_machine is not EM_X86_64");
+        assert_eq!(u32_at(b, 20), 1, "{name}: e_version");
+        let entry = u64_at(b, 24);
+        let phoff = to_usize(u64_at(b, 32));
+        let phentsize = usize::from(u16_at(b, 54));
+        let phnum = usize::from(u16_at(b, 56));
+        assert_eq!(phentsize, 56, "{name}: e_phentsize");
+        assert!(phoff + phnum * phentsize <= b.len(), "{name}: phdrs past end");
+        let loads: Vec<Load> = (0..phnum)
+            .map(|i| phoff + i * phentsize)
+            .filter(|&ph| u32_at(b, ph) == PT_LOAD)
+            .map(|ph| {
+                (
+                    u32_at(b, ph + 4),
+                    u64_at(b, ph + 8),
+                    u64_at(b, ph + 16),
+                    u64_at(b, ph + 24),
+                    u64_at(b, ph + 32),
+                    u64_at(b, ph + 40),
+                )
+            })
+            .collect();
+        (entry, loads)
+    }
+
+    /// The file bytes at guest-physical address `gpa`, to the segment's end.
+    fn bytes_at(image: &Image, gpa: u64) -> &'static [u8] {
+        let (_, loads) = parse(image);
+        let &(_, offset, _, paddr, filesz, _) = loads
+            .iter()
+            .find(|l| (l.3..l.3 + l.4).contains(&gpa))
+            .unwrap_or_else(|| panic!("{}: {gpa:#x} not in the file", image.name));
+        &image.elf[to_usize(offset + gpa - paddr)..to_usize(offset + filesz)]
+    }
+
+    #[test]
+    fn every_image_is_a_valid_elf64_x86_64_exec_above_1mib() {
+        for image in IMAGES {
+            let name = image.name;
+            let (entry, loads) = parse(image);
+            assert!(!loads.is_empty(), "{name}: no PT_LOAD");
+            assert!(entry >= IMAGE_BASE, "{name}: entry {entry:#x} below 1 MiB");
+            for &(flags, offset, vaddr, paddr, filesz, memsz) in &loads {
+                assert!(paddr >= IMAGE_BASE, "{name}: p_paddr {paddr:#x} below 1 MiB");
+                assert_eq!(paddr, vaddr, "{name}: p_paddr != p_vaddr");
+                assert!(filesz <= memsz, "{name}: p_filesz > p_memsz");
+                assert!(memsz > 0, "{name}: empty PT_LOAD");
+                assert!(offset + filesz <= image.elf.len() as u64, "{name}: segment past end of file");
+                assert!(paddr + memsz < PAGEFILL_START, "{name}: image reaches 2 MiB");
+                assert_ne!(flags & 1, 0, "{name}: PT_LOAD not executable");
+            }
+            assert!(
+                loads.iter().any(|l| (l.3..l.3 + l.4).contains(&entry) && l.0 & 1 != 0),
+                "{name}: entry {entry:#x} not in an executable PT_LOAD"
+            );
+        }
+    }
+
+    #[test]
+    fn images_are_sorted_unique_and_findable() {
+        assert!(IMAGES.windows(2).all(|w| w[0].name < w[1].name));
+        for image in IMAGES {
+            assert_eq!(find(image.name), Some(image));
+            assert!(!image.summary.is_empty());
+        }
+        assert_eq!(IMAGES.len(), 8);
+        assert!(find("pagefill").is_some());
+        assert!(find("nope").is_none());
+        assert!(find("").is_none());
+    }
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn images_match_their_documented_constants() {
+        let image = |name| find(name).expect("image exists");
+        let with_nul = |s: &str| [s.as_bytes(), b"\0"].concat();
+        assert!(contains(image("hello").elf, &with_nul(HELLO_MESSAGE)));
+        assert_eq!(HELLO_MESSAGE.len(), 24);
+        assert!(contains(image("misbehave-spin").elf, &with_nul(SPIN_MESSAGE)));
+        let fault = image("misbehave-triple-fault");
+        assert!(contains(fault.elf, &with_nul(TRIPLE_FAULT_MESSAGE)));
+        assert_eq!(&bytes_at(fault, TRIPLE_FAULT_RIP)[..2], [0x0F, 0x0B], "ud2");
+        assert_ne!(parse(fault).0, TRIPLE_FAULT_RIP, "entry is not the ud2");
+        let hlt = image("misbehave-hlt");
+        assert_eq!(bytes_at(hlt, parse(hlt).0)[0], 0xF4, "hlt at the entry");
+        let flood = image("misbehave-port-flood").elf;
+        assert!(contains(flood, &u32::try_from(PORT_FLOOD_WRITES).expect("u32").to_le_bytes()));
+        let pagefill = image("pagefill").elf;
+        assert!(contains(pagefill, &PAGEFILL_GROUP_MUL.to_le_bytes()));
+        assert!(contains(pagefill, &PAGEFILL_WORD_MUL.to_le_bytes()));
+    }
+
+    #[test]
+    fn pagefill_pages_rounds_down_and_starts_at_2mib() {
+        assert_eq!(pagefill_pages(0), 0);
+        assert_eq!(pagefill_pages(1 << 20), 0);
+        assert_eq!(pagefill_pages(PAGEFILL_START), 0);
+        assert_eq!(pagefill_pages(PAGEFILL_START + 4095), 0);
+        assert_eq!(pagefill_pages(PAGEFILL_START + 4096), 1);
+        assert_eq!(pagefill_pages(64 << 20), (62 << 20) / 4096);
+        assert_eq!(pagefill_pages(u64::MAX), (u64::MAX - 4095 - PAGEFILL_START) / 4096);
+    }
+
+    #[test]
+    fn pagefill_pattern_is_never_zero_and_groups_differ() {
+        for g in 0..PAGEFILL_GROUPS {
+            assert_ne!(pagefill_rewritten_word1(g), 0);
+            assert_ne!(pagefill_rewritten_word1(g), pagefill_pattern(g, 1));
+            for w in 0..PAGEFILL_WORDS_PER_PAGE {
+                assert_ne!(pagefill_pattern(g, w), 0, "group {g} word {w}");
+            }
+            for h in 0..g {
+                assert_ne!(pagefill_pattern(g, 0), pagefill_pattern(h, 0));
+            }
+        }
+    }
+
+    /// Runs pagefill's algorithm on a simulated RAM, word by word.
+    fn simulate(mem_bytes: u64) -> Vec<u64> {
+        let words = to_usize(PAGEFILL_WORDS_PER_PAGE);
+        let pages = to_usize(pagefill_pages(mem_bytes));
+        let group = |i: usize| i as u64 % PAGEFILL_GROUPS;
+        let mut ram = vec![0u64; pages * words];
+        for (i, page) in ram.chunks_mut(words).enumerate() {
+            for (w, word) in page.iter_mut().enumerate() {
+                *word = pagefill_pattern(group(i), w as u64);
+            }
+        }
+        let sum0 = ram.chunks(words).fold(0u64, |s, p| s.wrapping_add(p[0]));
+        for (i, page) in ram.chunks_mut(words).enumerate() {
+            page[1] = pagefill_pattern(group(i), 1).wrapping_add(1);
+        }
+        let sum1 = ram.chunks(words).fold(0u64, |s, p| s.wrapping_add(p[1]));
+        let all = ram.iter().fold(0u64, |s, &w| s.wrapping_add(w));
+        [sum0, sum1, all].iter().flat_map(|&s| [s as u32 as u64, s >> 32]).collect()
+    }
+
+    #[test]
+    fn pagefill_model_matches_a_simulation() {
+        for mem in [
+            0,
+            1 << 20,
+            PAGEFILL_START,
+            PAGEFILL_START + 4095,
+            PAGEFILL_START + 4096,
+            PAGEFILL_START + 15 * 4096,
+            PAGEFILL_START + 16 * 4096 + 100,
+            PAGEFILL_START + 37 * 4096,
+            4 << 20,
+            16 << 20,
+        ] {
+            assert_eq!(pagefill_expected_reports(mem), simulate(mem), "mem {mem:#x}");
+        }
+    }
+
+    #[test]
+    fn pagefill_model_gives_sane_values() {
+        assert_eq!(pagefill_expected_reports(PAGEFILL_START), vec![0; 6]);
+        for mem in [PAGEFILL_START + 4096, 64 << 20, 1 << 30, 16 << 30] {
+            let reports = pagefill_expected_reports(mem);
+            assert_eq!(reports.len(), 6);
+            assert!(reports.iter().all(|&r| r <= u64::from(u32::MAX)));
+            assert!(reports.iter().any(|&r| r != 0));
+        }
+        // One page of group 0: the checksums are that page's words.
+        let one = pagefill_expected_reports(PAGEFILL_START + 4096);
+        let join = |i: usize| one[i] | one[i + 1] << 32;
+        assert_eq!(join(0), PAGEFILL_GROUP_MUL);
+        assert_eq!(join(2), pagefill_rewritten_word1(0));
+        // 16 GiB is modelled without walking 4 million pages.
+        assert_ne!(pagefill_expected_reports(16 << 30), pagefill_expected_reports(8 << 30));
+    }
+}

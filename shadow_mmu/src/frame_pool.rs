@@ -1,0 +1,175 @@
+//! Host physical memory: a memfd whose 4 KiB pages are the host's page frames.
+//!
+//! Linux counterpart: the page allocator and the direct map. Frame number
+//! `pfn` is the memfd page at byte offset `pfn * PAGE_SIZE`; one shared linear
+//! mapping of the whole memfd is the direct map through which the VMM (and,
+//! later, the deduplicator) reads and writes frames. Freeing a frame punches a
+//! hole in the memfd, so memory saved by merging is really returned to the host
+//! and can be measured from the memfd's allocated blocks.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+/// Size of a page (and of a frame) in bytes.
+pub const PAGE_SIZE: u64 = 4096;
+/// log2 of [`PAGE_SIZE`].
+pub const PAGE_SHIFT: u32 = 12;
+
+/// A host page frame number: the index of a page in the frame pool's memfd.
+pub type Pfn = u64;
+
+/// Errors of the frame pool.
+#[derive(Debug, thiserror::Error)]
+pub enum FramePoolError {
+    /// The size is zero or not a whole number of pages.
+    #[error("frame pool size {0} is not a positive multiple of 4 KiB")]
+    BadSize(u64),
+    /// memfd_create failed.
+    #[error("cannot create the memfd for guest RAM: {0}")]
+    MemfdCreate(std::io::Error),
+    /// ftruncate of the memfd failed.
+    #[error("cannot size the memfd for guest RAM to {bytes} bytes: {source}")]
+    Truncate {
+        /// Requested size.
+        bytes: u64,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Mapping the memfd failed.
+    #[error("cannot map guest RAM ({bytes} bytes): {reason}")]
+    Map {
+        /// Requested size.
+        bytes: u64,
+        /// What vm-memory reported.
+        reason: String,
+    },
+    /// fallocate(PUNCH_HOLE) failed.
+    #[error("cannot return frame {pfn} to the host: {source}")]
+    PunchHole {
+        /// The frame.
+        pfn: Pfn,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// fstat of the memfd failed.
+    #[error("cannot stat the guest RAM memfd: {0}")]
+    Stat(std::io::Error),
+}
+
+/// The host's page frames: a memfd and its direct map.
+#[derive(Debug)]
+pub struct FramePool {
+    memfd: File,
+    direct_map: GuestMemoryMmap,
+    nr_frames: u64,
+}
+
+impl FramePool {
+    /// Creates a pool of `bytes / PAGE_SIZE` frames, all zero and unallocated.
+    pub fn new(bytes: u64) -> Result<Self, FramePoolError> {
+        if bytes == 0 || bytes % PAGE_SIZE != 0 {
+            return Err(FramePoolError::BadSize(bytes));
+        }
+        // SAFETY: memfd_create takes a NUL-terminated name and flags; it does
+        // not touch memory we own beyond reading the name.
+        let fd = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(FramePoolError::MemfdCreate(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+        let memfd = unsafe { File::from_raw_fd(fd) };
+        memfd.set_len(bytes).map_err(|source| FramePoolError::Truncate { bytes, source })?;
+        let len = usize::try_from(bytes).map_err(|_| FramePoolError::BadSize(bytes))?;
+        let file = memfd.try_clone().map_err(FramePoolError::MemfdCreate)?;
+        let region = GuestRegionMmap::from_range(GuestAddress(0), len, Some(FileOffset::new(file, 0)))
+            .map_err(|e| FramePoolError::Map { bytes, reason: e.to_string() })?;
+        let direct_map = GuestMemoryMmap::from_regions(vec![region])
+            .map_err(|e| FramePoolError::Map { bytes, reason: e.to_string() })?;
+        Ok(Self { memfd, direct_map, nr_frames: bytes / PAGE_SIZE })
+    }
+
+    /// Number of frames in the pool.
+    pub fn nr_frames(&self) -> u64 {
+        self.nr_frames
+    }
+
+    /// The memfd backing the frames (for mapping frames elsewhere).
+    pub fn memfd(&self) -> &File {
+        &self.memfd
+    }
+
+    /// The direct map: "guest address" `pfn << PAGE_SHIFT` of this memory is frame `pfn`.
+    ///
+    /// It implements vm-memory's `Bytes`, so frames are read and written
+    /// with bounds-checked volatile accesses.
+    pub fn direct_map(&self) -> &GuestMemoryMmap {
+        &self.direct_map
+    }
+
+    /// Host virtual address of frame `pfn` in the direct map, if the frame exists.
+    pub fn frame_hva(&self, pfn: Pfn) -> Option<*mut u8> {
+        use vm_memory::GuestMemoryBackend;
+        if pfn >= self.nr_frames {
+            return None;
+        }
+        self.direct_map.get_host_address(GuestAddress(pfn << PAGE_SHIFT)).ok()
+    }
+
+    /// Returns frame `pfn` to the host by punching a hole in the memfd; its
+    /// content reads as zero afterwards.
+    pub fn punch_hole(&self, pfn: Pfn) -> Result<(), FramePoolError> {
+        let offset = i64::try_from(pfn << PAGE_SHIFT).map_err(|_| FramePoolError::BadSize(pfn))?;
+        // SAFETY: fallocate on our own memfd with a range inside it; no memory
+        // of ours is passed to the kernel.
+        let rc = unsafe {
+            libc::fallocate(
+                self.memfd.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                PAGE_SIZE as i64,
+            )
+        };
+        if rc != 0 {
+            return Err(FramePoolError::PunchHole { pfn, source: std::io::Error::last_os_error() });
+        }
+        Ok(())
+    }
+
+    /// Bytes of the memfd that the host has actually allocated (st_blocks × 512).
+    pub fn resident_bytes(&self) -> Result<u64, FramePoolError> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = self.memfd.metadata().map_err(FramePoolError::Stat)?;
+        Ok(meta.blocks() * 512)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn rejects_bad_sizes() {
+        assert!(matches!(FramePool::new(0), Err(FramePoolError::BadSize(0))));
+        assert!(matches!(FramePool::new(4097), Err(FramePoolError::BadSize(4097))));
+    }
+
+    #[test]
+    fn frames_are_zero_and_writable_and_holes_return_memory() {
+        let pool = FramePool::new(16 * PAGE_SIZE).expect("pool");
+        assert_eq!(pool.nr_frames(), 16);
+        assert_eq!(pool.resident_bytes().expect("stat"), 0);
+        let addr = GuestAddress(3 << PAGE_SHIFT);
+        assert_eq!(pool.direct_map().read_obj::<u64>(addr).expect("read"), 0);
+        pool.direct_map().write_obj(0xdead_beef_u64, addr).expect("write");
+        assert_eq!(pool.direct_map().read_obj::<u64>(addr).expect("read"), 0xdead_beef);
+        assert_eq!(pool.resident_bytes().expect("stat"), PAGE_SIZE);
+        pool.punch_hole(3).expect("punch");
+        assert_eq!(pool.resident_bytes().expect("stat"), 0);
+        assert_eq!(pool.direct_map().read_obj::<u64>(addr).expect("read"), 0);
+        assert!(pool.frame_hva(15).is_some());
+        assert!(pool.frame_hva(16).is_none());
+    }
+}

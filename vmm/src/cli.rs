@@ -1,0 +1,223 @@
+//! The command line: `vmm run`, `vmm images`, `vmm bench`.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::image::GuestImage;
+use crate::run::{exit_status, run};
+use crate::size::{format_size, parse_size};
+use crate::stats::render_table;
+use crate::view::ViewKind;
+use crate::vm::{check_mem_size, DedupPolicy, RunConfig};
+
+const AFTER_HELP: &str = "\
+Examples:
+  vmm images                                  list the built-in guests
+  vmm run hello                               boot a guest, print its console and the exit table
+  vmm run pagefill --mem 64M --stats-json s.json
+  vmm bench                                   the cost of one VM exit on this machine, as JSON
+
+Guests are static ELF64 x86-64 executables written against the tiny-guest
+ABI v1 (guest-images/README.md). Exit status: 0 guest succeeded, 1 guest
+reported a non-zero exit code, 2 bad input or setup failure, 3 guest ended
+abnormally (triple fault, timeout, interrupt, KVM error).";
+
+/// A userspace laboratory for KSM and KVM's secondary MMU: runs tiny guests
+/// on real KVM and counts every VM exit.
+#[derive(Debug, Parser)]
+#[command(name = "vmm", version, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// The KVM device node.
+    #[arg(long, global = true, default_value = "/dev/kvm", value_name = "PATH")]
+    pub kvm: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a guest and print its console, then a per-phase table of VM exits.
+    #[command(after_help = "IMAGE is the name of a built-in guest (see `vmm images`) or a path to an ELF file\n\
+(a name containing '/' is always a path). The guest's console goes to standard output,\n\
+followed by the table; --stats-json writes the statistics document (schema 1, README.md).")]
+    Run(RunArgs),
+    /// List the built-in guest images, one line each.
+    Images,
+    /// Measure the exit floor: the median cost of one port-I/O VM exit; prints JSON.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Built-in image name or path to an ELF64 x86-64 executable.
+    image: String,
+    /// Guest RAM: bytes, or a number with a K, M or G suffix (at least 2M, a multiple of 4K).
+    #[arg(long, default_value = "64M", value_name = "SIZE")]
+    mem: String,
+    /// Write the run's statistics as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    stats_json: Option<PathBuf>,
+    /// End the run (with its statistics, exit status 3) after SECS seconds.
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<String>,
+    /// Deduplication policy.
+    #[arg(long, value_enum, default_value = "off")]
+    dedup: DedupPolicy,
+    /// How the secondary MMU's table is made real for KVM.
+    #[arg(long, value_enum, default_value = "memslot")]
+    view: ViewKind,
+    /// Do not print the exit table (the console and --stats-json are unaffected).
+    #[arg(long)]
+    no_table: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// Number of exits to time.
+    #[arg(long, default_value_t = 20_000)]
+    exits: usize,
+    /// Exits taken before timing starts.
+    #[arg(long, default_value_t = 1_000)]
+    warmup: usize,
+}
+
+/// Status for bad input and setup failures.
+const STATUS_BAD_INPUT: u8 = 2;
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("vmm: error: {msg}");
+    ExitCode::from(STATUS_BAD_INPUT)
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text.parse().map_err(|_| format!("--timeout '{text}' is not a number of seconds"))?;
+    if !(secs.is_finite() && secs > 0.0 && secs < 1e9) {
+        return Err(format!("--timeout '{text}' must be a positive number of seconds"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses the arguments and runs the command; returns the process status.
+pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(STATUS_BAD_INPUT) } else { ExitCode::SUCCESS };
+        }
+    };
+    match cli.command {
+        Command::Images => {
+            for image in guest_images::IMAGES {
+                println!("{:<24} {}", image.name, image.summary);
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Run(args) => run_command(cli.kvm, args),
+        Command::Bench(args) => bench_command(cli.kvm, args),
+    }
+}
+
+fn run_command(kvm_device: PathBuf, args: RunArgs) -> ExitCode {
+    let mem_bytes = match parse_size(&args.mem) {
+        Ok(b) => b,
+        Err(e) => return fail(format!("--mem: {e}")),
+    };
+    if let Err(e) = check_mem_size(mem_bytes) {
+        return fail(e);
+    }
+    let timeout = match args.timeout.as_deref().map(parse_timeout).transpose() {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    let image = match GuestImage::resolve(&args.image) {
+        Ok(i) => i,
+        Err(e) => return fail(e),
+    };
+    // Open the statistics file first: a path that cannot be written is bad
+    // input, refused before the guest runs.
+    let stats_file = match args.stats_json.as_ref().map(File::create).transpose() {
+        Ok(f) => f,
+        Err(e) => {
+            let path = args.stats_json.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+            return fail(format!("cannot create --stats-json file {path}: {e}"));
+        }
+    };
+    if let Err(e) = crate::signals::install(true) {
+        return fail(format!("cannot install signal handlers: {e}"));
+    }
+    let config = RunConfig {
+        image,
+        mem_bytes,
+        dedup: args.dedup,
+        view: args.view,
+        timeout,
+        console: Box::new(std::io::stdout()),
+        kvm_device,
+    };
+    let stats = match run(config) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    if !args.no_table {
+        println!("\n{}", render_table(&stats));
+    }
+    if let (Some(mut file), Some(path)) = (stats_file, args.stats_json.as_ref()) {
+        let written = serde_json::to_vec_pretty(&stats)
+            .map_err(std::io::Error::other)
+            .and_then(|json| file.write_all(&json).and_then(|()| file.write_all(b"\n")));
+        if let Err(e) = written {
+            eprintln!("vmm: error: cannot write statistics to {}: {e}", path.display());
+            return ExitCode::from(STATUS_BAD_INPUT.max(exit_status(&stats)));
+        }
+    }
+    let status = exit_status(&stats);
+    if status != 0 {
+        eprintln!("vmm: guest {}: {}", stats.config.image, stats.guest.end.detail);
+    }
+    ExitCode::from(status)
+}
+
+fn bench_command(kvm_device: PathBuf, args: BenchArgs) -> ExitCode {
+    let Some(flood) = guest_images::find("misbehave-port-flood") else {
+        return fail("the built-in image misbehave-port-flood is missing");
+    };
+    let needed = args.warmup + args.exits;
+    if args.exits == 0 || needed as u64 >= guest_images::PORT_FLOOD_WRITES {
+        return fail(format!(
+            "--exits plus --warmup must be between 1 and {} (the bench guest's port writes)",
+            guest_images::PORT_FLOOD_WRITES - 1
+        ));
+    }
+    let mem_bytes = 16 << 20;
+    let config = RunConfig {
+        image: GuestImage { name: flood.name.to_string(), bytes: flood.elf.to_vec() },
+        mem_bytes,
+        dedup: DedupPolicy::Off,
+        view: ViewKind::Memslot,
+        timeout: None,
+        console: Box::new(std::io::sink()),
+        kvm_device,
+    };
+    match crate::bench::exit_floor(config, args.warmup, args.exits) {
+        Ok(report) => {
+            match serde_json::to_string_pretty(&report) {
+                Ok(json) => println!("{json}"),
+                Err(e) => return fail(e),
+            }
+            eprintln!(
+                "vmm: exit floor: median {:.1} us over {} port-I/O exits ({} guest RAM)",
+                report.port_io_exit.median_ns / 1e3,
+                report.port_io_exit.samples,
+                format_size(mem_bytes)
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}

@@ -1,0 +1,290 @@
+//! Guest images: finding them (a path or a built-in name), checking them
+//! against ABI v1, and loading their segments into guest RAM.
+//!
+//! The checks are done here, before anything runs, so that each broken image
+//! gets a sentence that says what is wrong; the copy itself is linux-loader's.
+
+use std::path::{Path, PathBuf};
+
+use linux_loader::loader::{Elf, KernelLoader};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use crate::x86::layout::GUEST_BASE;
+
+/// Errors of image resolution, validation and loading.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// Neither a readable file nor a built-in image.
+    #[error("no image '{0}': not a file and not a built-in image (`vmm images` lists those)")]
+    NotFound(String),
+    /// The file could not be read.
+    #[error("cannot read image {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The bytes are not a loadable ELF64 x86-64 executable per ABI v1.
+    #[error("image {name} is not usable: {reason}")]
+    Invalid {
+        /// The image's name or path.
+        name: String,
+        /// What is wrong, in words.
+        reason: String,
+    },
+    /// linux-loader refused the image after validation passed.
+    #[error("cannot load image {name}: {reason}")]
+    Load {
+        /// The image's name or path.
+        name: String,
+        /// linux-loader's error.
+        reason: String,
+    },
+}
+
+/// A guest image's bytes and the name it goes by.
+#[derive(Debug, Clone)]
+pub struct GuestImage {
+    /// Built-in name, or the path as given.
+    pub name: String,
+    /// The ELF file.
+    pub bytes: Vec<u8>,
+}
+
+/// A PT_LOAD segment of a validated image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// Guest-physical load address.
+    pub paddr: u64,
+    /// Bytes copied from the file.
+    pub filesz: u64,
+    /// Bytes occupied in memory (the rest is zero).
+    pub memsz: u64,
+}
+
+/// What ABI v1 needs to know of a validated image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ElfInfo {
+    /// `e_entry`.
+    pub entry: u64,
+    /// The PT_LOAD segments, in file order.
+    pub segments: Vec<Segment>,
+}
+
+impl GuestImage {
+    /// Resolves `spec`: a built-in image name, or (when it names no built-in
+    /// image or contains a `/`) a path to an ELF file.
+    pub fn resolve(spec: &str) -> Result<Self, ImageError> {
+        if !spec.contains('/') {
+            if let Some(image) = guest_images::find(spec) {
+                return Ok(Self { name: image.name.to_string(), bytes: image.elf.to_vec() });
+            }
+        }
+        let path = Path::new(spec);
+        if !path.exists() {
+            return Err(ImageError::NotFound(spec.to_string()));
+        }
+        let bytes = std::fs::read(path).map_err(|source| ImageError::Read { path: path.to_path_buf(), source })?;
+        Ok(Self { name: spec.to_string(), bytes })
+    }
+
+    /// Checks the image against ABI v1 for a guest of `ram_bytes`.
+    pub fn validate(&self, ram_bytes: u64) -> Result<ElfInfo, ImageError> {
+        validate_elf(&self.bytes, ram_bytes).map_err(|reason| ImageError::Invalid { name: self.name.clone(), reason })
+    }
+
+    /// Validates, then copies every PT_LOAD segment to its `p_paddr` in `mem`
+    /// (which must be zero-filled: bytes past `p_filesz` are not written).
+    pub fn load(&self, mem: &GuestMemoryMmap, ram_bytes: u64) -> Result<ElfInfo, ImageError> {
+        let info = self.validate(ram_bytes)?;
+        let mut reader = std::io::Cursor::new(self.bytes.as_slice());
+        Elf::load(mem, None, &mut reader, Some(GuestAddress(GUEST_BASE)))
+            .map_err(|e| ImageError::Load { name: self.name.clone(), reason: e.to_string() })?;
+        Ok(info)
+    }
+}
+
+const EHDR_SIZE: usize = 64;
+const PHDR_SIZE: usize = 56;
+const ET_EXEC: u16 = 2;
+const EM_X86_64: u16 = 62;
+const PT_LOAD: u32 = 1;
+
+fn field<const N: usize>(bytes: &[u8], offset: usize) -> Option<[u8; N]> {
+    bytes.get(offset..offset.checked_add(N)?)?.try_into().ok()
+}
+
+fn u16_at(bytes: &[u8], offset: usize) -> Option<u16> {
+    field(bytes, offset).map(u16::from_le_bytes)
+}
+
+fn u32_at(bytes: &[u8], offset: usize) -> Option<u32> {
+    field(bytes, offset).map(u32::from_le_bytes)
+}
+
+fn u64_at(bytes: &[u8], offset: usize) -> Option<u64> {
+    field(bytes, offset).map(u64::from_le_bytes)
+}
+
+/// Checks `bytes` against ABI v1's image rules; the error is a sentence.
+pub fn validate_elf(bytes: &[u8], ram_bytes: u64) -> Result<ElfInfo, String> {
+    if bytes.len() < 4 || &bytes[..4] != b"\x7fELF" {
+        return Err("not an ELF file (bad magic number)".into());
+    }
+    if bytes.len() < EHDR_SIZE {
+        return Err(format!("truncated ELF header ({} bytes, need {EHDR_SIZE})", bytes.len()));
+    }
+    if bytes[4] != 2 {
+        return Err("not a 64-bit ELF (ELFCLASS64 required)".into());
+    }
+    if bytes[5] != 1 {
+        return Err("not a little-endian ELF".into());
+    }
+    let short = || "truncated ELF header".to_string();
+    let e_type = u16_at(bytes, 16).ok_or_else(short)?;
+    let e_machine = u16_at(bytes, 18).ok_or_else(short)?;
+    if e_machine != EM_X86_64 {
+        return Err(format!("built for machine {e_machine}, not x86-64 (EM_X86_64 = 62)"));
+    }
+    if e_type != ET_EXEC {
+        return Err(format!("ELF type {e_type} is not a static executable (ET_EXEC = 2)"));
+    }
+    let entry = u64_at(bytes, 24).ok_or_else(short)?;
+    let phoff = u64_at(bytes, 32).ok_or_else(short)?;
+    let phentsize = u16_at(bytes, 54).ok_or_else(short)?;
+    let phnum = u16_at(bytes, 56).ok_or_else(short)?;
+    if usize::from(phentsize) != PHDR_SIZE {
+        return Err(format!("program header size {phentsize}, expected {PHDR_SIZE}"));
+    }
+    let mut segments = Vec::new();
+    for i in 0..usize::from(phnum) {
+        let at = usize::try_from(phoff)
+            .ok()
+            .and_then(|o| o.checked_add(i * PHDR_SIZE))
+            .filter(|o| o.checked_add(PHDR_SIZE).is_some_and(|end| end <= bytes.len()))
+            .ok_or_else(|| format!("program header {i} lies outside the file"))?;
+        let p_type = u32_at(bytes, at).ok_or_else(short)?;
+        if p_type != PT_LOAD {
+            continue;
+        }
+        let p_offset = u64_at(bytes, at + 8).ok_or_else(short)?;
+        let paddr = u64_at(bytes, at + 24).ok_or_else(short)?;
+        let filesz = u64_at(bytes, at + 32).ok_or_else(short)?;
+        let memsz = u64_at(bytes, at + 40).ok_or_else(short)?;
+        if p_offset.checked_add(filesz).is_none_or(|end| end > bytes.len() as u64) {
+            return Err(format!("segment {i} claims file bytes beyond the end of the file"));
+        }
+        if filesz > memsz {
+            return Err(format!("segment {i} has p_filesz {filesz} larger than p_memsz {memsz}"));
+        }
+        if paddr < GUEST_BASE {
+            return Err(format!(
+                "segment {i} at {paddr:#x} lies below 1 MiB, which belongs to the VMM (ABI v1: link at or above 0x100000)"
+            ));
+        }
+        if paddr.checked_add(memsz).is_none_or(|end| end > ram_bytes) {
+            return Err(format!(
+                "segment {i} [{paddr:#x}, +{memsz:#x}) does not fit in {ram_bytes:#x} bytes of guest RAM (give more with --mem)"
+            ));
+        }
+        segments.push(Segment { paddr, filesz, memsz });
+    }
+    if segments.is_empty() {
+        return Err("no PT_LOAD segment: nothing to load".into());
+    }
+    if !segments.iter().any(|s| (s.paddr..s.paddr + s.memsz).contains(&entry)) {
+        return Err(format!("entry point {entry:#x} is not inside any loaded segment"));
+    }
+    Ok(ElfInfo { entry, segments })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    /// A minimal ELF64 x86-64 executable with one PT_LOAD segment of `code`.
+    fn elf(paddr: u64, code: &[u8], memsz: u64) -> Vec<u8> {
+        let mut b = vec![0u8; EHDR_SIZE + PHDR_SIZE];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = 2;
+        b[5] = 1;
+        b[6] = 1;
+        b[16..18].copy_from_slice(&ET_EXEC.to_le_bytes());
+        b[18..20].copy_from_slice(&EM_X86_64.to_le_bytes());
+        b[20..24].copy_from_slice(&1u32.to_le_bytes());
+        b[24..32].copy_from_slice(&paddr.to_le_bytes());
+        b[32..40].copy_from_slice(&(EHDR_SIZE as u64).to_le_bytes());
+        b[52..54].copy_from_slice(&(EHDR_SIZE as u16).to_le_bytes());
+        b[54..56].copy_from_slice(&(PHDR_SIZE as u16).to_le_bytes());
+        b[56..58].copy_from_slice(&1u16.to_le_bytes());
+        let ph = EHDR_SIZE;
+        let offset = (EHDR_SIZE + PHDR_SIZE) as u64;
+        b[ph..ph + 4].copy_from_slice(&PT_LOAD.to_le_bytes());
+        b[ph + 8..ph + 16].copy_from_slice(&offset.to_le_bytes());
+        b[ph + 16..ph + 24].copy_from_slice(&paddr.to_le_bytes());
+        b[ph + 24..ph + 32].copy_from_slice(&paddr.to_le_bytes());
+        b[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+        b[ph + 40..ph + 48].copy_from_slice(&memsz.to_le_bytes());
+        b.extend_from_slice(code);
+        b
+    }
+
+    const RAM: u64 = 4 << 20;
+
+    #[test]
+    fn accepts_a_good_image_and_loads_it_at_paddr() {
+        let bytes = elf(0x10_0000, &[0xf4, 0x90, 0x90], 0x2000);
+        let info = validate_elf(&bytes, RAM).expect("valid");
+        assert_eq!(info.entry, 0x10_0000);
+        assert_eq!(info.segments, vec![Segment { paddr: 0x10_0000, filesz: 3, memsz: 0x2000 }]);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).expect("mem");
+        let image = GuestImage { name: "t".into(), bytes };
+        image.load(&mem, RAM).expect("load");
+        let mut code = [0u8; 4];
+        mem.read_slice(&mut code, GuestAddress(0x10_0000)).expect("read");
+        assert_eq!(code, [0xf4, 0x90, 0x90, 0]);
+    }
+
+    fn reason(bytes: &[u8]) -> String {
+        validate_elf(bytes, RAM).expect_err("must be refused")
+    }
+
+    #[test]
+    fn refuses_each_abi_violation_with_its_reason() {
+        assert!(reason(b"#!/bin/sh\n").contains("not an ELF"));
+        assert!(reason(b"\x7fELF").contains("truncated"));
+        let good = elf(0x10_0000, &[0x90], 0x1000);
+        let mut b = good.clone();
+        b[4] = 1;
+        assert!(reason(&b).contains("64-bit"));
+        let mut b = good.clone();
+        b[5] = 2;
+        assert!(reason(&b).contains("little-endian"));
+        let mut b = good.clone();
+        b[18..20].copy_from_slice(&183u16.to_le_bytes()); // aarch64
+        assert!(reason(&b).contains("not x86-64"));
+        let mut b = good.clone();
+        b[16..18].copy_from_slice(&3u16.to_le_bytes()); // ET_DYN
+        assert!(reason(&b).contains("static executable"));
+        assert!(reason(&elf(0x8_0000, &[0x90], 0x1000)).contains("below 1 MiB"));
+        assert!(reason(&elf(RAM - 0x800, &[0x90], 0x1000)).contains("does not fit"));
+        assert!(reason(&elf(u64::MAX - 8, &[0x90], 0x1000)).contains("does not fit"));
+        let mut b = good.clone();
+        b.truncate(b.len() - 1);
+        assert!(reason(&b).contains("beyond the end"));
+        let mut b = good.clone();
+        b[24..32].copy_from_slice(&0x20_0000u64.to_le_bytes());
+        assert!(reason(&b).contains("entry point"));
+        let mut b = good;
+        b[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(reason(&b).contains("outside the file"));
+    }
+
+    #[test]
+    fn resolve_reports_missing_images() {
+        let err = GuestImage::resolve("/nonexistent/guest.elf").expect_err("missing");
+        assert!(err.to_string().contains("no image"));
+    }
+}

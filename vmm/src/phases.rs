@@ -1,0 +1,120 @@
+//! Per-phase accounting: at every phase boundary (a guest write to port
+//! 0x500) the counters of every layer are read and the phase's figures are
+//! what moved since the boundary before.
+
+use std::time::Instant;
+
+use crate::kvm_stats::Snapshot;
+use crate::stats::{is_gauge, Counters, ExitCounts, Figures, PhaseStats};
+use crate::vm::Vm;
+
+/// Cumulative readings of every layer at one instant.
+#[derive(Debug, Clone, Default)]
+struct Readings {
+    kvm_vm: Snapshot,
+    kvm_vcpu: Snapshot,
+    shadow_mmu: Counters,
+    at: Option<Instant>,
+}
+
+impl Readings {
+    fn take(vm: &Vm) -> Self {
+        Self {
+            // A stats read that fails mid-run costs the kvm section, not the run.
+            kvm_vm: vm.vm_stats.snapshot().unwrap_or_default(),
+            kvm_vcpu: vm.vcpu_stats.snapshot().unwrap_or_default(),
+            shadow_mmu: vm.view.counters(),
+            at: Some(Instant::now()),
+        }
+    }
+}
+
+/// What moved in named counters: counters by their increase, gauges by their
+/// value at the end.
+pub fn counters_moved(before: &Counters, after: &Counters) -> Counters {
+    after
+        .iter()
+        .map(|(name, &a)| {
+            let v = if is_gauge(name) { a } else { a.saturating_sub(before.get(name).copied().unwrap_or(0)) };
+            (name.clone(), v)
+        })
+        .collect()
+}
+
+fn figures_between(vm: &Vm, a: &Readings, b: &Readings, exits: ExitCounts) -> Figures {
+    let mut kvm = vm.vm_stats.moved(&a.kvm_vm, &b.kvm_vm);
+    for (name, v) in vm.vcpu_stats.moved(&a.kvm_vcpu, &b.kvm_vcpu) {
+        // VM and vCPU statistics have distinct names in KVM; should one ever
+        // appear in both, the vCPU's is kept apart rather than lost.
+        let key = if kvm.contains_key(&name) { format!("vcpu.{name}") } else { name };
+        kvm.insert(key, v);
+    }
+    let wall_ns = match (a.at, b.at) {
+        (Some(s), Some(e)) => u64::try_from(e.duration_since(s).as_nanos()).unwrap_or(u64::MAX),
+        _ => 0,
+    };
+    Figures { exits, shadow_mmu: counters_moved(&a.shadow_mmu, &b.shadow_mmu), ksm: Counters::new(), kvm, wall_ns }
+}
+
+/// Keeps the current phase's exit counts and closes phases.
+#[derive(Debug)]
+pub struct PhaseTracker {
+    number: u32,
+    exits: ExitCounts,
+    phase_start: Readings,
+    run_start: Readings,
+    finished: Vec<PhaseStats>,
+}
+
+impl PhaseTracker {
+    /// Starts phase 0.
+    pub fn start(vm: &Vm) -> Self {
+        let now = Readings::take(vm);
+        Self { number: 0, exits: ExitCounts::default(), phase_start: now.clone(), run_start: now, finished: Vec::new() }
+    }
+
+    /// The running phase's exit counts.
+    pub fn exits(&mut self) -> &mut ExitCounts {
+        &mut self.exits
+    }
+
+    /// Ends the running phase and starts phase `number`.
+    pub fn next(&mut self, vm: &Vm, number: u32) {
+        let now = Readings::take(vm);
+        self.close(vm, &now);
+        self.phase_start = now;
+        self.number = number;
+    }
+
+    fn close(&mut self, vm: &Vm, now: &Readings) {
+        let exits = std::mem::take(&mut self.exits);
+        let figures = figures_between(vm, &self.phase_start, now, exits);
+        self.finished.push(PhaseStats { phase: self.number, figures });
+    }
+
+    /// Ends the last phase; returns every phase and the whole run's figures.
+    pub fn finish(mut self, vm: &Vm) -> (Vec<PhaseStats>, Figures) {
+        let now = Readings::take(vm);
+        self.close(vm, &now);
+        let mut exits = ExitCounts::default();
+        for p in &self.finished {
+            exits.add(&p.figures.exits);
+        }
+        let total = figures_between(vm, &self.run_start, &now, exits);
+        (self.finished, total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_move_by_increase_and_gauges_by_level() {
+        let before = Counters::from([("view_slot_changes".into(), 3), ("view_slots".into(), 5)]);
+        let after = Counters::from([("view_slot_changes".into(), 7), ("view_slots".into(), 2)]);
+        let moved = counters_moved(&before, &after);
+        assert_eq!(moved["view_slot_changes"], 4);
+        assert_eq!(moved["view_slots"], 2);
+    }
+}

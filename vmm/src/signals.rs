@@ -1,0 +1,115 @@
+//! Stopping a running vCPU from outside: the --timeout watchdog and Ctrl-C.
+//!
+//! A vCPU inside KVM_RUN leaves it only on an exit or a signal. The watchdog
+//! thread, once the deadline has passed or an interrupt was requested, sends
+//! the kick signal to the vCPU thread every few milliseconds until the run
+//! loop has noticed: a single signal could land just before KVM_RUN is
+//! entered and be lost, a repeated one cannot.
+
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Why the run loop was asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopRequest {
+    /// Nothing asked.
+    None,
+    /// --timeout expired.
+    Timeout,
+    /// SIGINT or SIGTERM.
+    Interrupted,
+}
+
+/// The signal used to kick the vCPU thread out of KVM_RUN.
+pub fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+extern "C" fn on_interrupt(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Installs the kick handler (needed for --timeout) and, when `catch_interrupts`,
+/// turns SIGINT and SIGTERM into a clean end of the run with statistics.
+pub fn install(catch_interrupts: bool) -> std::io::Result<()> {
+    let map = |e: vmm_sys_util::errno::Error| std::io::Error::from_raw_os_error(e.errno());
+    register_signal_handler(kick_signal(), on_kick).map_err(map)?;
+    if catch_interrupts {
+        register_signal_handler(libc::SIGINT, on_interrupt).map_err(map)?;
+        register_signal_handler(libc::SIGTERM, on_interrupt).map_err(map)?;
+    }
+    Ok(())
+}
+
+/// A thread that kicks the vCPU when the deadline passes or an interrupt arrives.
+#[derive(Debug)]
+pub struct Watchdog {
+    stop: Arc<AtomicU8>,
+    done: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+const NONE: u8 = 0;
+const TIMEOUT: u8 = 1;
+const INTERRUPT: u8 = 2;
+const KICK_PERIOD: Duration = Duration::from_millis(5);
+
+impl Watchdog {
+    /// Starts watching the calling thread (the vCPU thread).
+    pub fn start(timeout: Option<Duration>) -> Self {
+        let stop = Arc::new(AtomicU8::new(NONE));
+        let done = Arc::new(AtomicBool::new(false));
+        // SAFETY: pthread_self has no preconditions.
+        let vcpu_thread = unsafe { libc::pthread_self() };
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let (stop2, done2) = (stop.clone(), done.clone());
+        let thread = std::thread::Builder::new()
+            .name("vmm-watchdog".into())
+            .spawn(move || {
+                while !done2.load(Ordering::SeqCst) {
+                    if stop2.load(Ordering::SeqCst) == NONE {
+                        if INTERRUPTED.load(Ordering::SeqCst) {
+                            stop2.store(INTERRUPT, Ordering::SeqCst);
+                        } else if deadline.is_some_and(|d| Instant::now() >= d) {
+                            stop2.store(TIMEOUT, Ordering::SeqCst);
+                        }
+                    }
+                    if stop2.load(Ordering::SeqCst) != NONE {
+                        // SAFETY: the vCPU thread outlives the watchdog (it joins
+                        // it in Drop), so the pthread_t is valid; the kick
+                        // signal has a handler installed by `install`.
+                        unsafe { libc::pthread_kill(vcpu_thread, kick_signal()) };
+                    }
+                    std::thread::sleep(KICK_PERIOD);
+                }
+            })
+            .ok();
+        Self { stop, done, thread }
+    }
+
+    /// Whether the run loop should stop, and why.
+    pub fn stop_request(&self) -> StopRequest {
+        match self.stop.load(Ordering::SeqCst) {
+            TIMEOUT => StopRequest::Timeout,
+            INTERRUPT => StopRequest::Interrupted,
+            _ => StopRequest::None,
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,368 @@
+//! What a run counts, per guest phase and in total, and the statistics schema
+//! (version [`SCHEMA_VERSION`], documented in README.md) it is written in.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the statistics JSON schema.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Why the vCPU came back to the VMM, in the buckets the statistics report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitKind {
+    /// Port I/O (KVM_EXIT_IO), any port.
+    Io,
+    /// An access to a guest-physical address that is not RAM.
+    Mmio,
+    /// HLT.
+    Hlt,
+    /// A secondary-MMU fault on RAM: read.
+    EptRead,
+    /// A secondary-MMU fault on RAM: write.
+    EptWrite,
+    /// A secondary-MMU fault on RAM: instruction fetch.
+    EptFetch,
+    /// Triple fault (KVM_EXIT_SHUTDOWN).
+    Shutdown,
+    /// KVM_EXIT_INTERNAL_ERROR that is not a secondary-MMU fault.
+    InternalError,
+    /// KVM_RUN interrupted by a signal (timeout, Ctrl-C).
+    Intr,
+    /// Anything else.
+    Other,
+}
+
+/// Exits by reason. `total` is the sum of the others.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[allow(missing_docs)] // the field names are the ExitKind buckets
+pub struct ExitCounts {
+    pub io: u64,
+    pub mmio: u64,
+    pub hlt: u64,
+    pub ept_read: u64,
+    pub ept_write: u64,
+    pub ept_fetch: u64,
+    pub shutdown: u64,
+    pub internal_error: u64,
+    pub intr: u64,
+    pub other: u64,
+    pub total: u64,
+}
+
+impl ExitCounts {
+    /// Counts one exit.
+    pub fn record(&mut self, kind: ExitKind) {
+        let slot = match kind {
+            ExitKind::Io => &mut self.io,
+            ExitKind::Mmio => &mut self.mmio,
+            ExitKind::Hlt => &mut self.hlt,
+            ExitKind::EptRead => &mut self.ept_read,
+            ExitKind::EptWrite => &mut self.ept_write,
+            ExitKind::EptFetch => &mut self.ept_fetch,
+            ExitKind::Shutdown => &mut self.shutdown,
+            ExitKind::InternalError => &mut self.internal_error,
+            ExitKind::Intr => &mut self.intr,
+            ExitKind::Other => &mut self.other,
+        };
+        *slot += 1;
+        self.total += 1;
+    }
+
+    /// Adds another set of counts to this one.
+    pub fn add(&mut self, o: &Self) {
+        self.io += o.io;
+        self.mmio += o.mmio;
+        self.hlt += o.hlt;
+        self.ept_read += o.ept_read;
+        self.ept_write += o.ept_write;
+        self.ept_fetch += o.ept_fetch;
+        self.shutdown += o.shutdown;
+        self.internal_error += o.internal_error;
+        self.intr += o.intr;
+        self.other += o.other;
+        self.total += o.total;
+    }
+
+    /// (column name, value) pairs in display order.
+    pub fn columns(&self) -> [(&'static str, u64); 11] {
+        [
+            ("io", self.io),
+            ("mmio", self.mmio),
+            ("hlt", self.hlt),
+            ("ept_read", self.ept_read),
+            ("ept_write", self.ept_write),
+            ("ept_fetch", self.ept_fetch),
+            ("shutdown", self.shutdown),
+            ("internal_error", self.internal_error),
+            ("intr", self.intr),
+            ("other", self.other),
+            ("total", self.total),
+        ]
+    }
+}
+
+/// Named counters of a component (the secondary MMU, the deduplicator):
+/// every name the component defines is present, zero or not.
+pub type Counters = BTreeMap<String, u64>;
+
+/// Everything counted over one stretch of the run (a phase, or the whole run).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Figures {
+    /// Exits the VMM saw, by reason.
+    pub exits: ExitCounts,
+    /// Secondary-MMU events (see the shadow_mmu crate for the names).
+    pub shadow_mmu: Counters,
+    /// Deduplicator figures, with the names of /sys/kernel/mm/ksm.
+    pub ksm: Counters,
+    /// The host KVM's binary statistics that moved, by their own names.
+    pub kvm: BTreeMap<String, u64>,
+    /// Wall-clock time in nanoseconds.
+    pub wall_ns: u64,
+}
+
+/// One guest phase (started by a write to port 0x500).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhaseStats {
+    /// The phase number the guest wrote (0 before the first marker).
+    pub phase: u32,
+    /// What was counted in it.
+    #[serde(flatten)]
+    pub figures: Figures,
+}
+
+/// How the run was configured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigRecord {
+    /// Image name or path.
+    pub image: String,
+    /// Guest RAM in bytes.
+    pub mem_bytes: u64,
+    /// Deduplication policy.
+    pub dedup: String,
+    /// EPT view backend.
+    pub view: String,
+    /// --timeout in seconds, if any.
+    pub timeout_secs: Option<f64>,
+}
+
+/// How the run ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndRecord {
+    /// One of: exit, hlt, triple_fault, timeout, interrupted, internal_error,
+    /// fail_entry, unexpected_exit, vmm_error.
+    pub reason: String,
+    /// Guest RIP when the run ended abnormally and it could be read.
+    pub rip: Option<u64>,
+    /// A sentence for people.
+    pub detail: String,
+}
+
+/// What the guest told the VMM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestRecord {
+    /// The value written to port 0xF4 (0 for HLT); None when the run ended otherwise.
+    pub exit_code: Option<u32>,
+    /// Values written to port 0x502, in order.
+    pub reports: Vec<u64>,
+    /// How the run ended.
+    pub end: EndRecord,
+}
+
+/// A run's statistics: the document `--stats-json` writes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunStats {
+    /// [`SCHEMA_VERSION`].
+    pub schema: u32,
+    /// The configuration.
+    pub config: ConfigRecord,
+    /// The guest's outcome.
+    pub guest: GuestRecord,
+    /// Per phase, in the order the guest ran them.
+    pub phases: Vec<PhaseStats>,
+    /// The whole run.
+    pub total: Figures,
+}
+
+/// Names of figures that are levels (reported as their value at the end of
+/// a phase) rather than event counts (reported as their increase).
+pub const GAUGES: &[&str] = &[
+    "view_slots",
+    "pages_shared",
+    "pages_sharing",
+    "pages_unshared",
+    "pages_volatile",
+    "ksm_zero_pages",
+    "stable_node_chains",
+    "stable_node_dups",
+    "general_profit",
+    "bytes_returned",
+];
+
+/// Whether the named figure is a level rather than a count.
+pub fn is_gauge(name: &str) -> bool {
+    GAUGES.contains(&name)
+}
+
+fn fmt_ns(ns: u64) -> String {
+    match ns {
+        0..=9_999 => format!("{ns} ns"),
+        10_000..=9_999_999 => format!("{:.1} us", ns as f64 / 1e3),
+        10_000_000..=9_999_999_999 => format!("{:.1} ms", ns as f64 / 1e6),
+        _ => format!("{:.2} s", ns as f64 / 1e9),
+    }
+}
+
+/// Renders the per-phase report printed at the end of a run (in the spirit of
+/// `perf kvm stat report`): exits by reason per phase, then every other
+/// figure that is non-zero in some phase.
+pub fn render_table(stats: &RunStats) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let rows: Vec<(String, &Figures)> = stats
+        .phases
+        .iter()
+        .map(|p| (format!("phase {}", p.phase), &p.figures))
+        .chain(std::iter::once(("total".to_string(), &stats.total)))
+        .collect();
+
+    let columns: Vec<&str> = stats
+        .total
+        .exits
+        .columns()
+        .iter()
+        .filter(|(name, v)| *v != 0 || matches!(*name, "io" | "mmio" | "ept_read" | "ept_write" | "total"))
+        .map(|(name, _)| *name)
+        .collect();
+    let _ = writeln!(out, "VM exits by reason ({} policy, {} view)", stats.config.dedup, stats.config.view);
+    let _ = write!(out, "{:<12}", "");
+    for c in &columns {
+        let _ = write!(out, "{c:>10}");
+    }
+    let _ = writeln!(out, "{:>12}", "wall");
+    for (label, f) in &rows {
+        let _ = write!(out, "{label:<12}");
+        for c in &columns {
+            let v = f.exits.columns().iter().find(|(n, _)| n == c).map_or(0, |(_, v)| *v);
+            let _ = write!(out, "{v:>10}");
+        }
+        let _ = writeln!(out, "{:>12}", fmt_ns(f.wall_ns));
+    }
+
+    let sections: [(&str, fn(&Figures) -> &BTreeMap<String, u64>); 3] =
+        [("secondary MMU", |f| &f.shadow_mmu), ("ksm", |f| &f.ksm), ("host KVM (binary stats)", |f| &f.kvm)];
+    for (title, get) in sections {
+        let mut names: Vec<&String> =
+            rows.iter().flat_map(|(_, f)| get(f).iter().filter(|(_, v)| **v != 0).map(|(n, _)| n)).collect();
+        names.sort();
+        names.dedup();
+        if names.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "\n{title}");
+        let _ = write!(out, "{:<28}", "");
+        for (label, _) in &rows {
+            let _ = write!(out, "{label:>12}");
+        }
+        let _ = writeln!(out);
+        for name in names {
+            let _ = write!(out, "{name:<28}");
+            for (_, f) in &rows {
+                let _ = write!(out, "{:>12}", get(f).get(name).copied().unwrap_or(0));
+            }
+            let _ = writeln!(out);
+        }
+    }
+    let end = &stats.guest.end;
+    let _ = writeln!(out, "\nrun ended: {} ({})", end.reason, end.detail);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn phase(n: u32, io: u64, wall: u64) -> PhaseStats {
+        let mut f = Figures { wall_ns: wall, ..Figures::default() };
+        for _ in 0..io {
+            f.exits.record(ExitKind::Io);
+        }
+        f.exits.record(ExitKind::Mmio);
+        f.shadow_mmu.insert("installed".into(), n.into());
+        PhaseStats { phase: n, figures: f }
+    }
+
+    fn sample() -> RunStats {
+        let phases = vec![phase(0, 2, 1000), phase(7, 3, 2000)];
+        let mut total = Figures { kvm: BTreeMap::from([("pf_fixed".into(), 5)]), wall_ns: 3000, ..Figures::default() };
+        for p in &phases {
+            total.exits.add(&p.figures.exits);
+        }
+        total.shadow_mmu.insert("installed".into(), 7);
+        RunStats {
+            schema: SCHEMA_VERSION,
+            config: ConfigRecord {
+                image: "hello".into(),
+                mem_bytes: 64 << 20,
+                dedup: "off".into(),
+                view: "memslot".into(),
+                timeout_secs: None,
+            },
+            guest: GuestRecord {
+                exit_code: Some(0),
+                reports: vec![1, 2],
+                end: EndRecord { reason: "exit".into(), rip: None, detail: "guest wrote 0 to port 0xf4".into() },
+            },
+            phases,
+            total,
+        }
+    }
+
+    #[test]
+    fn record_counts_each_bucket_and_the_total() {
+        let mut c = ExitCounts::default();
+        for k in [ExitKind::Io, ExitKind::Io, ExitKind::EptWrite, ExitKind::Shutdown] {
+            c.record(k);
+        }
+        assert_eq!((c.io, c.ept_write, c.shutdown, c.total), (2, 1, 1, 4));
+    }
+
+    #[test]
+    fn exit_counts_add_up() {
+        let s = sample();
+        assert_eq!(s.total.exits.io, 5);
+        assert_eq!(s.total.exits.mmio, 2);
+        assert_eq!(s.total.exits.total, 7);
+        assert!(is_gauge("pages_sharing") && !is_gauge("full_scans"));
+    }
+
+    #[test]
+    fn json_has_the_abi_v1_keys() {
+        let v: serde_json::Value = serde_json::to_value(sample()).expect("json");
+        assert_eq!(v["schema"], 1);
+        assert_eq!(v["config"]["dedup"], "off");
+        assert_eq!(v["guest"]["exit_code"], 0);
+        assert_eq!(v["guest"]["reports"], serde_json::json!([1, 2]));
+        let p = &v["phases"][1];
+        assert_eq!(p["phase"], 7);
+        for key in ["io", "mmio", "hlt", "ept_read", "ept_write", "ept_fetch", "shutdown", "other", "total"] {
+            assert!(p["exits"][key].is_u64(), "exits.{key}");
+        }
+        for key in ["shadow_mmu", "ksm", "kvm", "wall_ns"] {
+            assert!(!p[key].is_null(), "{key}");
+            assert!(!v["total"][key].is_null(), "total.{key}");
+        }
+        assert!(v["total"]["phase"].is_null());
+        let back: RunStats = serde_json::from_value(v).expect("round trip");
+        assert_eq!(back, sample());
+    }
+
+    #[test]
+    fn table_shows_phases_total_and_moved_stats() {
+        let t = render_table(&sample());
+        assert!(t.contains("phase 0") && t.contains("phase 7") && t.contains("total"));
+        assert!(t.contains("pf_fixed"));
+        assert!(t.contains("installed"));
+        assert!(!t.contains("\nksm\n"), "an all-zero section is left out");
+    }
+}

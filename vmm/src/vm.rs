@@ -1,0 +1,245 @@
+//! Building a VM per ABI v1: KVM objects, guest RAM, the boot structures in
+//! the low megabyte, the image, and the vCPU's entry state.
+
+use std::ffi::CString;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use shadow_mmu::{FramePool, FramePoolError, PAGE_SHIFT, PAGE_SIZE};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::image::{GuestImage, ImageError};
+use crate::kvm_stats::{KvmStats, KvmStatsError};
+use crate::view::memslot::{set_memslot, MemslotView, BOOT_SLOT};
+use crate::view::{EptView, ViewError, ViewKind};
+use crate::x86::layout::{GDT_ADDR, GUEST_BASE, MAX_RAM, MIN_RAM, TSS_ADDR};
+use crate::x86::{cpu, page_tables};
+
+/// Deduplication policy of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DedupPolicy {
+    /// No deduplication: the baseline.
+    Off,
+}
+
+impl DedupPolicy {
+    /// The name used on the command line and in the statistics.
+    pub fn name(self) -> &'static str {
+        match self {
+            DedupPolicy::Off => "off",
+        }
+    }
+}
+
+/// Everything a run needs to know.
+pub struct RunConfig {
+    /// The guest image.
+    pub image: GuestImage,
+    /// Guest RAM in bytes (checked by [`check_mem_size`]).
+    pub mem_bytes: u64,
+    /// The deduplication policy.
+    pub dedup: DedupPolicy,
+    /// The EPT view backend.
+    pub view: ViewKind,
+    /// End the run after this long.
+    pub timeout: Option<Duration>,
+    /// Where the guest's console output goes.
+    pub console: Box<dyn Write + Send>,
+    /// The KVM device node.
+    pub kvm_device: PathBuf,
+}
+
+impl std::fmt::Debug for RunConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunConfig")
+            .field("image", &self.image.name)
+            .field("mem_bytes", &self.mem_bytes)
+            .field("dedup", &self.dedup)
+            .field("view", &self.view)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Errors while building the VM (nothing has run yet).
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// A RAM size ABI v1 or the host cannot honour.
+    #[error("{0}")]
+    MemSize(String),
+    /// /dev/kvm could not be opened or is not KVM.
+    #[error("{0}")]
+    Kvm(String),
+    /// A KVM capability the VMM needs is missing.
+    #[error("the host KVM lacks {0}, which the VMM needs")]
+    MissingCap(&'static str),
+    /// A KVM ioctl failed during setup.
+    #[error("{what} failed: {source}")]
+    Setup {
+        /// The step.
+        what: &'static str,
+        /// The KVM error.
+        source: kvm_ioctls::Error,
+    },
+    /// Guest RAM could not be created.
+    #[error(transparent)]
+    Memory(#[from] FramePoolError),
+    /// The image is unusable.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// The EPT view could not be built.
+    #[error(transparent)]
+    View(#[from] ViewError),
+    /// The host KVM's statistics could not be opened.
+    #[error(transparent)]
+    Stats(#[from] KvmStatsError),
+    /// Writing the boot structures into guest RAM failed.
+    #[error("cannot write boot structures into guest RAM: {0}")]
+    Boot(String),
+}
+
+fn host_mem_total() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Checks a guest RAM size against ABI v1 and the host.
+pub fn check_mem_size(bytes: u64) -> Result<(), VmError> {
+    let fail = |why: String| Err(VmError::MemSize(why));
+    if bytes == 0 {
+        return fail("guest RAM size is zero: give at least 2M with --mem".into());
+    }
+    if bytes % PAGE_SIZE != 0 {
+        return fail(format!("guest RAM size {bytes} is not a multiple of 4 KiB (4096): round it, e.g. --mem 64M"));
+    }
+    if bytes < MIN_RAM {
+        return fail(format!(
+            "guest RAM size {bytes} is below the 2 MiB minimum (the low megabyte is the VMM's): give --mem 2M or more"
+        ));
+    }
+    if bytes > MAX_RAM {
+        return fail(format!("guest RAM size {bytes} is above the VMM's 64 GiB limit: give --mem 64G or less"));
+    }
+    if let Some(total) = host_mem_total() {
+        if bytes > total {
+            return fail(format!(
+                "guest RAM size {bytes} is more than this host's {total} bytes of memory: give a smaller --mem"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A built VM, ready to run its guest.
+#[derive(Debug)]
+pub struct Vm {
+    // Field order is drop order: the vCPU and VM fds go before the memory
+    // their slots point into.
+    pub(crate) vcpu: VcpuFd,
+    pub(crate) vm_stats: KvmStats,
+    pub(crate) vcpu_stats: KvmStats,
+    pub(crate) view: Box<dyn EptView>,
+    pub(crate) vm_fd: VmFd,
+    pub(crate) pool: FramePool,
+    pub(crate) mem_bytes: u64,
+    pub(crate) entry: u64,
+}
+
+/// Opens the KVM device with a message that says what to do when it fails.
+pub fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmError> {
+    let shown = path.display();
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| VmError::Kvm(format!("{shown}: the path contains a NUL byte")))?;
+    match Kvm::new_with_path(&c_path) {
+        Ok(kvm) => Ok(kvm),
+        Err(e) => Err(VmError::Kvm(match e.errno() {
+            libc::ENOENT => format!("{shown} does not exist: this machine offers no KVM (load the kvm module or use a host with virtualisation)"),
+            libc::EACCES | libc::EPERM => {
+                format!("cannot open {shown}: permission denied (run as root or add your user to the kvm group)")
+            }
+            libc::ENOTTY | libc::EINVAL => format!("{shown} is not a KVM device"),
+            _ => format!("cannot open {shown}: {e}"),
+        })),
+    }
+}
+
+impl Vm {
+    /// Creates the VM, its RAM and view, loads the image and sets the vCPU
+    /// at the entry point. Nothing runs yet.
+    pub fn new(config: &RunConfig) -> Result<Self, VmError> {
+        check_mem_size(config.mem_bytes)?;
+        // Validate before touching KVM so a bad image is refused even where
+        // KVM is unusable.
+        config.image.validate(config.mem_bytes)?;
+        let kvm = open_kvm(&config.kvm_device)?;
+        if kvm.get_api_version() != 12 {
+            return Err(VmError::Kvm(format!(
+                "{} speaks KVM API {}, not 12",
+                config.kvm_device.display(),
+                kvm.get_api_version()
+            )));
+        }
+        for (cap, name) in [(Cap::UserMemory, "KVM_CAP_USER_MEMORY"), (Cap::SyncMmu, "KVM_CAP_SYNC_MMU")] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCap(name));
+            }
+        }
+        let vm_fd = kvm.create_vm().map_err(|source| VmError::Setup { what: "KVM_CREATE_VM", source })?;
+
+        let pool = FramePool::new(config.mem_bytes)?;
+        // The VMM's low megabyte: always mapped, never part of a view.
+        set_memslot(&vm_fd, &pool, BOOT_SLOT, 0, GUEST_BASE, 0, false)?;
+        let view: Box<dyn EptView> = match config.view {
+            ViewKind::Memslot => {
+                Box::new(MemslotView::new(&vm_fd, &pool, GUEST_BASE >> PAGE_SHIFT, config.mem_bytes >> PAGE_SHIFT)?)
+            }
+        };
+
+        // Before deduplication exists, guest page n is frame n, so the direct
+        // map doubles as guest-physical memory for loading.
+        let mem = pool.direct_map();
+        let info = config.image.load(mem, config.mem_bytes)?;
+        write_boot_structures(mem, config.mem_bytes)?;
+
+        let vcpu = vm_fd.create_vcpu(0).map_err(|source| VmError::Setup { what: "KVM_CREATE_VCPU", source })?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| VmError::Setup { what: "KVM_GET_SUPPORTED_CPUID", source })?;
+        vcpu.set_cpuid2(&cpuid).map_err(|source| VmError::Setup { what: "KVM_SET_CPUID2", source })?;
+        vcpu.set_regs(&cpu::entry_regs(info.entry, config.mem_bytes))
+            .map_err(|source| VmError::Setup { what: "KVM_SET_REGS", source })?;
+        let mut sregs = vcpu.get_sregs().map_err(|source| VmError::Setup { what: "KVM_GET_SREGS", source })?;
+        cpu::set_long_mode_cpl3(&mut sregs);
+        vcpu.set_sregs(&sregs).map_err(|source| VmError::Setup { what: "KVM_SET_SREGS", source })?;
+
+        let vm_stats = KvmStats::open(&vm_fd)?;
+        let vcpu_stats = KvmStats::open(&vcpu)?;
+        Ok(Self { vcpu, vm_stats, vcpu_stats, view, vm_fd, pool, mem_bytes: config.mem_bytes, entry: info.entry })
+    }
+
+    /// Reads guest-physical memory (RAM only) into `buf`.
+    pub fn read_guest(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        let end = gpa.checked_add(buf.len() as u64);
+        if end.is_none_or(|e| e > self.mem_bytes) {
+            return false;
+        }
+        // Guest page n is frame n until deduplication moves pages.
+        self.pool.direct_map().read_slice(buf, GuestAddress(gpa)).is_ok()
+    }
+}
+
+fn write_boot_structures(mem: &vm_memory::GuestMemoryMmap, ram: u64) -> Result<(), VmError> {
+    let boot = |e: vm_memory::GuestMemoryError| VmError::Boot(e.to_string());
+    mem.write_slice(&cpu::gdt_bytes(), GuestAddress(GDT_ADDR)).map_err(boot)?;
+    mem.write_slice(&cpu::tss_bytes(), GuestAddress(TSS_ADDR)).map_err(boot)?;
+    for (addr, table) in page_tables::build_identity_map(ram).tables() {
+        let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_le_bytes()).collect();
+        mem.write_slice(&bytes, GuestAddress(addr)).map_err(boot)?;
+    }
+    Ok(())
+}

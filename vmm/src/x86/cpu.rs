@@ -1,0 +1,85 @@
+//! The vCPU's registers at the guest's entry point (ABI v1).
+
+use kvm_bindings::{kvm_regs, kvm_sregs};
+
+use super::gdt::{gdt_slots, GDT_SLOTS, TSS, USER_CODE, USER_DATA};
+#[cfg(doc)]
+use super::layout::TSS_ADDR;
+use super::layout::{GDT_ADDR, PML4_ADDR, STACK_TOP, TSS_IOMAP_BYTES, TSS_IOMAP_OFFSET};
+
+/// CR0: protection enable, extension type, paging.
+pub const CR0_PE_ET_PG: u64 = (1 << 0) | (1 << 4) | (1 << 31);
+/// CR4: physical address extension.
+pub const CR4_PAE: u64 = 1 << 5;
+/// EFER: long mode enable and active.
+pub const EFER_LME_LMA: u64 = (1 << 8) | (1 << 10);
+/// RFLAGS: IOPL 3, the always-one bit 1, interrupts disabled.
+pub const RFLAGS_IOPL3: u64 = (3 << 12) | (1 << 1);
+
+/// Sets up long mode at CPL 3 on top of the sregs KVM returned (so that
+/// fields the VMM has no opinion on keep KVM's values).
+pub fn set_long_mode_cpl3(sregs: &mut kvm_sregs) {
+    sregs.cr0 = CR0_PE_ET_PG;
+    sregs.cr3 = PML4_ADDR;
+    sregs.cr4 = CR4_PAE;
+    sregs.efer = EFER_LME_LMA;
+    sregs.gdt.base = GDT_ADDR;
+    sregs.gdt.limit = (GDT_SLOTS * 8 - 1) as u16;
+    // No IDT: any exception escalates to a triple fault (ABI v1).
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+    sregs.cs = USER_CODE.kvm_segment();
+    let data = USER_DATA.kvm_segment();
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = TSS.kvm_segment();
+    sregs.ldt.unusable = 1;
+    sregs.ldt.present = 0;
+}
+
+/// General registers at entry: RIP, RSP at the stack top, RDI = RAM size.
+pub fn entry_regs(entry: u64, ram_bytes: u64) -> kvm_regs {
+    kvm_regs { rip: entry, rsp: STACK_TOP, rdi: ram_bytes, rflags: RFLAGS_IOPL3, ..Default::default() }
+}
+
+/// The TSS bytes to place at [`TSS_ADDR`]: a zero TSS whose I/O map base
+/// points at a bitmap of zeros (every port allowed), then the 0xFF byte the
+/// SDM requires after the bitmap.
+pub fn tss_bytes() -> Vec<u8> {
+    let mut tss = vec![0u8; (TSS_IOMAP_OFFSET + TSS_IOMAP_BYTES + 1) as usize];
+    tss[0x66..0x68].copy_from_slice(&(TSS_IOMAP_OFFSET as u16).to_le_bytes());
+    if let Some(last) = tss.last_mut() {
+        *last = 0xFF;
+    }
+    tss
+}
+
+/// The GDT bytes to place at [`GDT_ADDR`].
+pub fn gdt_bytes() -> Vec<u8> {
+    gdt_slots().iter().flat_map(|d| d.to_le_bytes()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_state_matches_abi_v1() {
+        let mut sregs = kvm_sregs::default();
+        set_long_mode_cpl3(&mut sregs);
+        assert_eq!((sregs.cr0, sregs.cr4, sregs.efer), (0x8000_0011, 0x20, 0x500));
+        assert_eq!(sregs.cs.dpl, 3);
+        assert_eq!(sregs.ss.selector & 3, 3);
+        let regs = entry_regs(0x10_0000, 64 << 20);
+        assert_eq!(regs.rflags, 0x3002);
+        assert_eq!((regs.rip, regs.rdi, regs.rsp), (0x10_0000, 64 << 20, STACK_TOP));
+        assert_eq!(gdt_bytes().len(), usize::from(sregs.gdt.limit) + 1);
+        let tss = tss_bytes();
+        assert_eq!(tss.len() as u32, sregs.tr.limit + 1);
+        assert_eq!(u16::from_le_bytes([tss[0x66], tss[0x67]]), 0x68);
+        assert!(tss[0x68..tss.len() - 1].iter().all(|&b| b == 0), "every port allowed");
+    }
+}
