@@ -63,7 +63,7 @@ struct RunArgs {
     #[arg(long, value_name = "FILE")]
     stats_json: Option<PathBuf>,
     /// End the run (with its statistics, exit status 3) after SECS seconds.
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", allow_hyphen_values = true)]
     timeout: Option<String>,
     /// Deduplication policy.
     #[arg(long, value_enum, default_value = "off")]

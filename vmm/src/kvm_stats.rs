@@ -8,13 +8,19 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
+
 use std::os::unix::fs::FileExt;
 
 use kvm_bindings::{KVMIO, KVM_STATS_TYPE_CUMULATIVE, KVM_STATS_TYPE_MASK};
 use vmm_sys_util::ioctl::ioctl;
-use vmm_sys_util::ioctl_io_nr;
 
-ioctl_io_nr!(KVM_GET_STATS_FD, KVMIO, 0xce);
+mod nr {
+    //! The ioctl number kvm-ioctls does not define.
+    #![allow(missing_docs)] // the macro generates a pub fn without docs
+    use super::KVMIO;
+    vmm_sys_util::ioctl_io_nr!(KVM_GET_STATS_FD, KVMIO, 0xce);
+}
+use nr::KVM_GET_STATS_FD;
 
 /// Errors of the stats reader.
 #[derive(Debug, thiserror::Error)]
@@ -99,7 +105,7 @@ impl KvmStats {
         for d in &self.descriptors {
             let mut buf = [0u8; 8];
             self.file
-                .read_exact_at(&mut buf, self.data_offset + d.offset * 8)
+                .read_exact_at(&mut buf, self.data_offset + d.offset)
                 .map_err(|e| KvmStatsError::Read(e.to_string()))?;
             snap.insert(d.name.clone(), u64::from_le_bytes(buf));
         }
@@ -110,11 +116,6 @@ impl KvmStats {
     /// as their increase, instant and peak values as their value in `after`.
     pub fn moved(&self, before: &Snapshot, after: &Snapshot) -> BTreeMap<String, u64> {
         moved(&self.descriptors, before, after)
-    }
-
-    /// The file descriptor, for diagnostics.
-    pub fn raw_fd(&self) -> i32 {
-        self.file.as_raw_fd()
     }
 }
 
@@ -168,9 +169,12 @@ mod tests {
             n.resize(name_size, 0);
             f.extend_from_slice(&n);
         };
-        desc("pf_fixed", KVM_STATS_TYPE_CUMULATIVE, 1, 0);
-        desc("halt_wait_hist", 4, 32, 1);
-        f.extend_from_slice(&42u64.to_le_bytes());
+        // Offsets are in bytes from the start of the data block.
+        desc("halt_wait_hist", 4, 4, 0);
+        desc("pf_fixed", KVM_STATS_TYPE_CUMULATIVE, 1, 32);
+        for v in [1u64, 2, 3, 4, 42] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
         let path = std::env::temp_dir().join(format!("kvm-stats-test-{}", std::process::id()));
         std::fs::write(&path, &f).expect("write");
         let stats = KvmStats::from_file(File::open(&path).expect("open")).expect("parse");

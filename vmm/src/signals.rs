@@ -88,7 +88,7 @@ impl Watchdog {
                         // signal has a handler installed by `install`.
                         unsafe { libc::pthread_kill(vcpu_thread, kick_signal()) };
                     }
-                    std::thread::sleep(KICK_PERIOD);
+                    std::thread::park_timeout(KICK_PERIOD);
                 }
             })
             .ok();
@@ -109,6 +109,7 @@ impl Drop for Watchdog {
     fn drop(&mut self) {
         self.done.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
     }

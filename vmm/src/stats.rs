@@ -249,7 +249,8 @@ pub fn render_table(stats: &RunStats) -> String {
         let _ = writeln!(out, "{:>12}", fmt_ns(f.wall_ns));
     }
 
-    let sections: [(&str, fn(&Figures) -> &BTreeMap<String, u64>); 3] =
+    type Section = (&'static str, fn(&Figures) -> &BTreeMap<String, u64>);
+    let sections: [Section; 3] =
         [("secondary MMU", |f| &f.shadow_mmu), ("ksm", |f| &f.ksm), ("host KVM (binary stats)", |f| &f.kvm)];
     for (title, get) in sections {
         let mut names: Vec<&String> =

@@ -144,10 +144,10 @@ pub struct Vm {
     pub(crate) vm_stats: KvmStats,
     pub(crate) vcpu_stats: KvmStats,
     pub(crate) view: Box<dyn EptView>,
+    #[allow(dead_code)] // owned so the VM lives as long as its vCPU and view
     pub(crate) vm_fd: VmFd,
     pub(crate) pool: FramePool,
     pub(crate) mem_bytes: u64,
-    pub(crate) entry: u64,
 }
 
 /// Opens the KVM device with a message that says what to do when it fails.
@@ -177,12 +177,15 @@ impl Vm {
         // KVM is unusable.
         config.image.validate(config.mem_bytes)?;
         let kvm = open_kvm(&config.kvm_device)?;
-        if kvm.get_api_version() != 12 {
-            return Err(VmError::Kvm(format!(
-                "{} speaks KVM API {}, not 12",
-                config.kvm_device.display(),
-                kvm.get_api_version()
-            )));
+        match kvm.get_api_version() {
+            12 => {}
+            v if v < 0 => {
+                return Err(VmError::Kvm(format!(
+                    "{} is not a KVM device (KVM_GET_API_VERSION failed)",
+                    config.kvm_device.display()
+                )))
+            }
+            v => return Err(VmError::Kvm(format!("{} speaks KVM API {v}, not 12", config.kvm_device.display()))),
         }
         for (cap, name) in [(Cap::UserMemory, "KVM_CAP_USER_MEMORY"), (Cap::SyncMmu, "KVM_CAP_SYNC_MMU")] {
             if !kvm.check_extension(cap) {
@@ -219,7 +222,7 @@ impl Vm {
 
         let vm_stats = KvmStats::open(&vm_fd)?;
         let vcpu_stats = KvmStats::open(&vcpu)?;
-        Ok(Self { vcpu, vm_stats, vcpu_stats, view, vm_fd, pool, mem_bytes: config.mem_bytes, entry: info.entry })
+        Ok(Self { vcpu, vm_stats, vcpu_stats, view, vm_fd, pool, mem_bytes: config.mem_bytes })
     }
 
     /// Reads guest-physical memory (RAM only) into `buf`.

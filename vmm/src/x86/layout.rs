@@ -45,6 +45,14 @@ pub const MAX_RAM: u64 = 64 << 30;
 /// One GiB.
 pub const GIB: u64 = 1 << 30;
 
+// The layout above, checked when the crate is built.
+const _: () = {
+    assert!(TSS_ADDR >= LOW_PT_ADDR + PAGE_SIZE, "TSS overlaps the low page table");
+    assert!(TSS_ADDR + (TSS_LIMIT as u64) < PD_BASE_ADDR, "TSS and its bitmap run into the page directories");
+    assert!(STACK_TOP - STACK_BOTTOM >= 16 << 10, "ABI v1 promises a stack of at least 16 KiB");
+    assert!(STACK_TOP <= GUEST_BASE, "the stack must stay in the low megabyte");
+};
+
 /// How much guest-physical address space the identity map covers for `ram`
 /// bytes of RAM: all RAM, then at least one GiB beyond it and never less than
 /// 4 GiB, so that a guest touching addresses past RAM takes an MMIO exit (as
@@ -62,16 +70,10 @@ pub fn nr_page_directories(ram: u64) -> u64 {
 mod tests {
     use super::*;
 
-    const LOW_PT_ADDR_END: u64 = LOW_PT_ADDR + PAGE_SIZE;
-
     #[test]
-    fn boot_structures_fit_below_the_stack() {
-        assert!(TSS_ADDR + u64::from(TSS_LIMIT) < PD_BASE_ADDR, "TSS and bitmap run into the page directories");
-        assert!(TSS_ADDR >= LOW_PT_ADDR_END);
+    fn page_directories_fit_below_the_stack() {
         let last_pd_end = PD_BASE_ADDR + nr_page_directories(MAX_RAM) * PAGE_SIZE;
         assert!(last_pd_end <= STACK_BOTTOM, "page directories run into the stack");
-        assert!(STACK_TOP - STACK_BOTTOM >= 16 << 10, "ABI v1 promises a 16 KiB stack");
-        assert!(STACK_TOP <= GUEST_BASE);
     }
 
     #[test]

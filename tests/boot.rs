@@ -1,0 +1,172 @@
+//! Every built-in guest on real KVM: console output, exit status, guest
+//! reports and the exact exit counts ABI v1 and the images' README promise.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{require_kvm, run, vmm};
+
+#[test]
+fn hello_prints_its_line_and_takes_exactly_25_io_exits() {
+    if !require_kvm() {
+        return;
+    }
+    let r = run("hello", &[]);
+    assert_eq!(r.status(), 0, "stderr: {}", r.stderr());
+    assert!(r.stdout().starts_with(guest_images::HELLO_MESSAGE), "stdout: {}", r.stdout());
+    assert_eq!(r.stats.schema, 1);
+    assert_eq!(r.stats.config.dedup, "off");
+    assert_eq!(r.stats.guest.exit_code, Some(0));
+    assert_eq!(r.stats.phases.len(), 1);
+    let e = &r.stats.total.exits;
+    assert_eq!((e.io, e.mmio, e.hlt, e.shutdown, e.other, e.total), (25, 0, 0, 0, 0, 25));
+    // The table is printed after the console output.
+    assert!(r.stdout().contains("VM exits by reason"));
+    // The host KVM's own statistics moved under the guest, by KVM's names.
+    assert!(r.stats.total.kvm.get("exits").is_some_and(|&n| n >= 25), "{:?}", r.stats.total.kvm);
+}
+
+#[test]
+fn pagefill_reports_the_model_checksums_and_its_fixed_exits_per_phase() {
+    if !require_kvm() {
+        return;
+    }
+    for mem in ["8M", "64M"] {
+        let r = run("pagefill", &["--mem", mem]);
+        assert_eq!(r.status(), 0, "stderr: {}", r.stderr());
+        let bytes = vmm::size::parse_size(mem).expect("size");
+        assert_eq!(r.stats.guest.reports, guest_images::pagefill_expected_reports(bytes), "--mem {mem}");
+        // One io exit per port write; each marker's exit counts in the phase it ends.
+        let phases: Vec<(u32, u64)> = r.stats.phases.iter().map(|p| (p.phase, p.figures.exits.io)).collect();
+        assert_eq!(phases, vec![(0, 1), (1, 1), (2, 2), (3, 3), (4, 1), (5, 2), (6, 5)], "--mem {mem}");
+        assert_eq!(r.stats.total.exits.total, guest_images::PAGEFILL_IO_EXITS);
+        assert_eq!(r.stats.total.exits.io, guest_images::PAGEFILL_IO_EXITS);
+    }
+}
+
+#[test]
+fn beyond_ram_accesses_are_mmio_exits_answered_with_all_ones() {
+    if !require_kvm() {
+        return;
+    }
+    let r = run("misbehave-beyond-ram", &["--mem", "16M"]);
+    assert_eq!(r.status(), 0, "stderr: {}", r.stderr());
+    assert_eq!(r.stats.guest.reports, vec![0xFFFF_FFFF; 3]);
+    let e = &r.stats.total.exits;
+    assert_eq!((e.mmio, e.io, e.total), (2, 5, 7));
+}
+
+#[test]
+fn a_nonzero_guest_exit_code_makes_the_vmm_fail() {
+    if !require_kvm() {
+        return;
+    }
+    let r = run("misbehave-exit-code", &[]);
+    assert_eq!(r.status(), 1);
+    assert_eq!(r.stats.guest.exit_code, Some(guest_images::MISBEHAVE_EXIT_CODE));
+    assert_eq!(r.stats.total.exits.io, 1);
+    assert!(r.stderr().contains("wrote 3"), "stderr: {}", r.stderr());
+}
+
+#[test]
+fn hlt_ends_the_run_with_exit_code_zero() {
+    if !require_kvm() {
+        return;
+    }
+    let r = run("misbehave-hlt", &[]);
+    assert_eq!(r.status(), 0, "stderr: {}", r.stderr());
+    assert_eq!(r.stats.guest.end.reason, "hlt");
+    assert_eq!(r.stats.guest.exit_code, Some(0));
+    let e = &r.stats.total.exits;
+    assert_eq!((e.hlt, e.shutdown, e.io, e.total), (1, 0, 0, 1));
+}
+
+#[test]
+fn a_triple_fault_ends_cleanly_with_statistics_and_the_rip() {
+    if !require_kvm() {
+        return;
+    }
+    let r = run("misbehave-triple-fault", &[]);
+    assert_eq!(r.status(), 3);
+    assert!(r.stdout().starts_with(guest_images::TRIPLE_FAULT_MESSAGE));
+    assert_eq!(r.stats.guest.end.reason, "triple_fault");
+    assert_eq!(r.stats.guest.end.rip, Some(guest_images::TRIPLE_FAULT_RIP));
+    assert_eq!(r.stats.guest.exit_code, None);
+    let e = &r.stats.total.exits;
+    assert_eq!((e.io, e.shutdown, e.total), (guest_images::TRIPLE_FAULT_MESSAGE.len() as u64, 1, 16));
+    assert!(r.stderr().contains("triple-faulted"), "stderr: {}", r.stderr());
+}
+
+#[test]
+fn a_port_flood_is_counted_exit_by_exit() {
+    if !require_kvm() {
+        return;
+    }
+    let r = run("misbehave-port-flood", &["--no-table"]);
+    assert_eq!(r.status(), 0, "stderr: {}", r.stderr());
+    assert_eq!(r.stats.total.exits.io, guest_images::PORT_FLOOD_WRITES + 1);
+    assert_eq!(r.stats.total.exits.total, guest_images::PORT_FLOOD_WRITES + 1);
+}
+
+#[test]
+fn a_spinning_guest_is_stopped_by_the_timeout_with_statistics() {
+    if !require_kvm() {
+        return;
+    }
+    let r = run("misbehave-spin", &["--timeout", "0.5"]);
+    assert_eq!(r.status(), 3);
+    assert!(r.stdout().starts_with(guest_images::SPIN_MESSAGE));
+    assert_eq!(r.stats.guest.end.reason, "timeout");
+    assert_eq!(r.stats.total.exits.io, guest_images::SPIN_MESSAGE.len() as u64);
+    assert!(r.stats.total.exits.intr >= 1);
+    assert!(r.stats.total.wall_ns >= 500_000_000);
+}
+
+#[test]
+fn sigint_ends_the_run_cleanly_with_statistics() {
+    if !require_kvm() {
+        return;
+    }
+    let json = common::scratch("sigint.json");
+    let child = vmm()
+        .args(["run", "misbehave-spin", "--stats-json"])
+        .arg(&json)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    std::thread::sleep(Duration::from_millis(700));
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(3), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let stats: vmm::stats::RunStats =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("stats written")).expect("parse");
+    assert_eq!(stats.guest.end.reason, "interrupted");
+}
+
+#[test]
+fn images_lists_every_built_in_guest_one_per_line() {
+    let out = vmm().arg("images").output().expect("spawn");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let names: Vec<&str> = text.lines().map(|l| l.split_whitespace().next().unwrap_or("")).collect();
+    let expected: Vec<&str> = guest_images::IMAGES.iter().map(|i| i.name).collect();
+    assert_eq!(names, expected);
+}
+
+#[test]
+fn bench_prints_the_exit_floor_as_json() {
+    if !require_kvm() {
+        return;
+    }
+    let out = vmm().args(["bench", "--exits", "2000", "--warmup", "100"]).output().expect("spawn");
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert_eq!(v["bench"], "exit_floor");
+    assert_eq!(v["port_io_exit"]["samples"], 2000);
+    let median = v["port_io_exit"]["median_ns"].as_f64().expect("median");
+    let (p10, p90) = (v["port_io_exit"]["p10_ns"].as_f64(), v["port_io_exit"]["p90_ns"].as_f64());
+    assert!(median > 0.0 && p10 <= Some(median) && Some(median) <= p90);
+}

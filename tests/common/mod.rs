@@ -1,0 +1,72 @@
+//! Shared helpers of the integration tests: run the real `vmm` binary and
+//! read back its statistics.
+
+#![allow(dead_code, unreachable_pub)] // each test binary uses a subset
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use vmm::stats::RunStats;
+
+/// Whether these tests may use KVM. With `CI` set, a missing or unusable
+/// /dev/kvm is a failure, not a skip: CI machines have KVM.
+pub fn require_kvm() -> bool {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var_os("CI").is_some() {
+                panic!("CI is set but /dev/kvm cannot be opened ({e}): KVM tests must run in CI");
+            }
+            eprintln!("skipping: /dev/kvm cannot be opened ({e}); these tests need KVM");
+            false
+        }
+    }
+}
+
+/// The `vmm` binary under test.
+pub fn vmm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vmm"))
+}
+
+/// A fresh path for a test's output file.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vmm-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir.join(name)
+}
+
+/// The result of one `vmm run`.
+pub struct Run {
+    pub output: Output,
+    pub stats: RunStats,
+}
+
+impl Run {
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+
+    pub fn status(&self) -> i32 {
+        self.output.status.code().expect("exited, not killed")
+    }
+
+    /// Exit counts of the phase with this number (the first if it repeats).
+    pub fn phase(&self, n: u32) -> &vmm::stats::Figures {
+        &self.stats.phases.iter().find(|p| p.phase == n).unwrap_or_else(|| panic!("no phase {n}")).figures
+    }
+}
+
+/// Runs `vmm run IMAGE EXTRA... --stats-json F` and parses F.
+pub fn run(image: &str, extra: &[&str]) -> Run {
+    let json = scratch(&format!("{}-{}.json", image.replace('/', "_"), extra.join("_").replace('/', "_")));
+    let output = vmm().arg("run").arg(image).args(extra).arg("--stats-json").arg(&json).output().expect("spawn vmm");
+    let text = std::fs::read_to_string(&json).unwrap_or_else(|e| {
+        panic!("no statistics from `vmm run {image}` ({e}); stderr: {}", String::from_utf8_lossy(&output.stderr))
+    });
+    let stats: RunStats = serde_json::from_str(&text).expect("statistics parse as schema 1");
+    Run { output, stats }
+}
