@@ -1,11 +1,50 @@
 //! The two MMUs of a KVM host and the notifier between them, in userspace.
 //!
-//! This crate holds the host side (the frame pool, standing for host physical
-//! memory) and, as the project grows, the primary MMU's page table over guest
-//! RAM, the mmu notifier, and the EPT-format secondary MMU that KVM keeps in
-//! step with the primary. It never opens `/dev/kvm`: making the secondary
-//! table real for a vCPU is the `vmm` crate's EPT view.
+//! * [`frame_pool`]: host physical memory, a memfd of page frames.
+//! * [`memory`]: the primary MMU, the host page table over guest RAM, after
+//!   mm/memory.c (`set_pte_at_notify`, `wp_page_copy`, and the pte
+//!   primitives of mm/ksm.c: `write_protect_page`, `replace_page`).
+//! * [`mmu_notifier`]: include/linux/mmu_notifier.h, with
+//!   `MMU_NOTIFIER_USE_CHANGE_PTE` and its three legal transitions.
+//! * [`ept`]: a 4-level table in Intel EPT entry format.
+//! * [`kvm_mmu`]: the secondary MMU after arch/x86/kvm/mmu, its policies and
+//!   the EPT-violation handler.
+//! * [`view`]: the interface to what makes the secondary table real for a
+//!   vCPU (the `vmm` crate's memslot and userfaultfd backends).
+//!
+//! Nothing here opens `/dev/kvm`.
+//!
+//! ```
+//! use std::sync::{Arc, Mutex};
+//! use shadow_mmu::{FramePool, HostMm, SecondaryMmu, Policy, RecordingView, Access, handle_ept_violation};
+//!
+//! let pool = Arc::new(FramePool::new(65 * 4096).unwrap());
+//! let mut host = HostMm::new(pool, 16, 64); // guest pages 16..64, one spare frame
+//! let mmu = Arc::new(Mutex::new(SecondaryMmu::new_prefaulted(Policy::ChangePte, RecordingView::default(), &host)));
+//! host.mmu_notifier_register(mmu.clone());
+//! let host = Mutex::new(host);
+//!
+//! // KSM merges page 21 into page 20's frame: in place under change-pte.
+//! host.lock().unwrap().write_protect_page(20).unwrap();
+//! host.lock().unwrap().write_protect_page(21).unwrap();
+//! host.lock().unwrap().replace_page(21, 20).unwrap();
+//! assert_eq!(mmu.lock().unwrap().stats().change_pte_applied, 3);
+//! assert_eq!(mmu.lock().unwrap().ept().lookup(21).unwrap().pfn(), 20);
+//!
+//! // A guest write to page 21 breaks copy-on-write through the handler.
+//! let pte = handle_ept_violation(&host, &mmu, 21, Access::Write).unwrap();
+//! assert!(pte.writable && pte.pfn != 20);
+//! ```
 
+pub mod ept;
 pub mod frame_pool;
+pub mod kvm_mmu;
+pub mod memory;
+pub mod mmu_notifier;
+pub mod view;
 
 pub use frame_pool::{FramePool, FramePoolError, Pfn, PAGE_SHIFT, PAGE_SIZE};
+pub use kvm_mmu::{handle_ept_violation, Access, FaultError, MmuStats, Policy, SecondaryMmu};
+pub use memory::{HostMm, HostMmError, HostPte};
+pub use mmu_notifier::{Gfn, MmuNotifier, MmuNotifierRange, MmuNotifyEvent, RangeFlags};
+pub use view::{EptView, RecordingView};
