@@ -125,24 +125,29 @@ impl std::fmt::Debug for HostMm {
 }
 
 impl HostMm {
-    /// Maps guest pages [first_gfn, pool frames) one to one onto the same
+    /// Maps guest pages [first_gfn, end_gfn) one to one onto the same
     /// frames, writable. Frames below `first_gfn` are the VMM's own (boot
-    /// memory): referenced once, never mapped here, never freed.
-    pub fn new(pool: Arc<FramePool>, first_gfn: Gfn) -> Self {
+    /// memory): referenced once, never mapped here, never freed. Frames from
+    /// `end_gfn` to the end of the pool start free.
+    ///
+    /// Deliberate difference: Linux allocates a page for every copy-on-write
+    /// break; this pool is fixed. Guest pages map at most as many distinct
+    /// frames as there are guest pages, so one spare frame past `end_gfn`
+    /// guarantees that a copy always finds a free frame, even when every
+    /// other frame is mapped (a KSM page mapped once is copied, not reused).
+    pub fn new(pool: Arc<FramePool>, first_gfn: Gfn, end_gfn: Gfn) -> Self {
         let nr_frames = pool.nr_frames();
-        let ptes = (first_gfn..nr_frames).map(|gfn| HostPte { pfn: gfn, writable: true }).collect();
+        let end_gfn = end_gfn.min(nr_frames);
+        let ptes = (first_gfn..end_gfn).map(|gfn| HostPte { pfn: gfn, writable: true }).collect();
         let frames = (0..nr_frames)
-            .map(|pfn| FrameInfo { refcount: 1, mapcount: u32::from(pfn >= first_gfn), ksm: false })
+            .map(|pfn| match pfn {
+                p if p < first_gfn => FrameInfo { refcount: 1, mapcount: 0, ksm: false },
+                p if p < end_gfn => FrameInfo { refcount: 1, mapcount: 1, ksm: false },
+                _ => FrameInfo::default(),
+            })
             .collect();
-        Self {
-            pool,
-            first_gfn,
-            ptes,
-            frames,
-            free_frames: Vec::new(),
-            subscribers: Vec::new(),
-            stats: HostStats::default(),
-        }
+        let free_frames = (end_gfn..nr_frames).rev().collect();
+        Self { pool, first_gfn, ptes, frames, free_frames, subscribers: Vec::new(), stats: HostStats::default() }
     }
 
     /// `mmu_notifier_register`: `sub` hears of every later change.
