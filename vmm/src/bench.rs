@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::serial::Console;
 use crate::stats::ExitCounts;
-use crate::vcpu::{handle_exit, Devices, Outcome};
+use crate::vcpu::{handle_exit, Devices, GuestMemory, Outcome};
 use crate::vm::{RunConfig, Vm, VmError};
 
 /// Summary statistics of a set of samples, in nanoseconds.
@@ -64,8 +64,8 @@ pub enum BenchError {
 pub fn exit_floor(config: RunConfig, warmup: usize, exits: usize) -> Result<ExitFloorReport, BenchError> {
     let image = config.image.name.clone();
     let mut vm = Vm::new(&config)?;
-    let mut devices =
-        Devices { console: Console::new(config.console), reports: Vec::new(), mem_bytes: config.mem_bytes };
+    let memory = GuestMemory { host: vm.host.clone(), mmu: vm.mmu.clone(), mem_bytes: vm.mem_bytes };
+    let mut devices = Devices { console: Console::new(config.console), reports: Vec::new(), memory };
     let mut counts = ExitCounts::default();
     let mut samples = Vec::with_capacity(exits);
     let mut last = Instant::now();

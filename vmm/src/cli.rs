@@ -159,6 +159,7 @@ fn run_command(kvm_device: PathBuf, args: RunArgs) -> ExitCode {
         timeout,
         console: Box::new(std::io::stdout()),
         kvm_device,
+        host_hook: None,
     };
     let stats = match run(config) {
         Ok(s) => s,
@@ -203,6 +204,7 @@ fn bench_command(kvm_device: PathBuf, args: BenchArgs) -> ExitCode {
         timeout: None,
         console: Box::new(std::io::sink()),
         kvm_device,
+        host_hook: None,
     };
     match crate::bench::exit_floor(config, args.warmup, args.exits) {
         Ok(report) => {

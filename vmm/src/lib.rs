@@ -20,6 +20,7 @@
 //!     timeout: None,
 //!     console: Box::new(std::io::stdout()),
 //!     kvm_device: "/dev/kvm".into(),
+//!     host_hook: None,
 //! };
 //! let stats = vmm::run::run(config).unwrap();
 //! assert_eq!(stats.guest.exit_code, Some(0));

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use crate::kvm_stats::Snapshot;
 use crate::stats::{is_gauge, Counters, ExitCounts, Figures, PhaseStats};
-use crate::vm::Vm;
+use crate::vm::{lock, Vm};
 
 /// Cumulative readings of every layer at one instant.
 #[derive(Debug, Clone, Default)]
@@ -23,10 +23,27 @@ impl Readings {
             // A stats read that fails mid-run costs the kvm section, not the run.
             kvm_vm: vm.vm_stats.snapshot().unwrap_or_default(),
             kvm_vcpu: vm.vcpu_stats.snapshot().unwrap_or_default(),
-            shadow_mmu: vm.view.counters(),
+            shadow_mmu: shadow_mmu_counters(vm),
             at: Some(Instant::now()),
         }
     }
+}
+
+/// The secondary MMU's counters (with its view's) and the primary MMU's.
+fn shadow_mmu_counters(vm: &Vm) -> Counters {
+    let mut out: Counters = lock(&vm.mmu).counters().into_iter().map(|(n, v)| (n.to_string(), v)).collect();
+    let host = lock(&vm.host).stats();
+    for (name, v) in [
+        ("cow_copies", host.cow_copies),
+        ("cow_reuses", host.cow_reuses),
+        ("frames_freed", host.frames_freed),
+        ("frames_allocated", host.frames_allocated),
+        ("notifier_ranges", host.notifier_ranges),
+        ("change_pte_calls", host.change_pte_calls),
+    ] {
+        out.insert(name.to_string(), v);
+    }
+    out
 }
 
 /// What moved in named counters: counters by their increase, gauges by their

@@ -1,20 +1,27 @@
 //! One run of a guest, from a [`RunConfig`] to its [`RunStats`].
 
+use shadow_mmu::Access;
+
 use crate::phases::PhaseTracker;
 use crate::serial::Console;
 use crate::signals::Watchdog;
-use crate::stats::{ConfigRecord, EndRecord, GuestRecord, RunStats, SCHEMA_VERSION};
-use crate::vcpu::{handle_exit, handle_run_error, Devices, Outcome, RunEnd};
-use crate::vm::{RunConfig, Vm, VmError};
+use crate::stats::{ConfigRecord, EndRecord, ExitKind, Figures, GuestRecord, PhaseStats, RunStats, SCHEMA_VERSION};
+use crate::vcpu::{handle_exit, handle_run_error, Devices, GuestMemory, Outcome, RunEnd};
+use crate::vm::{lock, HookPoint, HostHook, RunConfig, Vm, VmError};
 
 /// HLT's opcode, looked for at RIP when a CPL-3 guest's HLT surfaces as a
 /// fault (HLT is privileged; with no IDT the #GP becomes a triple fault).
 const HLT_OPCODE: u8 = 0xF4;
+/// KVM_INTERNAL_ERROR_EMULATION: the suberror of an instruction KVM could
+/// not emulate, which is how a fetch from a memslot hole comes back.
+const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
+/// The longest x86 instruction, for fetches that straddle a page boundary.
+const MAX_INSN_LEN: u64 = 15;
 
 /// Builds the VM and runs the guest to its end. An error means nothing ran
 /// (bad configuration or KVM setup); every way a started guest ends, clean
 /// or not, comes back as statistics.
-pub fn run(config: RunConfig) -> Result<RunStats, VmError> {
+pub fn run(mut config: RunConfig) -> Result<RunStats, VmError> {
     let vm = Vm::new(&config)?;
     let record = ConfigRecord {
         image: config.image.name.clone(),
@@ -23,9 +30,10 @@ pub fn run(config: RunConfig) -> Result<RunStats, VmError> {
         view: config.view.name().to_string(),
         timeout_secs: config.timeout.map(|t| t.as_secs_f64()),
     };
-    let mut devices =
-        Devices { console: Console::new(config.console), reports: Vec::new(), mem_bytes: config.mem_bytes };
-    let (end, phases, total, rip) = run_loop(vm, &mut devices, config.timeout);
+    let memory = GuestMemory { host: vm.host.clone(), mmu: vm.mmu.clone(), mem_bytes: vm.mem_bytes };
+    let mut devices = Devices { console: Console::new(config.console), reports: Vec::new(), memory };
+    let mut hook = config.host_hook.take();
+    let (end, phases, total, rip) = run_loop(vm, &mut devices, &mut hook, config.timeout);
     devices.console.flush();
     let exit_code = match end {
         RunEnd::GuestExit(code) => Some(code),
@@ -41,9 +49,40 @@ pub fn run(config: RunConfig) -> Result<RunStats, VmError> {
     })
 }
 
-type LoopResult = (RunEnd, Vec<crate::stats::PhaseStats>, crate::stats::Figures, Option<u64>);
+type LoopResult = (RunEnd, Vec<PhaseStats>, Figures, Option<u64>);
 
-fn run_loop(mut vm: Vm, devices: &mut Devices, timeout: Option<std::time::Duration>) -> LoopResult {
+/// Calls the host hook, then reports a view that could not follow.
+fn call_hook(hook: &mut Option<HostHook>, vm: &Vm, point: HookPoint) -> Result<(), String> {
+    if let Some(hook) = hook.as_mut() {
+        hook(point, &mut lock(&vm.host)).map_err(|e| format!("host hook at {point:?} failed: {e}"))?;
+    }
+    match lock(&vm.mmu).take_view_error() {
+        Some(e) => Err(e.to_string()),
+        None => Ok(()),
+    }
+}
+
+/// An emulation failure at `rip`: if the instruction's bytes are guest RAM
+/// the secondary MMU does not map (a fetch from a memslot hole), serve the
+/// fetch fault and go on; otherwise the run ends.
+fn serve_fetch(vm: &Vm, memory: &GuestMemory) -> Result<bool, String> {
+    let Ok(regs) = vm.vcpu.get_regs() else { return Ok(false) };
+    // The guest's page tables are the identity map: gpa = RIP.
+    for gpa in [regs.rip, regs.rip + MAX_INSN_LEN - 1] {
+        if memory.is_guest_ram(gpa) && !memory.is_mapped(gpa) {
+            memory.fault(gpa, Access::Fetch)?;
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn run_loop(
+    mut vm: Vm,
+    devices: &mut Devices,
+    hook: &mut Option<HostHook>,
+    timeout: Option<std::time::Duration>,
+) -> LoopResult {
     let watchdog = Watchdog::start(timeout);
     let mut phases = PhaseTracker::start(&vm);
     let mut end = loop {
@@ -51,12 +90,33 @@ fn run_loop(mut vm: Vm, devices: &mut Devices, timeout: Option<std::time::Durati
             Ok(exit) => handle_exit(devices, phases.exits(), exit),
             Err(e) => handle_run_error(&e, phases.exits(), &watchdog),
         };
-        match outcome {
-            Outcome::Continue => {}
-            Outcome::NextPhase(n) => phases.next(&vm, n),
-            // Without a deduplicator (policy off) a request has nothing to do.
-            Outcome::Dedup(_) => {}
+        let result = match outcome {
+            Outcome::Continue => Ok(()),
+            Outcome::NextPhase(n) => {
+                phases.next(&vm, n);
+                call_hook(hook, &vm, HookPoint::PhaseStart(n))
+            }
+            // The deduplicator answers these; without one (policy off, or
+            // before it exists) only an experiment's hook acts on them.
+            Outcome::Dedup(v) => call_hook(hook, &vm, HookPoint::DedupRequest(v)),
+            Outcome::EmulationFailure => match serve_fetch(&vm, &devices.memory) {
+                Ok(true) => {
+                    phases.exits().record(ExitKind::EptFetch);
+                    Ok(())
+                }
+                Ok(false) => {
+                    phases.exits().record(ExitKind::InternalError);
+                    break RunEnd::InternalError;
+                }
+                Err(e) => {
+                    phases.exits().record(ExitKind::EptFetch);
+                    Err(e)
+                }
+            },
             Outcome::End(end) => break end,
+        };
+        if let Err(e) = result {
+            break RunEnd::VmmError(e);
         }
     };
     drop(watchdog);
@@ -77,7 +137,8 @@ fn run_loop(mut vm: Vm, devices: &mut Devices, timeout: Option<std::time::Durati
         // SAFETY: reading the `internal` member of the kvm_run union is what
         // KVM_EXIT_INTERNAL_ERROR documents; it is plain data.
         let suberror = unsafe { vm.vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
-        end = RunEnd::Unexpected(format!("KVM internal error, suberror {suberror}"));
+        let what = if suberror == KVM_INTERNAL_ERROR_EMULATION { " (instruction emulation failed)" } else { "" };
+        end = RunEnd::Unexpected(format!("KVM internal error, suberror {suberror}{what}"));
     }
     let (phase_stats, total) = phases.finish(&vm);
     (end, phase_stats, total, rip)
@@ -94,6 +155,7 @@ fn end_record(end: &RunEnd, rip: Option<u64>) -> EndRecord {
         RunEnd::FailEntry(r) => ("fail_entry", format!("VM entry failed, hardware reason {r:#x}")),
         RunEnd::Unexpected(what) => ("unexpected_exit", what.clone()),
         RunEnd::KvmRunFailed(what) => ("vmm_error", format!("KVM_RUN failed: {what}")),
+        RunEnd::VmmError(what) => ("vmm_error", what.clone()),
     };
     let detail = match rip {
         Some(rip) => format!("{detail}, RIP {rip:#x}"),

@@ -188,6 +188,8 @@ pub struct RunStats {
 /// a phase) rather than event counts (reported as their increase).
 pub const GAUGES: &[&str] = &[
     "view_slots",
+    "view_slots_max",
+    "ept_entries",
     "pages_shared",
     "pages_sharing",
     "pages_unshared",

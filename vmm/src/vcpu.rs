@@ -2,11 +2,16 @@
 //! ([`handle_exit`]), and the loop acts on outcomes (next phase, dedup
 //! request, end of run) until the run ends, always with its statistics.
 
+use std::sync::{Arc, Mutex};
+
 use kvm_ioctls::VcpuExit;
+use shadow_mmu::{handle_ept_violation, Access, HostMm, PAGE_SHIFT};
 
 use crate::serial::Console;
 use crate::signals::{StopRequest, Watchdog};
 use crate::stats::{ExitCounts, ExitKind};
+use crate::vm::{lock, KvmMmu};
+use crate::x86::layout::GUEST_BASE;
 
 /// Port whose value ends the run with that exit code.
 pub const PORT_EXIT: u16 = 0xF4;
@@ -38,6 +43,9 @@ pub enum RunEnd {
     Unexpected(String),
     /// KVM_RUN itself failed.
     KvmRunFailed(String),
+    /// The VMM could not serve the guest (a secondary-MMU fault failed, a
+    /// host hook failed, a view hit its limit).
+    VmmError(String),
 }
 
 /// What the loop does after one exit.
@@ -49,8 +57,64 @@ pub enum Outcome {
     NextPhase(u32),
     /// The guest wrote this value to the dedup control port.
     Dedup(u32),
+    /// KVM could not emulate an instruction: an instruction fetch from an
+    /// absent page under the memslot view, or a real failure. The loop
+    /// decides with the vCPU's registers.
+    EmulationFailure,
     /// The run is over.
     End(RunEnd),
+}
+
+/// The guest's memory as the exit handler serves it: the primary and the
+/// secondary MMU.
+#[derive(Debug, Clone)]
+pub struct GuestMemory {
+    /// The primary MMU.
+    pub host: Arc<Mutex<HostMm>>,
+    /// The secondary MMU.
+    pub mmu: Arc<Mutex<KvmMmu>>,
+    /// Guest RAM size: accesses below it are RAM, above it MMIO.
+    pub mem_bytes: u64,
+}
+
+impl GuestMemory {
+    /// Whether `gpa` is guest RAM that the secondary MMU manages.
+    pub fn is_guest_ram(&self, gpa: u64) -> bool {
+        (GUEST_BASE..self.mem_bytes).contains(&gpa)
+    }
+
+    /// Serves a secondary-MMU fault at `gpa`.
+    pub fn fault(&self, gpa: u64, access: Access) -> Result<(), String> {
+        handle_ept_violation(&self.host, &self.mmu, gpa >> PAGE_SHIFT, access)
+            .map(|_| ())
+            .map_err(|e| format!("secondary-MMU fault at gpa {gpa:#x} ({access:?}) failed: {e}"))
+    }
+
+    /// Whether the secondary MMU maps `gpa`'s page now.
+    pub fn is_mapped(&self, gpa: u64) -> bool {
+        lock(&self.mmu).ept().lookup(gpa >> PAGE_SHIFT).is_some()
+    }
+
+    /// A guest read the VMM completes (an MMIO exit on RAM): fault the page
+    /// in, then read what the guest would have read.
+    fn complete_read(&self, gpa: u64, data: &mut [u8]) -> Result<(), String> {
+        self.fault(gpa, Access::Read)?;
+        lock(&self.host).read_guest(gpa, data).map_err(|e| e.to_string())
+    }
+
+    /// A guest write the VMM completes (KVM retired it without writing):
+    /// fault every page it touches in for write (breaking copy-on-write),
+    /// then store the bytes in the frames now mapped.
+    fn complete_write(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
+        let last = gpa + data.len().max(1) as u64 - 1;
+        for page in (gpa >> PAGE_SHIFT)..=(last >> PAGE_SHIFT) {
+            let at = (page << PAGE_SHIFT).max(gpa);
+            if self.is_guest_ram(at) {
+                self.fault(at, Access::Write)?;
+            }
+        }
+        lock(&self.host).write_guest(gpa, data).map_err(|e| e.to_string())
+    }
 }
 
 /// The devices and state the exit handler serves.
@@ -60,8 +124,8 @@ pub struct Devices {
     pub console: Console,
     /// Values written to port 0x502.
     pub reports: Vec<u64>,
-    /// Guest RAM size: accesses below it are RAM, above it MMIO.
-    pub mem_bytes: u64,
+    /// Guest RAM and its MMUs.
+    pub memory: GuestMemory,
 }
 
 fn le_value(data: &[u8]) -> u32 {
@@ -104,6 +168,22 @@ pub fn handle_exit(dev: &mut Devices, exits: &mut ExitCounts, exit: VcpuExit<'_>
             }
             Outcome::Continue
         }
+        VcpuExit::MmioRead(gpa, data) if dev.memory.is_guest_ram(gpa) => {
+            // A hole in the memslot view: the secondary MMU has no entry.
+            exits.record(ExitKind::EptRead);
+            match dev.memory.complete_read(gpa, data) {
+                Ok(()) => Outcome::Continue,
+                Err(e) => Outcome::End(RunEnd::VmmError(e)),
+            }
+        }
+        VcpuExit::MmioWrite(gpa, data) if dev.memory.is_guest_ram(gpa) => {
+            // A hole or a read-only slot: KVM retired the write unperformed.
+            exits.record(ExitKind::EptWrite);
+            match dev.memory.complete_write(gpa, data) {
+                Ok(()) => Outcome::Continue,
+                Err(e) => Outcome::End(RunEnd::VmmError(e)),
+            }
+        }
         VcpuExit::MmioRead(_gpa, data) => {
             exits.record(ExitKind::Mmio);
             data.fill(0xFF);
@@ -121,10 +201,8 @@ pub fn handle_exit(dev: &mut Devices, exits: &mut ExitCounts, exit: VcpuExit<'_>
             exits.record(ExitKind::Shutdown);
             Outcome::End(RunEnd::TripleFault)
         }
-        VcpuExit::InternalError => {
-            exits.record(ExitKind::InternalError);
-            Outcome::End(RunEnd::InternalError)
-        }
+        // Counted by the run loop, which tells a fetch fault from a failure.
+        VcpuExit::InternalError => Outcome::EmulationFailure,
         VcpuExit::FailEntry(reason, _cpu) => {
             exits.record(ExitKind::Other);
             Outcome::End(RunEnd::FailEntry(reason))
@@ -133,10 +211,21 @@ pub fn handle_exit(dev: &mut Devices, exits: &mut ExitCounts, exit: VcpuExit<'_>
             exits.record(ExitKind::Intr);
             Outcome::Continue
         }
+        VcpuExit::MemoryFault { gpa, .. } if dev.memory.is_guest_ram(gpa) => {
+            // Other KVMs report some secondary-MMU faults this way, without
+            // the access type: an absent page is faulted in for read; a page
+            // that is mapped yet faults again must want write.
+            let access = if dev.memory.is_mapped(gpa) { Access::Write } else { Access::Read };
+            exits.record(if access == Access::Write { ExitKind::EptWrite } else { ExitKind::EptRead });
+            match dev.memory.fault(gpa, access) {
+                Ok(()) => Outcome::Continue,
+                Err(e) => Outcome::End(RunEnd::VmmError(e)),
+            }
+        }
         VcpuExit::MemoryFault { flags, gpa, size } => {
             exits.record(ExitKind::Other);
             Outcome::End(RunEnd::Unexpected(format!(
-                "KVM_EXIT_MEMORY_FAULT at gpa {gpa:#x} (size {size:#x}, flags {flags:#x}) outside the secondary MMU"
+                "KVM_EXIT_MEMORY_FAULT at gpa {gpa:#x} (size {size:#x}, flags {flags:#x}) outside guest RAM"
             )))
         }
         other => {
@@ -167,8 +256,38 @@ pub fn handle_run_error(err: &kvm_ioctls::Error, exits: &mut ExitCounts, watchdo
 mod tests {
     use super::*;
 
+    const RAM: u64 = 4 << 20;
+
+    /// Guest memory with a recording view instead of KVM's.
     fn devices() -> Devices {
-        Devices { console: Console::new(Box::new(std::io::sink())), reports: Vec::new(), mem_bytes: 64 << 20 }
+        use shadow_mmu::{FramePool, Policy, RecordingView, SecondaryMmu, PAGE_SIZE};
+        let pool = Arc::new(FramePool::new(RAM + PAGE_SIZE).expect("pool"));
+        let mut host = HostMm::new(pool, GUEST_BASE >> PAGE_SHIFT, RAM >> PAGE_SHIFT);
+        let view = crate::view::AnyView::Recording(RecordingView::default());
+        let mmu = Arc::new(Mutex::new(SecondaryMmu::new_prefaulted(Policy::RangeFlush, view, &host)));
+        host.mmu_notifier_register(mmu.clone());
+        let memory = GuestMemory { host: Arc::new(Mutex::new(host)), mmu, mem_bytes: RAM };
+        Devices { console: Console::new(Box::new(std::io::sink())), reports: Vec::new(), memory }
+    }
+
+    #[test]
+    fn mmio_exits_on_ram_are_secondary_mmu_faults_completed_by_the_vmm() {
+        let mut d = devices();
+        let mut e = ExitCounts::default();
+        let gpa = 0x20_0000 + 8;
+        lock(&d.memory.host).write_guest(gpa, &0x1122_3344u32.to_le_bytes()).expect("write");
+        // Write protection under range-flush: the page is zapped.
+        lock(&d.memory.host).write_protect_page(gpa >> PAGE_SHIFT).expect("wp");
+        let mut buf = [0u8; 4];
+        assert_eq!(handle_exit(&mut d, &mut e, VcpuExit::MmioRead(gpa, &mut buf)), Outcome::Continue);
+        assert_eq!(u32::from_le_bytes(buf), 0x1122_3344);
+        // A write to the read-only page breaks copy-on-write... in place here
+        // (the frame is mapped once) and lands in guest memory.
+        assert_eq!(handle_exit(&mut d, &mut e, VcpuExit::MmioWrite(gpa, &[9, 9])), Outcome::Continue);
+        lock(&d.memory.host).read_guest(gpa, &mut buf).expect("read");
+        assert_eq!(buf, [9, 9, 0x22, 0x11]);
+        assert!(lock(&d.memory.mmu).ept().lookup(gpa >> PAGE_SHIFT).expect("mapped").writable());
+        assert_eq!((e.ept_read, e.ept_write, e.mmio, e.total), (1, 1, 0, 2));
     }
 
     #[test]
@@ -191,7 +310,7 @@ mod tests {
         assert_eq!(handle_exit(&mut d, &mut e, VcpuExit::IoIn(0x80, &mut buf)), Outcome::Continue);
         assert_eq!(buf, [0xFF; 4]);
         let mut buf = [0u8; 8];
-        assert_eq!(handle_exit(&mut d, &mut e, VcpuExit::MmioRead(1 << 32, &mut buf)), Outcome::Continue);
+        assert_eq!(handle_exit(&mut d, &mut e, VcpuExit::MmioRead(RAM, &mut buf)), Outcome::Continue);
         assert_eq!(buf, [0xFF; 8]);
         assert_eq!(handle_exit(&mut d, &mut e, VcpuExit::MmioWrite(1 << 32, &[1])), Outcome::Continue);
         assert_eq!((e.io, e.mmio), (1, 2));

@@ -6,23 +6,32 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use shadow_mmu::{FramePool, FramePoolError, PAGE_SHIFT, PAGE_SIZE};
+use kvm_ioctls::{Cap, Kvm, VcpuFd};
+use shadow_mmu::{FramePool, FramePoolError, HostMm, Policy, SecondaryMmu, PAGE_SHIFT, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::image::{GuestImage, ImageError};
 use crate::kvm_stats::{KvmStats, KvmStatsError};
 use crate::view::memslot::{set_memslot, MemslotView, BOOT_SLOT};
-use crate::view::{EptView, ViewError, ViewKind};
+use crate::view::{AnyView, ViewError, ViewKind};
 use crate::x86::layout::{GDT_ADDR, GUEST_BASE, MAX_RAM, MIN_RAM, TSS_ADDR};
 use crate::x86::{cpu, page_tables};
 
-/// Deduplication policy of a run.
+/// Deduplication policy of a run: off, or how the secondary MMU follows
+/// the host while pages are deduplicated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DedupPolicy {
     /// No deduplication: the baseline.
     Off,
+    /// Honour MMU_NOTIFIER_USE_CHANGE_PTE: update entries in place.
+    ChangePte,
+    /// Zap on every invalidation; no change_pte (KVM since Linux 6.9).
+    RangeFlush,
+    /// Zap on every invalidation, then change_pte finds nothing (KVM 2012 until the flag).
+    Legacy,
 }
 
 impl DedupPolicy {
@@ -30,9 +39,39 @@ impl DedupPolicy {
     pub fn name(self) -> &'static str {
         match self {
             DedupPolicy::Off => "off",
+            DedupPolicy::ChangePte => "change-pte",
+            DedupPolicy::RangeFlush => "range-flush",
+            DedupPolicy::Legacy => "legacy",
+        }
+    }
+
+    /// The secondary MMU's policy. With deduplication off nothing ever
+    /// invalidates the secondary MMU; it is set up as today's KVM.
+    pub fn mmu_policy(self) -> Policy {
+        match self {
+            DedupPolicy::Off | DedupPolicy::RangeFlush => Policy::RangeFlush,
+            DedupPolicy::ChangePte => Policy::ChangePte,
+            DedupPolicy::Legacy => Policy::Legacy,
         }
     }
 }
+
+/// When a [`HostHook`] is called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookPoint {
+    /// The guest started phase n (after the previous phase was closed).
+    PhaseStart(u32),
+    /// The guest wrote this value to the dedup control port.
+    DedupRequest(u32),
+}
+
+/// A host-side experiment run while the vCPU waits: it changes the primary
+/// MMU through the same notifier paths the deduplicator uses
+/// (`write_protect_page`, `replace_page`, ...). Returns an error to end the run.
+pub type HostHook = Box<dyn FnMut(HookPoint, &mut HostMm) -> Result<(), String> + Send>;
+
+/// The secondary MMU of this VMM, over the chosen view backend.
+pub type KvmMmu = SecondaryMmu<AnyView>;
 
 /// Everything a run needs to know.
 pub struct RunConfig {
@@ -50,6 +89,8 @@ pub struct RunConfig {
     pub console: Box<dyn Write + Send>,
     /// The KVM device node.
     pub kvm_device: PathBuf,
+    /// Host-side changes driven at phase starts and dedup requests (tests, experiments).
+    pub host_hook: Option<HostHook>,
 }
 
 impl std::fmt::Debug for RunConfig {
@@ -138,16 +179,23 @@ pub fn check_mem_size(bytes: u64) -> Result<(), VmError> {
 /// A built VM, ready to run its guest.
 #[derive(Debug)]
 pub struct Vm {
-    // Field order is drop order: the vCPU and VM fds go before the memory
-    // their slots point into.
+    // Field order is drop order: the vCPU goes first; the VM fd is shared
+    // with the view and closes when the last of them goes; the frame pool
+    // their slots point into outlives both (it is an Arc held by each).
     pub(crate) vcpu: VcpuFd,
     pub(crate) vm_stats: KvmStats,
     pub(crate) vcpu_stats: KvmStats,
-    pub(crate) view: Box<dyn EptView>,
-    #[allow(dead_code)] // owned so the VM lives as long as its vCPU and view
-    pub(crate) vm_fd: VmFd,
-    pub(crate) pool: FramePool,
+    /// The primary MMU (host page table of guest RAM) and its notifier chain.
+    pub(crate) host: Arc<Mutex<HostMm>>,
+    /// The secondary MMU, registered with the primary.
+    pub(crate) mmu: Arc<Mutex<KvmMmu>>,
     pub(crate) mem_bytes: u64,
+}
+
+/// Locks a mutex, ignoring poisoning (a panicked holder leaves consistent
+/// data here: every update is a single assignment or a completed call).
+pub fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Opens the KVM device with a message that says what to do when it fails.
@@ -194,17 +242,25 @@ impl Vm {
         }
         let vm_fd = kvm.create_vm().map_err(|source| VmError::Setup { what: "KVM_CREATE_VM", source })?;
 
-        let pool = FramePool::new(config.mem_bytes)?;
+        let vm_fd = Arc::new(vm_fd);
+        // One frame per guest page, plus one spare so that a copy-on-write
+        // break always finds a free frame (see HostMm::new).
+        let pool = Arc::new(FramePool::new(config.mem_bytes + PAGE_SIZE)?);
         // The VMM's low megabyte: always mapped, never part of a view.
         set_memslot(&vm_fd, &pool, BOOT_SLOT, 0, GUEST_BASE, 0, false)?;
-        let view: Box<dyn EptView> = match config.view {
+        let (first_gfn, end_gfn) = (GUEST_BASE >> PAGE_SHIFT, config.mem_bytes >> PAGE_SHIFT);
+        let slot_limit = u32::try_from(kvm.get_nr_memslots()).unwrap_or(u32::MAX);
+        let view = match config.view {
             ViewKind::Memslot => {
-                Box::new(MemslotView::new(&vm_fd, &pool, GUEST_BASE >> PAGE_SHIFT, config.mem_bytes >> PAGE_SHIFT)?)
+                AnyView::Memslot(MemslotView::new(vm_fd.clone(), pool.clone(), first_gfn, end_gfn, slot_limit)?)
             }
         };
+        let mut host = HostMm::new(pool.clone(), first_gfn, end_gfn);
+        let mmu = Arc::new(Mutex::new(SecondaryMmu::new_prefaulted(config.dedup.mmu_policy(), view, &host)));
+        host.mmu_notifier_register(mmu.clone());
 
-        // Before deduplication exists, guest page n is frame n, so the direct
-        // map doubles as guest-physical memory for loading.
+        // Nothing is deduplicated yet: guest page n is frame n (HostMm::new),
+        // so the direct map doubles as guest-physical memory for loading.
         let mem = pool.direct_map();
         let info = config.image.load(mem, config.mem_bytes)?;
         write_boot_structures(mem, config.mem_bytes)?;
@@ -220,19 +276,18 @@ impl Vm {
         cpu::set_long_mode_cpl3(&mut sregs);
         vcpu.set_sregs(&sregs).map_err(|source| VmError::Setup { what: "KVM_SET_SREGS", source })?;
 
-        let vm_stats = KvmStats::open(&vm_fd)?;
+        let vm_stats = KvmStats::open(&*vm_fd)?;
         let vcpu_stats = KvmStats::open(&vcpu)?;
-        Ok(Self { vcpu, vm_stats, vcpu_stats, view, vm_fd, pool, mem_bytes: config.mem_bytes })
+        Ok(Self { vcpu, vm_stats, vcpu_stats, host: Arc::new(Mutex::new(host)), mmu, mem_bytes: config.mem_bytes })
     }
 
-    /// Reads guest-physical memory (RAM only) into `buf`.
+    /// Reads guest-physical memory (RAM only) as the guest sees it now.
     pub fn read_guest(&self, gpa: u64, buf: &mut [u8]) -> bool {
         let end = gpa.checked_add(buf.len() as u64);
         if end.is_none_or(|e| e > self.mem_bytes) {
             return false;
         }
-        // Guest page n is frame n until deduplication moves pages.
-        self.pool.direct_map().read_slice(buf, GuestAddress(gpa)).is_ok()
+        lock(&self.host).read_guest(gpa, buf).is_ok()
     }
 }
 

@@ -1,18 +1,19 @@
 //! The EPT view: what makes the secondary MMU's table real for KVM.
 //!
-//! On real hardware the CPU walks EPT; here the host KVM walks its own
-//! tables, built from our memslots. A view backend turns the state of guest
-//! pages (absent, read-only or writable, and which frame) into something the
-//! host KVM enforces, so that a guest access the secondary table does not
-//! allow comes back to the VMM as a fault with its address (host-facts.md).
+//! On hardware the CPU walks EPT; here the host KVM walks its own tables,
+//! built from our memslots and host mappings. A backend turns the state of
+//! each guest page (absent, read-only or writable, and which frame) into
+//! something the host KVM enforces, so that a guest access the secondary
+//! table does not allow comes back to the VMM as a fault with its address
+//! (host-facts.md). The secondary MMU drives a backend through
+//! [`shadow_mmu::EptView`]; [`AnyView`] is the one picked with `--view`.
 //!
-//! Backends: [`memslot::MemslotView`] (memslot holes and KVM_MEM_READONLY
-//! slots; faults arrive as KVM_EXIT_MMIO). The VMM's own low megabyte is not
-//! part of any view: it is one fixed slot the VMM installs itself.
+//! The VMM's own low megabyte is not part of any view: it is one fixed slot
+//! ([`memslot::BOOT_SLOT`]) the VMM installs itself.
 
 pub mod memslot;
 
-use crate::stats::Counters;
+use shadow_mmu::{EptView, Gfn, Pfn};
 
 /// Errors of view backends.
 #[derive(Debug, thiserror::Error)]
@@ -29,9 +30,38 @@ pub enum ViewError {
         /// The KVM error.
         source: kvm_ioctls::Error,
     },
+    /// The memslot view needs more slots than KVM offers.
+    #[error(
+        "the memslot view needs more than the {limit} memslots KVM offers (guest RAM is too fragmented by \
+         deduplication): use --view uffd, or less guest RAM"
+    )]
+    SlotLimit {
+        /// KVM's limit for this view.
+        limit: u32,
+    },
     /// A frame the view was asked to map does not exist in the pool.
     #[error("frame {0} is outside the frame pool")]
-    NoSuchFrame(u64),
+    NoSuchFrame(Pfn),
+    /// A gfn outside the view's range.
+    #[error("gfn {0:#x} is outside the guest range the view covers")]
+    OutOfRange(Gfn),
+    /// A system call of the userfaultfd view failed.
+    #[error("userfaultfd view: {op} failed: {source}")]
+    Uffd {
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The userfaultfd view needs more mappings than vm.max_map_count allows.
+    #[error(
+        "the userfaultfd view needs more memory mappings than vm.max_map_count ({limit}) allows: raise it \
+         (sysctl vm.max_map_count=262144) or give less guest RAM"
+    )]
+    MapLimit {
+        /// The current vm.max_map_count.
+        limit: u64,
+    },
 }
 
 /// Which backend materialises the secondary table.
@@ -50,10 +80,40 @@ impl ViewKind {
     }
 }
 
-/// A backend of the EPT view.
-pub trait EptView: std::fmt::Debug {
-    /// Which backend this is.
-    fn kind(&self) -> ViewKind;
-    /// The backend's counters (named, all present), since the start of the run.
-    fn counters(&self) -> Counters;
+/// The backend chosen for a run.
+#[derive(Debug)]
+pub enum AnyView {
+    /// KVM memslots.
+    Memslot(memslot::MemslotView),
+    /// Unit tests only: remembers the table instead of telling KVM.
+    #[cfg(test)]
+    Recording(shadow_mmu::RecordingView),
+}
+
+impl EptView for AnyView {
+    type Error = ViewError;
+
+    fn zap(&mut self, start: Gfn, end: Gfn) -> Result<(), ViewError> {
+        match self {
+            AnyView::Memslot(v) => v.zap(start, end),
+            #[cfg(test)]
+            AnyView::Recording(v) => Ok(v.zap(start, end).unwrap_or(())),
+        }
+    }
+
+    fn map(&mut self, gfn: Gfn, pfn: Pfn, writable: bool) -> Result<(), ViewError> {
+        match self {
+            AnyView::Memslot(v) => v.map(gfn, pfn, writable),
+            #[cfg(test)]
+            AnyView::Recording(v) => Ok(v.map(gfn, pfn, writable).unwrap_or(())),
+        }
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        match self {
+            AnyView::Memslot(v) => v.counters(),
+            #[cfg(test)]
+            AnyView::Recording(v) => v.counters(),
+        }
+    }
 }
