@@ -70,3 +70,26 @@ pub fn run(image: &str, extra: &[&str]) -> Run {
     let stats: RunStats = serde_json::from_str(&text).expect("statistics parse as schema 1");
     Run { output, stats }
 }
+
+/// Runs a built-in guest in this process (so a host hook can drive the
+/// primary MMU) and returns its statistics.
+pub fn run_in_process(
+    image: &str,
+    mem: &str,
+    dedup: vmm::vm::DedupPolicy,
+    view: vmm::view::ViewKind,
+    host_hook: Option<vmm::vm::HostHook>,
+) -> RunStats {
+    vmm::signals::install(false).expect("kick signal handler");
+    let config = vmm::vm::RunConfig {
+        image: vmm::image::GuestImage::resolve(image).expect("built-in image"),
+        mem_bytes: vmm::size::parse_size(mem).expect("size"),
+        dedup,
+        view,
+        timeout: Some(std::time::Duration::from_secs(120)),
+        console: Box::new(std::io::sink()),
+        kvm_device: "/dev/kvm".into(),
+        host_hook,
+    };
+    vmm::run::run(config).expect("the VM builds")
+}
