@@ -210,7 +210,7 @@ mod tests {
     #[test]
     fn leaves_use_the_sdm_bit_layout() {
         let e = EptEntry::leaf(0x1234, true);
-        assert_eq!(e.0, 0x1234_000 | 0x30 | 0b111);
+        assert_eq!(e.0, 0x0123_4000 | 0x30 | 0b111);
         assert_eq!(EptEntry::leaf(0x1234, false).0 & 0b111, 0b101);
         assert_eq!(e.pfn(), 0x1234);
         assert!(e.present() && e.writable());

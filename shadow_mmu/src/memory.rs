@@ -38,6 +38,11 @@ pub struct FrameInfo {
     pub mapcount: u32,
     /// Whether the frame is a KSM page (never reused on a write fault).
     pub ksm: bool,
+    /// Which stable node owns the KSM page (the deduplicator's tag, as
+    /// `page->mapping` points at the stable node in Linux); 0 when none.
+    /// Freeing the frame clears it, so a stale stable node never matches a
+    /// frame that was freed and reused.
+    pub ksm_owner: u32,
 }
 
 /// Counters of the primary MMU since it was created.
@@ -141,8 +146,8 @@ impl HostMm {
         let ptes = (first_gfn..end_gfn).map(|gfn| HostPte { pfn: gfn, writable: true }).collect();
         let frames = (0..nr_frames)
             .map(|pfn| match pfn {
-                p if p < first_gfn => FrameInfo { refcount: 1, mapcount: 0, ksm: false },
-                p if p < end_gfn => FrameInfo { refcount: 1, mapcount: 1, ksm: false },
+                p if p < first_gfn => FrameInfo { refcount: 1, mapcount: 0, ..FrameInfo::default() },
+                p if p < end_gfn => FrameInfo { refcount: 1, mapcount: 1, ..FrameInfo::default() },
                 _ => FrameInfo::default(),
             })
             .collect();
@@ -237,17 +242,24 @@ impl HostMm {
         Ok(())
     }
 
-    /// Marks a frame as a KSM page (or not).
+    /// Marks a frame as a KSM page (or not), without an owner.
     pub fn set_ksm(&mut self, pfn: Pfn, ksm: bool) {
+        self.set_ksm_owner(pfn, ksm, 0);
+    }
+
+    /// Marks a frame as a KSM page owned by `owner` (the deduplicator's
+    /// stable node tag), or clears the mark.
+    pub fn set_ksm_owner(&mut self, pfn: Pfn, ksm: bool, owner: u32) {
         if let Some(f) = self.frames.get_mut(pfn as usize) {
             f.ksm = ksm;
+            f.ksm_owner = if ksm { owner } else { 0 };
         }
     }
 
     /// Takes a free frame (zero-filled), with one reference held by the caller.
     pub fn alloc_page(&mut self) -> Result<Pfn, HostMmError> {
         let pfn = self.free_frames.pop().ok_or(HostMmError::OutOfFrames)?;
-        self.frames[pfn as usize] = FrameInfo { refcount: 1, mapcount: 0, ksm: false };
+        self.frames[pfn as usize] = FrameInfo { refcount: 1, mapcount: 0, ..FrameInfo::default() };
         self.stats.frames_allocated += 1;
         Ok(pfn)
     }
@@ -467,8 +479,8 @@ mod tests {
         let (mm, _) = mm(8);
         assert_eq!(mm.guest_range(), (2, 8));
         assert_eq!(mm.pte(5).expect("pte"), HostPte { pfn: 5, writable: true });
-        assert_eq!(mm.frame(5), FrameInfo { refcount: 1, mapcount: 1, ksm: false });
-        assert_eq!(mm.frame(1), FrameInfo { refcount: 1, mapcount: 0, ksm: false });
+        assert_eq!(mm.frame(5), FrameInfo { refcount: 1, mapcount: 1, ..FrameInfo::default() });
+        assert_eq!(mm.frame(1), FrameInfo { refcount: 1, mapcount: 0, ..FrameInfo::default() });
         assert!(matches!(mm.pte(1), Err(HostMmError::NotGuestRam(1))));
     }
 

@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use proptest::collection::vec;
@@ -208,19 +209,26 @@ impl Lab {
 
     fn guest_write(&mut self, gfn: Gfn, word: u64) -> Res {
         let pfn = self.guest_frame(gfn, Access::Write)?;
-        self.pool.direct_map().write_obj(word, GuestAddress(pfn << PAGE_SHIFT)).or_fail("write through the direct map")?;
+        self.pool
+            .direct_map()
+            .write_obj(word, GuestAddress(pfn << PAGE_SHIFT))
+            .or_fail("write through the direct map")?;
         self.model.set(gfn, word);
         Ok(())
     }
 
-    /// mm/ksm.c's `try_to_merge_one_page` for two pages: write-protect both,
-    /// compare them, then map `b` onto `a`'s frame.
+    /// Merges `a` with the page `pick` chooses among those equal to it.
     fn ksm_merge(&self, a: Gfn, pick: Index, ksm: bool) -> Res<Step> {
         let candidates = self.model.equal_pages(a);
         if candidates.is_empty() {
             return Ok(Step::MergeSkipped);
         }
-        let b = candidates[pick.index(candidates.len())];
+        self.merge_pages(a, *pick.get(&candidates), ksm)
+    }
+
+    /// mm/ksm.c's `try_to_merge_one_page` for two pages: write-protect both,
+    /// compare them, then map `b` onto `a`'s frame.
+    fn merge_pages(&self, a: Gfn, b: Gfn, ksm: bool) -> Res<Step> {
         let mut host = lock(&self.host);
         host.write_protect_page(a).or_fail("write_protect_page(a)")?;
         host.write_protect_page(b).or_fail("write_protect_page(b)")?;
@@ -397,7 +405,8 @@ fn check_change_pte_step(step: &Step, before: &Snapshot, after: &Snapshot) -> Re
     }
     if let Step::Merge { a, b, replaced } = *step {
         if before.mapped(a) && before.mapped(b) {
-            let expected = u64::from(before.ptes[&a].writable) + u64::from(before.ptes[&b].writable) + u64::from(replaced);
+            let expected =
+                u64::from(before.ptes[&a].writable) + u64::from(before.ptes[&b].writable) + u64::from(replaced);
             prop_assert_eq!(d.change_pte_calls, expected, "change_pte calls of {:?}", step);
             prop_assert_eq!(d.applied, expected, "in-place updates of {:?}", step);
             prop_assert_eq!(d.missed, 0);
@@ -505,9 +514,7 @@ fn op_strategy(gfns: Range<Gfn>) -> impl Strategy<Value = Op> {
 
 fn case_strategy() -> impl Strategy<Value = Case> {
     (4u64..24)
-        .prop_flat_map(|pages| {
-            (vec(WORDS, pages as usize), vec(op_strategy(FIRST_GFN..FIRST_GFN + pages), 1..64))
-        })
+        .prop_flat_map(|pages| (vec(WORDS, pages as usize), vec(op_strategy(FIRST_GFN..FIRST_GFN + pages), 1..64)))
         .prop_map(|(words, ops)| Case { words, ops })
 }
 
@@ -570,7 +577,7 @@ struct Counts {
 /// 0-1 boot, 2-3 guest, 4 spare.
 fn merge_read_write(policy: Policy) -> (Counts, HostStats, Lab) {
     let mut lab = Lab::new(policy, &[0x5a, 0x5a]);
-    let merged = lab.ksm_merge(2, Index::from(0usize), true).expect("merge");
+    let merged = lab.merge_pages(2, 3, true).expect("merge");
     assert_eq!(merged, Step::Merge { a: 2, b: 3, replaced: true });
     lab.check().expect("invariants after the merge");
     lab.guest_read(3, Access::Read).expect("read 3");
@@ -716,5 +723,119 @@ fn unflagged_protection_zaps_under_every_policy() {
         assert_eq!((host.cow_reuses, host.cow_copies, host.notifier_ranges), (1, 0, 1), "{}", policy.name());
         lab.sweep().expect("sweep");
         lab.check().expect("invariants");
+    }
+}
+
+// ---- Concurrency: guest faults racing with KSM ----
+
+/// A tiny deterministic generator for the racing threads.
+struct XorShift(u64);
+
+impl XorShift {
+    fn below(&mut self, n: u64) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x % n
+    }
+}
+
+/// A guest access that may race with notifications: the EPT walk and the
+/// access happen under the secondary MMU's lock, as hardware's walk cannot
+/// overlap an invalidation (its TLB flush waits for the access), and the
+/// access faults and retries until the EPT allows it. A write stores the
+/// word the page already holds, so the reference never changes. Returns the
+/// word read.
+fn racing_guest_access(lab: &Lab, gfn: Gfn, write: bool) -> Res<u64> {
+    let access = if write { Access::Write } else { Access::Read };
+    loop {
+        {
+            let mmu = lock(&lab.mmu);
+            let entry = mmu.ept().lookup(gfn).filter(|e| !write || e.writable());
+            if let Some(e) = entry {
+                let word = lab.frame_word(e.pfn())?;
+                if write {
+                    lab.pool
+                        .direct_map()
+                        .write_obj(lab.model.get(gfn), GuestAddress(e.pfn() << PAGE_SHIFT))
+                        .or_fail("write through the direct map")?;
+                }
+                return Ok(word);
+            }
+        }
+        handle_ept_violation(&lab.host, &lab.mmu, gfn, access).or_fail("EPT violation")?;
+    }
+}
+
+/// vCPU threads fault on pages while a KSM thread merges pairs of equal
+/// pages and breaks them again: a fault whose host lookup raced with a merge
+/// must retry (the invalidation sequence protocol) instead of installing a
+/// frame the merge freed or a writable entry the merge write-protected. The
+/// KSM thread checks every invariant between its steps, holding both locks,
+/// so no range is open and no access in flight; it takes a step only once a
+/// vCPU has made an access since its last one, so that they interleave.
+/// Three vCPUs contend for the secondary MMU's lock, which widens the window
+/// between a fault's host lookup and its install: without the retry this
+/// test fails in practically every run.
+#[test]
+fn faults_racing_with_ksm_never_install_a_stale_frame() {
+    const PAGES: u64 = 8;
+    const VCPUS: u64 = 3;
+    const KSM_STEPS: u64 = 1500;
+    for policy in POLICIES {
+        // Pages 2k and 2k + 1 are equal; no word is 0, so a freed frame shows.
+        let words: Vec<u64> = (0..PAGES).map(|i| 0x100 + i / 2).collect();
+        let lab = Lab::new(policy, &words);
+        let ksm_done = AtomicBool::new(false);
+        let vcpus_running = AtomicU64::new(VCPUS);
+        let guest_accesses = AtomicU64::new(0);
+        let vcpu = |seed: u64| -> Res {
+            let mut rng = XorShift(seed);
+            let result = (|| {
+                while !ksm_done.load(Ordering::Acquire) {
+                    let gfn = FIRST_GFN + rng.below(PAGES);
+                    let word = racing_guest_access(&lab, gfn, rng.below(4) == 0)?;
+                    prop_assert_eq!(word, lab.model.get(gfn), "gfn {} read through a stale frame", gfn);
+                    guest_accesses.fetch_add(1, Ordering::Release);
+                }
+                Ok(())
+            })();
+            vcpus_running.fetch_sub(1, Ordering::Release);
+            result
+        };
+        let ksm = || -> Res {
+            let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+            let mut seen = 0;
+            for _ in 0..KSM_STEPS {
+                while guest_accesses.load(Ordering::Acquire) == seen && vcpus_running.load(Ordering::Acquire) > 0 {
+                    std::thread::yield_now();
+                }
+                seen = guest_accesses.load(Ordering::Acquire);
+                lab.check()?;
+                let a = FIRST_GFN + 2 * rng.below(PAGES / 2);
+                if rng.below(3) == 0 {
+                    lock(&lab.host).get_user_page(a + rng.below(2), true).or_fail("unmerge")?;
+                } else {
+                    lab.merge_pages(a, a + 1, rng.below(2) == 0)?;
+                }
+            }
+            Ok(())
+        };
+        let result = std::thread::scope(|s| {
+            let vcpus: Vec<_> = (0..VCPUS).map(|v| s.spawn(move || vcpu(0x9e37_79b9_7f4a_7c15 ^ (v + 1)))).collect();
+            let mut result = ksm();
+            ksm_done.store(true, Ordering::Release);
+            for v in vcpus {
+                result = result.and(v.join().expect("a vCPU thread panicked"));
+            }
+            result
+        });
+        if let Err(e) = result {
+            panic!("{}: {e}", policy.name());
+        }
+        lab.check().expect("invariants at the end");
+        lab.sweep().expect("sweep at the end");
     }
 }

@@ -80,6 +80,8 @@ pub fn run_in_process(
     view: vmm::view::ViewKind,
     host_hook: Option<vmm::vm::HostHook>,
 ) -> RunStats {
+    // With a hook, the hook is the deduplicator; without one, the built-in one runs.
+    let builtin_ksm = host_hook.is_none();
     vmm::signals::install(false).expect("kick signal handler");
     let config = vmm::vm::RunConfig {
         image: vmm::image::GuestImage::resolve(image).expect("built-in image"),
@@ -90,6 +92,8 @@ pub fn run_in_process(
         console: Box::new(std::io::sink()),
         kvm_device: "/dev/kvm".into(),
         host_hook,
+        ksm: Default::default(),
+        builtin_ksm,
     };
     vmm::run::run(config).expect("the VM builds")
 }

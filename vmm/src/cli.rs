@@ -160,6 +160,8 @@ fn run_command(kvm_device: PathBuf, args: RunArgs) -> ExitCode {
         console: Box::new(std::io::stdout()),
         kvm_device,
         host_hook: None,
+        ksm: Default::default(),
+        builtin_ksm: true,
     };
     let stats = match run(config) {
         Ok(s) => s,
@@ -205,6 +207,8 @@ fn bench_command(kvm_device: PathBuf, args: BenchArgs) -> ExitCode {
         console: Box::new(std::io::sink()),
         kvm_device,
         host_hook: None,
+        ksm: Default::default(),
+        builtin_ksm: true,
     };
     match crate::bench::exit_floor(config, args.warmup, args.exits) {
         Ok(report) => {

@@ -21,6 +21,8 @@
 //!     console: Box::new(std::io::stdout()),
 //!     kvm_device: "/dev/kvm".into(),
 //!     host_hook: None,
+//!     ksm: Default::default(),
+//!     builtin_ksm: true,
 //! };
 //! let stats = vmm::run::run(config).unwrap();
 //! assert_eq!(stats.guest.exit_code, Some(0));
@@ -29,6 +31,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod dedup;
 pub mod image;
 pub mod kvm_stats;
 pub mod phases;

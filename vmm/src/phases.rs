@@ -14,6 +14,7 @@ struct Readings {
     kvm_vm: Snapshot,
     kvm_vcpu: Snapshot,
     shadow_mmu: Counters,
+    ksm: Counters,
     at: Option<Instant>,
 }
 
@@ -24,6 +25,7 @@ impl Readings {
             kvm_vm: vm.vm_stats.snapshot().unwrap_or_default(),
             kvm_vcpu: vm.vcpu_stats.snapshot().unwrap_or_default(),
             shadow_mmu: shadow_mmu_counters(vm),
+            ksm: ksm_counters(vm),
             at: Some(Instant::now()),
         }
     }
@@ -44,6 +46,15 @@ fn shadow_mmu_counters(vm: &Vm) -> Counters {
         out.insert(name.to_string(), v);
     }
     out
+}
+
+/// The deduplicator's figures with the sysfs names (empty when off).
+fn ksm_counters(vm: &Vm) -> Counters {
+    let Some(ksm) = &vm.ksm else { return Counters::new() };
+    // Lock order: the deduplicator, then the primary MMU.
+    let k = lock(ksm);
+    let host = lock(&vm.host);
+    k.counters(&host).into_iter().map(|(n, v)| (n.to_string(), v)).collect()
 }
 
 /// What moved in named counters: counters by their increase, gauges by their
@@ -70,7 +81,13 @@ fn figures_between(vm: &Vm, a: &Readings, b: &Readings, exits: ExitCounts) -> Fi
         (Some(s), Some(e)) => u64::try_from(e.duration_since(s).as_nanos()).unwrap_or(u64::MAX),
         _ => 0,
     };
-    Figures { exits, shadow_mmu: counters_moved(&a.shadow_mmu, &b.shadow_mmu), ksm: Counters::new(), kvm, wall_ns }
+    Figures {
+        exits,
+        shadow_mmu: counters_moved(&a.shadow_mmu, &b.shadow_mmu),
+        ksm: counters_moved(&a.ksm, &b.ksm),
+        kvm,
+        wall_ns,
+    }
 }
 
 /// Keeps the current phase's exit counts and closes phases.

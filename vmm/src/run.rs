@@ -2,6 +2,7 @@
 
 use shadow_mmu::Access;
 
+use crate::dedup::DedupControl;
 use crate::phases::PhaseTracker;
 use crate::serial::Console;
 use crate::signals::Watchdog;
@@ -33,7 +34,11 @@ pub fn run(mut config: RunConfig) -> Result<RunStats, VmError> {
     let memory = GuestMemory { host: vm.host.clone(), mmu: vm.mmu.clone(), mem_bytes: vm.mem_bytes };
     let mut devices = Devices { console: Console::new(config.console), reports: Vec::new(), memory };
     let mut hook = config.host_hook.take();
-    let (end, phases, total, rip) = run_loop(vm, &mut devices, &mut hook, config.timeout);
+    let mut dedup = DedupControl::new(vm.ksm.clone(), vm.host.clone());
+    let (end, phases, total, rip) = match dedup.set_run(config.ksm.run) {
+        Ok(()) => run_loop(vm, &mut devices, &mut hook, &mut dedup, config.timeout),
+        Err(e) => (RunEnd::VmmError(e), Vec::new(), Figures::default(), None),
+    };
     devices.console.flush();
     let exit_code = match end {
         RunEnd::GuestExit(code) => Some(code),
@@ -51,15 +56,20 @@ pub fn run(mut config: RunConfig) -> Result<RunStats, VmError> {
 
 type LoopResult = (RunEnd, Vec<PhaseStats>, Figures, Option<u64>);
 
+/// A view that could not follow its secondary MMU ends the run.
+fn view_error(vm: &Vm) -> Result<(), String> {
+    match lock(&vm.mmu).take_view_error() {
+        Some(e) => Err(e.to_string()),
+        None => Ok(()),
+    }
+}
+
 /// Calls the host hook, then reports a view that could not follow.
 fn call_hook(hook: &mut Option<HostHook>, vm: &Vm, point: HookPoint) -> Result<(), String> {
     if let Some(hook) = hook.as_mut() {
         hook(point, &mut lock(&vm.host)).map_err(|e| format!("host hook at {point:?} failed: {e}"))?;
     }
-    match lock(&vm.mmu).take_view_error() {
-        Some(e) => Err(e.to_string()),
-        None => Ok(()),
-    }
+    view_error(vm)
 }
 
 /// An emulation failure at `rip`: if the instruction's bytes are guest RAM
@@ -81,6 +91,7 @@ fn run_loop(
     mut vm: Vm,
     devices: &mut Devices,
     hook: &mut Option<HostHook>,
+    dedup: &mut DedupControl,
     timeout: Option<std::time::Duration>,
 ) -> LoopResult {
     let watchdog = Watchdog::start(timeout);
@@ -94,11 +105,16 @@ fn run_loop(
             Outcome::Continue => Ok(()),
             Outcome::NextPhase(n) => {
                 phases.next(&vm, n);
-                call_hook(hook, &vm, HookPoint::PhaseStart(n))
+                match dedup.ksmd_failed() {
+                    Some(e) => Err(e),
+                    None => call_hook(hook, &vm, HookPoint::PhaseStart(n)),
+                }
             }
-            // The deduplicator answers these; without one (policy off, or
-            // before it exists) only an experiment's hook acts on them.
-            Outcome::Dedup(v) => call_hook(hook, &vm, HookPoint::DedupRequest(v)),
+            // The vCPU waits while the deduplicator serves the request.
+            Outcome::Dedup(v) => dedup
+                .request(v)
+                .and_then(|()| view_error(&vm))
+                .and_then(|()| call_hook(hook, &vm, HookPoint::DedupRequest(v))),
             Outcome::EmulationFailure => match serve_fetch(&vm, &devices.memory) {
                 Ok(true) => {
                     phases.exits().record(ExitKind::EptFetch);
@@ -120,6 +136,11 @@ fn run_loop(
         }
     };
     drop(watchdog);
+    if let Err(e) = dedup.shutdown() {
+        if matches!(end, RunEnd::GuestExit(_) | RunEnd::Hlt) {
+            end = RunEnd::VmmError(e);
+        }
+    }
     let rip = match end {
         RunEnd::GuestExit(_) | RunEnd::Hlt => None,
         _ => vm.vcpu.get_regs().ok().map(|r| r.rip),

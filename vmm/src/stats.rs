@@ -198,7 +198,9 @@ pub const GAUGES: &[&str] = &[
     "stable_node_chains",
     "stable_node_dups",
     "general_profit",
-    "bytes_returned",
+    "memfd_resident_bytes",
+    "metadata_bytes",
+    "rmap_items",
 ];
 
 /// Whether the named figure is a level rather than a count.

@@ -13,6 +13,8 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd};
 use shadow_mmu::{FramePool, FramePoolError, HostMm, Policy, SecondaryMmu, PAGE_SHIFT, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress};
 
+use ksm::{Ksm, KsmError, KsmKnobs};
+
 use crate::image::{GuestImage, ImageError};
 use crate::kvm_stats::{KvmStats, KvmStatsError};
 use crate::view::memslot::{set_memslot, MemslotView, BOOT_SLOT};
@@ -91,6 +93,11 @@ pub struct RunConfig {
     pub kvm_device: PathBuf,
     /// Host-side changes driven at phase starts and dedup requests (tests, experiments).
     pub host_hook: Option<HostHook>,
+    /// The deduplicator's knobs (ignored when `dedup` is off).
+    pub ksm: KsmKnobs,
+    /// Whether the built-in deduplicator runs (when `dedup` is not off).
+    /// Experiments whose host hook is the deduplicator turn it off.
+    pub builtin_ksm: bool,
 }
 
 impl std::fmt::Debug for RunConfig {
@@ -137,6 +144,9 @@ pub enum VmError {
     /// The host KVM's statistics could not be opened.
     #[error(transparent)]
     Stats(#[from] KvmStatsError),
+    /// The deduplicator could not be set up.
+    #[error(transparent)]
+    Ksm(#[from] KsmError),
     /// Writing the boot structures into guest RAM failed.
     #[error("cannot write boot structures into guest RAM: {0}")]
     Boot(String),
@@ -189,6 +199,8 @@ pub struct Vm {
     pub(crate) host: Arc<Mutex<HostMm>>,
     /// The secondary MMU, registered with the primary.
     pub(crate) mmu: Arc<Mutex<KvmMmu>>,
+    /// The deduplicator, unless deduplication is off.
+    pub(crate) ksm: Option<Arc<Mutex<Ksm>>>,
     pub(crate) mem_bytes: u64,
 }
 
@@ -244,8 +256,9 @@ impl Vm {
 
         let vm_fd = Arc::new(vm_fd);
         // One frame per guest page, plus one spare so that a copy-on-write
-        // break always finds a free frame (see HostMm::new).
-        let pool = Arc::new(FramePool::new(config.mem_bytes + PAGE_SIZE)?);
+        // break always finds a free frame (see HostMm::new), plus the zero
+        // page of the deduplicator.
+        let pool = Arc::new(FramePool::new(config.mem_bytes + 2 * PAGE_SIZE)?);
         // The VMM's low megabyte: always mapped, never part of a view.
         set_memslot(&vm_fd, &pool, BOOT_SLOT, 0, GUEST_BASE, 0, false)?;
         let (first_gfn, end_gfn) = (GUEST_BASE >> PAGE_SHIFT, config.mem_bytes >> PAGE_SHIFT);
@@ -258,6 +271,11 @@ impl Vm {
         let mut host = HostMm::new(pool.clone(), first_gfn, end_gfn);
         let mmu = Arc::new(Mutex::new(SecondaryMmu::new_prefaulted(config.dedup.mmu_policy(), view, &host)));
         host.mmu_notifier_register(mmu.clone());
+        let ksm = match config.dedup {
+            DedupPolicy::Off => None,
+            _ if !config.builtin_ksm => None,
+            _ => Some(Arc::new(Mutex::new(Ksm::new(&mut host, config.ksm)?))),
+        };
 
         // Nothing is deduplicated yet: guest page n is frame n (HostMm::new),
         // so the direct map doubles as guest-physical memory for loading.
@@ -278,7 +296,7 @@ impl Vm {
 
         let vm_stats = KvmStats::open(&*vm_fd)?;
         let vcpu_stats = KvmStats::open(&vcpu)?;
-        Ok(Self { vcpu, vm_stats, vcpu_stats, host: Arc::new(Mutex::new(host)), mmu, mem_bytes: config.mem_bytes })
+        Ok(Self { vcpu, vm_stats, vcpu_stats, host: Arc::new(Mutex::new(host)), mmu, ksm, mem_bytes: config.mem_bytes })
     }
 
     /// Reads guest-physical memory (RAM only) as the guest sees it now.

@@ -97,7 +97,7 @@ impl EptView for AnyView {
         match self {
             AnyView::Memslot(v) => v.zap(start, end),
             #[cfg(test)]
-            AnyView::Recording(v) => Ok(v.zap(start, end).unwrap_or(())),
+            AnyView::Recording(v) => v.zap(start, end).map_err(|never| match never {}),
         }
     }
 
@@ -105,7 +105,7 @@ impl EptView for AnyView {
         match self {
             AnyView::Memslot(v) => v.map(gfn, pfn, writable),
             #[cfg(test)]
-            AnyView::Recording(v) => Ok(v.map(gfn, pfn, writable).unwrap_or(())),
+            AnyView::Recording(v) => v.map(gfn, pfn, writable).map_err(|never| match never {}),
         }
     }
 

@@ -1,0 +1,88 @@
+//! Reading page contents for the scanner: checksums (`calc_checksum`),
+//! comparisons (`memcmp_pages`, `pages_identical`) and which frames hold
+//! memory at all.
+//!
+//! Guest pages are read through the frame pool's direct map while the vCPU
+//! may be writing them, exactly as ksmd reads pages a process is writing:
+//! a result can be stale the moment it is computed, which is why a merge
+//! compares again after write-protecting (mm/ksm.c does the same). Reads go
+//! through raw pointers and libc's memcmp so that no Rust reference ever
+//! points at memory another agent writes.
+
+use std::cmp::Ordering;
+
+use shadow_mmu::{FramePool, Pfn, PAGE_SIZE};
+use vm_memory::{Bytes, GuestAddress};
+
+/// One page of bytes.
+pub type PageBuf = [u8; PAGE_SIZE as usize];
+
+/// Copies frame `pfn` into `buf`; false if the frame does not exist.
+pub fn read_page(pool: &FramePool, pfn: Pfn, buf: &mut PageBuf) -> bool {
+    pool.direct_map().read_slice(buf, GuestAddress(pfn << shadow_mmu::PAGE_SHIFT)).is_ok()
+}
+
+/// `calc_checksum`: xxHash of the page, truncated to 32 bits as in Linux.
+pub fn checksum(page: &PageBuf) -> u32 {
+    xxhash_rust::xxh64::xxh64(page, 0) as u32
+}
+
+/// Orders a copied page against frame `pfn` as it is now (`memcmp_pages`).
+pub fn cmp_with_frame(pool: &FramePool, page: &PageBuf, pfn: Pfn) -> Ordering {
+    let Some(frame) = pool.frame_hva(pfn) else { return Ordering::Less };
+    // SAFETY: `frame` points at a whole page inside the direct map (checked
+    // by frame_hva), which lives as long as `pool`; `page` is our own
+    // buffer. memcmp only reads; a concurrent guest write can change the
+    // answer, never memory safety.
+    let r = unsafe { libc::memcmp(page.as_ptr().cast(), frame.cast(), PAGE_SIZE as usize) };
+    r.cmp(&0)
+}
+
+/// `pages_identical` for two frames.
+pub fn frames_identical(pool: &FramePool, a: Pfn, b: Pfn) -> bool {
+    match (pool.frame_hva(a), pool.frame_hva(b)) {
+        // SAFETY: both point at whole pages of the direct map, as above.
+        (Some(a), Some(b)) => unsafe { libc::memcmp(a.cast(), b.cast(), PAGE_SIZE as usize) == 0 },
+        _ => false,
+    }
+}
+
+/// Which frames hold memory (are not holes of the memfd), from one mincore
+/// over the whole direct map. A guest page whose frame is a hole has never
+/// been touched: it is what Linux sees as an address with no pte, which KSM
+/// skips; reading it through the mapping would allocate it.
+pub fn resident_frames(pool: &FramePool) -> std::io::Result<Vec<bool>> {
+    let frames = pool.nr_frames() as usize;
+    let base = pool.frame_hva(0).ok_or_else(|| std::io::Error::other("empty frame pool"))?;
+    let mut vec = vec![0u8; frames];
+    // SAFETY: [base, base + frames pages) is the direct map, one mapping;
+    // `vec` has one byte per page, as mincore requires.
+    let rc = unsafe { libc::mincore(base.cast(), frames * PAGE_SIZE as usize, vec.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(vec.into_iter().map(|b| b & 1 != 0).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compare_checksum_and_residency() {
+        let pool = FramePool::new(4 * PAGE_SIZE).expect("pool");
+        let mem = pool.direct_map();
+        mem.write_obj(7u64, GuestAddress(PAGE_SIZE)).expect("write");
+        mem.write_obj(7u64, GuestAddress(2 * PAGE_SIZE)).expect("write");
+        mem.write_obj(9u64, GuestAddress(3 * PAGE_SIZE)).expect("write");
+        let mut buf = [0u8; PAGE_SIZE as usize];
+        assert!(read_page(&pool, 1, &mut buf));
+        assert_eq!(cmp_with_frame(&pool, &buf, 2), Ordering::Equal);
+        assert_eq!(cmp_with_frame(&pool, &buf, 3), Ordering::Less);
+        assert!(frames_identical(&pool, 1, 2) && !frames_identical(&pool, 1, 3));
+        let mut other = buf;
+        other[0] = 9;
+        assert_ne!(checksum(&buf), checksum(&other));
+        assert_eq!(resident_frames(&pool).expect("mincore"), vec![false, true, true, true]);
+    }
+}
