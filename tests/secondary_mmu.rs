@@ -150,3 +150,24 @@ fn dedup_off_reports_the_same_checksums_with_no_faults() {
     let e = &s.total.exits;
     assert_eq!((e.ept_read, e.ept_write, e.ept_fetch, e.total), (0, 0, 0, guest_images::PAGEFILL_IO_EXITS));
 }
+
+#[test]
+fn uffd_view_change_pte_takes_no_read_fault_after_in_place_updates() {
+    if require_kvm() {
+        check_policy(DedupPolicy::ChangePte, ViewKind::Uffd);
+    }
+}
+
+#[test]
+fn uffd_view_range_flush_takes_one_read_fault_per_zapped_page() {
+    if require_kvm() {
+        check_policy(DedupPolicy::RangeFlush, ViewKind::Uffd);
+    }
+}
+
+#[test]
+fn uffd_view_legacy_takes_the_same_faults_and_misses_every_change_pte() {
+    if require_kvm() {
+        check_policy(DedupPolicy::Legacy, ViewKind::Uffd);
+    }
+}

@@ -48,6 +48,11 @@ pub const IMAGES: &[Image] = &[
         "fills RAM above 2 MiB with 16 groups of identical pages, dedups, \
          rewrites a word per page, dedups, reports 3 checksums: 15 io exits"
     ),
+    image!(
+        "stress",
+        "fills RAM above 2 MiB, dedups, starts ksmd, writes 100,000 pseudo-random words while it \
+         merges, reports a checksum: 9 io exits plus policy-dependent faults"
+    ),
 ];
 
 /// Looks up a built-in image by its exact name.
@@ -160,6 +165,35 @@ pub fn pagefill_expected_reports(mem_bytes: u64) -> Vec<u64> {
     [word0, word1, all].into_iter().flat_map(|sum| [sum & 0xFFFF_FFFF, sum >> 32]).collect()
 }
 
+/// First guest-physical address `stress` writes.
+pub const STRESS_START: u64 = 0x20_0000;
+/// Number of page contents `stress` starts from (page i is group i % 4).
+pub const STRESS_GROUPS: u64 = 4;
+/// Number of pseudo-random writes `stress` makes.
+pub const STRESS_ITERATIONS: u64 = 100_000;
+/// Io exits `stress` takes whatever the policy: 3 phase markers, 3 dedup
+/// requests, 2 reports, 1 exit.
+pub const STRESS_IO_EXITS: u64 = 9;
+
+/// The report list `stress` produces for `mem_bytes` of RAM: the wrapping
+/// sum of every word of every page after its writes, low 32 bits then high.
+pub fn stress_expected_reports(mem_bytes: u64) -> Vec<u64> {
+    let pages = (mem_bytes & !(PAGE_SIZE - 1)).saturating_sub(STRESS_START) / PAGE_SIZE;
+    let mut word0: Vec<u64> = (0..pages).map(|i| pagefill_pattern(i % STRESS_GROUPS, 0)).collect();
+    if pages > 0 {
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        for _ in 0..STRESS_ITERATIONS {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            word0[((x >> 33) % pages) as usize] = x >> 62;
+        }
+    }
+    let rest_of_page =
+        |g: u64| (1..PAGEFILL_WORDS_PER_PAGE).map(|w| pagefill_pattern(g, w)).fold(0u64, u64::wrapping_add);
+    let sum = (0..pages)
+        .fold(0u64, |acc, i| acc.wrapping_add(word0[i as usize]).wrapping_add(rest_of_page(i % STRESS_GROUPS)));
+    vec![sum & 0xFFFF_FFFF, sum >> 32]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,7 +294,7 @@ mod tests {
             assert_eq!(find(image.name), Some(image));
             assert!(!image.summary.is_empty());
         }
-        assert_eq!(IMAGES.len(), 8);
+        assert_eq!(IMAGES.len(), 9);
         assert!(find("pagefill").is_some());
         assert!(find("nope").is_none());
         assert!(find("").is_none());

@@ -74,6 +74,49 @@ struct RunArgs {
     /// Do not print the exit table (the console and --stats-json are unaffected).
     #[arg(long)]
     no_table: bool,
+    #[command(flatten)]
+    ksm: KsmArgs,
+}
+
+/// The deduplicator's knobs, with the names and defaults of /sys/kernel/mm/ksm.
+#[derive(Debug, clap::Args)]
+struct KsmArgs {
+    /// ksmd at launch: 0 stopped (the guest may start it through port 0x501), 1 running, 2 unmerge.
+    #[arg(long, default_value_t = 0, value_name = "0|1|2", help_heading = "Deduplicator (ksm)")]
+    ksm_run: u32,
+    /// Pages ksmd scans per batch.
+    #[arg(long, default_value_t = 100, value_name = "N", help_heading = "Deduplicator (ksm)")]
+    pages_to_scan: u32,
+    /// Sleep between ksmd batches.
+    #[arg(long, default_value_t = 20, value_name = "MS", help_heading = "Deduplicator (ksm)")]
+    sleep_millisecs: u32,
+    /// Most pages sharing one KSM page.
+    #[arg(long, default_value_t = 256, value_name = "N", help_heading = "Deduplicator (ksm)")]
+    max_page_sharing: u32,
+    /// Merge zero-filled pages with the zero page.
+    #[arg(long, default_value_t = 0, value_name = "0|1", help_heading = "Deduplicator (ksm)")]
+    use_zero_pages: u8,
+    /// Skip pages that keep failing to merge.
+    #[arg(long, default_value_t = 1, value_name = "0|1", help_heading = "Deduplicator (ksm)")]
+    smart_scan: u8,
+}
+
+impl KsmArgs {
+    fn knobs(&self) -> Result<ksm::KsmKnobs, String> {
+        let flag = |name: &str, v: u8| match v {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(format!("--{name} takes 0 or 1, not {v}")),
+        };
+        Ok(ksm::KsmKnobs {
+            run: self.ksm_run,
+            pages_to_scan: self.pages_to_scan,
+            sleep_millisecs: self.sleep_millisecs,
+            max_page_sharing: self.max_page_sharing,
+            use_zero_pages: flag("use-zero-pages", self.use_zero_pages)?,
+            smart_scan: flag("smart-scan", self.smart_scan)?,
+        })
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -106,9 +149,16 @@ fn parse_timeout(text: &str) -> Result<Duration, String> {
 pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
-        Err(e) => {
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(STATUS_BAD_INPUT) } else { ExitCode::SUCCESS };
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // clap's first line says what is wrong; the rest is a usage hint.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("bad arguments").trim_start_matches("error: ");
+            return fail(format!("{first} (see vmm --help)"));
         }
     };
     match cli.command {
@@ -131,6 +181,10 @@ fn run_command(kvm_device: PathBuf, args: RunArgs) -> ExitCode {
     if let Err(e) = check_mem_size(mem_bytes) {
         return fail(e);
     }
+    let ksm = match args.ksm.knobs() {
+        Ok(k) => k,
+        Err(e) => return fail(e),
+    };
     let timeout = match args.timeout.as_deref().map(parse_timeout).transpose() {
         Ok(t) => t,
         Err(e) => return fail(e),
@@ -160,7 +214,7 @@ fn run_command(kvm_device: PathBuf, args: RunArgs) -> ExitCode {
         console: Box::new(std::io::stdout()),
         kvm_device,
         host_hook: None,
-        ksm: Default::default(),
+        ksm,
         builtin_ksm: true,
     };
     let stats = match run(config) {

@@ -41,6 +41,7 @@ pub mod signals;
 pub mod size;
 pub mod stats;
 pub mod vcpu;
+pub mod vcpu_gate;
 pub mod view;
 pub mod vm;
 pub mod x86;

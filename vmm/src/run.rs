@@ -94,10 +94,15 @@ fn run_loop(
     dedup: &mut DedupControl,
     timeout: Option<std::time::Duration>,
 ) -> LoopResult {
-    let watchdog = Watchdog::start(timeout);
+    let faults = vm.view_faults.clone();
+    let watchdog = Watchdog::start(timeout, Box::new(move || faults.failed()));
+    vm.gate.register_vcpu_thread();
     let mut phases = PhaseTracker::start(&vm);
     let mut end = loop {
-        let outcome = match vm.vcpu.run() {
+        vm.gate.enter_run();
+        let result = vm.vcpu.run();
+        vm.gate.exit_run();
+        let outcome = match result {
             Ok(exit) => handle_exit(devices, phases.exits(), exit),
             Err(e) => handle_run_error(&e, phases.exits(), &watchdog),
         };
@@ -136,6 +141,11 @@ fn run_loop(
         }
     };
     drop(watchdog);
+    if let Some(thread) = vm.fault_thread.take() {
+        if let Some(e) = thread.stop() {
+            end = RunEnd::VmmError(format!("userfaultfd fault thread: {e}"));
+        }
+    }
     if let Err(e) = dedup.shutdown() {
         if matches!(end, RunEnd::GuestExit(_) | RunEnd::Hlt) {
             end = RunEnd::VmmError(e);

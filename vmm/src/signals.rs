@@ -24,6 +24,8 @@ pub enum StopRequest {
     Timeout,
     /// SIGINT or SIGTERM.
     Interrupted,
+    /// A VMM thread serving the guest failed (the vCPU may be blocked on it).
+    VmmFailure,
 }
 
 /// The signal used to kick the vCPU thread out of KVM_RUN.
@@ -60,11 +62,13 @@ pub struct Watchdog {
 const NONE: u8 = 0;
 const TIMEOUT: u8 = 1;
 const INTERRUPT: u8 = 2;
+const FAILURE: u8 = 3;
 const KICK_PERIOD: Duration = Duration::from_millis(5);
 
 impl Watchdog {
-    /// Starts watching the calling thread (the vCPU thread).
-    pub fn start(timeout: Option<Duration>) -> Self {
+    /// Starts watching the calling thread (the vCPU thread). `failed` tells
+    /// whether a VMM thread serving the guest has failed.
+    pub fn start(timeout: Option<Duration>, failed: Box<dyn Fn() -> bool + Send>) -> Self {
         let stop = Arc::new(AtomicU8::new(NONE));
         let done = Arc::new(AtomicBool::new(false));
         // SAFETY: pthread_self has no preconditions.
@@ -78,6 +82,8 @@ impl Watchdog {
                     if stop2.load(Ordering::SeqCst) == NONE {
                         if INTERRUPTED.load(Ordering::SeqCst) {
                             stop2.store(INTERRUPT, Ordering::SeqCst);
+                        } else if failed() {
+                            stop2.store(FAILURE, Ordering::SeqCst);
                         } else if deadline.is_some_and(|d| Instant::now() >= d) {
                             stop2.store(TIMEOUT, Ordering::SeqCst);
                         }
@@ -100,6 +106,7 @@ impl Watchdog {
         match self.stop.load(Ordering::SeqCst) {
             TIMEOUT => StopRequest::Timeout,
             INTERRUPT => StopRequest::Interrupted,
+            FAILURE => StopRequest::VmmFailure,
             _ => StopRequest::None,
         }
     }

@@ -104,16 +104,24 @@ impl GuestMemory {
 
     /// A guest write the VMM completes (KVM retired it without writing):
     /// fault every page it touches in for write (breaking copy-on-write),
-    /// then store the bytes in the frames now mapped.
+    /// then store the bytes in the frames now mapped. The store happens
+    /// under the primary MMU's lock with every pte writable; if ksmd
+    /// write-protected a page again in between, the faults are redone.
     fn complete_write(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
         let last = gpa + data.len().max(1) as u64 - 1;
-        for page in (gpa >> PAGE_SHIFT)..=(last >> PAGE_SHIFT) {
-            let at = (page << PAGE_SHIFT).max(gpa);
-            if self.is_guest_ram(at) {
+        let pages: Vec<u64> = ((gpa >> PAGE_SHIFT)..=(last >> PAGE_SHIFT))
+            .map(|p| (p << PAGE_SHIFT).max(gpa))
+            .filter(|&at| self.is_guest_ram(at))
+            .collect();
+        loop {
+            for &at in &pages {
                 self.fault(at, Access::Write)?;
             }
+            let mut host = lock(&self.host);
+            if pages.iter().all(|&at| host.pte(at >> PAGE_SHIFT).is_ok_and(|p| p.writable)) {
+                return host.write_guest(gpa, data).map_err(|e| e.to_string());
+            }
         }
-        lock(&self.host).write_guest(gpa, data).map_err(|e| e.to_string())
     }
 }
 
@@ -244,6 +252,9 @@ pub fn handle_run_error(err: &kvm_ioctls::Error, exits: &mut ExitCounts, watchdo
             match watchdog.stop_request() {
                 StopRequest::Timeout => Outcome::End(RunEnd::Timeout),
                 StopRequest::Interrupted => Outcome::End(RunEnd::Interrupted),
+                StopRequest::VmmFailure => {
+                    Outcome::End(RunEnd::VmmError("a VMM thread serving the guest failed".into()))
+                }
                 StopRequest::None => Outcome::Continue,
             }
         }

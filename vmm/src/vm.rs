@@ -10,15 +10,19 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm, VcpuFd};
-use shadow_mmu::{FramePool, FramePoolError, HostMm, Policy, SecondaryMmu, PAGE_SHIFT, PAGE_SIZE};
+use shadow_mmu::{
+    handle_ept_violation, FramePool, FramePoolError, HostMm, Policy, SecondaryMmu, PAGE_SHIFT, PAGE_SIZE,
+};
 use vm_memory::{Bytes, GuestAddress};
 
 use ksm::{Ksm, KsmError, KsmKnobs};
 
 use crate::image::{GuestImage, ImageError};
 use crate::kvm_stats::{KvmStats, KvmStatsError};
+use crate::vcpu_gate::VcpuGate;
 use crate::view::memslot::{set_memslot, MemslotView, BOOT_SLOT};
-use crate::view::{AnyView, ViewError, ViewKind};
+use crate::view::uffd::{UffdFaultThread, UffdView};
+use crate::view::{AnyView, ViewError, ViewFaults, ViewKind};
 use crate::x86::layout::{GDT_ADDR, GUEST_BASE, MAX_RAM, MIN_RAM, TSS_ADDR};
 use crate::x86::{cpu, page_tables};
 
@@ -201,6 +205,12 @@ pub struct Vm {
     pub(crate) mmu: Arc<Mutex<KvmMmu>>,
     /// The deduplicator, unless deduplication is off.
     pub(crate) ksm: Option<Arc<Mutex<Ksm>>>,
+    /// Keeps the vCPU out of KVM_RUN while other threads change memslots.
+    pub(crate) gate: Arc<VcpuGate>,
+    /// Faults served off the vCPU thread (userfaultfd view).
+    pub(crate) view_faults: Arc<ViewFaults>,
+    /// The userfaultfd view's fault thread.
+    pub(crate) fault_thread: Option<UffdFaultThread>,
     pub(crate) mem_bytes: u64,
 }
 
@@ -263,10 +273,21 @@ impl Vm {
         set_memslot(&vm_fd, &pool, BOOT_SLOT, 0, GUEST_BASE, 0, false)?;
         let (first_gfn, end_gfn) = (GUEST_BASE >> PAGE_SHIFT, config.mem_bytes >> PAGE_SHIFT);
         let slot_limit = u32::try_from(kvm.get_nr_memslots()).unwrap_or(u32::MAX);
+        let gate = Arc::new(VcpuGate::new());
         let view = match config.view {
-            ViewKind::Memslot => {
-                AnyView::Memslot(MemslotView::new(vm_fd.clone(), pool.clone(), first_gfn, end_gfn, slot_limit)?)
-            }
+            ViewKind::Memslot => AnyView::Memslot(MemslotView::new(
+                vm_fd.clone(),
+                gate.clone(),
+                pool.clone(),
+                first_gfn,
+                end_gfn,
+                slot_limit,
+            )?),
+            ViewKind::Uffd => AnyView::Uffd(UffdView::new(vm_fd.clone(), pool.clone(), 1, first_gfn, end_gfn)?),
+        };
+        let fault_source = match &view {
+            AnyView::Uffd(v) => Some(v.fault_source()?),
+            _ => None,
         };
         let mut host = HostMm::new(pool.clone(), first_gfn, end_gfn);
         let mmu = Arc::new(Mutex::new(SecondaryMmu::new_prefaulted(config.dedup.mmu_policy(), view, &host)));
@@ -296,7 +317,37 @@ impl Vm {
 
         let vm_stats = KvmStats::open(&*vm_fd)?;
         let vcpu_stats = KvmStats::open(&vcpu)?;
-        Ok(Self { vcpu, vm_stats, vcpu_stats, host: Arc::new(Mutex::new(host)), mmu, ksm, mem_bytes: config.mem_bytes })
+        let host = Arc::new(Mutex::new(host));
+        let view_faults = Arc::new(ViewFaults::default());
+        let fault_thread = match fault_source {
+            None => None,
+            Some(source) => {
+                let (h, m, counts) = (host.clone(), mmu.clone(), view_faults.clone());
+                let failed = view_faults.clone();
+                Some(UffdFaultThread::spawn(
+                    source,
+                    Box::new(move |gfn, access| {
+                        counts.record(access);
+                        handle_ept_violation(&h, &m, gfn, access).map(|_| ()).map_err(|e| e.to_string())
+                    }),
+                    // The watchdog sees the flag and kicks the vCPU until the
+                    // run loop has noticed (it is blocked on the fault).
+                    Box::new(move || failed.set_failed()),
+                )?)
+            }
+        };
+        Ok(Self {
+            vcpu,
+            vm_stats,
+            vcpu_stats,
+            host,
+            mmu,
+            ksm,
+            gate,
+            view_faults,
+            fault_thread,
+            mem_bytes: config.mem_bytes,
+        })
     }
 
     /// Reads guest-physical memory (RAM only) as the guest sees it now.

@@ -20,6 +20,7 @@ use kvm_ioctls::VmFd;
 use shadow_mmu::{EptView, FramePool, Gfn, Pfn, PAGE_SHIFT};
 
 use super::ViewError;
+use crate::vcpu_gate::VcpuGate;
 
 /// KVM memslot id of the VMM's low megabyte, outside any view.
 pub const BOOT_SLOT: u32 = 0;
@@ -75,6 +76,7 @@ impl Run {
 #[derive(Debug)]
 pub struct MemslotView {
     vm: Arc<VmFd>,
+    gate: Arc<VcpuGate>,
     pool: Arc<FramePool>,
     first_gfn: Gfn,
     end_gfn: Gfn,
@@ -93,6 +95,7 @@ impl MemslotView {
     /// writable, in one slot. `slot_limit` is KVM's memslot count.
     pub fn new(
         vm: Arc<VmFd>,
+        gate: Arc<VcpuGate>,
         pool: Arc<FramePool>,
         first_gfn: Gfn,
         end_gfn: Gfn,
@@ -100,6 +103,7 @@ impl MemslotView {
     ) -> Result<Self, ViewError> {
         let mut view = Self {
             vm,
+            gate,
             pool,
             first_gfn,
             end_gfn,
@@ -184,7 +188,10 @@ impl EptView for MemslotView {
 
     fn zap(&mut self, start: Gfn, end: Gfn) -> Result<(), ViewError> {
         self.check_range(start, end)?;
-        self.carve(start, end)
+        self.gate.pause();
+        let result = self.carve(start, end);
+        self.gate.resume();
+        result
     }
 
     fn map(&mut self, gfn: Gfn, pfn: Pfn, writable: bool) -> Result<(), ViewError> {
@@ -192,8 +199,28 @@ impl EptView for MemslotView {
         if self.lookup(gfn) == Some((pfn, writable)) {
             return Ok(());
         }
+        self.gate.pause();
+        let result = self.remap(gfn, pfn, writable);
+        self.gate.resume();
+        result
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("view_slots", self.slots()),
+            ("view_slots_max", self.max_slots),
+            ("view_slot_creates", self.slot_creates),
+            ("view_slot_deletes", self.slot_deletes),
+            ("view_vcpu_kicks", self.gate.kicks()),
+        ]
+    }
+}
+
+impl MemslotView {
+    /// Replaces `gfn`'s mapping, merging with neighbours that continue the
+    /// same frames with the same access. The vCPU is out of KVM_RUN.
+    fn remap(&mut self, gfn: Gfn, pfn: Pfn, writable: bool) -> Result<(), ViewError> {
         self.carve(gfn, gfn + 1)?;
-        // Merge with neighbours that continue the same frames with the same access.
         let (mut start, mut pages, mut first_pfn) = (gfn, 1, pfn);
         if let Some((&s, &r)) = self.runs.range(..gfn).next_back() {
             if s + r.pages == gfn && r.pfn + r.pages == pfn && r.writable == writable {
@@ -208,14 +235,5 @@ impl EptView for MemslotView {
             }
         }
         self.create(start, pages, first_pfn, writable)
-    }
-
-    fn counters(&self) -> Vec<(&'static str, u64)> {
-        vec![
-            ("view_slots", self.slots()),
-            ("view_slots_max", self.max_slots),
-            ("view_slot_creates", self.slot_creates),
-            ("view_slot_deletes", self.slot_deletes),
-        ]
     }
 }

@@ -12,6 +12,9 @@
 //! ([`memslot::BOOT_SLOT`]) the VMM installs itself.
 
 pub mod memslot;
+pub mod uffd;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use shadow_mmu::{EptView, Gfn, Pfn};
 
@@ -69,6 +72,9 @@ pub enum ViewError {
 pub enum ViewKind {
     /// Memslots: holes and read-only slots; faults are KVM_EXIT_MMIO exits.
     Memslot,
+    /// userfaultfd: one memslot over remappable pages; faults are served on a
+    /// VMM thread while the vCPU waits in KVM_RUN (no exit).
+    Uffd,
 }
 
 impl ViewKind {
@@ -76,7 +82,40 @@ impl ViewKind {
     pub fn name(self) -> &'static str {
         match self {
             ViewKind::Memslot => "memslot",
+            ViewKind::Uffd => "uffd",
         }
+    }
+}
+
+/// Secondary-MMU faults a view served off the vCPU thread (the userfaultfd
+/// view): counted here, added to the exits of the phase they happened in.
+#[derive(Debug, Default)]
+pub struct ViewFaults {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    failed: AtomicBool,
+}
+
+impl ViewFaults {
+    /// Counts one fault.
+    pub fn record(&self, access: shadow_mmu::Access) {
+        let counter = if access == shadow_mmu::Access::Write { &self.writes } else { &self.reads };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (reads, writes) so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.reads.load(Ordering::Relaxed), self.writes.load(Ordering::Relaxed))
+    }
+
+    /// Marks the fault thread as failed: the run must end.
+    pub fn set_failed(&self) {
+        self.failed.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the fault thread failed.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
     }
 }
 
@@ -85,6 +124,8 @@ impl ViewKind {
 pub enum AnyView {
     /// KVM memslots.
     Memslot(memslot::MemslotView),
+    /// userfaultfd.
+    Uffd(uffd::UffdView),
     /// Unit tests only: remembers the table instead of telling KVM.
     #[cfg(test)]
     Recording(shadow_mmu::RecordingView),
@@ -96,6 +137,7 @@ impl EptView for AnyView {
     fn zap(&mut self, start: Gfn, end: Gfn) -> Result<(), ViewError> {
         match self {
             AnyView::Memslot(v) => v.zap(start, end),
+            AnyView::Uffd(v) => v.zap(start, end),
             #[cfg(test)]
             AnyView::Recording(v) => v.zap(start, end).map_err(|never| match never {}),
         }
@@ -104,6 +146,7 @@ impl EptView for AnyView {
     fn map(&mut self, gfn: Gfn, pfn: Pfn, writable: bool) -> Result<(), ViewError> {
         match self {
             AnyView::Memslot(v) => v.map(gfn, pfn, writable),
+            AnyView::Uffd(v) => v.map(gfn, pfn, writable),
             #[cfg(test)]
             AnyView::Recording(v) => v.map(gfn, pfn, writable).map_err(|never| match never {}),
         }
@@ -112,6 +155,7 @@ impl EptView for AnyView {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         match self {
             AnyView::Memslot(v) => v.counters(),
+            AnyView::Uffd(v) => v.counters(),
             #[cfg(test)]
             AnyView::Recording(v) => v.counters(),
         }

@@ -1,0 +1,115 @@
+# stress: writes pseudo-random pages without pause while ksmd merges them,
+# then reports a checksum of all of them. The writes are deterministic (a
+# fixed LCG, a fixed count), so the checksum is the same under every
+# deduplication policy, and equal to guest_images::stress_expected_reports.
+#
+# Region: [2 MiB, RDI rounded down to a page), N pages. Page i starts as
+# group g = i % 4 of pagefill's pattern (pattern(g, w)). Then:
+#
+#   phase 1: fill the pages
+#            dedup 1 (a synchronous pass: the groups start merged)
+#            dedup 2 (start the background scanner)
+#   phase 2: STRESS_ITERATIONS times: x = x * 6364136223846793005 +
+#            1442695040888963407; page = (x >> 33) % N; store x >> 62
+#            (0..3) into word 0 of that page; spin STRESS_DELAY loop
+#            iterations (so that ksmd runs while the guest writes)
+#            dedup 3 (stop the background scanner)
+#   phase 3: sum every word of every page; report it (low 32, high 32); exit 0
+#
+# Pages stay in at most 16 content classes (4 groups x 4 word-0 values),
+# so ksmd keeps merging pages that the guest keeps writing: every write to a
+# merged page is a copy-on-write fault. Exits: 3 phase + 3 dedup + 2 report
+# + 1 exit = 9 io, plus whatever the policy causes (not deterministic: it
+# depends on ksmd's timing).
+        .include "abi.inc"
+
+        .set    STRESS_START,      0x200000
+        .set    STRESS_GROUPS,     4            # a power of two
+        .set    STRESS_ITERATIONS, 100000
+        .set    STRESS_DELAY,      1024
+        .set    WORDS_PER_PAGE,    PAGE_SIZE / 8
+
+        .text
+        .globl  _start
+_start:
+        mov     r15, STRESS_START
+        mov     r14, rdi
+        and     r14, -PAGE_SIZE
+        cmp     r14, r15
+        cmovb   r14, r15                # RAM below 2 MiB: empty region
+        mov     r13, r14
+        sub     r13, r15
+        shr     r13, 12                 # r13 = N
+        movabs  r12, 0x9E3779B97F4A7C15
+
+# ---- phase 1: page i, word w = ((i % 4) + 1) * C ^ (w * P)
+        phase   1
+        mov     rbx, r15
+        xor     ecx, ecx
+.Lfill_page:
+        cmp     rbx, r14
+        jae     .Lfill_done
+        mov     r8, rcx
+        and     r8, STRESS_GROUPS - 1
+        inc     r8
+        imul    r8, r12
+        xor     r9d, r9d                # w * P
+        movabs  r11, 0x100000001B3
+        xor     edi, edi
+.Lfill_word:
+        mov     r10, r8
+        xor     r10, r9
+        mov     [rbx + rdi * 8], r10
+        add     r9, r11
+        inc     edi
+        cmp     edi, WORDS_PER_PAGE
+        jb      .Lfill_word
+        add     rbx, PAGE_SIZE
+        inc     rcx
+        jmp     .Lfill_page
+.Lfill_done:
+        dedup   DEDUP_PASS
+        dedup   DEDUP_START
+
+# ---- phase 2: pseudo-random writes, with ksmd running
+        phase   2
+        test    r13, r13
+        jz      .Lwrites_done
+        movabs  rbx, 0x2545F4914F6CDD1D # x
+        mov     ecx, STRESS_ITERATIONS
+.Lwrite:
+        movabs  rax, 6364136223846793005
+        imul    rbx, rax
+        movabs  rax, 1442695040888963407
+        add     rbx, rax
+        mov     rax, rbx
+        shr     rax, 33
+        xor     edx, edx
+        div     r13                     # rdx = page index
+        mov     r8, rbx
+        shr     r8, 62                  # value 0..3
+        shl     rdx, 12
+        add     rdx, r15
+        mov     [rdx], r8
+        mov     r9d, STRESS_DELAY
+.Ldelay:
+        dec     r9d
+        jnz     .Ldelay
+        dec     ecx
+        jnz     .Lwrite
+.Lwrites_done:
+        dedup   DEDUP_STOP
+
+# ---- phase 3: checksum of every word
+        phase   3
+        xor     ebp, ebp
+        mov     rbx, r15
+.Lsum:
+        cmp     rbx, r14
+        jae     .Lsum_done
+        add     rbp, [rbx]
+        add     rbx, 8
+        jmp     .Lsum
+.Lsum_done:
+        report64 rbp
+        exit    0

@@ -1,0 +1,153 @@
+//! Keeping the vCPU out of KVM_RUN while another thread changes memslots.
+//!
+//! KVM cannot split or merge memslots atomically: a change deletes slots and
+//! creates their replacements, and a vCPU running in between can find RAM
+//! missing (an instruction fetch there fails to emulate; under PVM even the
+//! emulation of a port I/O instruction fails, and the guest triple-faults).
+//! QEMU meets the same problem with its memory transactions and blocks
+//! vCPU ioctls around them; so does this gate. Changes made on the vCPU
+//! thread itself need nothing: the vCPU is not in KVM_RUN then.
+
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+#[derive(Debug, Default)]
+struct State {
+    /// The vCPU thread is inside (or about to enter) KVM_RUN.
+    in_run: bool,
+    /// Nested pauses in progress.
+    paused: u32,
+    /// Pauses that had to kick the vCPU out of KVM_RUN.
+    kicks: u64,
+}
+
+/// The gate between the vCPU thread and memslot changes from other threads.
+#[derive(Debug)]
+pub struct VcpuGate {
+    state: Mutex<State>,
+    changed: Condvar,
+    vcpu_thread: Mutex<Option<libc::pthread_t>>,
+}
+
+impl Default for VcpuGate {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl VcpuGate {
+    /// A gate with no vCPU thread registered yet.
+    pub fn new() -> Self {
+        Self { state: Mutex::new(State::default()), changed: Condvar::new(), vcpu_thread: Mutex::new(None) }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn vcpu_thread(&self) -> Option<libc::pthread_t> {
+        *self.vcpu_thread.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers the calling thread as the vCPU thread.
+    pub fn register_vcpu_thread(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        *self.vcpu_thread.lock().unwrap_or_else(PoisonError::into_inner) = Some(me);
+    }
+
+    fn on_vcpu_thread(&self) -> bool {
+        // SAFETY: pthread_self and pthread_equal have no preconditions.
+        self.vcpu_thread().is_some_and(|t| unsafe { libc::pthread_equal(t, libc::pthread_self()) } != 0)
+    }
+
+    /// The vCPU thread, before KVM_RUN: waits while a pause is in progress.
+    pub fn enter_run(&self) {
+        let mut s = self.state();
+        while s.paused > 0 {
+            s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
+        }
+        s.in_run = true;
+    }
+
+    /// The vCPU thread, after KVM_RUN returned.
+    pub fn exit_run(&self) {
+        self.state().in_run = false;
+        self.changed.notify_all();
+    }
+
+    /// Another thread, before changing memslots: returns once the vCPU is
+    /// out of KVM_RUN and will stay out until [`VcpuGate::resume`]. A no-op
+    /// on the vCPU thread.
+    pub fn pause(&self) {
+        if self.on_vcpu_thread() {
+            return;
+        }
+        let mut s = self.state();
+        s.paused += 1;
+        let mut kicked = false;
+        while s.in_run {
+            if let Some(t) = self.vcpu_thread() {
+                // SAFETY: the vCPU thread lives as long as the VM that owns
+                // this gate; the kick signal has a no-op handler, so the
+                // only effect is that KVM_RUN returns EINTR.
+                unsafe { libc::pthread_kill(t, crate::signals::kick_signal()) };
+                kicked = true;
+            }
+            s = self.changed.wait_timeout(s, Duration::from_millis(1)).unwrap_or_else(PoisonError::into_inner).0;
+        }
+        if kicked {
+            s.kicks += 1;
+        }
+    }
+
+    /// Ends a pause begun by [`VcpuGate::pause`].
+    pub fn resume(&self) {
+        if self.on_vcpu_thread() {
+            return;
+        }
+        let mut s = self.state();
+        s.paused = s.paused.saturating_sub(1);
+        drop(s);
+        self.changed.notify_all();
+    }
+
+    /// Pauses that had to kick the vCPU out of KVM_RUN.
+    pub fn kicks(&self) -> u64 {
+        self.state().kicks
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn a_pause_waits_for_the_vcpu_to_leave_and_holds_it_out() {
+        crate::signals::install(false).expect("kick handler");
+        let gate = Arc::new(VcpuGate::new());
+        let g = gate.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let vcpu = std::thread::spawn(move || {
+            g.register_vcpu_thread();
+            g.enter_run();
+            tx.send(()).expect("send");
+            // "KVM_RUN": a sleep the kick signal interrupts early or not.
+            std::thread::sleep(Duration::from_millis(20));
+            g.exit_run();
+            g.enter_run(); // must block while paused
+            let entered_at = std::time::Instant::now();
+            g.exit_run();
+            entered_at
+        });
+        rx.recv().expect("vcpu in run");
+        gate.pause();
+        let paused_at = std::time::Instant::now();
+        std::thread::sleep(Duration::from_millis(30));
+        gate.resume();
+        let entered_at = vcpu.join().expect("vcpu thread");
+        assert!(entered_at >= paused_at + Duration::from_millis(30), "the vCPU re-entered during the pause");
+        assert_eq!(gate.kicks(), 1);
+    }
+}

@@ -1,0 +1,1365 @@
+//! The userfaultfd view: one KVM memslot over a window W of host virtual
+//! memory whose pages are mapped, one by one, to frames of the frame pool,
+//! and a userfaultfd that turns the guest's accesses to pages the secondary
+//! table does not allow into events served by a thread of the VMM.
+//!
+//! Guest page `gfn` lives at `W + (gfn - first_gfn) * 4096`, a `MAP_SHARED`
+//! mapping of the pool's memfd at the offset of the frame it reaches now.
+//! At the start W is one mapping of the frames `[first_gfn, end_gfn)`
+//! (identity), pre-populated and registered with
+//! `UFFDIO_REGISTER_MODE_MISSING | MINOR | WP`:
+//!
+//! * `zap` is `MADV_DONTNEED` on W: the memfd keeps the data, the ptes go,
+//!   and the next access raises a MINOR fault (MISSING when the frame has
+//!   been punched meanwhile: see below). The vCPU waits inside KVM_RUN
+//!   until the fault is resolved.
+//! * `map` of the frame W's page already maps is `UFFDIO_CONTINUE` (with
+//!   `UFFDIO_CONTINUE_MODE_WP` when read-only: a plain CONTINUE silently
+//!   drops write protection) if the page was zapped, else
+//!   `UFFDIO_WRITEPROTECT` to set or clear the protection. Both wake the
+//!   vCPU blocked on the page (setting write protection does not, nor is it
+//!   needed).
+//! * `map` of another frame replaces W's page with
+//!   `mmap(MAP_FIXED | MAP_SHARED, memfd, pfn * 4096)`, registers the fresh
+//!   (unregistered) mapping again, and CONTINUEs it so it is present at
+//!   once. Neighbouring pages whose offsets are contiguous again merge back
+//!   into one VMA; the others count against `vm.max_map_count`.
+//! * A read-only remap is created `PROT_READ` and made `PROT_READ |
+//!   PROT_WRITE` only once it is registered and write-protected by
+//!   userfaultfd: until it is registered the fresh mapping is invisible to
+//!   userfaultfd, and a vCPU touching it in that window must not get a
+//!   writable pte to a frame that may be shared (a write then fails KVM_RUN
+//!   with EFAULT instead of silently changing a KSM page).
+//!
+//! MISSING is registered as well as MINOR: MINOR fires only when the memfd
+//! page exists, so without MISSING a zapped page whose frame was then
+//! returned to the host (hole punched) would be silently refilled with a
+//! fresh zero page on the guest's next touch, with no event at all.
+//!
+//! Invariant: nobody but KVM (a vCPU) touches W. The VMM, the loader and the
+//! deduplicator read and write frames through the pool's direct map, which
+//! is not registered, so no VMM thread can block on its own userfaultfd (in
+//! particular not the fault thread, which would deadlock).
+//!
+//! The fault thread ([`UffdFaultThread`]) reads the events and calls the
+//! VMM's EPT-violation handler, which updates the secondary MMU, which calls
+//! [`UffdView::map`] on the same view: the resolving CONTINUE or
+//! unprotection wakes the faulting vCPU. If the handler resolved nothing
+//! (the entry was already right), the thread wakes the vCPU itself with
+//! `UFFDIO_WAKE` and the vCPU retries its access.
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use shadow_mmu::{Access, EptView, FramePool, Gfn, Pfn, PAGE_SHIFT, PAGE_SIZE};
+
+use super::ViewError;
+
+// ---------------------------------------------------------------------------
+// The userfaultfd ABI. The libc crate defines none of it and the installed
+// /usr/include/linux/userfaultfd.h lacks the newer bits, so everything is
+// written out here from include/uapi/linux/userfaultfd.h (Linux 6.18).
+// ---------------------------------------------------------------------------
+
+/// `UFFD_API`.
+const UFFD_API: u64 = 0xAA;
+/// The ioctl type of userfaultfd (`UFFDIO`, also `USERFAULTFD_IOC`).
+const UFFDIO: u64 = 0xAA;
+
+/// `_IOC(dir, UFFDIO, nr, size)` of include/uapi/asm-generic/ioctl.h.
+const fn uffd_ioc(dir: u64, nr: u64, size: usize) -> u64 {
+    (dir << 30) | ((size as u64) << 16) | (UFFDIO << 8) | nr
+}
+const IOC_NONE: u64 = 0;
+const IOC_WRITE: u64 = 1;
+const IOC_READ: u64 = 2;
+
+/// `USERFAULTFD_IOC_NEW`: `_IO(USERFAULTFD_IOC, 0x00)` on /dev/userfaultfd.
+const USERFAULTFD_IOC_NEW: u64 = uffd_ioc(IOC_NONE, 0x00, 0);
+/// `UFFDIO_API`: `_IOWR(UFFDIO, 0x3F, struct uffdio_api)`.
+const UFFDIO_API: u64 = uffd_ioc(IOC_READ | IOC_WRITE, 0x3F, size_of::<UffdioApi>());
+/// `UFFDIO_REGISTER`: `_IOWR(UFFDIO, 0x00, struct uffdio_register)`.
+const UFFDIO_REGISTER: u64 = uffd_ioc(IOC_READ | IOC_WRITE, 0x00, size_of::<UffdioRegister>());
+/// `UFFDIO_UNREGISTER`: `_IOR(UFFDIO, 0x01, struct uffdio_range)`.
+const UFFDIO_UNREGISTER: u64 = uffd_ioc(IOC_READ, 0x01, size_of::<UffdioRange>());
+/// `UFFDIO_WAKE`: `_IOR(UFFDIO, 0x02, struct uffdio_range)`.
+const UFFDIO_WAKE: u64 = uffd_ioc(IOC_READ, 0x02, size_of::<UffdioRange>());
+/// `UFFDIO_WRITEPROTECT`: `_IOWR(UFFDIO, 0x06, struct uffdio_writeprotect)`.
+const UFFDIO_WRITEPROTECT: u64 = uffd_ioc(IOC_READ | IOC_WRITE, 0x06, size_of::<UffdioWriteprotect>());
+/// `UFFDIO_CONTINUE`: `_IOWR(UFFDIO, 0x07, struct uffdio_continue)`.
+const UFFDIO_CONTINUE: u64 = uffd_ioc(IOC_READ | IOC_WRITE, 0x07, size_of::<UffdioContinue>());
+
+/// Bits of `uffdio_register.ioctls`: `1 << _UFFDIO_WRITEPROTECT`, `1 << _UFFDIO_CONTINUE`.
+const UFFD_RANGE_IOCTLS_NEEDED: u64 = (1 << 0x06) | (1 << 0x07);
+
+/// `UFFD_FEATURE_MISSING_SHMEM`: MISSING faults on shmem (a probe bit only).
+const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+/// `UFFD_FEATURE_MINOR_SHMEM`: MINOR faults on shmem.
+const UFFD_FEATURE_MINOR_SHMEM: u64 = 1 << 10;
+/// `UFFD_FEATURE_WP_HUGETLBFS_SHMEM`: write protection on shmem.
+const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+/// `UFFD_FEATURE_WP_UNPOPULATED` (Linux 6.4; not in the installed headers):
+/// UFFDIO_WRITEPROTECT also protects ptes that are not populated yet.
+const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+/// Features the view cannot work without.
+const FEATURES_REQUIRED: u64 = UFFD_FEATURE_MINOR_SHMEM | UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+/// Features requested when the kernel offers them.
+const FEATURES_OPTIONAL: u64 = UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_WP_UNPOPULATED;
+
+/// `UFFDIO_REGISTER_MODE_MISSING`.
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
+/// `UFFDIO_REGISTER_MODE_WP`.
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+/// `UFFDIO_REGISTER_MODE_MINOR`.
+const UFFDIO_REGISTER_MODE_MINOR: u64 = 1 << 2;
+/// How every page of W is registered.
+const REGISTER_MODE: u64 = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR | UFFDIO_REGISTER_MODE_WP;
+
+/// `UFFDIO_WRITEPROTECT_MODE_WP`: protect (without it: unprotect and wake).
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+/// `UFFDIO_CONTINUE_MODE_DONTWAKE`.
+const UFFDIO_CONTINUE_MODE_DONTWAKE: u64 = 1 << 0;
+/// `UFFDIO_CONTINUE_MODE_WP` (not in the installed headers): install the pte
+/// write-protected.
+const UFFDIO_CONTINUE_MODE_WP: u64 = 1 << 1;
+
+/// `UFFD_EVENT_PAGEFAULT`.
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+/// `UFFD_PAGEFAULT_FLAG_WRITE`.
+const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
+/// `UFFD_PAGEFAULT_FLAG_WP`.
+const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
+/// `sizeof(struct uffd_msg)` (packed): event u8, 7 reserved bytes, then the
+/// `pagefault` arm of the union: flags u64 at 8, address u64 at 16, ptid u32
+/// at 24, padding to 32.
+const UFFD_MSG_SIZE: usize = 32;
+
+/// `struct uffdio_api`.
+#[repr(C)]
+#[derive(Debug, Default)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+/// `struct uffdio_range`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+/// `struct uffdio_register`.
+#[repr(C)]
+#[derive(Debug, Default)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+/// `struct uffdio_writeprotect`.
+#[repr(C)]
+#[derive(Debug, Default)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
+}
+
+/// `struct uffdio_continue`.
+#[repr(C)]
+#[derive(Debug, Default)]
+struct UffdioContinue {
+    range: UffdioRange,
+    mode: u64,
+    mapped: i64,
+}
+
+/// Issues a userfaultfd ioctl whose argument is a `#[repr(C)]` structure of
+/// the ABI above (`T` must be one of them and `req` its request number).
+fn uffd_ioctl<T>(fd: RawFd, req: u64, arg: &mut T) -> io::Result<()> {
+    // SAFETY: `arg` is a live, exclusively borrowed structure of exactly the
+    // size the request number encodes; the kernel reads and writes only
+    // inside it. A bad fd or request is reported as an error, not UB.
+    let rc = unsafe { libc::ioctl(fd, req as libc::Ioctl, arg as *mut T) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn uffd_err(op: &'static str) -> impl FnOnce(io::Error) -> ViewError {
+    move |source| ViewError::Uffd { op, source }
+}
+
+/// Opens a userfaultfd, non-blocking and close-on-exec, able to catch
+/// kernel-mode faults: KVM faults guest memory in with get_user_pages from
+/// the vCPU thread, so `UFFD_USER_MODE_ONLY` must not be used. Without
+/// CAP_SYS_PTRACE and with vm.unprivileged_userfaultfd = 0 the system call
+/// refuses that (EPERM); /dev/userfaultfd, where its permissions allow,
+/// hands out the same kind of descriptor.
+fn open_userfaultfd() -> Result<OwnedFd, ViewError> {
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    // SAFETY: userfaultfd(2) takes one integer argument and returns a new fd
+    // or -1; no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+    if fd >= 0 {
+        let fd = RawFd::try_from(fd).map_err(|_| ViewError::Uffd {
+            op: "userfaultfd()",
+            source: io::Error::other("the kernel returned an fd out of range"),
+        })?;
+        // SAFETY: `fd` was just returned by the kernel and nobody else owns it.
+        return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    let err = io::Error::last_os_error();
+    if !matches!(err.raw_os_error(), Some(libc::EPERM) | Some(libc::ENOSYS)) {
+        return Err(ViewError::Uffd { op: "userfaultfd()", source: err });
+    }
+    let dev = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/userfaultfd")
+        .map_err(uffd_err("open /dev/userfaultfd (the userfaultfd() system call was refused)"))?;
+    // SAFETY: USERFAULTFD_IOC_NEW takes the new fd's flags as an integer
+    // argument and returns a new fd or -1; no memory is passed.
+    let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as libc::Ioctl, flags) };
+    if fd < 0 {
+        return Err(ViewError::Uffd { op: "USERFAULTFD_IOC_NEW", source: io::Error::last_os_error() });
+    }
+    // SAFETY: `fd` was just returned by the kernel and nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens a userfaultfd and enables the features the view needs.
+///
+/// UFFDIO_API can be issued once per descriptor and fails as a whole if one
+/// requested feature is missing, so a first descriptor only asks what the
+/// kernel offers.
+fn open_view_userfaultfd() -> Result<OwnedFd, ViewError> {
+    let probe = open_userfaultfd()?;
+    let mut api = UffdioApi { api: UFFD_API, ..Default::default() };
+    uffd_ioctl(probe.as_raw_fd(), UFFDIO_API, &mut api).map_err(uffd_err("UFFDIO_API (probe)"))?;
+    let offered = api.features;
+    if offered & FEATURES_REQUIRED != FEATURES_REQUIRED {
+        return Err(ViewError::Uffd {
+            op: "UFFDIO_API",
+            source: io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "the kernel offers userfaultfd features {offered:#x} but the view needs MINOR_SHMEM and \
+                     WP_HUGETLBFS_SHMEM ({FEATURES_REQUIRED:#x}, Linux 6.1 or later)"
+                ),
+            ),
+        });
+    }
+    drop(probe);
+    let uffd = open_userfaultfd()?;
+    let mut api = UffdioApi { api: UFFD_API, features: FEATURES_REQUIRED | (offered & FEATURES_OPTIONAL), ioctls: 0 };
+    uffd_ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api).map_err(uffd_err("UFFDIO_API"))?;
+    Ok(uffd)
+}
+
+/// vm.max_map_count, or the kernel's default (DEFAULT_MAX_MAP_COUNT) if it
+/// cannot be read.
+fn max_map_count() -> u64 {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(65530)
+}
+
+/// Maps an error of a call that may create VMAs: ENOMEM there means
+/// vm.max_map_count was reached.
+fn vma_err(op: &'static str) -> impl FnOnce(io::Error) -> ViewError {
+    move |source| match source.raw_os_error() {
+        Some(libc::ENOMEM) => ViewError::MapLimit { limit: max_map_count() },
+        _ => ViewError::Uffd { op, source },
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The window
+// ---------------------------------------------------------------------------
+
+/// The virtual range W, unmapped on drop unless it must be leaked because
+/// KVM may still point at it.
+#[derive(Debug)]
+struct Window {
+    base: usize,
+    len: usize,
+    leak: bool,
+}
+
+impl Window {
+    fn page_addr(&self, index: usize) -> usize {
+        self.base + (index << PAGE_SHIFT)
+    }
+
+    fn range(&self, index: usize, pages: usize) -> UffdioRange {
+        UffdioRange { start: self.page_addr(index) as u64, len: (pages as u64) << PAGE_SHIFT }
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        if self.leak {
+            return;
+        }
+        // SAFETY: [base, base + len) is the mapping this Window created and
+        // owns; nothing in the VMM holds a reference into it (W is only
+        // accessed by KVM, whose slot is gone when leak is false).
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
+    }
+}
+
+/// What one page of W maps now, as far as the view has made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PageState {
+    /// The frame at the page's memfd offset; [`UNKNOWN_PFN`] after a remap
+    /// failed half-way, so that the next `map` starts it again.
+    pfn: Pfn,
+    /// Whether the pte is populated (not zapped).
+    present: bool,
+    /// Whether the present pte is write-protected by userfaultfd.
+    wp: bool,
+}
+
+const UNKNOWN_PFN: Pfn = Pfn::MAX;
+
+/// Set by the fault thread before it calls the handler: the kernel reported
+/// this page absent (MINOR or MISSING fault).
+const HINT_ABSENT: u8 = 1;
+/// Set by the fault thread: the kernel reported a write-protect fault.
+const HINT_WP: u8 = 2;
+
+/// Per-page state shared between the view and the fault thread.
+#[derive(Debug, Default)]
+struct PageSync {
+    /// Bumped by every view operation on the page that wakes its waiters, so
+    /// the fault thread can tell whether the handler resolved the fault.
+    wakes: AtomicU32,
+    /// What the latest fault on the page said (HINT_*), consumed by the next
+    /// `map` of the page. It keeps the view right if its bookkeeping ever
+    /// disagrees with the kernel: a MINOR fault on a page the view believes
+    /// present is resolved by CONTINUE (EEXIST then) rather than by a wake
+    /// that would make the vCPU fault again forever.
+    hint: AtomicU8,
+}
+
+/// State shared by the view and its fault thread.
+#[derive(Debug)]
+struct Shared {
+    pages: Box<[PageSync]>,
+    /// Faults served by the thread.
+    faults: AtomicU64,
+    /// Faults the handler left unresolved, woken by the thread with UFFDIO_WAKE.
+    fault_wakes: AtomicU64,
+}
+
+// ---------------------------------------------------------------------------
+// The view
+// ---------------------------------------------------------------------------
+
+/// The userfaultfd backend of the EPT view (see the module documentation).
+#[derive(Debug)]
+pub struct UffdView {
+    // Drop order: the slot is deleted in `drop`, then the userfaultfd closes,
+    // then W is unmapped.
+    vm: Arc<VmFd>,
+    pool: Arc<FramePool>,
+    slot: u32,
+    first_gfn: Gfn,
+    uffd: OwnedFd,
+    window: Window,
+    pages: Vec<PageState>,
+    shared: Arc<Shared>,
+    remaps: u64,
+    continues: u64,
+    wp_changes: u64,
+    zaps: u64,
+}
+
+impl UffdView {
+    /// Builds W for guest pages [first_gfn, end_gfn), identity-mapped and
+    /// writable, registers it, and installs memslot `slot` over it at gpa
+    /// `first_gfn << 12`.
+    ///
+    /// W is populated before it is registered, which allocates every frame
+    /// of the range in the memfd (the guest would otherwise take a
+    /// userfaultfd fault on its first touch of each page). The slot must not
+    /// overlap another.
+    pub fn new(
+        vm: Arc<VmFd>,
+        pool: Arc<FramePool>,
+        slot: u32,
+        first_gfn: Gfn,
+        end_gfn: Gfn,
+    ) -> Result<Self, ViewError> {
+        if first_gfn >= end_gfn {
+            return Err(ViewError::OutOfRange(first_gfn));
+        }
+        if end_gfn > pool.nr_frames() {
+            return Err(ViewError::NoSuchFrame(end_gfn - 1));
+        }
+        let nr_pages = usize::try_from(end_gfn - first_gfn).map_err(|_| ViewError::OutOfRange(end_gfn))?;
+        let len = nr_pages << PAGE_SHIFT;
+        let offset = libc::off_t::try_from(first_gfn << PAGE_SHIFT).map_err(|_| ViewError::NoSuchFrame(first_gfn))?;
+        let uffd = open_view_userfaultfd()?;
+
+        // SAFETY: a fresh shared mapping of our memfd at a kernel-chosen
+        // address; it aliases no Rust object (W is accessed only by KVM).
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                pool.memfd().as_raw_fd(),
+                offset,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(vma_err("mmap of the view's window")(io::Error::last_os_error()));
+        }
+        let window = Window { base: base as usize, len, leak: false };
+
+        // Populate every pte before registering: after registration the
+        // first touch of each page would be a userfaultfd fault.
+        // SAFETY: madvise on the mapping just created; POPULATE_WRITE only
+        // faults pages in (allocating holes as zero pages), changing no data.
+        if unsafe { libc::madvise(base, len, libc::MADV_POPULATE_WRITE) } != 0 {
+            return Err(ViewError::Uffd {
+                op: "madvise(MADV_POPULATE_WRITE) of the window",
+                source: io::Error::last_os_error(),
+            });
+        }
+        register(uffd.as_raw_fd(), window.range(0, nr_pages))?;
+
+        let shared = Arc::new(Shared {
+            pages: (0..nr_pages).map(|_| PageSync::default()).collect(),
+            faults: AtomicU64::new(0),
+            fault_wakes: AtomicU64::new(0),
+        });
+        let pages = (first_gfn..end_gfn).map(|pfn| PageState { pfn, present: true, wp: false }).collect();
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: first_gfn << PAGE_SHIFT,
+            memory_size: len as u64,
+            userspace_addr: window.base as u64,
+        };
+        // SAFETY: [userspace_addr, + memory_size) is W, owned by the view
+        // being built; the view deletes the slot in its Drop before W is
+        // unmapped (and leaks W if the deletion fails), so KVM never points
+        // at memory that is gone or reused.
+        unsafe { vm.set_user_memory_region(region) }.map_err(|source| ViewError::SetMemslot {
+            slot,
+            gpa: region.guest_phys_addr,
+            size: region.memory_size,
+            source,
+        })?;
+        Ok(Self {
+            vm,
+            pool,
+            slot,
+            first_gfn,
+            uffd,
+            window,
+            pages,
+            shared,
+            remaps: 0,
+            continues: 0,
+            wp_changes: 0,
+            zaps: 0,
+        })
+    }
+
+    /// What the fault thread needs (a dup of the uffd, W's base, first_gfn,
+    /// page count, and the state shared with the view).
+    pub fn fault_source(&self) -> Result<UffdFaultSource, ViewError> {
+        let uffd = self.uffd.try_clone().map_err(uffd_err("dup of the userfaultfd"))?;
+        Ok(UffdFaultSource {
+            uffd,
+            base: self.window.base,
+            first_gfn: self.first_gfn,
+            nr_pages: self.pages.len(),
+            shared: self.shared.clone(),
+        })
+    }
+
+    /// The memslot the view installed.
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    fn index(&self, start: Gfn, end: Gfn) -> Result<usize, ViewError> {
+        let end_gfn = self.first_gfn + self.pages.len() as u64;
+        if start < self.first_gfn || end > end_gfn || start >= end {
+            return Err(ViewError::OutOfRange(start));
+        }
+        usize::try_from(start - self.first_gfn).map_err(|_| ViewError::OutOfRange(start))
+    }
+
+    /// Records a view operation that woke the waiters of page `i`.
+    fn woke(&self, i: usize) {
+        self.shared.pages[i].wakes.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn wake(&self, i: usize) -> Result<(), ViewError> {
+        let mut range = self.window.range(i, 1);
+        uffd_ioctl(self.uffd.as_raw_fd(), UFFDIO_WAKE, &mut range).map_err(uffd_err("UFFDIO_WAKE"))?;
+        self.woke(i);
+        Ok(())
+    }
+
+    /// Sets (`wp`) or clears the write protection of present page `i`;
+    /// clearing wakes a vCPU blocked on a write to it.
+    fn write_protect(&mut self, i: usize, wp: bool) -> Result<(), ViewError> {
+        let mut arg = UffdioWriteprotect {
+            range: self.window.range(i, 1),
+            mode: if wp { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
+        };
+        uffd_ioctl(self.uffd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut arg).map_err(uffd_err("UFFDIO_WRITEPROTECT"))?;
+        self.wp_changes += 1;
+        self.pages[i].wp = wp;
+        if !wp {
+            self.woke(i);
+        }
+        Ok(())
+    }
+
+    /// Populates the pte of page `i` from the page cache (UFFDIO_CONTINUE),
+    /// write-protected if `wp`, and wakes its waiters unless `dontwake`.
+    fn continue_page(&mut self, i: usize, wp: bool, dontwake: bool) -> Result<(), ViewError> {
+        let mut mode = if wp { UFFDIO_CONTINUE_MODE_WP } else { 0 };
+        if dontwake {
+            mode |= UFFDIO_CONTINUE_MODE_DONTWAKE;
+        }
+        let mut populated = false;
+        let mut again = 0;
+        loop {
+            let mut arg = UffdioContinue { range: self.window.range(i, 1), mode, mapped: 0 };
+            match uffd_ioctl(self.uffd.as_raw_fd(), UFFDIO_CONTINUE, &mut arg) {
+                Ok(()) => {
+                    self.continues += 1;
+                    self.pages[i].present = true;
+                    self.pages[i].wp = wp;
+                    if !dontwake {
+                        self.woke(i);
+                    }
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    // Already populated (a vCPU touched a fresh mapping before
+                    // it was registered, or the bookkeeping was stale): the
+                    // protection is unknown, so set it explicitly, then wake
+                    // (CONTINUE did not).
+                    self.pages[i].present = true;
+                    self.write_protect(i, wp)?;
+                    if !dontwake && wp {
+                        self.wake(i)?;
+                    }
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EFAULT) && !populated => {
+                    // The frame is a hole in the memfd (never written, or
+                    // returned to the host): CONTINUE maps only pages in the
+                    // page cache. Allocate it (as zeroes) through the
+                    // unregistered direct map and try again.
+                    self.populate_frame(self.pages[i].pfn)?;
+                    populated = true;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && again < 16 => {
+                    // The mm is changing under a non-cooperative event: retry.
+                    again += 1;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && wp => {
+                    return Err(ViewError::Uffd {
+                        op: "UFFDIO_CONTINUE with UFFDIO_CONTINUE_MODE_WP (needs Linux 6.6 or later)",
+                        source: e,
+                    })
+                }
+                Err(source) => return Err(ViewError::Uffd { op: "UFFDIO_CONTINUE", source }),
+            }
+        }
+    }
+
+    /// Allocates frame `pfn` in the memfd if it is a hole, through the direct map.
+    fn populate_frame(&self, pfn: Pfn) -> Result<(), ViewError> {
+        let hva = self.pool.frame_hva(pfn).ok_or(ViewError::NoSuchFrame(pfn))?;
+        // SAFETY: one page of the pool's direct map, which the pool keeps
+        // mapped; POPULATE_WRITE faults it in without changing its data.
+        if unsafe { libc::madvise(hva.cast(), PAGE_SIZE as usize, libc::MADV_POPULATE_WRITE) } != 0 {
+            return Err(ViewError::Uffd {
+                op: "madvise(MADV_POPULATE_WRITE) of a frame",
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Points page `i` of W at frame `pfn`: a fresh mapping, registered,
+    /// populated, with the access asked for; wakes the page's waiters.
+    fn remap(&mut self, i: usize, pfn: Pfn, writable: bool) -> Result<(), ViewError> {
+        let addr = self.window.page_addr(i);
+        let offset = libc::off_t::try_from(pfn << PAGE_SHIFT).map_err(|_| ViewError::NoSuchFrame(pfn))?;
+        // A read-only frame is mapped PROT_READ until userfaultfd protects
+        // it (module documentation).
+        let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+        // SAFETY: MAP_FIXED over one page of W, which the view owns and no
+        // Rust object points into (W is accessed only by KVM).
+        let rc = unsafe {
+            libc::mmap(
+                addr as *mut libc::c_void,
+                PAGE_SIZE as usize,
+                prot,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                self.pool.memfd().as_raw_fd(),
+                offset,
+            )
+        };
+        if rc == libc::MAP_FAILED {
+            // The kernel checks the map count before it unmaps anything, so
+            // the old mapping is still there: the state is unchanged.
+            return Err(vma_err("mmap(MAP_FIXED) of a frame into the window")(io::Error::last_os_error()));
+        }
+        self.remaps += 1;
+        // Until the sequence completes, the next map() must start it again.
+        self.pages[i] = PageState { pfn: UNKNOWN_PFN, present: false, wp: false };
+        register(self.uffd.as_raw_fd(), self.window.range(i, 1))?;
+        self.pages[i].pfn = pfn;
+        if writable {
+            return self.continue_page(i, false, false);
+        }
+        // Read-only: populate write-protected without waking (a woken
+        // vCPU's write would still meet PROT_READ and fail KVM_RUN), lift
+        // PROT_READ (the uffd-wp bit keeps the pte read-only), then wake.
+        self.continue_page(i, true, true)?;
+        // SAFETY: mprotect of one page of W, owned by the view.
+        if unsafe { libc::mprotect(addr as *mut libc::c_void, PAGE_SIZE as usize, libc::PROT_READ | libc::PROT_WRITE) }
+            != 0
+        {
+            self.pages[i].pfn = UNKNOWN_PFN;
+            return Err(vma_err("mprotect of a remapped page of the window")(io::Error::last_os_error()));
+        }
+        self.wake(i)
+    }
+}
+
+/// Registers `range` of W with the view's userfaultfd, checking that the
+/// kernel offers CONTINUE and WRITEPROTECT on it.
+fn register(uffd: RawFd, range: UffdioRange) -> Result<(), ViewError> {
+    let mut arg = UffdioRegister { range, mode: REGISTER_MODE, ioctls: 0 };
+    uffd_ioctl(uffd, UFFDIO_REGISTER, &mut arg).map_err(vma_err("UFFDIO_REGISTER (MISSING | MINOR | WP)"))?;
+    if arg.ioctls & UFFD_RANGE_IOCTLS_NEEDED != UFFD_RANGE_IOCTLS_NEEDED {
+        return Err(ViewError::Uffd {
+            op: "UFFDIO_REGISTER",
+            source: io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("the kernel offers ioctls {:#x} on the window, without CONTINUE and WRITEPROTECT", arg.ioctls),
+            ),
+        });
+    }
+    Ok(())
+}
+
+impl EptView for UffdView {
+    type Error = ViewError;
+
+    /// `MADV_DONTNEED` on the pages' part of W: the memfd keeps the data and
+    /// the next guest access raises a MINOR (or, for a punched frame,
+    /// MISSING) fault.
+    fn zap(&mut self, start: Gfn, end: Gfn) -> Result<(), ViewError> {
+        let i = self.index(start, end)?;
+        let n = (end - start) as usize;
+        let range = self.window.range(i, n);
+        // SAFETY: MADV_DONTNEED on pages of W, which only KVM accesses; the
+        // shared memfd pages stay in the page cache.
+        if unsafe { libc::madvise(range.start as *mut libc::c_void, range.len as usize, libc::MADV_DONTNEED) } != 0 {
+            return Err(ViewError::Uffd {
+                op: "madvise(MADV_DONTNEED) of the window",
+                source: io::Error::last_os_error(),
+            });
+        }
+        for page in &mut self.pages[i..i + n] {
+            // A uffd-wp pte leaves a marker behind, but the next map()
+            // CONTINUEs with the protection it wants anyway.
+            page.present = false;
+            page.wp = false;
+        }
+        self.zaps += 1;
+        Ok(())
+    }
+
+    fn map(&mut self, gfn: Gfn, pfn: Pfn, writable: bool) -> Result<(), ViewError> {
+        let i = self.index(gfn, gfn.checked_add(1).ok_or(ViewError::OutOfRange(gfn))?)?;
+        if pfn >= self.pool.nr_frames() {
+            return Err(ViewError::NoSuchFrame(pfn));
+        }
+        let hint = self.shared.pages[i].hint.swap(0, Ordering::AcqRel);
+        let page = self.pages[i];
+        if page.pfn != pfn {
+            return self.remap(i, pfn, writable);
+        }
+        if !page.present || hint & HINT_ABSENT != 0 {
+            return self.continue_page(i, !writable, false);
+        }
+        if page.wp == writable || (writable && hint & HINT_WP != 0) {
+            return self.write_protect(i, !writable);
+        }
+        Ok(())
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("view_remaps", self.remaps),
+            ("view_continues", self.continues),
+            ("view_wp_changes", self.wp_changes),
+            ("view_zaps", self.zaps),
+            ("view_faults", self.shared.faults.load(Ordering::Relaxed)),
+            ("view_fault_wakes", self.shared.fault_wakes.load(Ordering::Relaxed)),
+            ("view_slots", 1),
+        ]
+    }
+}
+
+impl Drop for UffdView {
+    fn drop(&mut self) {
+        let region = kvm_userspace_memory_region {
+            slot: self.slot,
+            flags: 0,
+            guest_phys_addr: self.first_gfn << PAGE_SHIFT,
+            memory_size: 0,
+            userspace_addr: 0,
+        };
+        // SAFETY: deleting the view's own slot (size 0) passes no memory.
+        if unsafe { self.vm.set_user_memory_region(region) }.is_err() {
+            // KVM may still point at W: keep it mapped rather than let the
+            // range be reused under the guest.
+            self.window.leak = true;
+            return;
+        }
+        // Unregistering wakes any thread still blocked on W (there should be
+        // none: the vCPUs are gone); errors do not matter, munmap follows.
+        let mut range = self.window.range(0, self.pages.len());
+        let _ = uffd_ioctl(self.uffd.as_raw_fd(), UFFDIO_UNREGISTER, &mut range);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The fault thread
+// ---------------------------------------------------------------------------
+
+/// What the fault thread needs from a [`UffdView`]: its own descriptor of
+/// the userfaultfd, where W is, and the state shared with the view.
+#[derive(Debug)]
+pub struct UffdFaultSource {
+    uffd: OwnedFd,
+    base: usize,
+    first_gfn: Gfn,
+    nr_pages: usize,
+    shared: Arc<Shared>,
+}
+
+/// The handler of guest faults: resolves `gfn` for `access` by updating the
+/// secondary MMU (which calls [`UffdView::map`]), or says why it cannot.
+pub type UffdFaultHandler = Box<dyn FnMut(Gfn, Access) -> Result<(), String> + Send>;
+
+/// The thread that serves the view's userfaultfd events.
+#[derive(Debug)]
+pub struct UffdFaultThread {
+    stop: Arc<OwnedFd>,
+    thread: Option<JoinHandle<Option<String>>>,
+}
+
+impl UffdFaultThread {
+    /// Spawns a thread that poll()s the uffd; for each UFFD_EVENT_PAGEFAULT
+    /// at an address in W it calls `handler(gfn, access)` where `access` is
+    /// [`Access::Write`] for write-protect faults and faults with
+    /// UFFD_PAGEFAULT_FLAG_WRITE, else [`Access::Read`]: userfaultfd cannot
+    /// tell an instruction fetch from a read, so [`Access::Fetch`] never
+    /// comes from this view.
+    ///
+    /// The handler resolves the fault by updating the secondary MMU, which
+    /// calls [`UffdView::map`] on the same view: its CONTINUE or
+    /// unprotection wakes the faulting vCPU. If the handler returns Ok and
+    /// nothing woke the page (the entry was already right), the thread
+    /// issues UFFDIO_WAKE and the vCPU retries its access. If the handler
+    /// returns Err, the thread keeps the first error, calls `on_error` (the
+    /// VMM kicks its vCPU out of KVM_RUN with it: the vCPU stays blocked on
+    /// the fault otherwise) and stops serving. An event outside W, or a
+    /// failing poll or read, is handled the same way.
+    ///
+    /// The handler must never touch W itself (module documentation).
+    pub fn spawn(
+        source: UffdFaultSource,
+        handler: UffdFaultHandler,
+        on_error: Box<dyn Fn() + Send>,
+    ) -> Result<Self, ViewError> {
+        // SAFETY: eventfd(2) takes two integers and returns a new fd or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(ViewError::Uffd { op: "eventfd for the fault thread", source: io::Error::last_os_error() });
+        }
+        // SAFETY: `fd` was just returned by the kernel and nobody else owns it.
+        let stop = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+        let thread_stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("uffd-faults".into())
+            .spawn(move || {
+                let result = serve(&source, &thread_stop, handler);
+                if result.is_some() {
+                    on_error();
+                }
+                result
+            })
+            .map_err(uffd_err("spawning the fault thread"))?;
+        Ok(Self { stop, thread: Some(thread) })
+    }
+
+    /// Stops the thread and joins it; returns the first handler error.
+    pub fn stop(mut self) -> Option<String> {
+        self.stop_and_join()
+    }
+
+    fn stop_and_join(&mut self) -> Option<String> {
+        let thread = self.thread.take()?;
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our eventfd.
+        unsafe { libc::write(self.stop.as_raw_fd(), (&one as *const u64).cast(), size_of::<u64>()) };
+        thread.join().unwrap_or_else(|_| Some("the userfaultfd fault thread panicked".into()))
+    }
+}
+
+impl Drop for UffdFaultThread {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+/// The fault thread's loop; returns the error that stopped it, if any.
+fn serve(source: &UffdFaultSource, stop: &OwnedFd, mut handler: UffdFaultHandler) -> Option<String> {
+    let uffd = source.uffd.as_raw_fd();
+    let mut buf = [0u8; UFFD_MSG_SIZE * 16];
+    loop {
+        let mut fds = [
+            libc::pollfd { fd: uffd, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: `fds` is a live array of two pollfd, its length passed.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Some(format!("userfaultfd fault thread: poll failed: {err}"));
+        }
+        if fds[1].revents != 0 {
+            return None;
+        }
+        if fds[0].revents & libc::POLLIN == 0 {
+            if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+                return Some(format!("userfaultfd fault thread: the userfaultfd reports {:#x}", fds[0].revents));
+            }
+            continue;
+        }
+        // SAFETY: reads at most `buf.len()` bytes into `buf`, which we own.
+        let n = unsafe { libc::read(uffd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if matches!(err.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) {
+                continue; // another reader took it, or a signal
+            }
+            return Some(format!("userfaultfd fault thread: read failed: {err}"));
+        }
+        let n = n as usize; // n >= 0 here
+        for msg in buf[..n].chunks_exact(UFFD_MSG_SIZE) {
+            if let Err(e) = serve_one(source, msg, &mut handler) {
+                return Some(e);
+            }
+        }
+    }
+}
+
+/// Serves one `struct uffd_msg`.
+fn serve_one(source: &UffdFaultSource, msg: &[u8], handler: &mut UffdFaultHandler) -> Result<(), String> {
+    if msg[0] != UFFD_EVENT_PAGEFAULT {
+        return Ok(()); // no other event was asked for (UFFDIO_API features)
+    }
+    let word = |at: usize| msg.get(at..at + 8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_ne_bytes);
+    let (Some(flags), Some(address)) = (word(8), word(16)) else {
+        return Err("userfaultfd fault thread: short message".into());
+    };
+    let offset = address.wrapping_sub(source.base as u64);
+    let index = offset >> PAGE_SHIFT;
+    if address < source.base as u64 || index >= source.nr_pages as u64 {
+        return Err(format!("userfaultfd fault at {address:#x}, outside the view's window"));
+    }
+    let i = index as usize;
+    let gfn = source.first_gfn + index;
+    let access =
+        if flags & (UFFD_PAGEFAULT_FLAG_WRITE | UFFD_PAGEFAULT_FLAG_WP) != 0 { Access::Write } else { Access::Read };
+    let page = &source.shared.pages[i];
+    page.hint.fetch_or(if flags & UFFD_PAGEFAULT_FLAG_WP != 0 { HINT_WP } else { HINT_ABSENT }, Ordering::AcqRel);
+    let wakes = page.wakes.load(Ordering::Acquire);
+    source.shared.faults.fetch_add(1, Ordering::Relaxed);
+    handler(gfn, access)?;
+    if page.wakes.load(Ordering::Acquire) == wakes {
+        // Nothing the handler did woke the page: the vCPU retries its access.
+        let mut range = UffdioRange { start: address & !(PAGE_SIZE - 1), len: PAGE_SIZE };
+        uffd_ioctl(source.uffd.as_raw_fd(), UFFDIO_WAKE, &mut range)
+            .map_err(|e| format!("userfaultfd fault thread: UFFDIO_WAKE of gfn {gfn:#x} failed: {e}"))?;
+        source.shared.fault_wakes.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The view on real KVM and userfaultfd, without a vCPU: a helper thread
+    //! touching W raises the same userfaultfd events a vCPU would (KVM's
+    //! get_user_pages from the vCPU thread takes the same path).
+
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::{mpsc, Mutex};
+    use std::time::{Duration, Instant};
+    use vm_memory::{Bytes, GuestAddress};
+
+    const FIRST: Gfn = 16;
+    const END: Gfn = 48;
+    const FRAMES: u64 = 64;
+
+    /// A VM to hang the slot on, or None (with a message) where KVM or
+    /// userfaultfd is unavailable. Under CI a missing /dev/kvm is a failure.
+    fn vm() -> Option<Arc<VmFd>> {
+        let kvm = match kvm_ioctls::Kvm::new() {
+            Ok(kvm) => kvm,
+            Err(e) => {
+                assert!(std::env::var_os("CI").is_none(), "CI is set but /dev/kvm is unusable: {e}");
+                eprintln!("skipping: /dev/kvm is unusable: {e}");
+                return None;
+            }
+        };
+        if let Err(e) = open_view_userfaultfd() {
+            eprintln!("skipping: no usable userfaultfd: {e}");
+            return None;
+        }
+        Some(Arc::new(kvm.create_vm().expect("KVM_CREATE_VM")))
+    }
+
+    fn marker(pfn: Pfn) -> u64 {
+        0x5eed_0000_0000 + pfn
+    }
+
+    /// What the test handler does for a gfn.
+    #[derive(Clone, Copy)]
+    struct Want {
+        pfn: Pfn,
+        writable: bool,
+        /// Return Ok without mapping this many times first (a spurious fault).
+        skip: u32,
+        /// Return an error.
+        fail: bool,
+    }
+
+    struct Lab {
+        pool: Arc<FramePool>,
+        view: Arc<Mutex<UffdView>>,
+        seen: Arc<Mutex<Vec<(Gfn, Access)>>>,
+        want: Arc<Mutex<HashMap<Gfn, Want>>>,
+        errors: Arc<AtomicU64>,
+        thread: Option<UffdFaultThread>,
+        base: usize,
+    }
+
+    impl Lab {
+        fn new() -> Option<Self> {
+            let vm = vm()?;
+            let pool = Arc::new(FramePool::new(FRAMES * PAGE_SIZE).expect("pool"));
+            for pfn in 0..FRAMES {
+                pool.direct_map().write_obj(marker(pfn), GuestAddress(pfn << PAGE_SHIFT)).expect("write");
+            }
+            let view = UffdView::new(vm, pool.clone(), 0, FIRST, END).expect("view");
+            let base = view.window.base;
+            let source = view.fault_source().expect("source");
+            let view = Arc::new(Mutex::new(view));
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let want: Arc<Mutex<HashMap<Gfn, Want>>> = Arc::new(Mutex::new(HashMap::new()));
+            let errors = Arc::new(AtomicU64::new(0));
+            let handler: UffdFaultHandler = {
+                let (view, seen, want) = (view.clone(), seen.clone(), want.clone());
+                Box::new(move |gfn, access| {
+                    seen.lock().expect("seen").push((gfn, access));
+                    let w = {
+                        let mut wants = want.lock().expect("want");
+                        let w = wants.entry(gfn).or_insert(Want { pfn: gfn, writable: true, skip: 0, fail: false });
+                        let copy = *w;
+                        w.skip = w.skip.saturating_sub(1);
+                        copy
+                    };
+                    if w.fail {
+                        return Err(format!("refused gfn {gfn:#x}"));
+                    }
+                    if w.skip > 0 {
+                        return Ok(());
+                    }
+                    view.lock().expect("view").map(gfn, w.pfn, w.writable).map_err(|e| e.to_string())
+                })
+            };
+            let on_error = {
+                let errors = errors.clone();
+                Box::new(move || {
+                    errors.fetch_add(1, Ordering::SeqCst);
+                })
+            };
+            let thread = UffdFaultThread::spawn(source, handler, on_error).expect("spawn");
+            Some(Self { pool, view, seen, want, errors, thread: Some(thread), base })
+        }
+
+        fn want(&self, gfn: Gfn, pfn: Pfn, writable: bool) {
+            self.want.lock().expect("want").insert(gfn, Want { pfn, writable, skip: 0, fail: false });
+        }
+
+        fn addr(&self, gfn: Gfn) -> usize {
+            self.base + (((gfn - FIRST) as usize) << PAGE_SHIFT)
+        }
+
+        /// Reads (or writes `value` to) the first u64 of `gfn` through W from
+        /// another thread, as a vCPU would; None if it is still blocked after
+        /// two seconds.
+        fn touch(&self, gfn: Gfn, value: Option<u64>) -> Option<u64> {
+            let addr = self.addr(gfn);
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                let p = addr as *mut u64;
+                let v = match value {
+                    // SAFETY: W's page is mapped for the whole test; it is
+                    // shared memory, accessed volatile.
+                    Some(v) => unsafe {
+                        p.write_volatile(v);
+                        v
+                    },
+                    // SAFETY: as above.
+                    None => unsafe { p.read_volatile() },
+                };
+                let _ = tx.send(v);
+            });
+            rx.recv_timeout(Duration::from_secs(2)).ok()
+        }
+
+        fn seen(&self) -> Vec<(Gfn, Access)> {
+            std::mem::take(&mut *self.seen.lock().expect("seen"))
+        }
+
+        fn frame(&self, pfn: Pfn) -> u64 {
+            self.pool.direct_map().read_obj(GuestAddress(pfn << PAGE_SHIFT)).expect("read")
+        }
+
+        fn counter(&self, name: &str) -> u64 {
+            let counters = self.view.lock().expect("view").counters();
+            counters.iter().find(|(n, _)| *n == name).map(|(_, v)| *v).expect("counter")
+        }
+    }
+
+    impl Drop for Lab {
+        fn drop(&mut self) {
+            if let Some(t) = self.thread.take() {
+                t.stop();
+            }
+        }
+    }
+
+    #[test]
+    fn identity_view_reads_and_writes_without_faults() {
+        let Some(lab) = Lab::new() else { return };
+        assert_eq!(lab.touch(20, None), Some(marker(20)));
+        assert_eq!(lab.touch(21, Some(7)), Some(7));
+        assert_eq!(lab.frame(21), 7);
+        assert!(lab.seen().is_empty());
+        assert_eq!(lab.counter("view_slots"), 1);
+    }
+
+    #[test]
+    fn read_after_zap_is_a_read_fault_resolved_by_map() {
+        let Some(lab) = Lab::new() else { return };
+        lab.view.lock().expect("view").zap(20, 23).expect("zap");
+        assert_eq!(lab.touch(21, None), Some(marker(21)));
+        assert_eq!(lab.seen(), vec![(21, Access::Read)]);
+        // A write to a zapped page is a write fault; the page becomes writable.
+        assert_eq!(lab.touch(22, Some(9)), Some(9));
+        assert_eq!(lab.seen(), vec![(22, Access::Write)]);
+        assert_eq!(lab.frame(22), 9);
+        assert_eq!(lab.counter("view_faults"), 2);
+        assert_eq!(lab.counter("view_continues"), 2);
+        assert_eq!(lab.counter("view_fault_wakes"), 0);
+    }
+
+    #[test]
+    fn map_of_another_frame_shows_that_frame() {
+        let Some(lab) = Lab::new() else { return };
+        // In place, no fault: the page now reaches frame 50, writable.
+        lab.view.lock().expect("view").map(24, 50, true).expect("map");
+        assert_eq!(lab.touch(24, None), Some(marker(50)));
+        assert_eq!(lab.touch(24, Some(11)), Some(11));
+        assert_eq!(lab.frame(50), 11);
+        assert_eq!(lab.frame(24), marker(24));
+        assert!(lab.seen().is_empty());
+        // Through a fault: a zapped page is remapped by the handler while the
+        // toucher waits on the old mapping.
+        lab.view.lock().expect("view").zap(25, 26).expect("zap");
+        lab.want(25, 51, true);
+        assert_eq!(lab.touch(25, None), Some(marker(51)));
+        assert_eq!(lab.seen(), vec![(25, Access::Read)]);
+        assert_eq!(lab.counter("view_remaps"), 2);
+        // Back to its own frame.
+        lab.view.lock().expect("view").map(25, 25, true).expect("map");
+        assert_eq!(lab.touch(25, None), Some(marker(25)));
+        assert!(lab.seen().is_empty());
+    }
+
+    #[test]
+    fn write_to_read_only_page_is_a_write_fault() {
+        let Some(lab) = Lab::new() else { return };
+        lab.view.lock().expect("view").map(26, 26, false).expect("map ro");
+        assert_eq!(lab.touch(26, None), Some(marker(26)));
+        assert!(lab.seen().is_empty(), "reading a write-protected page must not fault");
+        lab.want(26, 26, true);
+        assert_eq!(lab.touch(26, Some(5)), Some(5));
+        assert_eq!(lab.seen(), vec![(26, Access::Write)]);
+        assert_eq!(lab.frame(26), 5);
+
+        // Read-only remap onto another (shared) frame: a write faults, and
+        // the handler's copy-on-write lands on a third frame.
+        lab.view.lock().expect("view").map(27, 52, false).expect("map ro other");
+        assert_eq!(lab.touch(27, None), Some(marker(52)));
+        assert!(lab.seen().is_empty());
+        lab.pool.direct_map().write_obj(marker(52), GuestAddress(53 << PAGE_SHIFT)).expect("copy");
+        lab.want(27, 53, true);
+        assert_eq!(lab.touch(27, Some(6)), Some(6));
+        assert_eq!(lab.seen(), vec![(27, Access::Write)]);
+        assert_eq!(lab.frame(52), marker(52), "the read-only frame must not change");
+        assert_eq!(lab.frame(53), 6);
+    }
+
+    #[test]
+    fn continue_keeps_write_protection() {
+        let Some(lab) = Lab::new() else { return };
+        let mut view = lab.view.lock().expect("view");
+        view.map(28, 28, false).expect("map ro");
+        view.zap(28, 29).expect("zap");
+        drop(view);
+        lab.want(28, 28, false);
+        assert_eq!(lab.touch(28, None), Some(marker(28)));
+        assert_eq!(lab.seen(), vec![(28, Access::Read)]);
+        // Zapped while read-only and mapped back read-only (CONTINUE_MODE_WP):
+        // a write must still fault.
+        lab.want(28, 28, true);
+        assert_eq!(lab.touch(28, Some(3)), Some(3));
+        assert_eq!(lab.seen(), vec![(28, Access::Write)]);
+        // Same through a read-only remap after a zap.
+        lab.view.lock().expect("view").zap(29, 30).expect("zap");
+        lab.want(29, 54, false);
+        assert_eq!(lab.touch(29, None), Some(marker(54)));
+        assert_eq!(lab.seen(), vec![(29, Access::Read)]);
+        lab.want(29, 55, true);
+        assert_eq!(lab.touch(29, Some(4)), Some(4));
+        assert_eq!(lab.seen(), vec![(29, Access::Write)]);
+        assert_eq!(lab.frame(54), marker(54));
+        assert_eq!(lab.frame(55), 4);
+    }
+
+    #[test]
+    fn punched_frame_still_faults() {
+        let Some(lab) = Lab::new() else { return };
+        // Zap, then return the frame to the host: the next touch must fault
+        // (MISSING) rather than silently read a fresh zero page.
+        lab.view.lock().expect("view").zap(30, 32).expect("zap");
+        lab.pool.punch_hole(30).expect("punch");
+        lab.pool.punch_hole(31).expect("punch");
+        lab.want(30, 56, false);
+        assert_eq!(lab.touch(30, None), Some(marker(56)));
+        assert_eq!(lab.seen(), vec![(30, Access::Read)]);
+        // Mapping the hole itself reads zeroes (the frame is allocated anew).
+        assert_eq!(lab.touch(31, None), Some(0));
+        assert_eq!(lab.seen(), vec![(31, Access::Read)]);
+        // And a present page whose frame is punched faults too.
+        lab.pool.punch_hole(32).expect("punch");
+        lab.want(32, 57, true);
+        assert_eq!(lab.touch(32, None), Some(marker(57)));
+        assert_eq!(lab.seen(), vec![(32, Access::Read)]);
+        // A read-only remap onto a punched frame maps it anew, zeroed.
+        lab.pool.punch_hole(58).expect("punch");
+        lab.view.lock().expect("view").map(33, 58, false).expect("map ro onto a hole");
+        assert_eq!(lab.touch(33, None), Some(0));
+        assert!(lab.seen().is_empty());
+    }
+
+    #[test]
+    fn unresolved_fault_is_woken_and_retried() {
+        let Some(lab) = Lab::new() else { return };
+        lab.view.lock().expect("view").zap(33, 34).expect("zap");
+        lab.want.lock().expect("want").insert(33, Want { pfn: 33, writable: true, skip: 2, fail: false });
+        assert_eq!(lab.touch(33, None), Some(marker(33)));
+        assert_eq!(lab.seen(), vec![(33, Access::Read); 3]);
+        assert_eq!(lab.counter("view_fault_wakes"), 2);
+        // A map that finds the entry already right does nothing...
+        let mut view = lab.view.lock().expect("view");
+        let before = view.counters();
+        view.map(34, 34, true).expect("map");
+        assert_eq!(view.counters(), before);
+        // ...unless a fault said the page is absent: the kernel's word wins
+        // over the bookkeeping (CONTINUE finds the pte, EEXIST, and the
+        // protection is set explicitly).
+        view.shared.pages[34 - FIRST as usize].hint.store(HINT_ABSENT, Ordering::SeqCst);
+        view.map(34, 34, true).expect("map");
+        assert_eq!((view.continues, view.wp_changes), (1, 1));
+        assert_eq!(view.shared.pages[34 - FIRST as usize].hint.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn handler_error_stops_the_thread_and_is_returned() {
+        let Some(mut lab) = Lab::new() else { return };
+        lab.view.lock().expect("view").zap(35, 36).expect("zap");
+        lab.want.lock().expect("want").insert(35, Want { pfn: 35, writable: true, skip: 0, fail: true });
+        let addr = lab.addr(35);
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            // SAFETY: W stays mapped for the test; volatile shared memory.
+            let v = unsafe { (addr as *const u64).read_volatile() };
+            let _ = tx.send(v);
+        });
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while lab.errors.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(lab.errors.load(Ordering::SeqCst), 1, "on_error must be called");
+        let err = lab.thread.take().expect("thread").stop();
+        assert_eq!(err.as_deref(), Some("refused gfn 0x23"));
+        // Nobody serves the fault any more: resolve it by hand.
+        assert!(rx.recv_timeout(Duration::from_millis(50)).is_err(), "the toucher must still wait");
+        lab.view.lock().expect("view").map(35, 35, true).expect("map");
+        assert_eq!(rx.recv_timeout(Duration::from_secs(2)).ok(), Some(marker(35)));
+    }
+
+    #[test]
+    fn bad_arguments_are_refused() {
+        let Some(vm) = vm() else { return };
+        let pool = Arc::new(FramePool::new(FRAMES * PAGE_SIZE).expect("pool"));
+        assert!(matches!(
+            UffdView::new(vm.clone(), pool.clone(), 0, 8, FRAMES + 1),
+            Err(ViewError::NoSuchFrame(p)) if p == FRAMES
+        ));
+        assert!(matches!(UffdView::new(vm.clone(), pool.clone(), 0, 8, 8), Err(ViewError::OutOfRange(8))));
+        let mut view = UffdView::new(vm, pool, 0, FIRST, END).expect("view");
+        assert!(matches!(view.map(END, END, true), Err(ViewError::OutOfRange(g)) if g == END));
+        assert!(matches!(view.map(FIRST, FRAMES, true), Err(ViewError::NoSuchFrame(p)) if p == FRAMES));
+        assert!(matches!(view.zap(FIRST - 1, FIRST + 1), Err(ViewError::OutOfRange(_))));
+    }
+
+    #[test]
+    fn drop_deletes_the_slot_and_unmaps_the_window() {
+        let Some(vm) = vm() else { return };
+        let pool = Arc::new(FramePool::new(FRAMES * PAGE_SIZE).expect("pool"));
+        let view = UffdView::new(vm.clone(), pool.clone(), 3, FIRST, END).expect("view");
+        let base = view.window.base;
+        drop(view);
+        let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
+        assert!(!maps.lines().any(|l| l.starts_with(&format!("{base:x}-"))), "W is still mapped");
+        // The slot is free again: the same range can be installed once more.
+        let view = UffdView::new(vm, pool, 3, FIRST, END).expect("view again");
+        drop(view);
+    }
+
+    fn median(mut v: Vec<Duration>) -> Duration {
+        v.sort();
+        v[v.len() / 2]
+    }
+
+    /// Costs, printed (run with --nocapture): one fault served end to end
+    /// against the bare ioctls it is made of.
+    #[test]
+    fn measure_fault_costs() {
+        let Some(lab) = Lab::new() else { return };
+        const N: usize = 1000;
+        let gfn = 40;
+        let addr = lab.addr(gfn);
+        let view = lab.view.clone();
+        let touch_after = move |prepare: &dyn Fn(&mut UffdView), write: bool| -> Vec<Duration> {
+            let mut out = Vec::with_capacity(N);
+            for i in 0..N {
+                prepare(&mut view.lock().expect("view"));
+                let p = addr as *mut u64;
+                let t = Instant::now();
+                if write {
+                    // SAFETY: W stays mapped for the test; volatile shared memory.
+                    unsafe { p.write_volatile(i as u64) };
+                } else {
+                    // SAFETY: as above.
+                    unsafe { p.read_volatile() };
+                }
+                out.push(t.elapsed());
+            }
+            out
+        };
+        // The measuring thread touches W itself: it is not the fault thread,
+        // so it may block on the userfaultfd like a vCPU.
+        let read_fault = touch_after(&|v| v.zap(gfn, gfn + 1).expect("zap"), false);
+        lab.want(gfn, 60, true);
+        let remap_fault = touch_after(
+            &|v| {
+                v.map(gfn, 61, true).expect("map");
+                v.zap(gfn, gfn + 1).expect("zap");
+            },
+            false,
+        );
+        lab.want(gfn, gfn, true);
+        let wp_fault = touch_after(&|v| v.map(gfn, gfn, false).expect("map ro"), true);
+        let faults_seen = lab.seen().len();
+
+        let mut view = lab.view.lock().expect("view");
+        let i = (gfn - FIRST) as usize;
+        let mut bare = |op: &dyn Fn(&mut UffdView)| -> Vec<Duration> {
+            (0..N)
+                .map(|_| {
+                    view.zap(gfn, gfn + 1).expect("zap");
+                    let t = Instant::now();
+                    op(&mut view);
+                    t.elapsed()
+                })
+                .collect()
+        };
+        let cont = bare(&|v| v.continue_page(i, false, false).expect("continue"));
+        let cont_wp = bare(&|v| v.continue_page(i, true, false).expect("continue wp"));
+        let wake = bare(&|v| v.wake(i).expect("wake"));
+        let remap = bare(&|v| {
+            let pfn = if v.pages[i].pfn == 62 { 63 } else { 62 };
+            v.remap(i, pfn, true).expect("remap")
+        });
+        let remap_ro = bare(&|v| {
+            let pfn = if v.pages[i].pfn == 62 { 63 } else { 62 };
+            v.remap(i, pfn, false).expect("remap ro")
+        });
+        let zap = bare(&|v| v.zap(gfn, gfn + 1).expect("zap"));
+        drop(view);
+        assert_eq!(faults_seen, 3 * N);
+        eprintln!("userfaultfd view, medians of {N} (no vCPU; a thread touches W):");
+        eprintln!("  read fault after zap, served end to end (CONTINUE): {:?}", median(read_fault));
+        eprintln!("  read fault after zap, served by a remap to another frame: {:?}", median(remap_fault));
+        eprintln!("  write fault on a write-protected page (unprotect): {:?}", median(wp_fault));
+        eprintln!("  bare UFFDIO_CONTINUE: {:?}", median(cont));
+        eprintln!("  bare UFFDIO_CONTINUE_MODE_WP: {:?}", median(cont_wp));
+        eprintln!("  bare UFFDIO_WAKE (no waiter): {:?}", median(wake));
+        eprintln!("  remap (mmap MAP_FIXED + REGISTER + CONTINUE): {:?}", median(remap));
+        eprintln!("  read-only remap (+ CONTINUE_MODE_WP, mprotect, WAKE): {:?}", median(remap_ro));
+        eprintln!("  zap of one page (MADV_DONTNEED): {:?}", median(zap));
+    }
+}
