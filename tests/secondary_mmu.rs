@@ -11,14 +11,15 @@
 
 mod common;
 
+use common::pagefill::check_pagefill_exits;
+
 use common::{require_kvm, run_in_process};
 use shadow_mmu::{Gfn, HostMm, PAGE_SHIFT, PAGE_SIZE};
-use vmm::stats::{Figures, RunStats};
 use vmm::view::ViewKind;
 use vmm::vm::{DedupPolicy, HookPoint, HostHook};
 
 const MEM: &str = "8M";
-const MEM_BYTES: u64 = 8 << 20;
+use common::pagefill::MEM_BYTES;
 
 fn pagefill_gfns() -> Vec<Gfn> {
     let first = guest_images::PAGEFILL_START >> PAGE_SHIFT;
@@ -62,61 +63,9 @@ fn merge_groups_hook() -> HostHook {
     })
 }
 
-fn phase(stats: &RunStats, n: u32) -> &Figures {
-    &stats.phases.iter().find(|p| p.phase == n).unwrap_or_else(|| panic!("no phase {n}")).figures
-}
-
-fn shadow(f: &Figures, name: &str) -> u64 {
-    f.shadow_mmu.get(name).copied().unwrap_or_else(|| panic!("no shadow_mmu figure {name}: {:?}", f.shadow_mmu))
-}
-
 fn check_policy(policy: DedupPolicy, view: ViewKind) {
     let s = run_in_process("pagefill", MEM, policy, view, Some(merge_groups_hook()));
-    let ctx = format!("{} / {}", policy.name(), view.name());
-    assert_eq!(s.guest.end.reason, "exit", "{ctx}: {}", s.guest.end.detail);
-    assert_eq!(s.guest.exit_code, Some(0), "{ctx}");
-    // Deduplication never changes what the guest reads.
-    assert_eq!(s.guest.reports, guest_images::pagefill_expected_reports(MEM_BYTES), "{ctx}");
-
-    let n = guest_images::pagefill_pages(MEM_BYTES);
-    let k = guest_images::PAGEFILL_GROUPS;
-    // Faults of each phase: (ept_read, ept_write).
-    let zapped_reads = if policy == DedupPolicy::ChangePte { 0 } else { n };
-    let expected = [(0, 0), (0, 0), (0, 0), (zapped_reads, 0), (0, n), (0, 0), (zapped_reads, 0)];
-    for (p, &(reads, writes)) in expected.iter().enumerate() {
-        let f = phase(&s, p as u32);
-        assert_eq!((f.exits.ept_read, f.exits.ept_write, f.exits.ept_fetch), (reads, writes, 0), "{ctx}: phase {p}");
-        assert_eq!(f.exits.mmio, 0, "{ctx}: phase {p}");
-    }
-    // A merge pass: N write-protections that change a pte, N - K replaces.
-    let pass_changes = 2 * n - k;
-    let t = &s.total;
-    let cow = n;
-    match policy {
-        DedupPolicy::ChangePte => {
-            assert_eq!(shadow(t, "change_pte_applied"), 2 * pass_changes + cow, "{ctx}");
-            assert_eq!(shadow(t, "change_pte_missed"), 0, "{ctx}");
-            assert_eq!(shadow(t, "zapped"), 0, "{ctx}");
-        }
-        DedupPolicy::RangeFlush => {
-            assert_eq!(shadow(t, "change_pte_applied") + shadow(t, "change_pte_missed"), 0, "{ctx}");
-        }
-        DedupPolicy::Legacy => {
-            assert_eq!(shadow(t, "change_pte_applied"), 0, "{ctx}");
-            assert_eq!(shadow(t, "change_pte_missed"), shadow(t, "change_pte_calls"), "{ctx}");
-            assert_eq!(shadow(t, "change_pte_missed"), 2 * pass_changes + cow, "{ctx}");
-        }
-        DedupPolicy::Off => unreachable!(),
-    }
-    if policy != DedupPolicy::ChangePte {
-        // Every page is zapped by its first write-protection in each pass (and
-        // again by its replace); each phase-4 copy-on-write zaps its entry too.
-        assert_eq!(shadow(t, "zapped"), 2 * n + cow, "{ctx}");
-        assert_eq!(shadow(t, "installed"), 2 * zapped_reads + n, "{ctx}");
-    }
-    // Each merge pass returns every duplicate frame to the host; in phase 4
-    // each KSM frame goes too when the last page mapping it copies away.
-    assert_eq!(shadow(t, "frames_freed"), 2 * (n - k) + k, "{ctx}");
+    check_pagefill_exits(&s, policy, view);
 }
 
 #[test]

@@ -8,6 +8,8 @@ use std::process::{Command, Output};
 
 use vmm::stats::RunStats;
 
+pub mod pagefill;
+
 /// Whether these tests may use KVM. With `CI` set, a missing or unusable
 /// /dev/kvm is a failure, not a skip: CI machines have KVM.
 pub fn require_kvm() -> bool {
@@ -72,7 +74,8 @@ pub fn run(image: &str, extra: &[&str]) -> Run {
 }
 
 /// Runs a built-in guest in this process (so a host hook can drive the
-/// primary MMU) and returns its statistics.
+/// primary MMU) and returns its statistics. With a hook, the hook is the
+/// deduplicator; without one, the built-in one runs with Linux's defaults.
 pub fn run_in_process(
     image: &str,
     mem: &str,
@@ -80,8 +83,20 @@ pub fn run_in_process(
     view: vmm::view::ViewKind,
     host_hook: Option<vmm::vm::HostHook>,
 ) -> RunStats {
-    // With a hook, the hook is the deduplicator; without one, the built-in one runs.
     let builtin_ksm = host_hook.is_none();
+    run_with(image, mem, dedup, view, host_hook, builtin_ksm, ksm::KsmKnobs::default())
+}
+
+/// [`run_in_process`] with every setting given.
+pub fn run_with(
+    image: &str,
+    mem: &str,
+    dedup: vmm::vm::DedupPolicy,
+    view: vmm::view::ViewKind,
+    host_hook: Option<vmm::vm::HostHook>,
+    builtin_ksm: bool,
+    knobs: ksm::KsmKnobs,
+) -> RunStats {
     vmm::signals::install(false).expect("kick signal handler");
     let config = vmm::vm::RunConfig {
         image: vmm::image::GuestImage::resolve(image).expect("built-in image"),
@@ -92,7 +107,7 @@ pub fn run_in_process(
         console: Box::new(std::io::sink()),
         kvm_device: "/dev/kvm".into(),
         host_hook,
-        ksm: Default::default(),
+        ksm: knobs,
         builtin_ksm,
     };
     vmm::run::run(config).expect("the VM builds")

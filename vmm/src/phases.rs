@@ -39,6 +39,7 @@ fn shadow_mmu_counters(vm: &Vm) -> Counters {
     let mut out: Counters = lock(&vm.mmu).counters().into_iter().map(|(n, v)| (n.to_string(), v)).collect();
     let host = lock(&vm.host).stats();
     for (name, v) in [
+        ("view_host_faults", vm.view_faults.host_faults()),
         ("cow_copies", host.cow_copies),
         ("cow_reuses", host.cow_reuses),
         ("frames_freed", host.frames_freed),

@@ -8,8 +8,24 @@
 //! vCPU ioctls around them; so does this gate. Changes made on the vCPU
 //! thread itself need nothing: the vCPU is not in KVM_RUN then.
 
+use std::cell::Cell;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
+
+thread_local! {
+    /// Set while this thread serves a fault the vCPU is blocked on.
+    static SERVING_VCPU_FAULT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` on behalf of the vCPU, which is blocked inside KVM_RUN on a
+/// fault `f` serves (the userfaultfd view's fault thread): the vCPU runs no
+/// guest code meanwhile, so pauses inside `f` need not kick it.
+pub fn serving_vcpu_fault<R>(f: impl FnOnce() -> R) -> R {
+    SERVING_VCPU_FAULT.with(|s| s.set(true));
+    let r = f();
+    SERVING_VCPU_FAULT.with(|s| s.set(false));
+    r
+}
 
 #[derive(Debug, Default)]
 struct State {
@@ -57,6 +73,9 @@ impl VcpuGate {
     }
 
     fn on_vcpu_thread(&self) -> bool {
+        if SERVING_VCPU_FAULT.with(Cell::get) {
+            return true;
+        }
         // SAFETY: pthread_self and pthread_equal have no preconditions.
         self.vcpu_thread().is_some_and(|t| unsafe { libc::pthread_equal(t, libc::pthread_self()) } != 0)
     }

@@ -19,7 +19,7 @@ use ksm::{Ksm, KsmError, KsmKnobs};
 
 use crate::image::{GuestImage, ImageError};
 use crate::kvm_stats::{KvmStats, KvmStatsError};
-use crate::vcpu_gate::VcpuGate;
+use crate::vcpu_gate::{serving_vcpu_fault, VcpuGate};
 use crate::view::memslot::{set_memslot, MemslotView, BOOT_SLOT};
 use crate::view::uffd::{UffdFaultThread, UffdView};
 use crate::view::{AnyView, ViewError, ViewFaults, ViewKind};
@@ -271,6 +271,12 @@ impl Vm {
         let pool = Arc::new(FramePool::new(config.mem_bytes + 2 * PAGE_SIZE)?);
         // The VMM's low megabyte: always mapped, never part of a view.
         set_memslot(&vm_fd, &pool, BOOT_SLOT, 0, GUEST_BASE, 0, false)?;
+        // Load before the view exists (it maps what holds memory). Nothing is
+        // deduplicated yet: guest page n is frame n (HostMm::new), so the
+        // direct map doubles as guest-physical memory for loading.
+        let mem = pool.direct_map();
+        let info = config.image.load(mem, config.mem_bytes)?;
+        write_boot_structures(mem, config.mem_bytes)?;
         let (first_gfn, end_gfn) = (GUEST_BASE >> PAGE_SHIFT, config.mem_bytes >> PAGE_SHIFT);
         let slot_limit = u32::try_from(kvm.get_nr_memslots()).unwrap_or(u32::MAX);
         let gate = Arc::new(VcpuGate::new());
@@ -283,7 +289,9 @@ impl Vm {
                 end_gfn,
                 slot_limit,
             )?),
-            ViewKind::Uffd => AnyView::Uffd(UffdView::new(vm_fd.clone(), pool.clone(), 1, first_gfn, end_gfn)?),
+            ViewKind::Uffd => {
+                AnyView::Uffd(UffdView::new(vm_fd.clone(), gate.clone(), pool.clone(), 1, first_gfn, end_gfn)?)
+            }
         };
         let fault_source = match &view {
             AnyView::Uffd(v) => Some(v.fault_source()?),
@@ -297,12 +305,6 @@ impl Vm {
             _ if !config.builtin_ksm => None,
             _ => Some(Arc::new(Mutex::new(Ksm::new(&mut host, config.ksm)?))),
         };
-
-        // Nothing is deduplicated yet: guest page n is frame n (HostMm::new),
-        // so the direct map doubles as guest-physical memory for loading.
-        let mem = pool.direct_map();
-        let info = config.image.load(mem, config.mem_bytes)?;
-        write_boot_structures(mem, config.mem_bytes)?;
 
         let vcpu = vm_fd.create_vcpu(0).map_err(|source| VmError::Setup { what: "KVM_CREATE_VCPU", source })?;
         let cpuid = kvm
@@ -327,8 +329,24 @@ impl Vm {
                 Some(UffdFaultThread::spawn(
                     source,
                     Box::new(move |gfn, access| {
-                        counts.record(access);
-                        handle_ept_violation(&h, &m, gfn, access).map(|_| ()).map_err(|e| e.to_string())
+                        serving_vcpu_fault(|| {
+                            // A fault on a page the secondary MMU already maps with
+                            // this access is the host's own (a first touch of a
+                            // frame that was a hole, or a race with a view update):
+                            // the view maps it again; no secondary-MMU fault.
+                            {
+                                let mut mmu = lock(&m);
+                                if let Some(e) = mmu.ept().lookup(gfn) {
+                                    if access != shadow_mmu::Access::Write || e.writable() {
+                                        counts.record_host_fault();
+                                        return shadow_mmu::EptView::map(mmu.view_mut(), gfn, e.pfn(), e.writable())
+                                            .map_err(|e| e.to_string());
+                                    }
+                                }
+                            }
+                            counts.record(access);
+                            handle_ept_violation(&h, &m, gfn, access).map(|_| ()).map_err(|e| e.to_string())
+                        })
                     }),
                     // The watchdog sees the flag and kicks the vCPU until the
                     // run loop has noticed (it is blocked on the fault).

@@ -93,6 +93,7 @@ impl ViewKind {
 pub struct ViewFaults {
     reads: AtomicU64,
     writes: AtomicU64,
+    host_faults: AtomicU64,
     failed: AtomicBool,
 }
 
@@ -101,6 +102,16 @@ impl ViewFaults {
     pub fn record(&self, access: shadow_mmu::Access) {
         let counter = if access == shadow_mmu::Access::Write { &self.writes } else { &self.reads };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a fault that was the host's, not the secondary MMU's.
+    pub fn record_host_fault(&self) {
+        self.host_faults.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Host faults so far (first touches, races with view updates).
+    pub fn host_faults(&self) -> u64 {
+        self.host_faults.load(Ordering::Relaxed)
     }
 
     /// (reads, writes) so far.

@@ -61,6 +61,7 @@ use kvm_ioctls::VmFd;
 use shadow_mmu::{Access, EptView, FramePool, Gfn, Pfn, PAGE_SHIFT, PAGE_SIZE};
 
 use super::ViewError;
+use crate::vcpu_gate::VcpuGate;
 
 // ---------------------------------------------------------------------------
 // The userfaultfd ABI. The libc crate defines none of it and the installed
@@ -373,6 +374,8 @@ pub struct UffdView {
     // Drop order: the slot is deleted in `drop`, then the userfaultfd closes,
     // then W is unmapped.
     vm: Arc<VmFd>,
+    /// Keeps the vCPU out of KVM_RUN while a page of W is replaced.
+    gate: Arc<VcpuGate>,
     pool: Arc<FramePool>,
     slot: u32,
     first_gfn: Gfn,
@@ -397,6 +400,7 @@ impl UffdView {
     /// overlap another.
     pub fn new(
         vm: Arc<VmFd>,
+        gate: Arc<VcpuGate>,
         pool: Arc<FramePool>,
         slot: u32,
         first_gfn: Gfn,
@@ -430,15 +434,33 @@ impl UffdView {
         }
         let window = Window { base: base as usize, len, leak: false };
 
-        // Populate every pte before registering: after registration the
-        // first touch of each page would be a userfaultfd fault.
-        // SAFETY: madvise on the mapping just created; POPULATE_WRITE only
-        // faults pages in (allocating holes as zero pages), changing no data.
-        if unsafe { libc::madvise(base, len, libc::MADV_POPULATE_WRITE) } != 0 {
-            return Err(ViewError::Uffd {
-                op: "madvise(MADV_POPULATE_WRITE) of the window",
-                source: io::Error::last_os_error(),
-            });
+        // Populate the ptes of the frames that hold memory already (the
+        // image, anything loaded) before registering, so they never fault.
+        // Frames that are still memfd holes stay holes: the guest's first
+        // touch of one is a MISSING fault, which the VMM serves as the host's
+        // own first-touch fault (the secondary MMU already maps the page),
+        // not as a secondary-MMU fault; guest RAM is not allocated up front.
+        let resident = resident_pages(&pool, first_gfn, nr_pages)?;
+        let mut i = 0;
+        while i < nr_pages {
+            if !resident[i] {
+                i += 1;
+                continue;
+            }
+            let run = resident[i..].iter().take_while(|&&r| r).count();
+            let range = window.range(i, run);
+            // SAFETY: madvise on pages of the mapping just created; their
+            // frames hold memory, so POPULATE_WRITE maps them and allocates
+            // nothing.
+            if unsafe { libc::madvise(range.start as *mut libc::c_void, range.len as usize, libc::MADV_POPULATE_WRITE) }
+                != 0
+            {
+                return Err(ViewError::Uffd {
+                    op: "madvise(MADV_POPULATE_WRITE) of the window",
+                    source: io::Error::last_os_error(),
+                });
+            }
+            i += run;
         }
         register(uffd.as_raw_fd(), window.range(0, nr_pages))?;
 
@@ -447,7 +469,8 @@ impl UffdView {
             faults: AtomicU64::new(0),
             fault_wakes: AtomicU64::new(0),
         });
-        let pages = (first_gfn..end_gfn).map(|pfn| PageState { pfn, present: true, wp: false }).collect();
+        let pages =
+            (first_gfn..end_gfn).zip(&resident).map(|(pfn, &present)| PageState { pfn, present, wp: false }).collect();
         let region = kvm_userspace_memory_region {
             slot,
             flags: 0,
@@ -467,6 +490,7 @@ impl UffdView {
         })?;
         Ok(Self {
             vm,
+            gate,
             pool,
             slot,
             first_gfn,
@@ -653,6 +677,20 @@ impl UffdView {
     }
 }
 
+/// Which of the frames [first, first + n) hold memory (are not memfd holes),
+/// from mincore on the frame pool's direct map.
+fn resident_pages(pool: &FramePool, first: Pfn, n: usize) -> Result<Vec<bool>, ViewError> {
+    let start = pool.frame_hva(first).ok_or(ViewError::NoSuchFrame(first))?;
+    let mut vec = vec![0u8; n];
+    // SAFETY: [start, start + n pages) lies in the direct map (the caller
+    // checked the range against the pool); `vec` has one byte per page.
+    let rc = unsafe { libc::mincore(start.cast(), n << PAGE_SHIFT, vec.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(ViewError::Uffd { op: "mincore of the frame pool", source: io::Error::last_os_error() });
+    }
+    Ok(vec.into_iter().map(|b| b & 1 != 0).collect())
+}
+
 /// Registers `range` of W with the view's userfaultfd, checking that the
 /// kernel offers CONTINUE and WRITEPROTECT on it.
 fn register(uffd: RawFd, range: UffdioRange) -> Result<(), ViewError> {
@@ -706,7 +744,12 @@ impl EptView for UffdView {
         let hint = self.shared.pages[i].hint.swap(0, Ordering::AcqRel);
         let page = self.pages[i];
         if page.pfn != pfn {
-            return self.remap(i, pfn, writable);
+            // Replacing a mapping of W is not atomic for a running vCPU (a
+            // write in the window fails KVM_RUN with EFAULT): keep it out.
+            self.gate.pause();
+            let result = self.remap(i, pfn, writable);
+            self.gate.resume();
+            return result;
         }
         if !page.present || hint & HINT_ABSENT != 0 {
             return self.continue_page(i, !writable, false);
@@ -920,446 +963,4 @@ fn serve_one(source: &UffdFaultSource, msg: &[u8], handler: &mut UffdFaultHandle
         source.shared.fault_wakes.fetch_add(1, Ordering::Relaxed);
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    //! The view on real KVM and userfaultfd, without a vCPU: a helper thread
-    //! touching W raises the same userfaultfd events a vCPU would (KVM's
-    //! get_user_pages from the vCPU thread takes the same path).
-
-    use super::*;
-    use std::collections::HashMap;
-    use std::sync::{mpsc, Mutex};
-    use std::time::{Duration, Instant};
-    use vm_memory::{Bytes, GuestAddress};
-
-    const FIRST: Gfn = 16;
-    const END: Gfn = 48;
-    const FRAMES: u64 = 64;
-
-    /// A VM to hang the slot on, or None (with a message) where KVM or
-    /// userfaultfd is unavailable. Under CI a missing /dev/kvm is a failure.
-    fn vm() -> Option<Arc<VmFd>> {
-        let kvm = match kvm_ioctls::Kvm::new() {
-            Ok(kvm) => kvm,
-            Err(e) => {
-                assert!(std::env::var_os("CI").is_none(), "CI is set but /dev/kvm is unusable: {e}");
-                eprintln!("skipping: /dev/kvm is unusable: {e}");
-                return None;
-            }
-        };
-        if let Err(e) = open_view_userfaultfd() {
-            eprintln!("skipping: no usable userfaultfd: {e}");
-            return None;
-        }
-        Some(Arc::new(kvm.create_vm().expect("KVM_CREATE_VM")))
-    }
-
-    fn marker(pfn: Pfn) -> u64 {
-        0x5eed_0000_0000 + pfn
-    }
-
-    /// What the test handler does for a gfn.
-    #[derive(Clone, Copy)]
-    struct Want {
-        pfn: Pfn,
-        writable: bool,
-        /// Return Ok without mapping this many times first (a spurious fault).
-        skip: u32,
-        /// Return an error.
-        fail: bool,
-    }
-
-    struct Lab {
-        pool: Arc<FramePool>,
-        view: Arc<Mutex<UffdView>>,
-        seen: Arc<Mutex<Vec<(Gfn, Access)>>>,
-        want: Arc<Mutex<HashMap<Gfn, Want>>>,
-        errors: Arc<AtomicU64>,
-        thread: Option<UffdFaultThread>,
-        base: usize,
-    }
-
-    impl Lab {
-        fn new() -> Option<Self> {
-            let vm = vm()?;
-            let pool = Arc::new(FramePool::new(FRAMES * PAGE_SIZE).expect("pool"));
-            for pfn in 0..FRAMES {
-                pool.direct_map().write_obj(marker(pfn), GuestAddress(pfn << PAGE_SHIFT)).expect("write");
-            }
-            let view = UffdView::new(vm, pool.clone(), 0, FIRST, END).expect("view");
-            let base = view.window.base;
-            let source = view.fault_source().expect("source");
-            let view = Arc::new(Mutex::new(view));
-            let seen = Arc::new(Mutex::new(Vec::new()));
-            let want: Arc<Mutex<HashMap<Gfn, Want>>> = Arc::new(Mutex::new(HashMap::new()));
-            let errors = Arc::new(AtomicU64::new(0));
-            let handler: UffdFaultHandler = {
-                let (view, seen, want) = (view.clone(), seen.clone(), want.clone());
-                Box::new(move |gfn, access| {
-                    seen.lock().expect("seen").push((gfn, access));
-                    let w = {
-                        let mut wants = want.lock().expect("want");
-                        let w = wants.entry(gfn).or_insert(Want { pfn: gfn, writable: true, skip: 0, fail: false });
-                        let copy = *w;
-                        w.skip = w.skip.saturating_sub(1);
-                        copy
-                    };
-                    if w.fail {
-                        return Err(format!("refused gfn {gfn:#x}"));
-                    }
-                    if w.skip > 0 {
-                        return Ok(());
-                    }
-                    view.lock().expect("view").map(gfn, w.pfn, w.writable).map_err(|e| e.to_string())
-                })
-            };
-            let on_error = {
-                let errors = errors.clone();
-                Box::new(move || {
-                    errors.fetch_add(1, Ordering::SeqCst);
-                })
-            };
-            let thread = UffdFaultThread::spawn(source, handler, on_error).expect("spawn");
-            Some(Self { pool, view, seen, want, errors, thread: Some(thread), base })
-        }
-
-        fn want(&self, gfn: Gfn, pfn: Pfn, writable: bool) {
-            self.want.lock().expect("want").insert(gfn, Want { pfn, writable, skip: 0, fail: false });
-        }
-
-        fn addr(&self, gfn: Gfn) -> usize {
-            self.base + (((gfn - FIRST) as usize) << PAGE_SHIFT)
-        }
-
-        /// Reads (or writes `value` to) the first u64 of `gfn` through W from
-        /// another thread, as a vCPU would; None if it is still blocked after
-        /// two seconds.
-        fn touch(&self, gfn: Gfn, value: Option<u64>) -> Option<u64> {
-            let addr = self.addr(gfn);
-            let (tx, rx) = mpsc::channel();
-            std::thread::spawn(move || {
-                let p = addr as *mut u64;
-                let v = match value {
-                    // SAFETY: W's page is mapped for the whole test; it is
-                    // shared memory, accessed volatile.
-                    Some(v) => unsafe {
-                        p.write_volatile(v);
-                        v
-                    },
-                    // SAFETY: as above.
-                    None => unsafe { p.read_volatile() },
-                };
-                let _ = tx.send(v);
-            });
-            rx.recv_timeout(Duration::from_secs(2)).ok()
-        }
-
-        fn seen(&self) -> Vec<(Gfn, Access)> {
-            std::mem::take(&mut *self.seen.lock().expect("seen"))
-        }
-
-        fn frame(&self, pfn: Pfn) -> u64 {
-            self.pool.direct_map().read_obj(GuestAddress(pfn << PAGE_SHIFT)).expect("read")
-        }
-
-        fn counter(&self, name: &str) -> u64 {
-            let counters = self.view.lock().expect("view").counters();
-            counters.iter().find(|(n, _)| *n == name).map(|(_, v)| *v).expect("counter")
-        }
-    }
-
-    impl Drop for Lab {
-        fn drop(&mut self) {
-            if let Some(t) = self.thread.take() {
-                t.stop();
-            }
-        }
-    }
-
-    #[test]
-    fn identity_view_reads_and_writes_without_faults() {
-        let Some(lab) = Lab::new() else { return };
-        assert_eq!(lab.touch(20, None), Some(marker(20)));
-        assert_eq!(lab.touch(21, Some(7)), Some(7));
-        assert_eq!(lab.frame(21), 7);
-        assert!(lab.seen().is_empty());
-        assert_eq!(lab.counter("view_slots"), 1);
-    }
-
-    #[test]
-    fn read_after_zap_is_a_read_fault_resolved_by_map() {
-        let Some(lab) = Lab::new() else { return };
-        lab.view.lock().expect("view").zap(20, 23).expect("zap");
-        assert_eq!(lab.touch(21, None), Some(marker(21)));
-        assert_eq!(lab.seen(), vec![(21, Access::Read)]);
-        // A write to a zapped page is a write fault; the page becomes writable.
-        assert_eq!(lab.touch(22, Some(9)), Some(9));
-        assert_eq!(lab.seen(), vec![(22, Access::Write)]);
-        assert_eq!(lab.frame(22), 9);
-        assert_eq!(lab.counter("view_faults"), 2);
-        assert_eq!(lab.counter("view_continues"), 2);
-        assert_eq!(lab.counter("view_fault_wakes"), 0);
-    }
-
-    #[test]
-    fn map_of_another_frame_shows_that_frame() {
-        let Some(lab) = Lab::new() else { return };
-        // In place, no fault: the page now reaches frame 50, writable.
-        lab.view.lock().expect("view").map(24, 50, true).expect("map");
-        assert_eq!(lab.touch(24, None), Some(marker(50)));
-        assert_eq!(lab.touch(24, Some(11)), Some(11));
-        assert_eq!(lab.frame(50), 11);
-        assert_eq!(lab.frame(24), marker(24));
-        assert!(lab.seen().is_empty());
-        // Through a fault: a zapped page is remapped by the handler while the
-        // toucher waits on the old mapping.
-        lab.view.lock().expect("view").zap(25, 26).expect("zap");
-        lab.want(25, 51, true);
-        assert_eq!(lab.touch(25, None), Some(marker(51)));
-        assert_eq!(lab.seen(), vec![(25, Access::Read)]);
-        assert_eq!(lab.counter("view_remaps"), 2);
-        // Back to its own frame.
-        lab.view.lock().expect("view").map(25, 25, true).expect("map");
-        assert_eq!(lab.touch(25, None), Some(marker(25)));
-        assert!(lab.seen().is_empty());
-    }
-
-    #[test]
-    fn write_to_read_only_page_is_a_write_fault() {
-        let Some(lab) = Lab::new() else { return };
-        lab.view.lock().expect("view").map(26, 26, false).expect("map ro");
-        assert_eq!(lab.touch(26, None), Some(marker(26)));
-        assert!(lab.seen().is_empty(), "reading a write-protected page must not fault");
-        lab.want(26, 26, true);
-        assert_eq!(lab.touch(26, Some(5)), Some(5));
-        assert_eq!(lab.seen(), vec![(26, Access::Write)]);
-        assert_eq!(lab.frame(26), 5);
-
-        // Read-only remap onto another (shared) frame: a write faults, and
-        // the handler's copy-on-write lands on a third frame.
-        lab.view.lock().expect("view").map(27, 52, false).expect("map ro other");
-        assert_eq!(lab.touch(27, None), Some(marker(52)));
-        assert!(lab.seen().is_empty());
-        lab.pool.direct_map().write_obj(marker(52), GuestAddress(53 << PAGE_SHIFT)).expect("copy");
-        lab.want(27, 53, true);
-        assert_eq!(lab.touch(27, Some(6)), Some(6));
-        assert_eq!(lab.seen(), vec![(27, Access::Write)]);
-        assert_eq!(lab.frame(52), marker(52), "the read-only frame must not change");
-        assert_eq!(lab.frame(53), 6);
-    }
-
-    #[test]
-    fn continue_keeps_write_protection() {
-        let Some(lab) = Lab::new() else { return };
-        let mut view = lab.view.lock().expect("view");
-        view.map(28, 28, false).expect("map ro");
-        view.zap(28, 29).expect("zap");
-        drop(view);
-        lab.want(28, 28, false);
-        assert_eq!(lab.touch(28, None), Some(marker(28)));
-        assert_eq!(lab.seen(), vec![(28, Access::Read)]);
-        // Zapped while read-only and mapped back read-only (CONTINUE_MODE_WP):
-        // a write must still fault.
-        lab.want(28, 28, true);
-        assert_eq!(lab.touch(28, Some(3)), Some(3));
-        assert_eq!(lab.seen(), vec![(28, Access::Write)]);
-        // Same through a read-only remap after a zap.
-        lab.view.lock().expect("view").zap(29, 30).expect("zap");
-        lab.want(29, 54, false);
-        assert_eq!(lab.touch(29, None), Some(marker(54)));
-        assert_eq!(lab.seen(), vec![(29, Access::Read)]);
-        lab.want(29, 55, true);
-        assert_eq!(lab.touch(29, Some(4)), Some(4));
-        assert_eq!(lab.seen(), vec![(29, Access::Write)]);
-        assert_eq!(lab.frame(54), marker(54));
-        assert_eq!(lab.frame(55), 4);
-    }
-
-    #[test]
-    fn punched_frame_still_faults() {
-        let Some(lab) = Lab::new() else { return };
-        // Zap, then return the frame to the host: the next touch must fault
-        // (MISSING) rather than silently read a fresh zero page.
-        lab.view.lock().expect("view").zap(30, 32).expect("zap");
-        lab.pool.punch_hole(30).expect("punch");
-        lab.pool.punch_hole(31).expect("punch");
-        lab.want(30, 56, false);
-        assert_eq!(lab.touch(30, None), Some(marker(56)));
-        assert_eq!(lab.seen(), vec![(30, Access::Read)]);
-        // Mapping the hole itself reads zeroes (the frame is allocated anew).
-        assert_eq!(lab.touch(31, None), Some(0));
-        assert_eq!(lab.seen(), vec![(31, Access::Read)]);
-        // And a present page whose frame is punched faults too.
-        lab.pool.punch_hole(32).expect("punch");
-        lab.want(32, 57, true);
-        assert_eq!(lab.touch(32, None), Some(marker(57)));
-        assert_eq!(lab.seen(), vec![(32, Access::Read)]);
-        // A read-only remap onto a punched frame maps it anew, zeroed.
-        lab.pool.punch_hole(58).expect("punch");
-        lab.view.lock().expect("view").map(33, 58, false).expect("map ro onto a hole");
-        assert_eq!(lab.touch(33, None), Some(0));
-        assert!(lab.seen().is_empty());
-    }
-
-    #[test]
-    fn unresolved_fault_is_woken_and_retried() {
-        let Some(lab) = Lab::new() else { return };
-        lab.view.lock().expect("view").zap(33, 34).expect("zap");
-        lab.want.lock().expect("want").insert(33, Want { pfn: 33, writable: true, skip: 2, fail: false });
-        assert_eq!(lab.touch(33, None), Some(marker(33)));
-        assert_eq!(lab.seen(), vec![(33, Access::Read); 3]);
-        assert_eq!(lab.counter("view_fault_wakes"), 2);
-        // A map that finds the entry already right does nothing...
-        let mut view = lab.view.lock().expect("view");
-        let before = view.counters();
-        view.map(34, 34, true).expect("map");
-        assert_eq!(view.counters(), before);
-        // ...unless a fault said the page is absent: the kernel's word wins
-        // over the bookkeeping (CONTINUE finds the pte, EEXIST, and the
-        // protection is set explicitly).
-        view.shared.pages[34 - FIRST as usize].hint.store(HINT_ABSENT, Ordering::SeqCst);
-        view.map(34, 34, true).expect("map");
-        assert_eq!((view.continues, view.wp_changes), (1, 1));
-        assert_eq!(view.shared.pages[34 - FIRST as usize].hint.load(Ordering::SeqCst), 0);
-    }
-
-    #[test]
-    fn handler_error_stops_the_thread_and_is_returned() {
-        let Some(mut lab) = Lab::new() else { return };
-        lab.view.lock().expect("view").zap(35, 36).expect("zap");
-        lab.want.lock().expect("want").insert(35, Want { pfn: 35, writable: true, skip: 0, fail: true });
-        let addr = lab.addr(35);
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            // SAFETY: W stays mapped for the test; volatile shared memory.
-            let v = unsafe { (addr as *const u64).read_volatile() };
-            let _ = tx.send(v);
-        });
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while lab.errors.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert_eq!(lab.errors.load(Ordering::SeqCst), 1, "on_error must be called");
-        let err = lab.thread.take().expect("thread").stop();
-        assert_eq!(err.as_deref(), Some("refused gfn 0x23"));
-        // Nobody serves the fault any more: resolve it by hand.
-        assert!(rx.recv_timeout(Duration::from_millis(50)).is_err(), "the toucher must still wait");
-        lab.view.lock().expect("view").map(35, 35, true).expect("map");
-        assert_eq!(rx.recv_timeout(Duration::from_secs(2)).ok(), Some(marker(35)));
-    }
-
-    #[test]
-    fn bad_arguments_are_refused() {
-        let Some(vm) = vm() else { return };
-        let pool = Arc::new(FramePool::new(FRAMES * PAGE_SIZE).expect("pool"));
-        assert!(matches!(
-            UffdView::new(vm.clone(), pool.clone(), 0, 8, FRAMES + 1),
-            Err(ViewError::NoSuchFrame(p)) if p == FRAMES
-        ));
-        assert!(matches!(UffdView::new(vm.clone(), pool.clone(), 0, 8, 8), Err(ViewError::OutOfRange(8))));
-        let mut view = UffdView::new(vm, pool, 0, FIRST, END).expect("view");
-        assert!(matches!(view.map(END, END, true), Err(ViewError::OutOfRange(g)) if g == END));
-        assert!(matches!(view.map(FIRST, FRAMES, true), Err(ViewError::NoSuchFrame(p)) if p == FRAMES));
-        assert!(matches!(view.zap(FIRST - 1, FIRST + 1), Err(ViewError::OutOfRange(_))));
-    }
-
-    #[test]
-    fn drop_deletes_the_slot_and_unmaps_the_window() {
-        let Some(vm) = vm() else { return };
-        let pool = Arc::new(FramePool::new(FRAMES * PAGE_SIZE).expect("pool"));
-        let view = UffdView::new(vm.clone(), pool.clone(), 3, FIRST, END).expect("view");
-        let base = view.window.base;
-        drop(view);
-        let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
-        assert!(!maps.lines().any(|l| l.starts_with(&format!("{base:x}-"))), "W is still mapped");
-        // The slot is free again: the same range can be installed once more.
-        let view = UffdView::new(vm, pool, 3, FIRST, END).expect("view again");
-        drop(view);
-    }
-
-    fn median(mut v: Vec<Duration>) -> Duration {
-        v.sort();
-        v[v.len() / 2]
-    }
-
-    /// Costs, printed (run with --nocapture): one fault served end to end
-    /// against the bare ioctls it is made of.
-    #[test]
-    fn measure_fault_costs() {
-        let Some(lab) = Lab::new() else { return };
-        const N: usize = 1000;
-        let gfn = 40;
-        let addr = lab.addr(gfn);
-        let view = lab.view.clone();
-        let touch_after = move |prepare: &dyn Fn(&mut UffdView), write: bool| -> Vec<Duration> {
-            let mut out = Vec::with_capacity(N);
-            for i in 0..N {
-                prepare(&mut view.lock().expect("view"));
-                let p = addr as *mut u64;
-                let t = Instant::now();
-                if write {
-                    // SAFETY: W stays mapped for the test; volatile shared memory.
-                    unsafe { p.write_volatile(i as u64) };
-                } else {
-                    // SAFETY: as above.
-                    unsafe { p.read_volatile() };
-                }
-                out.push(t.elapsed());
-            }
-            out
-        };
-        // The measuring thread touches W itself: it is not the fault thread,
-        // so it may block on the userfaultfd like a vCPU.
-        let read_fault = touch_after(&|v| v.zap(gfn, gfn + 1).expect("zap"), false);
-        lab.want(gfn, 60, true);
-        let remap_fault = touch_after(
-            &|v| {
-                v.map(gfn, 61, true).expect("map");
-                v.zap(gfn, gfn + 1).expect("zap");
-            },
-            false,
-        );
-        lab.want(gfn, gfn, true);
-        let wp_fault = touch_after(&|v| v.map(gfn, gfn, false).expect("map ro"), true);
-        let faults_seen = lab.seen().len();
-
-        let mut view = lab.view.lock().expect("view");
-        let i = (gfn - FIRST) as usize;
-        let mut bare = |op: &dyn Fn(&mut UffdView)| -> Vec<Duration> {
-            (0..N)
-                .map(|_| {
-                    view.zap(gfn, gfn + 1).expect("zap");
-                    let t = Instant::now();
-                    op(&mut view);
-                    t.elapsed()
-                })
-                .collect()
-        };
-        let cont = bare(&|v| v.continue_page(i, false, false).expect("continue"));
-        let cont_wp = bare(&|v| v.continue_page(i, true, false).expect("continue wp"));
-        let wake = bare(&|v| v.wake(i).expect("wake"));
-        let remap = bare(&|v| {
-            let pfn = if v.pages[i].pfn == 62 { 63 } else { 62 };
-            v.remap(i, pfn, true).expect("remap")
-        });
-        let remap_ro = bare(&|v| {
-            let pfn = if v.pages[i].pfn == 62 { 63 } else { 62 };
-            v.remap(i, pfn, false).expect("remap ro")
-        });
-        let zap = bare(&|v| v.zap(gfn, gfn + 1).expect("zap"));
-        drop(view);
-        assert_eq!(faults_seen, 3 * N);
-        eprintln!("userfaultfd view, medians of {N} (no vCPU; a thread touches W):");
-        eprintln!("  read fault after zap, served end to end (CONTINUE): {:?}", median(read_fault));
-        eprintln!("  read fault after zap, served by a remap to another frame: {:?}", median(remap_fault));
-        eprintln!("  write fault on a write-protected page (unprotect): {:?}", median(wp_fault));
-        eprintln!("  bare UFFDIO_CONTINUE: {:?}", median(cont));
-        eprintln!("  bare UFFDIO_CONTINUE_MODE_WP: {:?}", median(cont_wp));
-        eprintln!("  bare UFFDIO_WAKE (no waiter): {:?}", median(wake));
-        eprintln!("  remap (mmap MAP_FIXED + REGISTER + CONTINUE): {:?}", median(remap));
-        eprintln!("  read-only remap (+ CONTINUE_MODE_WP, mprotect, WAKE): {:?}", median(remap_ro));
-        eprintln!("  zap of one page (MADV_DONTNEED): {:?}", median(zap));
-    }
 }

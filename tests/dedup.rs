@@ -1,0 +1,104 @@
+//! The built-in deduplicator on real KVM: pagefill's exits as the model
+//! predicts them from the number of merged pages, under every policy and
+//! view; and deduplication never changes what a guest reads (every built-in
+//! guest reports the same checksums under every policy as with dedup off).
+
+mod common;
+
+use common::{require_kvm, run_with};
+use ksm::KsmKnobs;
+use vmm::stats::RunStats;
+use vmm::view::ViewKind;
+use vmm::vm::DedupPolicy;
+
+const POLICIES: [DedupPolicy; 3] = [DedupPolicy::ChangePte, DedupPolicy::RangeFlush, DedupPolicy::Legacy];
+const VIEWS: [ViewKind; 2] = [ViewKind::Memslot, ViewKind::Uffd];
+
+fn run(image: &str, mem: &str, dedup: DedupPolicy, view: ViewKind, knobs: KsmKnobs) -> RunStats {
+    run_with(image, mem, dedup, view, None, true, knobs)
+}
+
+fn ksm(s: &RunStats, phase: u32, name: &str) -> u64 {
+    let p = s.phases.iter().find(|p| p.phase == phase).unwrap_or_else(|| panic!("no phase {phase}"));
+    p.figures.ksm.get(name).copied().unwrap_or_else(|| panic!("no ksm figure {name}"))
+}
+
+#[test]
+fn pagefill_takes_the_exits_the_model_predicts_from_the_merged_pages() {
+    if !require_kvm() {
+        return;
+    }
+    let mem = 8 << 20;
+    let n = guest_images::pagefill_pages(mem);
+    let k = guest_images::PAGEFILL_GROUPS;
+    for view in VIEWS {
+        for policy in POLICIES {
+            let s = run("pagefill", "8M", policy, view, KsmKnobs::default());
+            let ctx = format!("{} / {}", policy.name(), view.name());
+            // Each synchronous pass merged every group into one KSM page:
+            // K shared, N - K sharing; the image's own page stays unshared.
+            for phase in [2, 5] {
+                assert_eq!(ksm(&s, phase, "pages_shared"), k, "{ctx}: phase {phase}");
+                assert_eq!(ksm(&s, phase, "pages_sharing"), n - k, "{ctx}: phase {phase}");
+                assert_eq!(ksm(&s, phase, "merges"), n, "{ctx}: phase {phase}");
+                // A page is compared in the unstable tree once its checksum
+                // held for a scan: each pass is two full scans.
+                assert_eq!(ksm(&s, phase, "full_scans"), 2, "{ctx}: phase {phase}");
+                assert_eq!(ksm(&s, phase, "bytes_returned"), (n - k) * 4096, "{ctx}: phase {phase}");
+            }
+            common::pagefill::check_pagefill_exits(&s, policy, view);
+        }
+    }
+}
+
+/// Every built-in guest that ends by itself, with its reports and exit code.
+const GUESTS: [&str; 6] =
+    ["hello", "pagefill", "stress", "misbehave-beyond-ram", "misbehave-exit-code", "misbehave-hlt"];
+
+#[test]
+fn every_guest_reports_the_same_checksums_under_every_policy_as_with_dedup_off() {
+    if !require_kvm() {
+        return;
+    }
+    // ksmd at Linux's defaults (100 pages every 20 ms) while stress writes.
+    let knobs = KsmKnobs::default();
+    for image in GUESTS {
+        let off = run(image, "8M", DedupPolicy::Off, ViewKind::Memslot, knobs);
+        if image == "pagefill" {
+            assert_eq!(off.guest.reports, guest_images::pagefill_expected_reports(8 << 20));
+        }
+        if image == "stress" {
+            assert_eq!(off.guest.reports, guest_images::stress_expected_reports(8 << 20));
+        }
+        for view in VIEWS {
+            for policy in POLICIES {
+                let s = run(image, "8M", policy, view, knobs);
+                let ctx = format!("{image}: {} / {}", policy.name(), view.name());
+                assert_eq!(s.guest.end.reason, off.guest.end.reason, "{ctx}: {}", s.guest.end.detail);
+                assert_eq!(s.guest.exit_code, off.guest.exit_code, "{ctx}");
+                assert_eq!(s.guest.reports, off.guest.reports, "{ctx}");
+            }
+        }
+    }
+}
+
+#[test]
+fn stress_under_an_aggressive_ksmd_keeps_every_guest_write() {
+    if !require_kvm() {
+        return;
+    }
+    // ksmd never sleeping: merges race with the guest's writes all the time.
+    let knobs = KsmKnobs { pages_to_scan: 256, sleep_millisecs: 5, ..KsmKnobs::default() };
+    let expected = guest_images::stress_expected_reports(8 << 20);
+    for view in VIEWS {
+        for policy in POLICIES {
+            let s = run("stress", "8M", policy, view, knobs);
+            let ctx = format!("{} / {}", policy.name(), view.name());
+            assert_eq!(s.guest.exit_code, Some(0), "{ctx}: {}", s.guest.end.detail);
+            assert_eq!(s.guest.reports, expected, "{ctx}");
+            // ksmd really merged while the guest wrote (phase 2).
+            assert!(ksm(&s, 2, "merges") > 0, "{ctx}: no merge during the writes");
+            assert!(s.phases[2].figures.exits.ept_write > 0, "{ctx}: no copy-on-write during the writes");
+        }
+    }
+}
