@@ -31,8 +31,12 @@ use shadow_mmu::{
 };
 use vm_memory::{Bytes, GuestAddress};
 
-/// First guest page; frames 0 and 1 are the VMM's boot memory.
+/// First guest page of the deterministic tests; frames 0 and 1 are the
+/// VMM's boot memory.
 const FIRST_GFN: Gfn = 2;
+/// First guest page of the generated cases: [`FIRST_GFN`], or a few pages
+/// below 512 so that the guest range spans two EPT leaf tables.
+const FIRST_GFNS: [Gfn; 2] = [FIRST_GFN, 505];
 /// Every policy, for the tests that run under all of them.
 const POLICIES: [Policy; 3] = [Policy::ChangePte, Policy::RangeFlush, Policy::Legacy];
 /// Words the guest writes: a small alphabet, so that many pages are equal
@@ -60,20 +64,21 @@ impl<T, E: std::fmt::Display> OrFail<T> for Result<T, E> {
 /// The reference: what the guest must read at offset 0 of each page.
 #[derive(Debug, Clone)]
 struct Model {
+    first: Gfn,
     words: Vec<u64>,
 }
 
 impl Model {
     fn gfns(&self) -> Range<Gfn> {
-        FIRST_GFN..FIRST_GFN + self.words.len() as u64
+        self.first..self.first + self.words.len() as u64
     }
 
     fn get(&self, gfn: Gfn) -> u64 {
-        self.words[(gfn - FIRST_GFN) as usize]
+        self.words[(gfn - self.first) as usize]
     }
 
     fn set(&mut self, gfn: Gfn, word: u64) {
-        self.words[(gfn - FIRST_GFN) as usize] = word;
+        self.words[(gfn - self.first) as usize] = word;
     }
 
     /// The other pages holding the same word as `gfn`: candidates for a merge.
@@ -144,18 +149,18 @@ struct Lab {
 }
 
 impl Lab {
-    /// Guest pages [FIRST_GFN, FIRST_GFN + words.len()) holding `words`,
-    /// pre-faulted in the EPT, with one spare frame in the pool.
-    fn new(policy: Policy, words: &[u64]) -> Self {
-        let end = FIRST_GFN + words.len() as u64;
+    /// Guest pages [first, first + words.len()) holding `words`, pre-faulted
+    /// in the EPT, with one spare frame in the pool.
+    fn new(policy: Policy, first: Gfn, words: &[u64]) -> Self {
+        let end = first + words.len() as u64;
         let pool = Arc::new(FramePool::new((end + 1) * PAGE_SIZE).expect("frame pool (memfd)"));
-        let mut host = HostMm::new(pool.clone(), FIRST_GFN, end);
-        for (gfn, word) in (FIRST_GFN..).zip(words) {
+        let mut host = HostMm::new(pool.clone(), first, end);
+        for (gfn, word) in (first..).zip(words) {
             host.write_guest(gfn << PAGE_SHIFT, &word.to_ne_bytes()).expect("initial contents");
         }
         // The view starts with what the pre-faulted table maps.
         let view = RecordingView {
-            pages: (FIRST_GFN..end)
+            pages: (first..end)
                 .map(|gfn| {
                     let pte = host.pte(gfn).expect("guest page");
                     (gfn, (pte.pfn, pte.writable))
@@ -165,7 +170,7 @@ impl Lab {
         };
         let mmu = Arc::new(Mutex::new(SecondaryMmu::new_prefaulted(policy, view, &host)));
         host.mmu_notifier_register(mmu.clone());
-        Self { host: Mutex::new(host), mmu, pool, model: Model { words: words.to_vec() } }
+        Self { host: Mutex::new(host), mmu, pool, model: Model { first, words: words.to_vec() } }
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -346,13 +351,17 @@ fn check_invariants(host: &HostMm, mmu: &Mmu, pool: &FramePool, model: &Model) -
     }
 
     // 5. Frame accounting.
+    let mut mappers: BTreeMap<Pfn, u32> = BTreeMap::new();
+    for (_, pte) in &ptes {
+        *mappers.entry(pte.pfn).or_default() += 1;
+    }
     let mut free = 0;
     for pfn in 0..pool.nr_frames() {
         let frame = host.frame(pfn);
-        let mappers = ptes.iter().filter(|(_, pte)| pte.pfn == pfn).count() as u32;
+        let mappers = mappers.get(&pfn).copied().unwrap_or(0);
         prop_assert_eq!(frame.mapcount, mappers, "mapcount of frame {}", pfn);
         prop_assert!(frame.refcount >= frame.mapcount, "frame {}: {:?}", pfn, frame);
-        if pfn >= FIRST_GFN {
+        if pfn >= model.first {
             // Nothing here pins guest frames: every reference is a map.
             prop_assert_eq!(frame.refcount, frame.mapcount, "leaked reference on frame {}", pfn);
         }
@@ -479,6 +488,7 @@ fn no_policy_check(_: &Step, _: &Snapshot, _: &Snapshot) -> Res {
 /// A generated case: initial words of the guest pages and the operations.
 #[derive(Debug, Clone)]
 struct Case {
+    first: Gfn,
     words: Vec<u64>,
     ops: Vec<Op>,
 }
@@ -486,7 +496,7 @@ struct Case {
 /// Runs `case` under `policy`, checking the invariants after every step,
 /// `step_check` on every step, and a full guest sweep at the end.
 fn run(policy: Policy, case: &Case, step_check: StepCheck) -> Res {
-    let mut lab = Lab::new(policy, &case.words);
+    let mut lab = Lab::new(policy, case.first, &case.words);
     lab.check()?;
     for (i, op) in case.ops.iter().enumerate() {
         let at = |e: TestCaseError| TestCaseError::fail(format!("{} at op #{i} {op:?}: {e}", policy.name()));
@@ -514,8 +524,12 @@ fn op_strategy(gfns: Range<Gfn>) -> impl Strategy<Value = Op> {
 
 fn case_strategy() -> impl Strategy<Value = Case> {
     (4u64..24)
-        .prop_flat_map(|pages| (vec(WORDS, pages as usize), vec(op_strategy(FIRST_GFN..FIRST_GFN + pages), 1..64)))
-        .prop_map(|(words, ops)| Case { words, ops })
+        .prop_flat_map(|pages| {
+            proptest::sample::select(FIRST_GFNS.as_slice()).prop_flat_map(move |first| {
+                (Just(first), vec(WORDS, pages as usize), vec(op_strategy(first..first + pages), 1..64))
+            })
+        })
+        .prop_map(|(first, words, ops)| Case { first, words, ops })
 }
 
 fn config() -> ProptestConfig {
@@ -576,7 +590,7 @@ struct Counts {
 /// page), the guest reads both, then writes page 3 (copy-on-write). Frames:
 /// 0-1 boot, 2-3 guest, 4 spare.
 fn merge_read_write(policy: Policy) -> (Counts, HostStats, Lab) {
-    let mut lab = Lab::new(policy, &[0x5a, 0x5a]);
+    let mut lab = Lab::new(policy, FIRST_GFN, &[0x5a, 0x5a]);
     let merged = lab.merge_pages(2, 3, true).expect("merge");
     assert_eq!(merged, Step::Merge { a: 2, b: 3, replaced: true });
     lab.check().expect("invariants after the merge");
@@ -710,7 +724,7 @@ fn legacy_merge_read_write_counts() {
 #[test]
 fn unflagged_protection_zaps_under_every_policy() {
     for policy in POLICIES {
-        let mut lab = Lab::new(policy, &[1, 2, 3, 4]);
+        let mut lab = Lab::new(policy, FIRST_GFN, &[1, 2, 3, 4]);
         assert_eq!(lab.protect_range(3, 5).expect("protect"), Step::ProtectRange { start: 3, end: 5 });
         lab.check().expect("invariants");
         let s = lock(&lab.mmu).stats();
@@ -787,7 +801,7 @@ fn faults_racing_with_ksm_never_install_a_stale_frame() {
     for policy in POLICIES {
         // Pages 2k and 2k + 1 are equal; no word is 0, so a freed frame shows.
         let words: Vec<u64> = (0..PAGES).map(|i| 0x100 + i / 2).collect();
-        let lab = Lab::new(policy, &words);
+        let lab = Lab::new(policy, FIRST_GFN, &words);
         let ksm_done = AtomicBool::new(false);
         let vcpus_running = AtomicU64::new(VCPUS);
         let guest_accesses = AtomicU64::new(0);
