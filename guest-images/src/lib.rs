@@ -32,6 +32,11 @@ macro_rules! image {
 
 /// Every built-in image, sorted by name.
 pub const IMAGES: &[Image] = &[
+    image!(
+        "converge",
+        "fills RAM above 2 MiB with 64 groups of identical pages, one dedup pass, reports a checksum: \
+         7 io exits (size it with --mem: 257M = 256 MiB of pages)"
+    ),
     image!("hello", "prints \"Hello from a tiny guest\\n\" on COM1, exits 0: 25 io exits"),
     image!(
         "misbehave-beyond-ram",
@@ -165,6 +170,17 @@ pub fn pagefill_expected_reports(mem_bytes: u64) -> Vec<u64> {
     [word0, word1, all].into_iter().flat_map(|sum| [sum & 0xFFFF_FFFF, sum >> 32]).collect()
 }
 
+/// Groups of identical pages `converge` fills.
+pub const CONVERGE_GROUPS: u64 = 64;
+
+/// The report list `converge` produces for `mem_bytes` of RAM: the wrapping
+/// sum of word 0 of every page, low 32 bits then high.
+pub fn converge_expected_reports(mem_bytes: u64) -> Vec<u64> {
+    let pages = pagefill_pages(mem_bytes);
+    let sum = (0..pages).fold(0u64, |acc, i| acc.wrapping_add(pagefill_pattern(i % CONVERGE_GROUPS, 0)));
+    vec![sum & 0xFFFF_FFFF, sum >> 32]
+}
+
 /// First guest-physical address `stress` writes.
 pub const STRESS_START: u64 = 0x20_0000;
 /// Number of page contents `stress` starts from (page i is group i % 4).
@@ -294,7 +310,7 @@ mod tests {
             assert_eq!(find(image.name), Some(image));
             assert!(!image.summary.is_empty());
         }
-        assert_eq!(IMAGES.len(), 9);
+        assert_eq!(IMAGES.len(), 10);
         assert!(find("pagefill").is_some());
         assert!(find("nope").is_none());
         assert!(find("").is_none());

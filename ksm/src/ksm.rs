@@ -358,7 +358,13 @@ impl Ksm {
                 self.stats.full_scans += 1;
             }
         }
-        let after = lock(host).pool().resident_bytes().unwrap_or(before);
+        let after = {
+            let mut h = lock(host);
+            if let Err(e) = h.flush_holes() {
+                result = result.and(Err(e.into()));
+            }
+            h.pool().resident_bytes().unwrap_or(before)
+        };
         self.stats.bytes_returned += before.saturating_sub(after);
         self.stats.scan_ns += u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.stats.cpu_ns += thread_cpu_ns().saturating_sub(cpu);
@@ -716,6 +722,7 @@ impl Ksm {
         }
         self.unstable.clear();
         self.cursor = 0;
+        h.flush_holes()?;
         Ok(())
     }
 }

@@ -12,14 +12,20 @@
 use std::cmp::Ordering;
 
 use shadow_mmu::{FramePool, Pfn, PAGE_SIZE};
-use vm_memory::{Bytes, GuestAddress};
 
 /// One page of bytes.
 pub type PageBuf = [u8; PAGE_SIZE as usize];
 
 /// Copies frame `pfn` into `buf`; false if the frame does not exist.
 pub fn read_page(pool: &FramePool, pfn: Pfn, buf: &mut PageBuf) -> bool {
-    pool.direct_map().read_slice(buf, GuestAddress(pfn << shadow_mmu::PAGE_SHIFT)).is_ok()
+    let Some(frame) = pool.frame_hva(pfn) else { return false };
+    // SAFETY: `frame` points at a whole page of the direct map (checked by
+    // frame_hva), which lives as long as `pool`; `buf` is our own page. A
+    // plain memcpy through raw pointers (no Rust reference to guest memory):
+    // a concurrent guest write may tear the copy, which the merge path
+    // tolerates (it compares again after write protection).
+    unsafe { libc::memcpy(buf.as_mut_ptr().cast(), frame.cast_const().cast(), PAGE_SIZE as usize) };
+    true
 }
 
 /// `calc_checksum`: xxHash of the page, truncated to 32 bits as in Linux.
@@ -67,6 +73,8 @@ pub fn resident_frames(pool: &FramePool) -> std::io::Result<Vec<bool>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use vm_memory::{Bytes, GuestAddress};
 
     #[test]
     fn compare_checksum_and_residency() {

@@ -120,16 +120,17 @@ impl FramePool {
     /// Returns frame `pfn` to the host by punching a hole in the memfd; its
     /// content reads as zero afterwards.
     pub fn punch_hole(&self, pfn: Pfn) -> Result<(), FramePoolError> {
+        self.punch_holes(pfn, 1)
+    }
+
+    /// Returns frames [pfn, pfn + count) to the host with one fallocate.
+    pub fn punch_holes(&self, pfn: Pfn, count: u64) -> Result<(), FramePoolError> {
         let offset = i64::try_from(pfn << PAGE_SHIFT).map_err(|_| FramePoolError::BadSize(pfn))?;
+        let len = i64::try_from(count << PAGE_SHIFT).map_err(|_| FramePoolError::BadSize(count))?;
         // SAFETY: fallocate on our own memfd with a range inside it; no memory
         // of ours is passed to the kernel.
         let rc = unsafe {
-            libc::fallocate(
-                self.memfd.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset,
-                PAGE_SIZE as i64,
-            )
+            libc::fallocate(self.memfd.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
         };
         if rc != 0 {
             return Err(FramePoolError::PunchHole { pfn, source: std::io::Error::last_os_error() });

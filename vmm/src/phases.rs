@@ -22,6 +22,9 @@ struct Readings {
 
 impl Readings {
     fn take(vm: &Vm) -> Self {
+        // Frames freed since the last reading go back to the host now, so
+        // the memory figures of the phase are what the host really holds.
+        let _ = lock(&vm.host).flush_holes();
         Self {
             // A stats read that fails mid-run costs the kvm section, not the run.
             kvm_vm: vm.vm_stats.snapshot().unwrap_or_default(),

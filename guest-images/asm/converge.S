@@ -1,0 +1,68 @@
+# converge: the convergence workload of host-facts.md: every page of
+# [2 MiB, RDI) in 64 groups of identical, non-zero content; one synchronous
+# deduplication pass; a checksum. Size it with --mem (257M gives 256 MiB of
+# pages: 65,536 pages, 1,024 per group).
+#
+#   phase 1: page i, word w = pattern(i % 64, w) (pagefill's pattern)
+#   phase 2: dedup 1 (one synchronous full pass)
+#   phase 3: sum word 0 of every page; report it (low 32, high 32); exit 0
+#
+# Exits with dedup off: 3 phase + 1 dedup + 2 report + 1 exit = 7 io; after
+# the pass the reads of phase 3 cost what the policy makes them cost.
+        .include "abi.inc"
+
+        .set    START,          0x200000
+        .set    GROUPS,         64              # a power of two
+        .set    WORDS_PER_PAGE, PAGE_SIZE / 8
+
+        .text
+        .globl  _start
+_start:
+        mov     r15, START
+        mov     r14, rdi
+        and     r14, -PAGE_SIZE
+        cmp     r14, r15
+        cmovb   r14, r15
+        movabs  r13, 0x9E3779B97F4A7C15
+        movabs  r12, 0x100000001B3
+
+        phase   1
+        mov     rbx, r15
+        xor     ecx, ecx
+.Lfill_page:
+        cmp     rbx, r14
+        jae     .Lfill_done
+        mov     r8, rcx
+        and     r8, GROUPS - 1
+        inc     r8
+        imul    r8, r13
+        xor     r9d, r9d
+        xor     edi, edi
+.Lfill_word:
+        mov     r10, r8
+        xor     r10, r9
+        mov     [rbx + rdi * 8], r10
+        add     r9, r12
+        inc     edi
+        cmp     edi, WORDS_PER_PAGE
+        jb      .Lfill_word
+        add     rbx, PAGE_SIZE
+        inc     rcx
+        jmp     .Lfill_page
+.Lfill_done:
+
+        phase   2
+        dedup   DEDUP_PASS
+
+        phase   3
+        xor     ebp, ebp
+        mov     rbx, r15
+.Lsum:
+        cmp     rbx, r14
+        jae     .Lsum_done
+        add     rbp, [rbx]
+        add     rbx, PAGE_SIZE
+        jmp     .Lsum
+.Lsum_done:
+        report64 rbp
+        exit    0
