@@ -305,7 +305,11 @@ impl Lab {
     }
 
     fn check(&self) -> Res {
-        check_invariants(&lock(&self.host), &lock(&self.mmu), &self.pool, &self.model)
+        // Freed frames go back to the host in batches: flush, then every
+        // free frame must be a punched hole.
+        let mut host = lock(&self.host);
+        host.flush_holes().or_fail("flush_holes")?;
+        check_invariants(&host, &lock(&self.mmu), &self.pool, &self.model)
     }
 
     /// Every page read by the guest, through the secondary MMU.
