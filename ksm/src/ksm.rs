@@ -204,6 +204,8 @@ pub struct Ksm {
     seqnr: u8,
     resident: Vec<bool>,
     checksum_updates: u64,
+    /// A synchronous pass is running: smart scan skips nothing.
+    in_full_pass: bool,
     stats: KsmStats,
     buf: Box<PageBuf>,
 }
@@ -233,6 +235,7 @@ impl Ksm {
             seqnr: 0,
             resident: Vec::new(),
             checksum_updates: 0,
+            in_full_pass: false,
             stats: KsmStats::default(),
             buf: zero,
         })
@@ -376,7 +379,19 @@ impl Ksm {
     /// every page that held still has had its chance to merge (a page is
     /// compared in the unstable tree only once its checksum held for a
     /// scan). At most eight scans. Returns the scans done.
+    ///
+    /// Smart scan skips nothing during a pass: a skipped page would update
+    /// no checksum, and the pass could end before it was compared at all.
+    /// Skipping is a throughput heuristic for ksmd; a pass the guest waits
+    /// for promises every page that held still its chance.
     pub fn full_pass(&mut self, host: &Mutex<HostMm>) -> Result<u32, KsmError> {
+        self.in_full_pass = true;
+        let result = self.full_pass_scans(host);
+        self.in_full_pass = false;
+        result
+    }
+
+    fn full_pass_scans(&mut self, host: &Mutex<HostMm>) -> Result<u32, KsmError> {
         let mut scans = 0;
         loop {
             let updates = self.checksum_updates;
@@ -467,7 +482,7 @@ impl Ksm {
     /// Smart scan (`should_skip_rmap_item`): pages that keep not merging are
     /// skipped for 1, 2, 4, then 8 scans.
     fn should_skip_rmap_item(&mut self, idx: usize, is_ksm: bool) -> bool {
-        if !self.knobs.smart_scan || is_ksm {
+        if !self.knobs.smart_scan || is_ksm || self.in_full_pass {
             return false;
         }
         let item = &mut self.rmap[idx];
