@@ -651,6 +651,40 @@ fn full_pass_merges_every_page_that_held_still_even_with_smart_scan() {
     assert_eq!((s.pages_shared, s.pages_sharing), (1, N - 1), "after {scans} scans: {s:?}");
 }
 
+#[test]
+#[ignore = "bug: Ksm::full_pass started mid-scan takes the rest of that scan for a full scan and can stop \
+            without looking at the pages before the cursor"]
+fn full_pass_started_mid_scan_looks_at_every_page() {
+    // ksmd (or any ksm_do_scan) stopped in the middle of a scan; the guest
+    // then rewrote pages before the cursor and asks for a synchronous pass.
+    // full_pass finishes the scan in progress (pages 8..24, all unchanged
+    // KSM pages: no checksum update) and stops there, so pages 0 and 1 are
+    // never looked at: they stay unmerged although identical to each other,
+    // and pages_sharing still counts them on the KSM page they left.
+    const N: u64 = 24;
+    let lab = Lab::new(Policy::ChangePte, N, knobs_with(|k| k.smart_scan = false));
+    for gfn in lab.gfns() {
+        lab.guest.fill(gfn, STAR);
+    }
+    assert_eq!(lab.full_pass(), 2);
+    let s = lab.stats();
+    assert_eq!((s.pages_shared, s.pages_sharing), (1, N - 1), "{s:?}");
+    lab.scan(8); // part of a scan: the cursor is at page 8
+    lab.guest.fill(FIRST_GFN, 0x1111);
+    lab.guest.fill(FIRST_GFN + 1, 0x1111);
+    let scans = lab.full_pass();
+    let s = lab.stats();
+    // Expected: the '*' KSM page keeps 22 pages (1 shared + 21 sharing),
+    // pages 0 and 1 form a second KSM page (1 + 1).
+    assert_eq!((s.pages_shared, s.pages_sharing), (2, N - 2), "after {scans} scans: {s:?}");
+    let host = lab.host();
+    assert_eq!(
+        host.pte(FIRST_GFN).expect("pte").pfn,
+        host.pte(FIRST_GFN + 1).expect("pte").pfn,
+        "pages 0 and 1 are identical and held still for the whole pass"
+    );
+}
+
 /// The smart-scan schedule for a page that never merges: ages 0..=2 are
 /// scanned; age 3 is scanned and earns 1 skip (skip_age(3) = 1); age 4 is
 /// skipped; age 5 is scanned and earns 2 (skip_age(5) = 2); ages 6 and 7
@@ -737,6 +771,7 @@ fn model_page(words: &[u64; SLOTS]) -> Vec<u8> {
 fn concurrency(policy: Policy, seed: u64) {
     const N: u64 = 128;
     const RUN: Duration = Duration::from_millis(1500);
+    const PACE: Duration = Duration::from_micros(50);
     let knobs = knobs_with(|k| {
         k.run = 1;
         k.pages_to_scan = 64;
@@ -757,6 +792,7 @@ fn concurrency(policy: Policy, seed: u64) {
             let mut rng = Rng(seed);
             let mut model = vec![[0u64; SLOTS]; N as usize];
             let mut writes = 0u64;
+            let started = Instant::now();
             while !stop_writer.load(Ordering::Relaxed) {
                 let i = rng.below(N) as usize;
                 let gfn = FIRST_GFN + i as u64;
@@ -776,6 +812,13 @@ fn concurrency(policy: Policy, seed: u64) {
                     "{policy:?}: gfn {:#x} differs from the model",
                     FIRST_GFN + j as u64
                 );
+                // Alternate storms (pages change faster than ksmd scans:
+                // volatile, merges abort) and paced bursts (pages hold still
+                // for a scan or two, so merges and COW breaks keep happening).
+                let storm = (started.elapsed().as_millis() / 150) % 2 == 0;
+                if !storm && rng.below(4) == 0 {
+                    std::thread::sleep(PACE);
+                }
             }
             (model, writes)
         })
@@ -801,23 +844,17 @@ fn concurrency(policy: Policy, seed: u64) {
     }
     lab.check_coherent();
 
-    // Quiesced: one more pass, then KSM's bookkeeping must match what the
-    // host maps.
+    // Quiesced: after a quiet pass (smart scan still on: a pass skips
+    // nothing) KSM's bookkeeping matches what the host maps, and every
+    // content class is merged. ksmd stopped mid-scan, and a pass started
+    // mid-scan may stop at the end of that scan (the ignored test
+    // full_pass_started_mid_scan_looks_at_every_page): the second pass
+    // starts at a scan boundary.
+    lab.full_pass();
     lab.full_pass();
     let s = lab.stats();
-    let frames = lab.by_frame();
-    let zero = lab.zero_pfn();
-    let host = lab.host();
-    let ksm_frames: Vec<(&Pfn, &Vec<Gfn>)> =
-        frames.iter().filter(|(&pfn, _)| pfn != zero && host.frame(pfn).ksm).collect();
-    let mappers: u64 = ksm_frames.iter().map(|(_, g)| g.len() as u64).sum();
-    assert_eq!(s.pages_shared, ksm_frames.len() as u64, "{policy:?}: {s:?}");
-    assert_eq!(s.pages_sharing, mappers - ksm_frames.len() as u64, "{policy:?}: {s:?}");
-    for (pfn, members) in &ksm_frames {
-        for &gfn in members.iter() {
-            assert!(!host.pte(gfn).expect("pte").writable, "{policy:?}: gfn {gfn:#x} writable on KSM frame {pfn}");
-        }
-    }
+    quiescent::check_quiet_state(&lab, |gfn| model_page(&model[(gfn - FIRST_GFN) as usize]), 256)
+        .unwrap_or_else(|e| panic!("{policy:?}: after the quiet pass: {e}"));
     let classes: BTreeSet<&[u64; SLOTS]> = model.iter().collect();
     eprintln!(
         "{policy:?}: {writes} guest writes in {RUN:?}; pages_sharing sampled {samples:?}; at the stop {} merges, \
@@ -946,11 +983,13 @@ mod quiescent {
     use proptest::prelude::*;
 
     /// Checks the state after a quiet pass; `max` is max_page_sharing.
-    pub(super) fn check_quiet_state(lab: &Lab, model: &[u64], max: u64) -> Result<(), TestCaseError> {
+    pub(super) fn check_quiet_state(lab: &Lab, want: impl Fn(Gfn) -> Vec<u8>, max: u64) -> Result<(), TestCaseError> {
         let s = lab.stats();
+        let mut contents = BTreeMap::new();
         for gfn in lab.gfns() {
-            let want = pattern(model[(gfn - FIRST_GFN) as usize]);
-            prop_assert!(lab.page(gfn) == want, "content of gfn {:#x}", gfn);
+            let page = lab.page(gfn);
+            prop_assert!(page == want(gfn), "content of gfn {:#x}", gfn);
+            contents.insert(gfn, page);
         }
         lab.check_coherent();
         let frames = lab.by_frame();
@@ -962,10 +1001,10 @@ mod quiescent {
         prop_assert_eq!(s.pages_shared, ksm_frames.len() as u64, "{:?}", s);
         prop_assert_eq!(s.pages_sharing, mappers - ksm_frames.len() as u64, "{:?}", s);
         // Per content class: how many pages, how many unmerged, which KSM frames.
-        let mut classes: BTreeMap<u64, (u64, u64, BTreeSet<Pfn>)> = BTreeMap::new();
-        for gfn in lab.gfns() {
+        let mut classes: BTreeMap<&[u8], (u64, u64, BTreeSet<Pfn>)> = BTreeMap::new();
+        for (&gfn, page) in &contents {
             let pte = host.pte(gfn).expect("pte");
-            let c = classes.entry(model[(gfn - FIRST_GFN) as usize]).or_default();
+            let c = classes.entry(page).or_default();
             c.0 += 1;
             if host.frame(pte.pfn).ksm {
                 prop_assert!(!pte.writable, "gfn {:#x} writable on a KSM frame", gfn);
@@ -974,13 +1013,14 @@ mod quiescent {
                 c.1 += 1;
             }
         }
-        for (word, (size, unmerged, kframes)) in &classes {
+        for (page, (size, unmerged, kframes)) in &classes {
+            let word = &page[..16];
             // Two unmerged pages of one content would have met in the unstable tree.
-            prop_assert!(*unmerged <= 1, "class {:#x}: {} of {} pages unmerged; {:?}", word, unmerged, size, s);
+            prop_assert!(*unmerged <= 1, "class {:x?}..: {} of {} pages unmerged; {:?}", word, unmerged, size, s);
             if *size >= 2 && *size <= max {
                 prop_assert!(
                     *unmerged == 0 && kframes.len() == 1,
-                    "class {:#x} of {} pages: {} unmerged, KSM frames {:?}; {:?}",
+                    "class {:x?}.. of {} pages: {} unmerged, KSM frames {:?}; {:?}",
                     word,
                     size,
                     unmerged,
@@ -995,7 +1035,7 @@ mod quiescent {
     const PAGES: u64 = 24;
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: 96, failure_persistence: None, ..ProptestConfig::default() })]
         #[test]
         fn a_quiet_pass_merges_every_class(
             batches in prop::collection::vec(
@@ -1003,22 +1043,30 @@ mod quiescent {
                 1..8,
             ),
             policy in prop::sample::select(POLICIES.to_vec()),
+            smart_scan in any::<bool>(),
         ) {
-            let lab = Lab::new(policy, PAGES, knobs_with(|k| k.smart_scan = false));
+            let lab = Lab::new(policy, PAGES, knobs_with(|k| k.smart_scan = smart_scan));
             let mut model = vec![1u64; PAGES as usize];
             for gfn in lab.gfns() {
                 lab.guest.fill(gfn, 1);
             }
+            let mut cursor = 0;
             for (writes, scan) in &batches {
                 for &(i, v) in writes {
                     lab.guest.fill(FIRST_GFN + i, v * 0x0101_0101_0101_0101);
                     model[i as usize] = v * 0x0101_0101_0101_0101;
                 }
                 lab.scan(*scan);
+                cursor = (cursor + scan) % PAGES;
+            }
+            // The pass starts at a scan boundary: finish the scan in
+            // progress first (a pass started mid-scan can stop early: the
+            // ignored test full_pass_started_mid_scan_looks_at_every_page).
+            if cursor != 0 {
+                lab.scan(PAGES - cursor);
             }
             lab.full_pass();
-            lab.full_pass();
-            check_quiet_state(&lab, &model, 256)?;
+            check_quiet_state(&lab, |gfn| pattern(model[(gfn - FIRST_GFN) as usize]), 256)?;
         }
     }
 }

@@ -48,7 +48,8 @@ followed by the table; --stats-json writes the statistics document (schema 1, RE
     Run(RunArgs),
     /// List the built-in guest images, one line each.
     Images,
-    /// Measure the exit floor: the median cost of one port-I/O VM exit; prints JSON.
+    /// Measure, print JSON: `floor` (default), the median cost of one port-I/O VM exit;
+    /// `fault`, one secondary-MMU fault end to end against the bare mechanism of --view.
     Bench(BenchArgs),
 }
 
@@ -119,9 +120,26 @@ impl KsmArgs {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchWhat {
+    /// The exit floor.
+    Floor,
+    /// A secondary-MMU fault against the bare mechanism.
+    Fault,
+}
+
 #[derive(Debug, clap::Args)]
 struct BenchArgs {
-    /// Number of exits to time.
+    /// What to measure.
+    #[arg(value_enum, default_value = "floor")]
+    what: BenchWhat,
+    /// The view (fault).
+    #[arg(long, value_enum, default_value = "memslot")]
+    view: ViewKind,
+    /// Guest RAM (fault): pagefill faults once per page above 2 MiB.
+    #[arg(long, default_value = "64M", value_name = "SIZE")]
+    mem: String,
+    /// Number of exits to time (floor).
     #[arg(long, default_value_t = 20_000)]
     exits: usize,
     /// Exits taken before timing starts.
@@ -241,6 +259,9 @@ fn run_command(kvm_device: PathBuf, args: RunArgs) -> ExitCode {
 }
 
 fn bench_command(kvm_device: PathBuf, args: BenchArgs) -> ExitCode {
+    if args.what == BenchWhat::Fault {
+        return bench_fault(kvm_device, &args);
+    }
     let Some(flood) = guest_images::find("misbehave-port-flood") else {
         return fail("the built-in image misbehave-port-flood is missing");
     };
@@ -278,6 +299,49 @@ fn bench_command(kvm_device: PathBuf, args: BenchArgs) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+        Err(e) => fail(e),
+    }
+}
+
+fn bench_fault(kvm_device: PathBuf, args: &BenchArgs) -> ExitCode {
+    let mem_bytes = match parse_size(&args.mem) {
+        Ok(b) => b,
+        Err(e) => return fail(format!("--mem: {e}")),
+    };
+    if let Err(e) = check_mem_size(mem_bytes) {
+        return fail(e);
+    }
+    if let Err(e) = crate::signals::install(false) {
+        return fail(format!("cannot install signal handlers: {e}"));
+    }
+    let view = args.view;
+    let make = |image: &'static str| RunConfig {
+        image: GuestImage::resolve(image).unwrap_or_else(|_| GuestImage { name: image.into(), bytes: Vec::new() }),
+        mem_bytes,
+        dedup: DedupPolicy::RangeFlush,
+        view,
+        timeout: None,
+        console: Box::new(std::io::sink()),
+        kvm_device: kvm_device.clone(),
+        host_hook: None,
+        ksm: Default::default(),
+        builtin_ksm: false,
+    };
+    match crate::bench::fault_cost(make) {
+        Ok(report) => match serde_json::to_string_pretty(&report) {
+            Ok(json) => {
+                println!("{json}");
+                eprintln!(
+                    "vmm: {} view: a secondary-MMU fault costs {:.1} us, the bare mechanism {:.1} us ({:.2}x)",
+                    report.view,
+                    report.fault_ns / 1e3,
+                    report.bare_ns / 1e3,
+                    report.ratio
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
         Err(e) => fail(e),
     }
 }

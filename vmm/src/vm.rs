@@ -205,6 +205,10 @@ pub struct Vm {
     pub(crate) mmu: Arc<Mutex<KvmMmu>>,
     /// The deduplicator, unless deduplication is off.
     pub(crate) ksm: Option<Arc<Mutex<Ksm>>>,
+    /// The VM (shared with the view).
+    pub(crate) vm_fd: Arc<kvm_ioctls::VmFd>,
+    /// The frame pool (shared with the primary MMU and the view).
+    pub(crate) pool: Arc<FramePool>,
     /// Keeps the vCPU out of KVM_RUN while other threads change memslots.
     pub(crate) gate: Arc<VcpuGate>,
     /// Faults served off the vCPU thread (userfaultfd view).
@@ -361,6 +365,8 @@ impl Vm {
             host,
             mmu,
             ksm,
+            vm_fd,
+            pool,
             gate,
             view_faults,
             fault_thread,

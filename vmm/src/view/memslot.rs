@@ -6,8 +6,12 @@
 //! as KVM_EXIT_MMIO, already retired, memory unchanged).
 //!
 //! KVM cannot resize or move a slot, so every change deletes the slots it
-//! touches and creates their replacements; neighbouring runs that become
-//! contiguous again are merged back into one slot. Deleting a slot makes the
+//! touches and creates their replacements. Mapping a page creates one
+//! one-page slot and touches no neighbour: that is the bare cost of making a
+//! page reachable, and what a fault should cost. Neighbouring runs that
+//! continue each other are merged back into one slot only once the view
+//! holds more than half of KVM's slots (merging deletes a slot, which costs
+//! the host KVM its whole shadow MMU). Deleting a slot makes the
 //! host KVM drop its whole shadow MMU (host-facts.md), so the guest refaults
 //! its working set inside the host kernel afterwards: the host KVM's
 //! `pf_fixed` shows that cost.
@@ -221,6 +225,9 @@ impl MemslotView {
     /// same frames with the same access. The vCPU is out of KVM_RUN.
     fn remap(&mut self, gfn: Gfn, pfn: Pfn, writable: bool) -> Result<(), ViewError> {
         self.carve(gfn, gfn + 1)?;
+        if self.slots() < u64::from(self.slot_limit / 2) {
+            return self.create(gfn, 1, pfn, writable);
+        }
         let (mut start, mut pages, mut first_pfn) = (gfn, 1, pfn);
         if let Some((&s, &r)) = self.runs.range(..gfn).next_back() {
             if s + r.pages == gfn && r.pfn + r.pages == pfn && r.writable == writable {
