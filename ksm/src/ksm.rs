@@ -393,11 +393,16 @@ impl Ksm {
 
     fn full_pass_scans(&mut self, host: &Mutex<HostMm>) -> Result<u32, KsmError> {
         let mut scans = 0;
-        loop {
-            let updates = self.checksum_updates;
-            // Finish the scan in progress, or do a whole one.
+        // A scan ksmd left half done is finished first; it does not count as
+        // the quiet scan that ends the pass, which must see every page.
+        if self.cursor != 0 {
             let left = (self.rmap.len() - self.cursor) as u64;
             self.ksm_do_scan(host, left)?;
+            scans += 1;
+        }
+        loop {
+            let updates = self.checksum_updates;
+            self.ksm_do_scan(host, self.rmap.len() as u64)?;
             scans += 1;
             if self.checksum_updates == updates || scans >= MAX_PASS_SCANS {
                 return Ok(scans);

@@ -652,14 +652,12 @@ fn full_pass_merges_every_page_that_held_still_even_with_smart_scan() {
 }
 
 #[test]
-#[ignore = "bug: Ksm::full_pass started mid-scan takes the rest of that scan for a full scan and can stop \
-            without looking at the pages before the cursor"]
 fn full_pass_started_mid_scan_looks_at_every_page() {
     // ksmd (or any ksm_do_scan) stopped in the middle of a scan; the guest
     // then rewrote pages before the cursor and asks for a synchronous pass.
-    // full_pass finishes the scan in progress (pages 8..24, all unchanged
-    // KSM pages: no checksum update) and stops there, so pages 0 and 1 are
-    // never looked at: they stay unmerged although identical to each other,
+    // Had full_pass counted the rest of the scan in progress (pages 8..24,
+    // all unchanged KSM pages: no checksum update) as its quiet scan, pages
+    // 0 and 1 would never be looked at: unmerged although identical,
     // and pages_sharing still counts them on the KSM page they left.
     const N: u64 = 24;
     let lab = Lab::new(Policy::ChangePte, N, knobs_with(|k| k.smart_scan = false));
@@ -683,6 +681,39 @@ fn full_pass_started_mid_scan_looks_at_every_page() {
         host.pte(FIRST_GFN + 1).expect("pte").pfn,
         "pages 0 and 1 are identical and held still for the whole pass"
     );
+}
+
+#[test]
+#[ignore = "bug: Ksm::full_pass stops after a scan without checksum updates, though a page in it was compared \
+            against a KSM page that was full only until a later page of the same scan left it"]
+fn full_pass_leaves_no_page_unmerged_next_to_a_ksm_page_with_room() {
+    // max_page_sharing 3. Pages 0, 1, 3 hold A, page 2 a unique U, pages 4
+    // and 5 hold B: a pass makes KSM pages {0, 1, 3} (full) and {4, 5}.
+    // Page 2 becomes A: no room on A's KSM page, so it stays alone in the
+    // unstable tree (a legitimate leftover). Then page 3 becomes B. In the
+    // next pass page 2 is compared first, while page 3 still counts on A's
+    // KSM page (full: page 2 stays unmerged); then page 3 leaves it and
+    // joins B's KSM page straight from the stable tree, which updates no
+    // checksum. No checksum changed in that scan, so full_pass stops,
+    // leaving page 2 unmerged next to A's KSM page with room for it. A
+    // second pass merges it: a pass is not a fixpoint.
+    let lab = Lab::new(Policy::ChangePte, 6, knobs_with(|k| k.max_page_sharing = 3));
+    let (a, b, u) = (0xaaaa, 0xbbbb, 0x1234);
+    for (i, w) in [a, a, u, a, b, b].into_iter().enumerate() {
+        lab.guest.fill(FIRST_GFN + i as u64, w);
+    }
+    lab.full_pass();
+    let s = lab.stats();
+    assert_eq!((s.pages_shared, s.pages_sharing, s.pages_unshared), (2, 3, 1), "{s:?}");
+    lab.guest.fill(FIRST_GFN + 2, a);
+    lab.full_pass();
+    let s = lab.stats();
+    assert_eq!((s.pages_shared, s.pages_sharing, s.pages_unshared), (2, 3, 1), "A's KSM page is full: {s:?}");
+    lab.guest.fill(FIRST_GFN + 3, b);
+    let scans = lab.full_pass();
+    let s = lab.stats();
+    // Expected: {0, 1, 2} on A's KSM page, {3, 4, 5} on B's.
+    assert_eq!((s.pages_shared, s.pages_sharing, s.pages_unshared), (2, 4, 0), "after {scans} scans: {s:?}");
 }
 
 /// The smart-scan schedule for a page that never merges: ages 0..=2 are
@@ -983,6 +1014,18 @@ mod quiescent {
     use proptest::prelude::*;
 
     /// Checks the state after a quiet pass; `max` is max_page_sharing.
+    ///
+    /// * Every page holds what the guest wrote, and the secondary MMU is
+    ///   coherent with the primary.
+    /// * pages_shared / pages_sharing are what the host maps: KSM frames,
+    ///   and the pages beyond the first on each.
+    /// * Per content class: at most one page is left unmerged (two would
+    ///   have met in the unstable tree), and one only if every KSM page of
+    ///   its content is full (max_page_sharing); if no class can ever have
+    ///   needed a second KSM page (`max` at least the number of pages), each
+    ///   class of two or more pages is exactly one KSM page. (With a smaller
+    ///   `max`, pages that leave a stable_node_chain can leave its dups
+    ///   partly filled; as in mm/ksm.c, nothing moves pages between dups.)
     pub(super) fn check_quiet_state(lab: &Lab, want: impl Fn(Gfn) -> Vec<u8>, max: u64) -> Result<(), TestCaseError> {
         let s = lab.stats();
         let mut contents = BTreeMap::new();
@@ -995,9 +1038,9 @@ mod quiescent {
         let frames = lab.by_frame();
         let zero = lab.zero_pfn();
         let host = lab.host();
-        let ksm_frames: Vec<(&Pfn, &Vec<Gfn>)> =
-            frames.iter().filter(|(&pfn, _)| pfn != zero && host.frame(pfn).ksm).collect();
-        let mappers: u64 = ksm_frames.iter().map(|(_, g)| g.len() as u64).sum();
+        let ksm_frames: BTreeMap<Pfn, &Vec<Gfn>> =
+            frames.iter().filter(|(&pfn, _)| pfn != zero && host.frame(pfn).ksm).map(|(&p, g)| (p, g)).collect();
+        let mappers: u64 = ksm_frames.values().map(|g| g.len() as u64).sum();
         prop_assert_eq!(s.pages_shared, ksm_frames.len() as u64, "{:?}", s);
         prop_assert_eq!(s.pages_sharing, mappers - ksm_frames.len() as u64, "{:?}", s);
         // Per content class: how many pages, how many unmerged, which KSM frames.
@@ -1013,20 +1056,17 @@ mod quiescent {
                 c.1 += 1;
             }
         }
+        let pages = lab.pages();
         for (page, (size, unmerged, kframes)) in &classes {
             let word = &page[..16];
-            // Two unmerged pages of one content would have met in the unstable tree.
-            prop_assert!(*unmerged <= 1, "class {:x?}..: {} of {} pages unmerged; {:?}", word, unmerged, size, s);
-            if *size >= 2 && *size <= max {
-                prop_assert!(
-                    *unmerged == 0 && kframes.len() == 1,
-                    "class {:x?}.. of {} pages: {} unmerged, KSM frames {:?}; {:?}",
-                    word,
-                    size,
-                    unmerged,
-                    kframes,
-                    s
-                );
+            let sizes: Vec<usize> = kframes.iter().map(|pfn| ksm_frames[pfn].len()).collect();
+            let ctx = format!("class {word:x?}.. of {size} pages: {unmerged} unmerged, KSM pages of {sizes:?}; {s:?}");
+            prop_assert!(*unmerged <= 1, "{}", ctx);
+            if *unmerged == 1 {
+                prop_assert!(sizes.iter().all(|&n| n as u64 == max), "an unmerged page with room left: {}", ctx);
+            }
+            if max >= pages && *size >= 2 {
+                prop_assert!(*unmerged == 0 && kframes.len() == 1, "{}", ctx);
             }
         }
         Ok(())
@@ -1044,8 +1084,13 @@ mod quiescent {
             ),
             policy in prop::sample::select(POLICIES.to_vec()),
             smart_scan in any::<bool>(),
+            max in prop::sample::select(vec![2u32, 3, 5, 256]),
         ) {
-            let lab = Lab::new(policy, PAGES, knobs_with(|k| k.smart_scan = smart_scan));
+            let knobs = knobs_with(|k| {
+                k.smart_scan = smart_scan;
+                k.max_page_sharing = max;
+            });
+            let lab = Lab::new(policy, PAGES, knobs);
             let mut model = vec![1u64; PAGES as usize];
             for gfn in lab.gfns() {
                 lab.guest.fill(gfn, 1);
@@ -1065,8 +1110,12 @@ mod quiescent {
             if cursor != 0 {
                 lab.scan(PAGES - cursor);
             }
+            // Two passes: one pass can stop before a page that held still met
+            // a KSM page with room (the ignored test
+            // full_pass_leaves_no_page_unmerged_next_to_a_ksm_page_with_room).
             lab.full_pass();
-            check_quiet_state(&lab, |gfn| pattern(model[(gfn - FIRST_GFN) as usize]), 256)?;
+            lab.full_pass();
+            check_quiet_state(&lab, |gfn| pattern(model[(gfn - FIRST_GFN) as usize]), u64::from(max))?;
         }
     }
 }
