@@ -206,6 +206,8 @@ pub struct Ksm {
     checksum_updates: u64,
     /// A synchronous pass is running: smart scan skips nothing.
     in_full_pass: bool,
+    /// Rmap items that left a KSM page (copy-on-write or a stale node).
+    departures: u64,
     stats: KsmStats,
     buf: Box<PageBuf>,
 }
@@ -236,6 +238,7 @@ impl Ksm {
             resident: Vec::new(),
             checksum_updates: 0,
             in_full_pass: false,
+            departures: 0,
             stats: KsmStats::default(),
             buf: zero,
         })
@@ -375,13 +378,16 @@ impl Ksm {
     }
 
     /// One synchronous full deduplication pass (port 0x501, value 1): full
-    /// scans until one of them found no page whose checksum had changed, so
-    /// every page that held still has had its chance to merge (a page is
-    /// compared in the unstable tree only once its checksum held for a
-    /// scan). At most eight scans. Returns the scans done.
+    /// scans until one of them changed nothing (no checksum recorded, no
+    /// merge, no page leaving a KSM page), a fixpoint: every page that held
+    /// still has had its chance to merge with everything it can merge with
+    /// (a page is compared in the unstable tree only once its checksum held
+    /// for a scan, and room on a full KSM page can appear late in a scan).
+    /// A quiet guest takes three scans: checksums, merges, the quiet one.
+    /// At most eight scans. Returns the scans done.
     ///
-    /// Smart scan skips nothing during a pass: a skipped page would update
-    /// no checksum, and the pass could end before it was compared at all.
+    /// Smart scan skips nothing during a pass: a skipped page would change
+    /// nothing, and the pass could end before it was compared at all.
     /// Skipping is a throughput heuristic for ksmd; a pass the guest waits
     /// for promises every page that held still its chance.
     pub fn full_pass(&mut self, host: &Mutex<HostMm>) -> Result<u32, KsmError> {
@@ -389,6 +395,11 @@ impl Ksm {
         let result = self.full_pass_scans(host);
         self.in_full_pass = false;
         result
+    }
+
+    /// Events that change what a later scan would find.
+    fn changes(&self) -> u64 {
+        self.checksum_updates + self.stats.merges + self.departures
     }
 
     fn full_pass_scans(&mut self, host: &Mutex<HostMm>) -> Result<u32, KsmError> {
@@ -401,10 +412,10 @@ impl Ksm {
             scans += 1;
         }
         loop {
-            let updates = self.checksum_updates;
+            let before = self.changes();
             self.ksm_do_scan(host, self.rmap.len() as u64)?;
             scans += 1;
-            if self.checksum_updates == updates || scans >= MAX_PASS_SCANS {
+            if self.changes() == before || scans >= MAX_PASS_SCANS {
                 return Ok(scans);
             }
         }
@@ -510,6 +521,7 @@ impl Ksm {
         let item = self.rmap[idx];
         match item.state {
             STABLE => {
+                self.departures += 1;
                 let node = &mut self.nodes[item.node as usize];
                 if let Some(pos) = node.sharers.iter().position(|&s| s as usize == idx) {
                     node.sharers.swap_remove(pos);
