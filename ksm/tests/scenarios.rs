@@ -694,9 +694,9 @@ fn full_pass_leaves_no_page_unmerged_next_to_a_ksm_page_with_room() {
     // next pass page 2 is compared first, while page 3 still counts on A's
     // KSM page (full: page 2 stays unmerged); then page 3 leaves it and
     // joins B's KSM page straight from the stable tree, which updates no
-    // checksum. No checksum changed in that scan, so full_pass stops,
-    // leaving page 2 unmerged next to A's KSM page with room for it. A
-    // second pass merges it: a pass is not a fixpoint.
+    // checksum. Had full_pass stopped at a scan without checksum updates,
+    // page 2 would stay unmerged next to A's KSM page with room for it: a
+    // pass must run to a fixpoint (a scan that changes nothing).
     let lab = Lab::new(Policy::ChangePte, 6, knobs_with(|k| k.max_page_sharing = 3));
     let (a, b, u) = (0xaaaa, 0xbbbb, 0x1234);
     for (i, w) in [a, a, u, a, b, b].into_iter().enumerate() {
@@ -875,13 +875,9 @@ fn concurrency(policy: Policy, seed: u64) {
     }
     lab.check_coherent();
 
-    // Quiesced: after a quiet pass (smart scan still on: a pass skips
-    // nothing) KSM's bookkeeping matches what the host maps, and every
-    // content class is merged. ksmd stopped mid-scan, and a pass started
-    // mid-scan may stop at the end of that scan (the ignored test
-    // full_pass_started_mid_scan_looks_at_every_page): the second pass
-    // starts at a scan boundary.
-    lab.full_pass();
+    // Quiesced: after one pass (started wherever ksmd stopped, smart scan
+    // still on) KSM's bookkeeping matches what the host maps, and every
+    // content class is merged.
     lab.full_pass();
     let s = lab.stats();
     quiescent::check_quiet_state(&lab, |gfn| model_page(&model[(gfn - FIRST_GFN) as usize]), 256)
@@ -1095,25 +1091,14 @@ mod quiescent {
             for gfn in lab.gfns() {
                 lab.guest.fill(gfn, 1);
             }
-            let mut cursor = 0;
             for (writes, scan) in &batches {
                 for &(i, v) in writes {
                     lab.guest.fill(FIRST_GFN + i, v * 0x0101_0101_0101_0101);
                     model[i as usize] = v * 0x0101_0101_0101_0101;
                 }
                 lab.scan(*scan);
-                cursor = (cursor + scan) % PAGES;
             }
-            // The pass starts at a scan boundary: finish the scan in
-            // progress first (a pass started mid-scan can stop early: the
-            // ignored test full_pass_started_mid_scan_looks_at_every_page).
-            if cursor != 0 {
-                lab.scan(PAGES - cursor);
-            }
-            // Two passes: one pass can stop before a page that held still met
-            // a KSM page with room (the ignored test
-            // full_pass_leaves_no_page_unmerged_next_to_a_ksm_page_with_room).
-            lab.full_pass();
+            // One pass, started wherever the partial scans left the cursor.
             lab.full_pass();
             check_quiet_state(&lab, |gfn| pattern(model[(gfn - FIRST_GFN) as usize]), u64::from(max))?;
         }
