@@ -103,3 +103,36 @@ fn stress_under_an_aggressive_ksmd_keeps_every_guest_write() {
         }
     }
 }
+
+#[test]
+fn the_memslot_view_ends_the_run_cleanly_at_its_slot_limit() {
+    if !require_kvm() {
+        return;
+    }
+    vmm::signals::install(false).expect("kick handler");
+    // Merged pages map scattered frames: far more runs than 64 slots.
+    let config = vmm::vm::RunConfig {
+        image: vmm::image::GuestImage::resolve("pagefill").expect("image"),
+        mem_bytes: 8 << 20,
+        dedup: DedupPolicy::ChangePte,
+        view: ViewKind::Memslot,
+        timeout: Some(std::time::Duration::from_secs(60)),
+        console: Box::new(std::io::sink()),
+        kvm_device: "/dev/kvm".into(),
+        host_hook: None,
+        ksm: KsmKnobs::default(),
+        builtin_ksm: true,
+        memslot_limit: Some(64),
+    };
+    let s = vmm::run::run(config).expect("the VM builds");
+    assert_eq!(s.guest.end.reason, "vmm_error", "{}", s.guest.end.detail);
+    assert!(
+        s.guest.end.detail.contains("memslots") && s.guest.end.detail.contains("--view uffd"),
+        "{}",
+        s.guest.end.detail
+    );
+    assert_eq!(s.guest.exit_code, None);
+    assert_eq!(vmm::run::exit_status(&s), 3);
+    // The statistics of the phases that ran are all there.
+    assert!(s.phases.len() >= 3);
+}

@@ -109,6 +109,7 @@ pub fn run_with(
         host_hook,
         ksm: knobs,
         builtin_ksm,
+        memslot_limit: None,
     };
     vmm::run::run(config).expect("the VM builds")
 }

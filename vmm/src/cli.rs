@@ -234,6 +234,7 @@ fn run_command(kvm_device: PathBuf, args: RunArgs) -> ExitCode {
         host_hook: None,
         ksm,
         builtin_ksm: true,
+        memslot_limit: None,
     };
     let stats = match run(config) {
         Ok(s) => s,
@@ -284,6 +285,7 @@ fn bench_command(kvm_device: PathBuf, args: BenchArgs) -> ExitCode {
         host_hook: None,
         ksm: Default::default(),
         builtin_ksm: true,
+        memslot_limit: None,
     };
     match crate::bench::exit_floor(config, args.warmup, args.exits) {
         Ok(report) => {
@@ -326,6 +328,7 @@ fn bench_fault(kvm_device: PathBuf, args: &BenchArgs) -> ExitCode {
         host_hook: None,
         ksm: Default::default(),
         builtin_ksm: false,
+        memslot_limit: None,
     };
     match crate::bench::fault_cost(make) {
         Ok(report) => match serde_json::to_string_pretty(&report) {

@@ -23,6 +23,7 @@
 //!     host_hook: None,
 //!     ksm: Default::default(),
 //!     builtin_ksm: true,
+//!     memslot_limit: None,
 //! };
 //! let stats = vmm::run::run(config).unwrap();
 //! assert_eq!(stats.guest.exit_code, Some(0));

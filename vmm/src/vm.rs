@@ -102,6 +102,9 @@ pub struct RunConfig {
     /// Whether the built-in deduplicator runs (when `dedup` is not off).
     /// Experiments whose host hook is the deduplicator turn it off.
     pub builtin_ksm: bool,
+    /// A lower memslot budget for the memslot view than KVM's (to reach its
+    /// limit in tests); None: KVM_CAP_NR_MEMSLOTS.
+    pub memslot_limit: Option<u32>,
 }
 
 impl std::fmt::Debug for RunConfig {
@@ -282,7 +285,8 @@ impl Vm {
         let info = config.image.load(mem, config.mem_bytes)?;
         write_boot_structures(mem, config.mem_bytes)?;
         let (first_gfn, end_gfn) = (GUEST_BASE >> PAGE_SHIFT, config.mem_bytes >> PAGE_SHIFT);
-        let slot_limit = u32::try_from(kvm.get_nr_memslots()).unwrap_or(u32::MAX);
+        let kvm_slots = u32::try_from(kvm.get_nr_memslots()).unwrap_or(u32::MAX);
+        let slot_limit = config.memslot_limit.map_or(kvm_slots, |l| l.clamp(2, kvm_slots));
         let gate = Arc::new(VcpuGate::new());
         let view = match config.view {
             ViewKind::Memslot => AnyView::Memslot(MemslotView::new(
