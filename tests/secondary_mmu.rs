@@ -120,3 +120,49 @@ fn uffd_view_legacy_takes_the_same_faults_and_misses_every_change_pte() {
         check_policy(DedupPolicy::Legacy, ViewKind::Uffd);
     }
 }
+
+/// Zaps the access guest's three pages through the notifier at its dedup request.
+fn zap_access_pages() -> HostHook {
+    Box::new(|point, host| {
+        if point == HookPoint::DedupRequest(1) {
+            let first = guest_images::ACCESS_START >> PAGE_SHIFT;
+            let range = shadow_mmu::MmuNotifierRange::new(
+                first,
+                first + 3,
+                shadow_mmu::MmuNotifyEvent::Clear,
+                shadow_mmu::RangeFlags::BLOCKABLE,
+            );
+            host.invalidate_range_start(&range);
+            host.invalidate_range_end(&range);
+        }
+        Ok(())
+    })
+}
+
+#[test]
+fn every_access_size_page_crossings_and_fetches_see_the_right_bytes_through_faults() {
+    if !require_kvm() {
+        return;
+    }
+    let off = run_in_process("access", MEM, DedupPolicy::Off, ViewKind::Memslot, None);
+    assert_eq!(off.guest.reports, guest_images::ACCESS_EXPECTED_REPORTS);
+    for view in [ViewKind::Memslot, ViewKind::Uffd] {
+        let s = run_in_process("access", MEM, DedupPolicy::RangeFlush, view, Some(zap_access_pages()));
+        let ctx = view.name();
+        assert_eq!(s.guest.exit_code, Some(0), "{ctx}: {}", s.guest.end.detail);
+        assert_eq!(s.guest.reports, guest_images::ACCESS_EXPECTED_REPORTS, "{ctx}");
+        let e = &s.phases.iter().find(|p| p.phase == 3).expect("phase 3").figures.exits;
+        match view {
+            // Page A faults on the first read, page B on the first access
+            // that reaches it, page C on the call: KVM cannot emulate a
+            // fetch from a hole, and the VMM serves it as a fetch fault.
+            ViewKind::Memslot => {
+                assert_eq!(e.ept_fetch, 1, "{ctx}: {e:?}");
+                assert!(e.ept_read + e.ept_write >= 2, "{ctx}: {e:?}");
+            }
+            // userfaultfd cannot tell a fetch from a read.
+            ViewKind::Uffd => assert_eq!((e.ept_read, e.ept_write, e.ept_fetch), (3, 0, 0), "{ctx}: {e:?}"),
+        }
+        assert_eq!(e.mmio, 0, "{ctx}: {e:?}");
+    }
+}

@@ -33,6 +33,11 @@ macro_rules! image {
 /// Every built-in image, sorted by name.
 pub const IMAGES: &[Image] = &[
     image!(
+        "access",
+        "reads of 1, 2, 4, 8 bytes, a page-crossing read and write, a call into another page, \
+         after a dedup request: 13 io exits plus the faults of zapped pages"
+    ),
+    image!(
         "converge",
         "fills RAM above 2 MiB with 64 groups of identical pages, one dedup pass, reports a checksum: \
          7 io exits (size it with --mem: 257M = 256 MiB of pages)"
@@ -169,6 +174,15 @@ pub fn pagefill_expected_reports(mem_bytes: u64) -> Vec<u64> {
     }
     [word0, word1, all].into_iter().flat_map(|sum| [sum & 0xFFFF_FFFF, sum >> 32]).collect()
 }
+
+/// First page `access` uses (A; B and C follow).
+pub const ACCESS_START: u64 = 0x20_0000;
+
+/// The reports of `access`: byte [A+5], word [A+0x101], dword [A+0x203],
+/// the page-crossing qword [A+0xFFC] (low, high), the qword written across
+/// A|B and read back (low, high), and 42 from the code on page C.
+pub const ACCESS_EXPECTED_REPORTS: [u64; 8] =
+    [0x05, 0x0201, 0x0605_0403, 0xFFFE_FDFC, 0x0302_0100, 0x5566_7788, 0x1122_3344, 42];
 
 /// Groups of identical pages `converge` fills.
 pub const CONVERGE_GROUPS: u64 = 64;
@@ -310,7 +324,7 @@ mod tests {
             assert_eq!(find(image.name), Some(image));
             assert!(!image.summary.is_empty());
         }
-        assert_eq!(IMAGES.len(), 10);
+        assert_eq!(IMAGES.len(), 11);
         assert!(find("pagefill").is_some());
         assert!(find("nope").is_none());
         assert!(find("").is_none());

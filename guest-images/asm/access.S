@@ -1,0 +1,55 @@
+# access: reads of every size, a read and a write that cross a page
+# boundary, and a call into code on another page, for a VMM that zapped
+# those pages before phase 3 (a test hook, or a range-flush merge): every
+# access then goes through a secondary-MMU fault and must see the right
+# bytes. Reports (guest_images::ACCESS_EXPECTED_REPORTS):
+#   byte [A+5], word [A+0x101], dword [A+0x203], qword [A+0xFFC] (two
+#   reports), the qword written across A|B and read back (two reports),
+#   the value the code on page C returns (42).
+#
+# Pages: A = 2 MiB, B = A + 4 KiB, C = A + 8 KiB. Byte at address X of A
+# and B holds (X - A) & 0xFF. C holds `mov eax, 42; ret`.
+        .include "abi.inc"
+
+        .set    PAGE_A, 0x200000
+        .set    PAGE_B, PAGE_A + PAGE_SIZE
+        .set    PAGE_C, PAGE_A + 2 * PAGE_SIZE
+
+        .text
+        .globl  _start
+_start:
+        phase   1
+        # A and B: the byte at X is (X - A) & 0xFF
+        mov     rbx, PAGE_A
+        xor     ecx, ecx
+.Lfill:
+        mov     [rbx + rcx], cl
+        inc     rcx
+        cmp     rcx, 2 * PAGE_SIZE
+        jb      .Lfill
+        # C: mov eax, 42 (b8 2a 00 00 00); ret (c3)
+        mov     rbx, PAGE_C
+        mov     dword ptr [rbx], 0x00002ab8
+        mov     word ptr [rbx + 4], 0xc300
+
+        phase   2
+        dedup   DEDUP_PASS
+
+        phase   3
+        mov     rbx, PAGE_A
+        movzx   ecx, byte ptr [rbx + 5]
+        report  rcx
+        movzx   ecx, word ptr [rbx + 0x101]
+        report  rcx
+        mov     ecx, dword ptr [rbx + 0x203]
+        report  rcx
+        mov     rcx, qword ptr [rbx + 0xffc]
+        report64 rcx
+        movabs  rcx, 0x1122334455667788
+        mov     qword ptr [rbx + 0xffe], rcx
+        mov     rcx, qword ptr [rbx + 0xffe]
+        report64 rcx
+        mov     rcx, PAGE_C
+        call    rcx
+        report  rax
+        exit    0
