@@ -575,10 +575,11 @@ impl Ksm {
         self.free_stable_node(id, host);
     }
 
-    /// `stable_tree_search`: a KSM page with the content in `self.buf` that
-    /// has room for one more sharer. Stale nodes met on the way are removed
-    /// and the search starts again.
-    fn stable_tree_search(&mut self, host: &mut HostMm) -> Option<u32> {
+    /// Searches the stable tree for the content in `self.buf`. Stale nodes
+    /// met on the way (their KSM frame was freed, maybe reused with other
+    /// content: `get_ksm_page` fails) are removed and the search starts
+    /// again, so a search never orders by a frame that left the tree.
+    fn stable_search_pruned(&mut self, host: &mut HostMm) -> Search {
         loop {
             let stale = Cell::new(None);
             let search = {
@@ -595,25 +596,30 @@ impl Ksm {
                     cmp_with_frame(h.pool(), buf, node.kpfn)
                 })
             };
-            if let Some(id) = stale.get() {
+            match stale.get() {
+                Some(id) => self.remove_stale_node(id, host),
+                None => return search,
+            }
+        }
+    }
+
+    /// `stable_tree_search`: a KSM page with the content in `self.buf` that
+    /// has room for one more sharer.
+    fn stable_tree_search(&mut self, host: &mut HostMm) -> Option<u32> {
+        let Search::Found(tree_node) = self.stable_search_pruned(host) else { return None };
+        let entry = self.stable.item(tree_node);
+        let max = self.knobs.max_page_sharing as usize;
+        let dups = self.entries[entry as usize].dups.clone();
+        for id in dups {
+            if !self.node_valid(id, host) {
                 self.remove_stale_node(id, host);
                 continue;
             }
-            let Search::Found(tree_node) = search else { return None };
-            let entry = self.stable.item(tree_node);
-            let max = self.knobs.max_page_sharing as usize;
-            let dups = self.entries[entry as usize].dups.clone();
-            for id in dups {
-                if !self.node_valid(id, host) {
-                    self.remove_stale_node(id, host);
-                    continue;
-                }
-                if self.nodes[id as usize].sharers.len() < max {
-                    return Some(id);
-                }
+            if self.nodes[id as usize].sharers.len() < max {
+                return Some(id);
             }
-            return None;
         }
+        None
     }
 
     /// `stable_tree_insert`: makes frame `kpfn` a KSM page: a new entry, or
@@ -630,14 +636,10 @@ impl Ksm {
                 (self.nodes.len() - 1) as u32
             }
         };
+        // Search (pruning stale nodes) before the new node is tagged, so the
+        // node id taken is not mistaken for a stale one.
+        let search = self.stable_search_pruned(host);
         host.set_ksm_owner(kpfn, true, id + 1);
-        let search = {
-            let (nodes, entries, pool) = (&self.nodes, &self.entries, host.pool());
-            self.stable.search(|entry| match entries[entry as usize].dups.first() {
-                Some(&first) => cmp_with_frame(pool, &self.buf, nodes[first as usize].kpfn),
-                None => Ordering::Less,
-            })
-        };
         let entry = match search {
             Search::Found(tree_node) => self.stable.item(tree_node),
             Search::Vacant(at) => {
