@@ -71,6 +71,12 @@ fn every_guest_reports_the_same_checksums_under_every_policy_as_with_dedup_off()
         if image == "stress" {
             assert_eq!(off.guest.reports, guest_images::stress_expected_reports(8 << 20));
         }
+        if image == "converge" {
+            assert_eq!(off.guest.reports, guest_images::converge_expected_reports(8 << 20));
+        }
+        if image == "access" {
+            assert_eq!(off.guest.reports, guest_images::ACCESS_EXPECTED_REPORTS);
+        }
         for view in VIEWS {
             for policy in POLICIES {
                 let s = run(image, "8M", policy, view, knobs);

@@ -13,7 +13,6 @@
 
         .set    START,          0x200000
         .set    GROUPS,         64              # a power of two
-        .set    WORDS_PER_PAGE, PAGE_SIZE / 8
 
         .text
         .globl  _start
@@ -23,33 +22,9 @@ _start:
         and     r14, -PAGE_SIZE
         cmp     r14, r15
         cmovb   r14, r15
-        movabs  r13, 0x9E3779B97F4A7C15
-        movabs  r12, 0x100000001B3
 
         phase   1
-        mov     rbx, r15
-        xor     ecx, ecx
-.Lfill_page:
-        cmp     rbx, r14
-        jae     .Lfill_done
-        mov     r8, rcx
-        and     r8, GROUPS - 1
-        inc     r8
-        imul    r8, r13
-        xor     r9d, r9d
-        xor     edi, edi
-.Lfill_word:
-        mov     r10, r8
-        xor     r10, r9
-        mov     [rbx + rdi * 8], r10
-        add     r9, r12
-        inc     edi
-        cmp     edi, WORDS_PER_PAGE
-        jb      .Lfill_word
-        add     rbx, PAGE_SIZE
-        inc     rcx
-        jmp     .Lfill_page
-.Lfill_done:
+        fill_groups GROUPS
 
         phase   2
         dedup   DEDUP_PASS

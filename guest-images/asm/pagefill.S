@@ -42,29 +42,7 @@ _start:
 
 # ---- phase 1: fill every word of every page with pattern(g, w)
         phase   1
-        mov     rbx, r15                # page pointer
-        xor     ecx, ecx                # page index i
-.Lfill_page:
-        cmp     rbx, r14
-        jae     .Lfill_done
-        mov     r8, rcx
-        and     r8, PAGEFILL_GROUPS - 1 # g = i % 16
-        inc     r8
-        imul    r8, r13                 # r8 = (g + 1) * C
-        xor     r9d, r9d                # r9 = w * P
-        xor     edi, edi                # w
-.Lfill_word:
-        mov     r10, r8
-        xor     r10, r9                 # pattern(g, w)
-        mov     [rbx + rdi * 8], r10
-        add     r9, r12
-        inc     edi
-        cmp     edi, WORDS_PER_PAGE
-        jb      .Lfill_word
-        add     rbx, PAGE_SIZE
-        inc     rcx
-        jmp     .Lfill_page
-.Lfill_done:
+        fill_groups PAGEFILL_GROUPS
 
 # ---- phase 2: one synchronous dedup pass
         phase   2

@@ -27,7 +27,6 @@
         .set    STRESS_GROUPS,     4            # a power of two
         .set    STRESS_ITERATIONS, 100000
         .set    STRESS_DELAY,      1024
-        .set    WORDS_PER_PAGE,    PAGE_SIZE / 8
 
         .text
         .globl  _start
@@ -40,34 +39,10 @@ _start:
         mov     r13, r14
         sub     r13, r15
         shr     r13, 12                 # r13 = N
-        movabs  r12, 0x9E3779B97F4A7C15
 
-# ---- phase 1: page i, word w = ((i % 4) + 1) * C ^ (w * P)
+# ---- phase 1: pagefill's pattern in 4 groups
         phase   1
-        mov     rbx, r15
-        xor     ecx, ecx
-.Lfill_page:
-        cmp     rbx, r14
-        jae     .Lfill_done
-        mov     r8, rcx
-        and     r8, STRESS_GROUPS - 1
-        inc     r8
-        imul    r8, r12
-        xor     r9d, r9d                # w * P
-        movabs  r11, 0x100000001B3
-        xor     edi, edi
-.Lfill_word:
-        mov     r10, r8
-        xor     r10, r9
-        mov     [rbx + rdi * 8], r10
-        add     r9, r11
-        inc     edi
-        cmp     edi, WORDS_PER_PAGE
-        jb      .Lfill_word
-        add     rbx, PAGE_SIZE
-        inc     rcx
-        jmp     .Lfill_page
-.Lfill_done:
+        fill_groups STRESS_GROUPS
         dedup   DEDUP_PASS
         dedup   DEDUP_START
 
