@@ -20,7 +20,10 @@ Examples:
   vmm images                                  list the built-in guests
   vmm run hello                               boot a guest, print its console and the exit table
   vmm run pagefill --mem 64M --stats-json s.json
+  vmm run pagefill --dedup change-pte         deduplicate, secondary MMU updated in place
+  vmm run pagefill --dedup range-flush --view uffd
   vmm bench                                   the cost of one VM exit on this machine, as JSON
+  vmm bench fault --view memslot              one secondary-MMU fault against the bare mechanism
 
 Guests are static ELF64 x86-64 executables written against the tiny-guest
 ABI v1 (guest-images/README.md). Exit status: 0 guest succeeded, 1 guest
