@@ -19,12 +19,12 @@
 
 use std::cell::Cell;
 use std::cmp::Ordering;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::Mutex;
 use std::time::Instant;
 
-use shadow_mmu::{Gfn, HostMm, HostMmError, Pfn, PAGE_SIZE};
+use shadow_mmu::{lock, FramePoolError, Gfn, HostMm, HostMmError, Pfn, PAGE_SIZE};
 
-use crate::page::{checksum, cmp_with_frame, frames_identical, read_page, resident_frames, PageBuf};
+use crate::page::{checksum, cmp_with_frame, frames_identical, read_page, PageBuf};
 use crate::tree::{ContentTree, Search};
 
 /// The knobs of /sys/kernel/mm/ksm that this deduplicator has.
@@ -74,9 +74,9 @@ pub enum KsmError {
         /// What is allowed.
         why: &'static str,
     },
-    /// mincore or fstat failed.
+    /// mincore or fstat of guest memory failed.
     #[error("cannot inspect guest memory: {0}")]
-    Io(#[from] std::io::Error),
+    Pool(#[from] FramePoolError),
 }
 
 /// The figures of /sys/kernel/mm/ksm, plus cost figures.
@@ -164,10 +164,6 @@ struct StableNode {
 struct StableEntry {
     tree_node: u32,
     dups: Vec<u32>,
-}
-
-fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn thread_cpu_ns() -> u64 {
@@ -425,7 +421,8 @@ impl Ksm {
         // The unstable tree is rebuilt every scan: its pages may have changed.
         self.unstable.clear();
         self.seqnr = self.seqnr.wrapping_add(1);
-        self.resident = resident_frames(lock(host).pool())?;
+        let h = lock(host);
+        self.resident = h.pool().resident(0, h.pool().nr_frames())?;
         Ok(())
     }
 

@@ -26,7 +26,7 @@ impl Ksmd {
         let thread = std::thread::Builder::new().name("ksmd".into()).spawn(move || {
             while !flag.load(Ordering::Relaxed) {
                 let sleep = {
-                    let mut k = ksm.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let mut k = shadow_mmu::lock(&ksm);
                     let knobs = k.knobs();
                     k.ksm_do_scan(&host, u64::from(knobs.pages_to_scan))?;
                     knobs.sleep_millisecs

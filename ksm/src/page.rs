@@ -1,6 +1,6 @@
 //! Reading page contents for the scanner: checksums (`calc_checksum`),
-//! comparisons (`memcmp_pages`, `pages_identical`) and which frames hold
-//! memory at all.
+//! comparisons (`memcmp_pages`, `pages_identical`). Which frames hold
+//! memory at all is `FramePool::resident`.
 //!
 //! Guest pages are read through the frame pool's direct map while the vCPU
 //! may be writing them, exactly as ksmd reads pages a process is writing:
@@ -53,23 +53,6 @@ pub fn frames_identical(pool: &FramePool, a: Pfn, b: Pfn) -> bool {
     }
 }
 
-/// Which frames hold memory (are not holes of the memfd), from one mincore
-/// over the whole direct map. A guest page whose frame is a hole has never
-/// been touched: it is what Linux sees as an address with no pte, which KSM
-/// skips; reading it through the mapping would allocate it.
-pub fn resident_frames(pool: &FramePool) -> std::io::Result<Vec<bool>> {
-    let frames = pool.nr_frames() as usize;
-    let base = pool.frame_hva(0).ok_or_else(|| std::io::Error::other("empty frame pool"))?;
-    let mut vec = vec![0u8; frames];
-    // SAFETY: [base, base + frames pages) is the direct map, one mapping;
-    // `vec` has one byte per page, as mincore requires.
-    let rc = unsafe { libc::mincore(base.cast(), frames * PAGE_SIZE as usize, vec.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(vec.into_iter().map(|b| b & 1 != 0).collect())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,6 +74,5 @@ mod tests {
         let mut other = buf;
         other[0] = 9;
         assert_ne!(checksum(&buf), checksum(&other));
-        assert_eq!(resident_frames(&pool).expect("mincore"), vec![false, true, true, true]);
     }
 }

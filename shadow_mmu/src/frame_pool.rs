@@ -53,8 +53,8 @@ pub enum FramePoolError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// fstat of the memfd failed.
-    #[error("cannot stat the guest RAM memfd: {0}")]
+    /// fstat or mincore of the memfd failed.
+    #[error("cannot inspect the guest RAM memfd: {0}")]
     Stat(std::io::Error),
 }
 
@@ -138,6 +138,27 @@ impl FramePool {
         Ok(())
     }
 
+    /// Which of the frames [first, first + n) hold memory (are not memfd
+    /// holes), from one mincore over their part of the direct map. Reading
+    /// a hole through the shared mapping would allocate it; this does not.
+    pub fn resident(&self, first: Pfn, n: u64) -> Result<Vec<bool>, FramePoolError> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let last = first.checked_add(n - 1).ok_or(FramePoolError::BadSize(n))?;
+        self.frame_hva(last).ok_or(FramePoolError::BadSize(last))?;
+        let start = self.frame_hva(first).ok_or(FramePoolError::BadSize(first))?;
+        let len = usize::try_from(n << PAGE_SHIFT).map_err(|_| FramePoolError::BadSize(n))?;
+        let mut vec = vec![0u8; len >> PAGE_SHIFT];
+        // SAFETY: [start, start + len) lies in the direct map (both ends
+        // checked above), one mapping; `vec` has one byte per page.
+        let rc = unsafe { libc::mincore(start.cast(), len, vec.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(FramePoolError::Stat(std::io::Error::last_os_error()));
+        }
+        Ok(vec.into_iter().map(|b| b & 1 != 0).collect())
+    }
+
     /// Bytes of the memfd that the host has actually allocated (st_blocks × 512).
     pub fn resident_bytes(&self) -> Result<u64, FramePoolError> {
         use std::os::unix::fs::MetadataExt;
@@ -170,6 +191,11 @@ mod tests {
         pool.punch_hole(3).expect("punch");
         assert_eq!(pool.resident_bytes().expect("stat"), 0);
         assert_eq!(pool.direct_map().read_obj::<u64>(addr).expect("read"), 0);
+        // Reading frame 3 through the shared mapping allocated it again.
+        assert_eq!(pool.resident(2, 4).expect("mincore"), vec![false, true, false, false]);
+        pool.direct_map().write_obj(1u8, GuestAddress(5 << PAGE_SHIFT)).expect("write");
+        assert_eq!(pool.resident(4, 2).expect("mincore"), vec![false, true]);
+        assert!(pool.resident(15, 2).is_err());
         assert!(pool.frame_hva(15).is_some());
         assert!(pool.frame_hva(16).is_none());
     }

@@ -7,7 +7,9 @@
 //! no invalidation started or ended since (`mmu_invalidate_retry`), so an
 //! entry never maps a frame the primary MMU has already moved away from.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
+
+use crate::lock;
 use std::time::Instant;
 
 use crate::ept::Ept;
@@ -235,10 +237,6 @@ impl<V: EptView> MmuNotifier for SecondaryMmu<V> {
         self.stats.change_pte_applied += 1;
         self.view_op(|v| v.map(gfn, pte.pfn, pte.writable));
     }
-}
-
-fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The EPT-violation handler (`kvm_mmu_page_fault`): looks the page up in

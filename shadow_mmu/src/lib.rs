@@ -43,6 +43,12 @@ pub mod memory;
 pub mod mmu_notifier;
 pub mod view;
 
+/// Locks a mutex, ignoring poisoning: every update under these locks is a
+/// completed call, so a holder that panicked leaves consistent data.
+pub fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 pub use frame_pool::{FramePool, FramePoolError, Pfn, PAGE_SHIFT, PAGE_SIZE};
 pub use kvm_mmu::{handle_ept_violation, Access, FaultError, MmuStats, Policy, SecondaryMmu};
 pub use memory::{HostMm, HostMmError, HostPte};

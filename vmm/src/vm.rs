@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm, VcpuFd};
@@ -221,11 +221,7 @@ pub struct Vm {
     pub(crate) mem_bytes: u64,
 }
 
-/// Locks a mutex, ignoring poisoning (a panicked holder leaves consistent
-/// data here: every update is a single assignment or a completed call).
-pub fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
+pub use shadow_mmu::lock;
 
 /// Opens the KVM device with a message that says what to do when it fails.
 pub fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmError> {

@@ -440,7 +440,9 @@ impl UffdView {
         // touch of one is a MISSING fault, which the VMM serves as the host's
         // own first-touch fault (the secondary MMU already maps the page),
         // not as a secondary-MMU fault; guest RAM is not allocated up front.
-        let resident = resident_pages(&pool, first_gfn, nr_pages)?;
+        let resident = pool
+            .resident(first_gfn, nr_pages as u64)
+            .map_err(|e| ViewError::Uffd { op: "mincore of the frame pool", source: io::Error::other(e) })?;
         let mut i = 0;
         while i < nr_pages {
             if !resident[i] {
@@ -675,20 +677,6 @@ impl UffdView {
         }
         self.wake(i)
     }
-}
-
-/// Which of the frames [first, first + n) hold memory (are not memfd holes),
-/// from mincore on the frame pool's direct map.
-fn resident_pages(pool: &FramePool, first: Pfn, n: usize) -> Result<Vec<bool>, ViewError> {
-    let start = pool.frame_hva(first).ok_or(ViewError::NoSuchFrame(first))?;
-    let mut vec = vec![0u8; n];
-    // SAFETY: [start, start + n pages) lies in the direct map (the caller
-    // checked the range against the pool); `vec` has one byte per page.
-    let rc = unsafe { libc::mincore(start.cast(), n << PAGE_SHIFT, vec.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(ViewError::Uffd { op: "mincore of the frame pool", source: io::Error::last_os_error() });
-    }
-    Ok(vec.into_iter().map(|b| b & 1 != 0).collect())
 }
 
 /// Registers `range` of W with the view's userfaultfd, checking that the
