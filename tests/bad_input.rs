@@ -105,3 +105,11 @@ fn bad_timeouts_and_unwritable_stats_files_are_refused() {
     refused(&["run", "hello", "--timeout", "soon"], "not a number");
     refused(&["run", "hello", "--stats-json", "/nonexistent/dir/s.json"], "--stats-json");
 }
+
+#[test]
+fn out_of_range_ksm_knobs_are_refused_whatever_the_policy() {
+    refused(&["run", "hello", "--ksm-run", "5"], "ksm knob run");
+    refused(&["run", "hello", "--dedup", "change-pte", "--max-page-sharing", "1"], "max_page_sharing");
+    refused(&["run", "hello", "--pages-to-scan", "0"], "pages_to_scan");
+    refused(&["run", "hello", "--use-zero-pages", "2"], "--use-zero-pages");
+}

@@ -58,6 +58,24 @@ impl Default for KsmKnobs {
     }
 }
 
+impl KsmKnobs {
+    /// Checks every knob's range, as writing sysfs would.
+    pub fn check(&self) -> Result<(), KsmError> {
+        let k = self;
+        let bad = |name, value: u32, why| Err(KsmError::BadKnob { name, value: value.into(), why });
+        if k.run > 2 {
+            return bad("run", k.run, "0 stop, 1 run, 2 unmerge all");
+        }
+        if k.pages_to_scan == 0 {
+            return bad("pages_to_scan", k.pages_to_scan, "at least 1");
+        }
+        if k.max_page_sharing < 2 {
+            return bad("max_page_sharing", k.max_page_sharing, "at least 2");
+        }
+        Ok(())
+    }
+}
+
 /// Errors of the deduplicator.
 #[derive(Debug, thiserror::Error)]
 pub enum KsmError {
@@ -212,7 +230,7 @@ impl Ksm {
     /// A deduplicator over every guest page of `host`. Takes one free frame
     /// as the zero page (`ZERO_PAGE(0)`) for use_zero_pages.
     pub fn new(host: &mut HostMm, knobs: KsmKnobs) -> Result<Self, KsmError> {
-        Self::check_knobs(&knobs)?;
+        knobs.check()?;
         let (first, end) = host.guest_range();
         let zero_pfn = host.alloc_page()?;
         host.set_ksm_owner(zero_pfn, true, ZERO_OWNER);
@@ -240,20 +258,6 @@ impl Ksm {
         })
     }
 
-    fn check_knobs(k: &KsmKnobs) -> Result<(), KsmError> {
-        let bad = |name, value: u32, why| Err(KsmError::BadKnob { name, value: value.into(), why });
-        if k.run > 2 {
-            return bad("run", k.run, "0 stop, 1 run, 2 unmerge all");
-        }
-        if k.pages_to_scan == 0 {
-            return bad("pages_to_scan", k.pages_to_scan, "at least 1");
-        }
-        if k.max_page_sharing < 2 {
-            return bad("max_page_sharing", k.max_page_sharing, "at least 2");
-        }
-        Ok(())
-    }
-
     /// The knobs.
     pub fn knobs(&self) -> KsmKnobs {
         self.knobs
@@ -261,7 +265,7 @@ impl Ksm {
 
     /// Changes the knobs (as writing sysfs does).
     pub fn set_knobs(&mut self, knobs: KsmKnobs) -> Result<(), KsmError> {
-        Self::check_knobs(&knobs)?;
+        knobs.check()?;
         self.knobs = knobs;
         Ok(())
     }

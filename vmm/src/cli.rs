@@ -112,14 +112,18 @@ impl KsmArgs {
             1 => Ok(true),
             _ => Err(format!("--{name} takes 0 or 1, not {v}")),
         };
-        Ok(ksm::KsmKnobs {
+        let knobs = ksm::KsmKnobs {
             run: self.ksm_run,
             pages_to_scan: self.pages_to_scan,
             sleep_millisecs: self.sleep_millisecs,
             max_page_sharing: self.max_page_sharing,
             use_zero_pages: flag("use-zero-pages", self.use_zero_pages)?,
             smart_scan: flag("smart-scan", self.smart_scan)?,
-        })
+        };
+        // Checked whatever the policy: a bad knob is bad input even with
+        // deduplication off.
+        knobs.check().map_err(|e| e.to_string())?;
+        Ok(knobs)
     }
 }
 
