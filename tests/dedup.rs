@@ -94,18 +94,28 @@ fn stress_under_an_aggressive_ksmd_keeps_every_guest_write() {
     if !require_kvm() {
         return;
     }
-    // ksmd never sleeping: merges race with the guest's writes all the time.
+    // ksmd scanning all of a small guest (256 pages) every 5 ms: merges race
+    // with the guest's writes all the time.
     let knobs = KsmKnobs { pages_to_scan: 256, sleep_millisecs: 5, ..KsmKnobs::default() };
-    let expected = guest_images::stress_expected_reports(8 << 20);
+    let expected = guest_images::stress_expected_reports(3 << 20);
+    // Whether ksmd merges before the guest's writes are over is up to the
+    // host's scheduler (on a loaded machine ksmd may not run at all in a
+    // short phase 2). A run without a merge during the writes tests
+    // nothing about the race, so it is run again; what the guest read is
+    // checked on every run, and some run must have merged.
+    const ATTEMPTS: usize = 5;
     for view in VIEWS {
         for policy in POLICIES {
-            let s = run("stress", "8M", policy, view, knobs);
             let ctx = format!("{} / {}", policy.name(), view.name());
-            assert_eq!(s.guest.exit_code, Some(0), "{ctx}: {}", s.guest.end.detail);
-            assert_eq!(s.guest.reports, expected, "{ctx}");
-            // ksmd really merged while the guest wrote (phase 2).
-            assert!(ksm(&s, 2, "merges") > 0, "{ctx}: no merge during the writes");
-            assert!(s.phases[2].figures.exits.ept_write > 0, "{ctx}: no copy-on-write during the writes");
+            let raced = (0..ATTEMPTS).any(|_| {
+                let s = run("stress", "3M", policy, view, knobs);
+                assert_eq!(s.guest.exit_code, Some(0), "{ctx}: {}", s.guest.end.detail);
+                assert_eq!(s.guest.reports, expected, "{ctx}");
+                // ksmd merged while the guest wrote (phase 2), and the guest
+                // then wrote to merged pages (copy-on-write faults).
+                ksm(&s, 2, "merges") > 0 && s.phases[2].figures.exits.ept_write > 0
+            });
+            assert!(raced, "{ctx}: no merge during the writes in {ATTEMPTS} runs");
         }
     }
 }
