@@ -31,6 +31,7 @@
 //! ```
 
 pub mod bench;
+pub mod chart;
 pub mod cli;
 pub mod dedup;
 pub mod image;

@@ -1,0 +1,1 @@
+//! `vmm compare` and `vmm ctl` on real KVM.

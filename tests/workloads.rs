@@ -1,0 +1,1 @@
+//! The comparison workloads on real KVM.
