@@ -1,5 +1,11 @@
 //! Host physical memory: a memfd whose 4 KiB pages are the host's page frames.
 //!
+//! A pool can instead be backed by anonymous private memory
+//! ([`FramePool::new_anonymous`]): what the host's own KSM can merge
+//! (MADV_MERGEABLE applies to private anonymous memory only). Such a pool is
+//! the guest RAM of the `kernel` policy, where nothing of this crate
+//! deduplicates and frames are never remapped.
+//!
 //! Linux counterpart: the page allocator and the direct map. Frame number
 //! `pfn` is the memfd page at byte offset `pfn * PAGE_SIZE`; one shared linear
 //! mapping of the whole memfd is the direct map through which the VMM (and,
@@ -56,12 +62,21 @@ pub enum FramePoolError {
     /// fstat or mincore of the memfd failed.
     #[error("cannot inspect the guest RAM memfd: {0}")]
     Stat(std::io::Error),
+    /// A madvise on the pool's memory failed.
+    #[error("madvise({advice}) on guest RAM failed: {source}")]
+    Madvise {
+        /// The advice, by its Linux name.
+        advice: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
 }
 
-/// The host's page frames: a memfd and its direct map.
+/// The host's page frames: a memfd (or anonymous memory) and its direct map.
 #[derive(Debug)]
 pub struct FramePool {
-    memfd: File,
+    /// None for an anonymous pool.
+    memfd: Option<File>,
     direct_map: GuestMemoryMmap,
     nr_frames: u64,
 }
@@ -87,7 +102,49 @@ impl FramePool {
             .map_err(|e| FramePoolError::Map { bytes, reason: e.to_string() })?;
         let direct_map = GuestMemoryMmap::from_regions(vec![region])
             .map_err(|e| FramePoolError::Map { bytes, reason: e.to_string() })?;
-        Ok(Self { memfd, direct_map, nr_frames: bytes / PAGE_SIZE })
+        Ok(Self { memfd: Some(memfd), direct_map, nr_frames: bytes / PAGE_SIZE })
+    }
+
+    /// Creates a pool of `bytes / PAGE_SIZE` frames in anonymous private
+    /// memory (MAP_PRIVATE | MAP_ANONYMOUS), all zero and unallocated. It has
+    /// no memfd: its frames cannot be mapped elsewhere, only through the
+    /// direct map (one memslot over it).
+    pub fn new_anonymous(bytes: u64) -> Result<Self, FramePoolError> {
+        if bytes == 0 || bytes % PAGE_SIZE != 0 {
+            return Err(FramePoolError::BadSize(bytes));
+        }
+        let len = usize::try_from(bytes).map_err(|_| FramePoolError::BadSize(bytes))?;
+        let region = GuestRegionMmap::from_range(GuestAddress(0), len, None)
+            .map_err(|e| FramePoolError::Map { bytes, reason: e.to_string() })?;
+        let direct_map = GuestMemoryMmap::from_regions(vec![region])
+            .map_err(|e| FramePoolError::Map { bytes, reason: e.to_string() })?;
+        Ok(Self { memfd: None, direct_map, nr_frames: bytes / PAGE_SIZE })
+    }
+
+    /// Whether the pool is anonymous memory rather than a memfd.
+    pub fn is_anonymous(&self) -> bool {
+        self.memfd.is_none()
+    }
+
+    /// madvise over frames [first, first + n) of the direct map, e.g.
+    /// MADV_MERGEABLE to hand them to the host's KSM. `name` is the
+    /// advice's Linux name, for the error.
+    pub fn madvise(&self, first: Pfn, n: u64, advice: libc::c_int, name: &'static str) -> Result<(), FramePoolError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let last = first.checked_add(n - 1).ok_or(FramePoolError::BadSize(n))?;
+        self.frame_hva(last).ok_or(FramePoolError::BadSize(last))?;
+        let start = self.frame_hva(first).ok_or(FramePoolError::BadSize(first))?;
+        let len = usize::try_from(n << PAGE_SHIFT).map_err(|_| FramePoolError::BadSize(n))?;
+        // SAFETY: [start, start + len) lies in the direct map (both ends
+        // checked above), a mapping this pool owns; the advices used here
+        // change how the kernel manages the pages, never their content.
+        let rc = unsafe { libc::madvise(start.cast(), len, advice) };
+        if rc != 0 {
+            return Err(FramePoolError::Madvise { advice: name, source: std::io::Error::last_os_error() });
+        }
+        Ok(())
     }
 
     /// Number of frames in the pool.
@@ -95,9 +152,10 @@ impl FramePool {
         self.nr_frames
     }
 
-    /// The memfd backing the frames (for mapping frames elsewhere).
-    pub fn memfd(&self) -> &File {
-        &self.memfd
+    /// The memfd backing the frames (for mapping frames elsewhere); None for
+    /// an anonymous pool.
+    pub fn memfd(&self) -> Option<&File> {
+        self.memfd.as_ref()
     }
 
     /// The direct map: "guest address" `pfn << PAGE_SHIFT` of this memory is frame `pfn`.
@@ -123,14 +181,18 @@ impl FramePool {
         self.punch_holes(pfn, 1)
     }
 
-    /// Returns frames [pfn, pfn + count) to the host with one fallocate.
+    /// Returns frames [pfn, pfn + count) to the host with one fallocate
+    /// (MADV_DONTNEED for an anonymous pool).
     pub fn punch_holes(&self, pfn: Pfn, count: u64) -> Result<(), FramePoolError> {
+        let Some(memfd) = &self.memfd else {
+            return self.madvise(pfn, count, libc::MADV_DONTNEED, "MADV_DONTNEED");
+        };
         let offset = i64::try_from(pfn << PAGE_SHIFT).map_err(|_| FramePoolError::BadSize(pfn))?;
         let len = i64::try_from(count << PAGE_SHIFT).map_err(|_| FramePoolError::BadSize(count))?;
         // SAFETY: fallocate on our own memfd with a range inside it; no memory
         // of ours is passed to the kernel.
         let rc = unsafe {
-            libc::fallocate(self.memfd.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
+            libc::fallocate(memfd.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
         };
         if rc != 0 {
             return Err(FramePoolError::PunchHole { pfn, source: std::io::Error::last_os_error() });
@@ -159,10 +221,15 @@ impl FramePool {
         Ok(vec.into_iter().map(|b| b & 1 != 0).collect())
     }
 
-    /// Bytes of the memfd that the host has actually allocated (st_blocks × 512).
+    /// Bytes of the memfd that the host has actually allocated (st_blocks ×
+    /// 512); for an anonymous pool, its resident pages (mincore).
     pub fn resident_bytes(&self) -> Result<u64, FramePoolError> {
         use std::os::unix::fs::MetadataExt;
-        let meta = self.memfd.metadata().map_err(FramePoolError::Stat)?;
+        let Some(memfd) = &self.memfd else {
+            let resident = self.resident(0, self.nr_frames)?;
+            return Ok(resident.iter().filter(|&&r| r).count() as u64 * PAGE_SIZE);
+        };
+        let meta = memfd.metadata().map_err(FramePoolError::Stat)?;
         Ok(meta.blocks() * 512)
     }
 }
@@ -198,5 +265,20 @@ mod tests {
         assert!(pool.resident(15, 2).is_err());
         assert!(pool.frame_hva(15).is_some());
         assert!(pool.frame_hva(16).is_none());
+    }
+
+    #[test]
+    fn an_anonymous_pool_behaves_like_a_memfd_pool_and_has_no_memfd() {
+        let pool = FramePool::new_anonymous(8 * PAGE_SIZE).expect("pool");
+        assert!(pool.is_anonymous() && pool.memfd().is_none());
+        assert_eq!(pool.resident_bytes().expect("mincore"), 0);
+        pool.direct_map().write_obj(7u64, GuestAddress(2 << PAGE_SHIFT)).expect("write");
+        assert_eq!(pool.resident(1, 3).expect("mincore"), vec![false, true, false]);
+        assert_eq!(pool.resident_bytes().expect("mincore"), PAGE_SIZE);
+        pool.madvise(0, 8, libc::MADV_NORMAL, "MADV_NORMAL").expect("madvise");
+        assert!(pool.madvise(7, 2, libc::MADV_NORMAL, "MADV_NORMAL").is_err());
+        pool.punch_hole(2).expect("MADV_DONTNEED");
+        assert_eq!(pool.resident_bytes().expect("mincore"), 0);
+        assert_eq!(pool.direct_map().read_obj::<u64>(GuestAddress(2 << PAGE_SHIFT)).expect("read"), 0);
     }
 }

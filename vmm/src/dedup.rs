@@ -1,11 +1,13 @@
 //! Deduplication control: the guest's requests on port 0x501 and the run
-//! state of ksmd (the sysfs `run` knob: 0 stop, 1 run, 2 unmerge all).
+//! state of ksmd (the sysfs `run` knob: 0 stop, 1 run, 2 unmerge all), for
+//! the built-in deduplicator or the host's own KSM (the `kernel` policy).
 
 use std::sync::{Arc, Mutex};
 
 use ksm::{Ksm, Ksmd};
 use shadow_mmu::HostMm;
 
+use crate::host_ksm::HostKsm;
 use crate::vm::lock;
 
 /// Port 0x501 value: one synchronous full pass.
@@ -23,18 +25,41 @@ pub struct DedupControl {
     ksm: Option<Arc<Mutex<Ksm>>>,
     host: Arc<Mutex<HostMm>>,
     ksmd: Option<Ksmd>,
+    /// The host's KSM (the `kernel` policy), instead of the built-in one.
+    host_ksm: Option<Arc<Mutex<HostKsm>>>,
+    run: u32,
 }
 
 impl DedupControl {
-    /// Control over `ksm` (None when deduplication is off).
-    pub fn new(ksm: Option<Arc<Mutex<Ksm>>>, host: Arc<Mutex<HostMm>>) -> Self {
-        Self { ksm, host, ksmd: None }
+    /// Control over `ksm` (None when deduplication is off or the host's KSM
+    /// is used), and over the host's KSM when `host_ksm` is given.
+    pub fn new(ksm: Option<Arc<Mutex<Ksm>>>, host: Arc<Mutex<HostMm>>, host_ksm: Option<Arc<Mutex<HostKsm>>>) -> Self {
+        Self { ksm, host, ksmd: None, host_ksm, run: 0 }
+    }
+
+    /// Whether a deduplicator (built-in or the host's) is there to control.
+    pub fn is_active(&self) -> bool {
+        self.ksm.is_some() || self.host_ksm.is_some()
+    }
+
+    /// The run state last set (0, 1 or 2).
+    pub fn run_state(&self) -> u32 {
+        self.run
     }
 
     /// Sets the run state: 0 stops ksmd, 1 starts it, 2 stops it and
     /// unmerges everything. A no-op with deduplication off.
     pub fn set_run(&mut self, run: u32) -> Result<(), String> {
+        if run > 2 {
+            return Err(format!("ksm run state {run} is not 0, 1 or 2"));
+        }
+        if let Some(h) = &self.host_ksm {
+            lock(h).set_run(run).map_err(|e| e.to_string())?;
+            self.run = run;
+            return Ok(());
+        }
         let Some(ksm) = self.ksm.clone() else { return Ok(()) };
+        self.run = run;
         match run {
             0 => self.stop_ksmd(),
             1 => {
@@ -60,11 +85,22 @@ impl DedupControl {
     }
 
     /// Serves a guest request on port 0x501. Unknown values are refused
-    /// with a message; they do not end the run.
-    pub fn request(&mut self, value: u32) -> Result<(), String> {
-        let Some(ksm) = self.ksm.clone() else { return Ok(()) };
+    /// with a message; they do not end the run. `cancelled` is polled while
+    /// a pass waits for the host's ksmd.
+    pub fn request(&mut self, value: u32, cancelled: &dyn Fn() -> bool) -> Result<(), String> {
+        if value == DEDUP_PASS {
+            if let Some(h) = &self.host_ksm {
+                return lock(h).full_pass(cancelled).map_err(|e| format!("dedup pass failed: {e}"));
+            }
+        }
+        if !self.is_active() {
+            return Ok(());
+        }
         match value {
-            DEDUP_PASS => lock(&ksm).full_pass(&self.host).map(|_| ()).map_err(|e| format!("dedup pass failed: {e}")),
+            DEDUP_PASS => match &self.ksm {
+                Some(ksm) => lock(ksm).full_pass(&self.host).map(|_| ()).map_err(|e| format!("dedup pass failed: {e}")),
+                None => Ok(()),
+            },
             DEDUP_START => self.set_run(1),
             DEDUP_STOP => self.set_run(0),
             DEDUP_UNMERGE => self.set_run(2),
@@ -83,8 +119,14 @@ impl DedupControl {
         None
     }
 
-    /// Stops ksmd at the end of the run.
+    /// Stops ksmd at the end of the run; gives the host's KSM back with its
+    /// knobs restored.
     pub fn shutdown(&mut self) -> Result<(), String> {
-        self.stop_ksmd()
+        let builtin = self.stop_ksmd();
+        let host = match &self.host_ksm {
+            Some(h) => lock(h).release().map_err(|e| e.to_string()),
+            None => Ok(()),
+        };
+        builtin.and(host)
     }
 }

@@ -34,6 +34,7 @@ pub mod bench;
 pub mod chart;
 pub mod cli;
 pub mod dedup;
+pub mod host_ksm;
 pub mod image;
 pub mod kvm_stats;
 pub mod phases;

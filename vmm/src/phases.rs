@@ -57,6 +57,9 @@ fn shadow_mmu_counters(vm: &Vm) -> Counters {
 
 /// The deduplicator's figures with the sysfs names (empty when off).
 fn ksm_counters(vm: &Vm) -> Counters {
+    if let Some(h) = &vm.host_ksm {
+        return lock(h).counters().into_iter().map(|(n, v)| (n.to_string(), v)).collect();
+    }
     let Some(ksm) = &vm.ksm else { return Counters::new() };
     // Lock order: the deduplicator, then the primary MMU.
     let k = lock(ksm);

@@ -5,7 +5,7 @@ use shadow_mmu::Access;
 use crate::dedup::DedupControl;
 use crate::phases::PhaseTracker;
 use crate::serial::Console;
-use crate::signals::Watchdog;
+use crate::signals::{StopRequest, Watchdog};
 use crate::stats::{ConfigRecord, EndRecord, ExitKind, Figures, GuestRecord, PhaseStats, RunStats, SCHEMA_VERSION};
 use crate::vcpu::{handle_exit, handle_run_error, Devices, GuestMemory, Outcome, RunEnd};
 use crate::vm::{lock, HookPoint, HostHook, RunConfig, Vm, VmError};
@@ -28,13 +28,13 @@ pub fn run(mut config: RunConfig) -> Result<RunStats, VmError> {
         image: config.image.name.clone(),
         mem_bytes: config.mem_bytes,
         dedup: config.dedup.name().to_string(),
-        view: config.view.name().to_string(),
+        view: config.dedup.effective_view(config.view).name().to_string(),
         timeout_secs: config.timeout.map(|t| t.as_secs_f64()),
     };
     let memory = GuestMemory { host: vm.host.clone(), mmu: vm.mmu.clone(), mem_bytes: vm.mem_bytes };
     let mut devices = Devices { console: Console::new(config.console), reports: Vec::new(), memory };
     let mut hook = config.host_hook.take();
-    let mut dedup = DedupControl::new(vm.ksm.clone(), vm.host.clone());
+    let mut dedup = DedupControl::new(vm.ksm.clone(), vm.host.clone(), vm.host_ksm.clone());
     let (end, phases, total, rip) = match dedup.set_run(config.ksm.run) {
         Ok(()) => run_loop(vm, &mut devices, &mut hook, &mut dedup, config.timeout),
         Err(e) => (RunEnd::VmmError(e), Vec::new(), Figures::default(), None),
@@ -117,7 +117,7 @@ fn run_loop(
             }
             // The vCPU waits while the deduplicator serves the request.
             Outcome::Dedup(v) => dedup
-                .request(v)
+                .request(v, &|| watchdog.stop_request() != StopRequest::None)
                 .and_then(|()| view_error(&vm))
                 .and_then(|()| call_hook(hook, &vm, HookPoint::DedupRequest(v))),
             Outcome::EmulationFailure => match serve_fetch(&vm, &devices.memory) {

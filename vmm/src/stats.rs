@@ -201,6 +201,8 @@ pub const GAUGES: &[&str] = &[
     "memfd_resident_bytes",
     "metadata_bytes",
     "rmap_items",
+    "ksm_merging_pages",
+    "ksm_process_profit",
 ];
 
 /// Whether the named figure is a level rather than a count.

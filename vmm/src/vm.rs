@@ -17,6 +17,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use ksm::{Ksm, KsmError, KsmKnobs};
 
+use crate::host_ksm::{HostKsm, HostKsmError, HostKsmPaths};
 use crate::image::{GuestImage, ImageError};
 use crate::kvm_stats::{KvmStats, KvmStatsError};
 use crate::vcpu_gate::{serving_vcpu_fault, VcpuGate};
@@ -38,6 +39,9 @@ pub enum DedupPolicy {
     RangeFlush,
     /// Zap on every invalidation, then change_pte finds nothing (KVM 2012 until the flag).
     Legacy,
+    /// The host's own KSM merges guest RAM (MADV_MERGEABLE) and the host
+    /// KVM is the secondary MMU (see `host_ksm`); needs root.
+    Kernel,
 }
 
 impl DedupPolicy {
@@ -48,6 +52,20 @@ impl DedupPolicy {
             DedupPolicy::ChangePte => "change-pte",
             DedupPolicy::RangeFlush => "range-flush",
             DedupPolicy::Legacy => "legacy",
+            DedupPolicy::Kernel => "kernel",
+        }
+    }
+
+    /// Every policy, in the order `vmm compare` runs them by default.
+    pub const ALL: [DedupPolicy; 5] =
+        [DedupPolicy::Off, DedupPolicy::ChangePte, DedupPolicy::RangeFlush, DedupPolicy::Legacy, DedupPolicy::Kernel];
+
+    /// The view a run of this policy really uses: the `kernel` policy maps
+    /// guest RAM with one plain memslot whatever `--view` says.
+    pub fn effective_view(self, view: ViewKind) -> ViewKind {
+        match self {
+            DedupPolicy::Kernel => ViewKind::Memslot,
+            _ => view,
         }
     }
 
@@ -55,7 +73,7 @@ impl DedupPolicy {
     /// invalidates the secondary MMU; it is set up as today's KVM.
     pub fn mmu_policy(self) -> Policy {
         match self {
-            DedupPolicy::Off | DedupPolicy::RangeFlush => Policy::RangeFlush,
+            DedupPolicy::Off | DedupPolicy::RangeFlush | DedupPolicy::Kernel => Policy::RangeFlush,
             DedupPolicy::ChangePte => Policy::ChangePte,
             DedupPolicy::Legacy => Policy::Legacy,
         }
@@ -154,6 +172,9 @@ pub enum VmError {
     /// The deduplicator could not be set up.
     #[error(transparent)]
     Ksm(#[from] KsmError),
+    /// The host's KSM could not be taken (the `kernel` policy).
+    #[error(transparent)]
+    HostKsm(#[from] HostKsmError),
     /// Writing the boot structures into guest RAM failed.
     #[error("cannot write boot structures into guest RAM: {0}")]
     Boot(String),
@@ -208,6 +229,8 @@ pub struct Vm {
     pub(crate) mmu: Arc<Mutex<KvmMmu>>,
     /// The deduplicator, unless deduplication is off.
     pub(crate) ksm: Option<Arc<Mutex<Ksm>>>,
+    /// The host's KSM, under the `kernel` policy.
+    pub(crate) host_ksm: Option<Arc<Mutex<HostKsm>>>,
     /// The VM (shared with the view).
     pub(crate) vm_fd: Arc<kvm_ioctls::VmFd>,
     /// The frame pool (shared with the primary MMU and the view).
@@ -249,6 +272,10 @@ impl Vm {
         // Validate before touching KVM so a bad image is refused even where
         // KVM is unusable.
         config.image.validate(config.mem_bytes)?;
+        if config.dedup == DedupPolicy::Kernel {
+            // Refused before anything is built, with what to do about it.
+            HostKsmPaths::default().check_available()?;
+        }
         let kvm = open_kvm(&config.kvm_device)?;
         match kvm.get_api_version() {
             12 => {}
@@ -271,7 +298,12 @@ impl Vm {
         // One frame per guest page, plus one spare so that a copy-on-write
         // break always finds a free frame (see HostMm::new), plus the zero
         // page of the deduplicator.
-        let pool = Arc::new(FramePool::new(config.mem_bytes + 2 * PAGE_SIZE)?);
+        // The kernel policy's RAM is anonymous: what the host's KSM merges.
+        let pool_bytes = config.mem_bytes + 2 * PAGE_SIZE;
+        let pool = Arc::new(match config.dedup {
+            DedupPolicy::Kernel => FramePool::new_anonymous(pool_bytes)?,
+            _ => FramePool::new(pool_bytes)?,
+        });
         // The VMM's low megabyte: always mapped, never part of a view.
         set_memslot(&vm_fd, &pool, BOOT_SLOT, 0, GUEST_BASE, 0, false)?;
         // Load before the view exists (it maps what holds memory). Nothing is
@@ -284,7 +316,7 @@ impl Vm {
         let kvm_slots = u32::try_from(kvm.get_nr_memslots()).unwrap_or(u32::MAX);
         let slot_limit = config.memslot_limit.map_or(kvm_slots, |l| l.clamp(2, kvm_slots));
         let gate = Arc::new(VcpuGate::new());
-        let view = match config.view {
+        let view = match config.dedup.effective_view(config.view) {
             ViewKind::Memslot => AnyView::Memslot(MemslotView::new(
                 vm_fd.clone(),
                 gate.clone(),
@@ -305,9 +337,19 @@ impl Vm {
         let mmu = Arc::new(Mutex::new(SecondaryMmu::new_prefaulted(config.dedup.mmu_policy(), view, &host)));
         host.mmu_notifier_register(mmu.clone());
         let ksm = match config.dedup {
-            DedupPolicy::Off => None,
+            DedupPolicy::Off | DedupPolicy::Kernel => None,
             _ if !config.builtin_ksm => None,
             _ => Some(Arc::new(Mutex::new(Ksm::new(&mut host, config.ksm)?))),
+        };
+        let host_ksm = match config.dedup {
+            DedupPolicy::Kernel => Some(Arc::new(Mutex::new(HostKsm::new(
+                HostKsmPaths::default(),
+                config.ksm,
+                pool.clone(),
+                first_gfn,
+                end_gfn - first_gfn,
+            )?))),
+            _ => None,
         };
 
         let vcpu = vm_fd.create_vcpu(0).map_err(|source| VmError::Setup { what: "KVM_CREATE_VCPU", source })?;
@@ -365,6 +407,7 @@ impl Vm {
             host,
             mmu,
             ksm,
+            host_ksm,
             vm_fd,
             pool,
             gate,

@@ -45,6 +45,9 @@ pub enum ViewError {
     /// A frame the view was asked to map does not exist in the pool.
     #[error("frame {0} is outside the frame pool")]
     NoSuchFrame(Pfn),
+    /// The userfaultfd view maps frames of a memfd; this pool has none.
+    #[error("the userfaultfd view needs a memfd-backed frame pool; this guest RAM is anonymous memory")]
+    AnonymousPool,
     /// A gfn outside the view's range.
     #[error("gfn {0:#x} is outside the guest range the view covers")]
     OutOfRange(Gfn),

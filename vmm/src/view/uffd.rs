@@ -415,6 +415,7 @@ impl UffdView {
         let nr_pages = usize::try_from(end_gfn - first_gfn).map_err(|_| ViewError::OutOfRange(end_gfn))?;
         let len = nr_pages << PAGE_SHIFT;
         let offset = libc::off_t::try_from(first_gfn << PAGE_SHIFT).map_err(|_| ViewError::NoSuchFrame(first_gfn))?;
+        let memfd = pool.memfd().ok_or(ViewError::AnonymousPool)?.as_raw_fd();
         let uffd = open_view_userfaultfd()?;
 
         // SAFETY: a fresh shared mapping of our memfd at a kernel-chosen
@@ -425,7 +426,7 @@ impl UffdView {
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
-                pool.memfd().as_raw_fd(),
+                memfd,
                 offset,
             )
         };
@@ -636,6 +637,7 @@ impl UffdView {
     fn remap(&mut self, i: usize, pfn: Pfn, writable: bool) -> Result<(), ViewError> {
         let addr = self.window.page_addr(i);
         let offset = libc::off_t::try_from(pfn << PAGE_SHIFT).map_err(|_| ViewError::NoSuchFrame(pfn))?;
+        let memfd = self.pool.memfd().ok_or(ViewError::AnonymousPool)?.as_raw_fd();
         // A read-only frame is mapped PROT_READ until userfaultfd protects
         // it (module documentation).
         let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
@@ -647,7 +649,7 @@ impl UffdView {
                 PAGE_SIZE as usize,
                 prot,
                 libc::MAP_SHARED | libc::MAP_FIXED,
-                self.pool.memfd().as_raw_fd(),
+                memfd,
                 offset,
             )
         };
