@@ -57,7 +57,7 @@ pub fn check_pagefill_exits(s: &RunStats, policy: DedupPolicy, view: ViewKind) {
             assert_eq!(shadow(t, "change_pte_missed"), shadow(t, "change_pte_calls"), "{ctx}");
             assert_eq!(shadow(t, "change_pte_missed"), 2 * pass_changes + cow, "{ctx}");
         }
-        DedupPolicy::Off => unreachable!(),
+        DedupPolicy::Off | DedupPolicy::Kernel => unreachable!("not a built-in deduplication policy"),
     }
     if policy != DedupPolicy::ChangePte {
         // Every page is zapped by its first write-protection in each pass (and

@@ -51,9 +51,51 @@ followed by the table; --stats-json writes the statistics document (schema 1, RE
     Run(RunArgs),
     /// List the built-in guest images, one line each.
     Images,
+    /// Run one guest under several deduplication policies, N times each, interleaved, and
+    /// print a per-phase side-by-side table; write DIR/compare.json and DIR/compare.svg.
+    #[command(after_help = COMPARE_HELP)]
+    Compare(CompareArgs),
     /// Measure, print JSON: `floor` (default), the median cost of one port-I/O VM exit;
     /// `fault`, one secondary-MMU fault end to end against the bare mechanism of --view.
     Bench(BenchArgs),
+}
+
+const COMPARE_HELP: &str = "\
+Each run is a child `vmm run --stats-json`; runs go repeat by repeat, every policy in turn.
+Cells are the median over the repeats, ± half the min-max range, and (in parentheses) the
+difference from `off`. The `kernel` policy (the host's own KSM) needs root; without it, it is
+skipped with the reason and the other policies still run. Exit status: 0 when every run
+succeeded and every guest read the same as under the first policy (off if given), 1 otherwise,
+2 for bad input.
+
+Examples:
+  vmm compare pagefill --mem 16M --repeat 3 --out results/pagefill
+  vmm compare converge --mem 257M --policies range-flush,change-pte,kernel --view uffd --repeat 1";
+
+#[derive(Debug, clap::Args)]
+struct CompareArgs {
+    /// Built-in image name or path to an ELF64 x86-64 executable.
+    image: String,
+    /// The policies, comma-separated, in the order of the table's columns.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "off,change-pte,range-flush,legacy,kernel")]
+    policies: Vec<DedupPolicy>,
+    /// Runs per policy.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    repeat: u32,
+    /// Where compare.json, compare.svg and each run's statistics (runs/) go.
+    #[arg(long, default_value = "compare-out", value_name = "DIR")]
+    out: PathBuf,
+    /// Guest RAM: bytes, or a number with a K, M or G suffix.
+    #[arg(long, default_value = "16M", value_name = "SIZE")]
+    mem: String,
+    /// The view of the built-in policies (`kernel` uses one plain memslot).
+    #[arg(long, value_enum, default_value = "memslot")]
+    view: ViewKind,
+    /// End a run (with its statistics, counted as failed) after SECS seconds.
+    #[arg(long, default_value = "600", value_name = "SECS")]
+    timeout: String,
+    #[command(flatten)]
+    ksm: KsmArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -194,6 +236,7 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Exi
             ExitCode::SUCCESS
         }
         Command::Run(args) => run_command(cli.kvm, args),
+        Command::Compare(args) => compare_command(cli.kvm, args),
         Command::Bench(args) => bench_command(cli.kvm, args),
     }
 }
@@ -264,6 +307,72 @@ fn run_command(kvm_device: PathBuf, args: RunArgs) -> ExitCode {
         eprintln!("vmm: guest {}: {}", stats.config.image, stats.guest.end.detail);
     }
     ExitCode::from(status)
+}
+
+/// Most repeats a comparison takes.
+const MAX_REPEAT: u32 = 1000;
+
+fn compare_command(kvm_device: PathBuf, args: CompareArgs) -> ExitCode {
+    let mem_bytes = match parse_size(&args.mem) {
+        Ok(b) => b,
+        Err(e) => return fail(format!("--mem: {e}")),
+    };
+    if let Err(e) = check_mem_size(mem_bytes) {
+        return fail(e);
+    }
+    let knobs = match args.ksm.knobs() {
+        Ok(k) => k,
+        Err(e) => return fail(e),
+    };
+    let timeout = match parse_timeout(&args.timeout) {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    if args.repeat == 0 || args.repeat > MAX_REPEAT {
+        return fail(format!("--repeat {} must be between 1 and {MAX_REPEAT}", args.repeat));
+    }
+    let mut policies = Vec::new();
+    for p in args.policies {
+        if policies.contains(&p) {
+            return fail(format!("--policies names {} twice", p.name()));
+        }
+        policies.push(p);
+    }
+    if let Err(e) = GuestImage::resolve(&args.image).and_then(|i| i.validate(mem_bytes).map(|_| i)) {
+        return fail(e);
+    }
+    let vmm = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => return fail(format!("cannot find the vmm executable to run: {e}")),
+    };
+    let config = crate::compare::CompareConfig {
+        image: args.image,
+        mem_bytes,
+        policies,
+        repeat: args.repeat,
+        out: args.out,
+        view: args.view,
+        timeout_secs: timeout.as_secs_f64(),
+        knobs,
+        kvm_device,
+        vmm,
+    };
+    match crate::compare::compare(&config, &mut |line| eprintln!("vmm compare: {line}")) {
+        Ok(report) => {
+            print!("{}", crate::compare::table::render(&report));
+            println!(
+                "wrote {} and {}",
+                config.out.join("compare.json").display(),
+                config.out.join("compare.svg").display()
+            );
+            if report.reports_identical && report.failed_runs.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => fail(e),
+    }
 }
 
 fn bench_command(kvm_device: PathBuf, args: BenchArgs) -> ExitCode {

@@ -38,7 +38,8 @@ pub const STATE_DIR: &str = "/run/vmm";
 
 /// The knobs a run may change (saved before, restored after: see
 /// `SavedKnobs::restore` for the order).
-const KNOBS: [&str; 6] = ["max_page_sharing", "use_zero_pages", "smart_scan", "pages_to_scan", "sleep_millisecs", "run"];
+const KNOBS: [&str; 6] =
+    ["max_page_sharing", "use_zero_pages", "smart_scan", "pages_to_scan", "sleep_millisecs", "run"];
 
 /// A synchronous pass scans this many pages per ksmd batch, without sleeping
 /// (the built-in pass is synchronous too).

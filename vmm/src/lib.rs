@@ -33,6 +33,7 @@
 pub mod bench;
 pub mod chart;
 pub mod cli;
+pub mod compare;
 pub mod dedup;
 pub mod host_ksm;
 pub mod image;

@@ -421,14 +421,7 @@ impl UffdView {
         // SAFETY: a fresh shared mapping of our memfd at a kernel-chosen
         // address; it aliases no Rust object (W is accessed only by KVM).
         let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                memfd,
-                offset,
-            )
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, memfd, offset)
         };
         if base == libc::MAP_FAILED {
             return Err(vma_err("mmap of the view's window")(io::Error::last_os_error()));

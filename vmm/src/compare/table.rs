@@ -1,0 +1,202 @@
+//! The side-by-side table `vmm compare` prints: per phase, one row per figure
+//! that moved under some policy, one column per policy; each cell is the
+//! median over the repeats, its spread (± half the min-max range, when there
+//! was more than one repeat) and its difference from `off`.
+
+use std::fmt::Write;
+
+use super::summary::{CompareReport, PhaseSummary, Summary};
+use crate::stats::fmt_ns;
+
+const NAME_WIDTH: usize = 30;
+
+/// Display order of the sections (figure-name prefixes) and their titles.
+const SECTIONS: [(&str, &str); 5] = [
+    ("exits.", "VM exits seen by the VMM"),
+    ("shadow_mmu.", "secondary MMU"),
+    ("ksm.", "deduplicator (sysfs names)"),
+    ("kvm.", "host KVM (binary stats that moved)"),
+    ("wall_ns", "time"),
+];
+
+/// How a figure is shown: a count, a time, or a size.
+#[derive(Clone, Copy)]
+enum Unit {
+    Count,
+    Nanos,
+    Bytes,
+}
+
+fn unit_of(name: &str) -> Unit {
+    if name.ends_with("_ns") {
+        Unit::Nanos
+    } else if name.ends_with("_bytes") || name.ends_with("profit") || name.ends_with("bytes_returned") {
+        Unit::Bytes
+    } else {
+        Unit::Count
+    }
+}
+
+fn fmt_value(v: f64, unit: Unit) -> String {
+    match unit {
+        Unit::Count if v.fract() == 0.0 => format!("{v:.0}"),
+        Unit::Count => format!("{v:.1}"),
+        Unit::Nanos => fmt_ns(v.max(0.0) as u64),
+        Unit::Bytes => match v {
+            b if b < 10.0 * 1024.0 => format!("{b:.0} B"),
+            b if b < 10.0 * 1024.0 * 1024.0 => format!("{:.1} KiB", b / 1024.0),
+            b => format!("{:.1} MiB", b / (1024.0 * 1024.0)),
+        },
+    }
+}
+
+fn cell(s: &Summary, unit: Unit) -> String {
+    let mut text = fmt_value(s.median, unit);
+    if s.max > s.min {
+        let half = (s.max - s.min) as f64 / 2.0;
+        let _ = write!(text, " ±{}", fmt_value(half, unit));
+    }
+    if let Some(d) = s.diff_from_off {
+        let sign = if d > 0.0 {
+            format!("+{}", fmt_value(d, unit))
+        } else if d < 0.0 {
+            format!("-{}", fmt_value(-d, unit))
+        } else {
+            "=".into()
+        };
+        let _ = write!(text, " ({sign})");
+    }
+    text
+}
+
+fn render_phase(out: &mut String, title: &str, p: &PhaseSummary, policies: &[String]) {
+    // Rows first (section title, or figure name and cells), then widths.
+    let mut rows: Vec<(String, Vec<String>)> = Vec::new();
+    for (prefix, section) in SECTIONS {
+        let mut figures: Vec<(&String, _)> =
+            p.figures.iter().filter(|(name, by)| name.starts_with(prefix) && by.values().any(|s| s.max != 0)).collect();
+        if figures.is_empty() {
+            continue;
+        }
+        if prefix == "exits." {
+            // The per-run table's order, total last.
+            let order = crate::stats::ExitCounts::default().columns().map(|(n, _)| n);
+            figures.sort_by_key(|(name, _)| order.iter().position(|o| name.strip_prefix(prefix) == Some(o)));
+        }
+        rows.push((format!("  {section}"), Vec::new()));
+        for (name, by) in figures {
+            let short = name.strip_prefix(prefix).filter(|s| !s.is_empty()).unwrap_or("wall");
+            let unit = unit_of(name);
+            let cells = policies.iter().map(|policy| by.get(policy).map_or_else(|| "-".into(), |s| cell(s, unit)));
+            rows.push((format!("    {short}"), cells.collect()));
+        }
+    }
+    let widths: Vec<usize> = policies
+        .iter()
+        .enumerate()
+        .map(|(i, policy)| {
+            rows.iter().filter_map(|(_, c)| c.get(i)).map(|c| c.chars().count()).fold(policy.len(), usize::max)
+        })
+        .collect();
+    let _ = writeln!(out, "\n== {title}");
+    let _ = write!(out, "{:<NAME_WIDTH$}", "");
+    for (policy, w) in policies.iter().zip(&widths) {
+        let _ = write!(out, "  {policy:>w$}");
+    }
+    let _ = writeln!(out);
+    for (label, cells) in rows {
+        if cells.is_empty() {
+            let _ = writeln!(out, "{label}");
+            continue;
+        }
+        let _ = write!(out, "{label:<NAME_WIDTH$}");
+        for (c, w) in cells.iter().zip(&widths) {
+            let _ = write!(out, "  {c:>w$}");
+        }
+        let _ = writeln!(out);
+    }
+}
+
+/// Renders the whole comparison.
+pub fn render(report: &CompareReport) -> String {
+    let mut out = String::new();
+    let s = &report.setup;
+    let _ = writeln!(
+        out,
+        "vmm compare: {} with {} of RAM, {} view, {} repeat(s) per policy, interleaved",
+        s.image,
+        crate::size::format_size(s.mem_bytes),
+        s.view,
+        s.repeat
+    );
+    let _ = writeln!(
+        out,
+        "cells: median{} (difference from off's median); rows: figures that are not zero under some policy",
+        if s.repeat > 1 { " ±half the min-max range over the repeats (left out when 0)" } else { "" }
+    );
+    for skipped in &report.skipped {
+        let _ = writeln!(out, "skipped {}: {}", skipped.policy, skipped.reason);
+    }
+    if report.policies.iter().any(|p| p == "kernel") {
+        let _ = writeln!(
+            out,
+            "kernel: the host KVM serves the faults of its own secondary MMU in the kernel; they show in the \
+             host KVM rows (exits, pf_taken), not as VM exits seen by the VMM"
+        );
+    }
+    for p in &report.phases {
+        let title = format!("phase {}", p.phase.unwrap_or(0));
+        render_phase(&mut out, &title, p, &report.policies);
+    }
+    render_phase(&mut out, "whole run", &report.total, &report.policies);
+    let _ = writeln!(out);
+    if report.reports_identical {
+        let _ = writeln!(out, "guest reports: identical in every run of every policy");
+    } else {
+        let _ = writeln!(
+            out,
+            "GUEST REPORTS DIFFER from the reference run in: {} (deduplication changed what the guest read)",
+            report.report_mismatches.join(", ")
+        );
+    }
+    for f in &report.failed_runs {
+        let _ = writeln!(out, "run did not succeed: {f}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::summary::build_report;
+    use super::super::summary::tests::{run, setup};
+    use super::*;
+
+    #[test]
+    fn the_table_has_a_column_per_policy_and_the_difference_from_off() {
+        let runs = vec![
+            run("off", 0, 0, vec![1]),
+            run("change-pte", 0, 4, vec![1]),
+            run("off", 1, 0, vec![1]),
+            run("change-pte", 1, 8, vec![1]),
+        ];
+        let mut s = setup();
+        s.repeat = 2;
+        let r = build_report(s, vec!["off".into(), "change-pte".into()], Vec::new(), runs);
+        let t = render(&r);
+        assert!(t.contains("== phase 1") && t.contains("== whole run"), "{t}");
+        let line = t.lines().find(|l| l.trim_start().starts_with("ept_write")).expect("ept_write row");
+        assert!(line.contains("6 ±2 (+6)"), "{line}");
+        let wall = t.lines().find(|l| l.trim_start().starts_with("wall")).expect("wall row");
+        assert!(wall.contains("ms"), "{wall}");
+        assert!(t.contains("pages_sharing"));
+        assert!(!t.contains("ept_read"), "rows that never moved are left out");
+        assert!(t.contains("identical in every run"));
+    }
+
+    #[test]
+    fn differing_reports_are_shouted() {
+        let runs = vec![run("off", 0, 0, vec![1]), run("legacy", 0, 1, vec![2])];
+        let r = build_report(setup(), vec!["off".into(), "legacy".into()], Vec::new(), runs);
+        assert!(render(&r).contains("GUEST REPORTS DIFFER from the reference run in: legacy #0"));
+    }
+}
