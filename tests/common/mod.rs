@@ -110,6 +110,9 @@ pub fn run_with(
         ksm: knobs,
         builtin_ksm,
         memslot_limit: None,
+        control: None,
     };
     vmm::run::run(config).expect("the VM builds")
 }
+
+pub mod workloads;

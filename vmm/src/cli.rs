@@ -1,4 +1,4 @@
-//! The command line: `vmm run`, `vmm images`, `vmm bench`.
+//! The command line: `vmm run`, `vmm images`, `vmm compare`, `vmm ctl`, `vmm bench`.
 
 use std::fs::File;
 use std::io::Write;
@@ -22,6 +22,8 @@ Examples:
   vmm run pagefill --mem 64M --stats-json s.json
   vmm run pagefill --dedup change-pte         deduplicate, secondary MMU updated in place
   vmm run pagefill --dedup range-flush --view uffd
+  vmm compare pagefill --repeat 3 --out out   every policy side by side: table, out/compare.json, out/compare.svg
+  vmm run mixed --dedup range-flush --control /tmp/vmm.sock   then: vmm ctl /tmp/vmm.sock run 1
   vmm bench                                   the cost of one VM exit on this machine, as JSON
   vmm bench fault --view memslot              one secondary-MMU fault against the bare mechanism
 
@@ -55,6 +57,15 @@ followed by the table; --stats-json writes the statistics document (schema 1, RE
     /// print a per-phase side-by-side table; write DIR/compare.json and DIR/compare.svg.
     #[command(after_help = COMPARE_HELP)]
     Compare(CompareArgs),
+    /// Talk to a running `vmm run --control SOCKET`: `run 0|1|2` switches the deduplicator's
+    /// run state (0 stop ksmd, 1 start it, 2 stop and unmerge all); `status` prints the guest's
+    /// phase, the run state and the deduplicator's figures as JSON.
+    #[command(after_help = "Example:\n  vmm run mixed --dedup range-flush --control /tmp/vmm.sock &\n  \
+vmm ctl /tmp/vmm.sock run 1\n  vmm ctl /tmp/vmm.sock status\n\n\
+The change is made before the reply comes back, so it shows in the statistics of the phase \
+under way and of every phase after. Exit status: 0 done, 1 refused (the reason on stderr), 2 the \
+socket cannot be reached.")]
+    Ctl(CtlArgs),
     /// Measure, print JSON: `floor` (default), the median cost of one port-I/O VM exit;
     /// `fault`, one secondary-MMU fault end to end against the bare mechanism of --view.
     Bench(BenchArgs),
@@ -99,6 +110,15 @@ struct CompareArgs {
 }
 
 #[derive(Debug, clap::Args)]
+struct CtlArgs {
+    /// The socket given to `vmm run --control`.
+    socket: PathBuf,
+    /// The request: `run 0|1|2` or `status`.
+    #[arg(required = true, num_args = 1.., value_name = "REQUEST")]
+    request: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
 struct RunArgs {
     /// Built-in image name or path to an ELF64 x86-64 executable.
     image: String,
@@ -120,6 +140,9 @@ struct RunArgs {
     /// Do not print the exit table (the console and --stats-json are unaffected).
     #[arg(long)]
     no_table: bool,
+    /// Listen on this Unix socket for `vmm ctl` (switch ksmd's run state while the guest runs).
+    #[arg(long, value_name = "SOCKET")]
+    control: Option<PathBuf>,
     #[command(flatten)]
     ksm: KsmArgs,
 }
@@ -237,6 +260,19 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Exi
         }
         Command::Run(args) => run_command(cli.kvm, args),
         Command::Compare(args) => compare_command(cli.kvm, args),
+        Command::Ctl(args) => match crate::control::request(&args.socket, &args.request.join(" ")) {
+            Ok(reply) => match reply.strip_prefix("error: ") {
+                Some(why) => {
+                    eprintln!("vmm ctl: {why}");
+                    ExitCode::from(1)
+                }
+                None => {
+                    println!("{reply}");
+                    ExitCode::SUCCESS
+                }
+            },
+            Err(e) => fail(e),
+        },
         Command::Bench(args) => bench_command(cli.kvm, args),
     }
 }
@@ -285,6 +321,7 @@ fn run_command(kvm_device: PathBuf, args: RunArgs) -> ExitCode {
         ksm,
         builtin_ksm: true,
         memslot_limit: None,
+        control: args.control.clone(),
     };
     let stats = match run(config) {
         Ok(s) => s,
@@ -402,6 +439,7 @@ fn bench_command(kvm_device: PathBuf, args: BenchArgs) -> ExitCode {
         ksm: Default::default(),
         builtin_ksm: true,
         memslot_limit: None,
+        control: None,
     };
     match crate::bench::exit_floor(config, args.warmup, args.exits) {
         Ok(report) => {
@@ -445,6 +483,7 @@ fn bench_fault(kvm_device: PathBuf, args: &BenchArgs) -> ExitCode {
         ksm: Default::default(),
         builtin_ksm: false,
         memslot_limit: None,
+        control: None,
     };
     match crate::bench::fault_cost(make) {
         Ok(report) => match serde_json::to_string_pretty(&report) {

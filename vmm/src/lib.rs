@@ -24,6 +24,7 @@
 //!     ksm: Default::default(),
 //!     builtin_ksm: true,
 //!     memslot_limit: None,
+//!     control: None,
 //! };
 //! let stats = vmm::run::run(config).unwrap();
 //! assert_eq!(stats.guest.exit_code, Some(0));
@@ -34,6 +35,7 @@ pub mod bench;
 pub mod chart;
 pub mod cli;
 pub mod compare;
+pub mod control;
 pub mod dedup;
 pub mod host_ksm;
 pub mod image;

@@ -2,8 +2,13 @@
 //! 0x500) the counters of every layer are read and the phase's figures are
 //! what moved since the boundary before.
 
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use ksm::Ksm;
+use shadow_mmu::HostMm;
+
+use crate::host_ksm::HostKsm;
 use crate::kvm_stats::Snapshot;
 use crate::stats::{is_gauge, Counters, ExitCounts, Figures, PhaseStats};
 use crate::vm::{lock, Vm};
@@ -57,13 +62,23 @@ fn shadow_mmu_counters(vm: &Vm) -> Counters {
 
 /// The deduplicator's figures with the sysfs names (empty when off).
 fn ksm_counters(vm: &Vm) -> Counters {
-    if let Some(h) = &vm.host_ksm {
+    dedup_figures(vm.ksm.as_ref(), vm.host_ksm.as_ref(), &vm.host)
+}
+
+/// The figures of the built-in deduplicator or of the host's KSM, whichever
+/// the run uses, with the sysfs names (empty when deduplication is off).
+pub fn dedup_figures(
+    ksm: Option<&Arc<Mutex<Ksm>>>,
+    host_ksm: Option<&Arc<Mutex<HostKsm>>>,
+    host: &Arc<Mutex<HostMm>>,
+) -> Counters {
+    if let Some(h) = host_ksm {
         return lock(h).counters().into_iter().map(|(n, v)| (n.to_string(), v)).collect();
     }
-    let Some(ksm) = &vm.ksm else { return Counters::new() };
+    let Some(ksm) = ksm else { return Counters::new() };
     // Lock order: the deduplicator, then the primary MMU.
     let k = lock(ksm);
-    let host = lock(&vm.host);
+    let host = lock(host);
     k.counters(&host).into_iter().map(|(n, v)| (n.to_string(), v)).collect()
 }
 

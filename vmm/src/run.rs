@@ -1,7 +1,11 @@
 //! One run of a guest, from a [`RunConfig`] to its [`RunStats`].
 
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
 use shadow_mmu::Access;
 
+use crate::control::{ControlServer, ControlState};
 use crate::dedup::DedupControl;
 use crate::phases::PhaseTracker;
 use crate::serial::Console;
@@ -34,11 +38,26 @@ pub fn run(mut config: RunConfig) -> Result<RunStats, VmError> {
     let memory = GuestMemory { host: vm.host.clone(), mmu: vm.mmu.clone(), mem_bytes: vm.mem_bytes };
     let mut devices = Devices { console: Console::new(config.console), reports: Vec::new(), memory };
     let mut hook = config.host_hook.take();
-    let mut dedup = DedupControl::new(vm.ksm.clone(), vm.host.clone(), vm.host_ksm.clone());
-    let (end, phases, total, rip) = match dedup.set_run(config.ksm.run) {
-        Ok(()) => run_loop(vm, &mut devices, &mut hook, &mut dedup, config.timeout),
+    let dedup = Arc::new(Mutex::new(DedupControl::new(vm.ksm.clone(), vm.host.clone(), vm.host_ksm.clone())));
+    let control = Arc::new(ControlState {
+        dedup: dedup.clone(),
+        phase: AtomicU32::new(0),
+        policy: config.dedup.name().to_string(),
+        ksm_figures: {
+            let (ksm, host_ksm, host) = (vm.ksm.clone(), vm.host_ksm.clone(), vm.host.clone());
+            Box::new(move || crate::phases::dedup_figures(ksm.as_ref(), host_ksm.as_ref(), &host))
+        },
+    });
+    let server = match config.control.as_deref().map(|p| ControlServer::start(p, control.clone())).transpose() {
+        Ok(s) => s,
+        Err(e) => return Err(VmError::Control(e)),
+    };
+    let started = lock(&dedup).set_run(config.ksm.run);
+    let (end, phases, total, rip) = match started {
+        Ok(()) => run_loop(vm, &mut devices, &mut hook, &control, config.timeout),
         Err(e) => (RunEnd::VmmError(e), Vec::new(), Figures::default(), None),
     };
+    drop(server);
     devices.console.flush();
     let exit_code = match end {
         RunEnd::GuestExit(code) => Some(code),
@@ -91,9 +110,10 @@ fn run_loop(
     mut vm: Vm,
     devices: &mut Devices,
     hook: &mut Option<HostHook>,
-    dedup: &mut DedupControl,
+    control: &ControlState,
     timeout: Option<std::time::Duration>,
 ) -> LoopResult {
+    let dedup = &control.dedup;
     let faults = vm.view_faults.clone();
     let watchdog = Watchdog::start(timeout, Box::new(move || faults.failed()));
     vm.gate.register_vcpu_thread();
@@ -110,13 +130,15 @@ fn run_loop(
             Outcome::Continue => Ok(()),
             Outcome::NextPhase(n) => {
                 phases.next(&vm, n);
-                match dedup.ksmd_failed() {
+                control.phase.store(n, Ordering::SeqCst);
+                let failed = lock(dedup).ksmd_failed();
+                match failed {
                     Some(e) => Err(e),
                     None => call_hook(hook, &vm, HookPoint::PhaseStart(n)),
                 }
             }
             // The vCPU waits while the deduplicator serves the request.
-            Outcome::Dedup(v) => dedup
+            Outcome::Dedup(v) => lock(dedup)
                 .request(v, &|| watchdog.stop_request() != StopRequest::None)
                 .and_then(|()| view_error(&vm))
                 .and_then(|()| call_hook(hook, &vm, HookPoint::DedupRequest(v))),
@@ -146,7 +168,8 @@ fn run_loop(
             end = RunEnd::VmmError(format!("userfaultfd fault thread: {e}"));
         }
     }
-    if let Err(e) = dedup.shutdown() {
+    let shut = lock(dedup).shutdown();
+    if let Err(e) = shut {
         if matches!(end, RunEnd::GuestExit(_) | RunEnd::Hlt) {
             end = RunEnd::VmmError(e);
         }

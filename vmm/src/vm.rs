@@ -123,6 +123,8 @@ pub struct RunConfig {
     /// A lower memslot budget for the memslot view than KVM's (to reach its
     /// limit in tests); None: KVM_CAP_NR_MEMSLOTS.
     pub memslot_limit: Option<u32>,
+    /// Listen for run-state changes on this Unix socket (see `control`).
+    pub control: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for RunConfig {
@@ -172,6 +174,9 @@ pub enum VmError {
     /// The deduplicator could not be set up.
     #[error(transparent)]
     Ksm(#[from] KsmError),
+    /// The control socket could not be set up.
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
     /// The host's KSM could not be taken (the `kernel` policy).
     #[error(transparent)]
     HostKsm(#[from] HostKsmError),

@@ -1,0 +1,189 @@
+//! The control socket of a running guest (`vmm run --control PATH`) and its
+//! client (`vmm ctl PATH ...`).
+//!
+//! A Unix stream socket; each connection carries one request line and gets
+//! one reply line:
+//!
+//! * `run 0|1|2`: the deduplicator's run state, as sysfs `run`: 0 stops
+//!   ksmd, 1 starts it, 2 stops it and unmerges every page. Reply `ok run=N`
+//!   once it is done, so the phase that follows the reply sees the change.
+//! * `status`: one JSON object: `phase` (the guest's current phase), `run`,
+//!   `policy`, and `ksm` (the deduplicator's figures right now, sysfs names).
+//!
+//! Errors are replied as `error: <reason>`. The socket file is removed when
+//! the run ends.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::dedup::DedupControl;
+use crate::vm::lock;
+
+/// How often the server looks for a connection or for the end of the run.
+const POLL: Duration = Duration::from_millis(10);
+/// The longest a request line may be.
+const MAX_LINE: u64 = 256;
+/// How long the client waits for a reply (a `run 2` may unmerge a lot).
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Errors of the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The socket could not be created.
+    #[error("cannot create the control socket {path}: {source}")]
+    Bind {
+        /// The socket path.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Another run is listening on the path.
+    #[error("{0} is the control socket of a running vmm: give another --control path")]
+    InUse(String),
+    /// The client could not reach the socket.
+    #[error("cannot reach the control socket {path}: {source} (is `vmm run --control {path}` running?)")]
+    Connect {
+        /// The socket path.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The client could not talk over it.
+    #[error("control socket {path}: {source}")]
+    Io {
+        /// The socket path.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// What the server shares with the run loop.
+pub struct ControlState {
+    /// The run's deduplication control (also used by the run loop).
+    pub dedup: Arc<Mutex<DedupControl>>,
+    /// The guest's current phase (the run loop updates it).
+    pub phase: AtomicU32,
+    /// The policy's name.
+    pub policy: String,
+    /// Reads the deduplicator's figures now (sysfs names).
+    pub ksm_figures: Box<dyn Fn() -> crate::stats::Counters + Send + Sync>,
+}
+
+impl std::fmt::Debug for ControlState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlState").field("phase", &self.phase).field("policy", &self.policy).finish_non_exhaustive()
+    }
+}
+
+/// The server: a thread that answers requests until the run ends.
+#[derive(Debug)]
+pub struct ControlServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ControlServer {
+    /// Listens on `path` (a stale socket file left by a dead run is
+    /// replaced; a live one is refused).
+    pub fn start(path: &Path, state: Arc<ControlState>) -> Result<Self, ControlError> {
+        let shown = path.display().to_string();
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(ControlError::InUse(shown));
+            }
+            let _ = std::fs::remove_file(path);
+        }
+        let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind { path: shown.clone(), source })?;
+        listener.set_nonblocking(true).map_err(|source| ControlError::Bind { path: shown.clone(), source })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("vmm-control".into())
+            .spawn(move || {
+                while !flag.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok((stream, _)) => serve(stream, &state),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
+                        Err(_) => std::thread::sleep(POLL),
+                    }
+                }
+            })
+            .map_err(|source| ControlError::Bind { path: shown, source })?;
+        Ok(Self { path: path.to_path_buf(), stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve(stream: UnixStream, state: &ControlState) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut line = String::new();
+    let Ok(reader) = stream.try_clone() else { return };
+    if BufReader::new(reader.take(MAX_LINE)).read_line(&mut line).is_err() {
+        return;
+    }
+    let reply = answer(line.trim(), state);
+    let mut stream = stream;
+    let _ = writeln!(stream, "{reply}");
+}
+
+/// The reply to one request line.
+fn answer(request: &str, state: &ControlState) -> String {
+    let words: Vec<&str> = request.split_whitespace().collect();
+    match words.as_slice() {
+        ["run", n] => match n.parse::<u32>() {
+            Ok(run) if run <= 2 => {
+                let mut dedup = lock(&state.dedup);
+                if !dedup.is_active() {
+                    return format!("error: deduplication is off in this run ({}): nothing to switch", state.policy);
+                }
+                match dedup.set_run(run) {
+                    Ok(()) => format!("ok run={run}"),
+                    Err(e) => format!("error: {e}"),
+                }
+            }
+            _ => format!("error: run takes 0, 1 or 2, not '{n}'"),
+        },
+        ["status"] => {
+            let run = lock(&state.dedup).run_state();
+            let status = serde_json::json!({
+                "phase": state.phase.load(Ordering::SeqCst),
+                "run": run,
+                "policy": state.policy,
+                "ksm": (state.ksm_figures)(),
+            });
+            status.to_string()
+        }
+        _ => format!("error: unknown request '{request}': use `run 0|1|2` or `status`"),
+    }
+}
+
+/// Sends one request to the control socket at `path` and returns the reply
+/// line (`ok ...`, `error: ...` or a JSON status).
+pub fn request(path: &Path, line: &str) -> Result<String, ControlError> {
+    let shown = path.display().to_string();
+    let io = |source| ControlError::Io { path: shown.clone(), source };
+    let mut stream =
+        UnixStream::connect(path).map_err(|source| ControlError::Connect { path: shown.clone(), source })?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(io)?;
+    writeln!(stream, "{line}").map_err(io)?;
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply).map_err(io)?;
+    Ok(reply.trim_end().to_string())
+}
