@@ -169,4 +169,8 @@ fn bench_prints_the_exit_floor_as_json() {
     let median = v["port_io_exit"]["median_ns"].as_f64().expect("median");
     let (p10, p90) = (v["port_io_exit"]["p10_ns"].as_f64(), v["port_io_exit"]["p90_ns"].as_f64());
     assert!(median > 0.0 && p10 <= Some(median) && Some(median) <= p90);
+    // The bare loop, sampled as often, and the ratio of the two medians.
+    assert_eq!(v["bare_exit"]["samples"], 2000);
+    let bare = v["bare_exit"]["median_ns"].as_f64().expect("bare median");
+    assert_eq!(v["ratio"].as_f64(), Some(median / bare));
 }

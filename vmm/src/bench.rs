@@ -44,9 +44,18 @@ pub struct ExitFloorReport {
     pub bench: &'static str,
     /// The guest image used.
     pub image: String,
-    /// One port-I/O exit round trip.
+    /// One port-I/O exit round trip through this VMM's exit path (the exit
+    /// mapped to an outcome, the device served, the exit counted).
     pub port_io_exit: Summary,
+    /// The same round trip with nothing done but KVM_RUN again: the bare
+    /// KVM cost, timed in alternating blocks with `port_io_exit`.
+    pub bare_exit: Summary,
+    /// port_io_exit median / bare_exit median.
+    pub ratio: f64,
 }
+
+/// Exits per block when the VMM path and the bare loop alternate.
+const FLOOR_BLOCK: usize = 1_000;
 
 /// Errors of the benchmark.
 #[derive(Debug, thiserror::Error)]
@@ -59,32 +68,51 @@ pub enum BenchError {
     GuestEnded(usize),
 }
 
-/// Times `exits` consecutive port-I/O exits of a guest that does nothing
-/// but port I/O (the built-in `misbehave-port-flood`), after `warmup` exits.
+/// Times `exits` port-I/O exits through the VMM's exit path and `exits` with
+/// a bare KVM_RUN loop, in alternating blocks of FLOOR_BLOCK (so that a drift
+/// of the machine hits both alike), after `warmup` exits, with a guest that
+/// does nothing but port I/O (the built-in `misbehave-port-flood`).
 pub fn exit_floor(config: RunConfig, warmup: usize, exits: usize) -> Result<ExitFloorReport, BenchError> {
     let image = config.image.name.clone();
     let mut vm = Vm::new(&config)?;
     let memory = GuestMemory { host: vm.host.clone(), mmu: vm.mmu.clone(), mem_bytes: vm.mem_bytes };
     let mut devices = Devices { console: Console::new(config.console), reports: Vec::new(), memory };
     let mut counts = ExitCounts::default();
-    let mut samples = Vec::with_capacity(exits);
+    let (mut vmm_samples, mut bare_samples) = (Vec::with_capacity(exits), Vec::with_capacity(exits));
     let mut last = Instant::now();
-    for i in 0..warmup + exits {
-        let outcome = match vm.vcpu.run() {
-            Ok(exit) => handle_exit(&mut devices, &mut counts, exit),
-            Err(_) => return Err(BenchError::GuestEnded(i)),
+    let mut i = 0;
+    while vmm_samples.len() < exits || bare_samples.len() < exits {
+        let bare = i >= warmup && ((i - warmup) / FLOOR_BLOCK) % 2 == 1;
+        let ok = match vm.vcpu.run() {
+            // Bare: the exit is not even looked at.
+            Ok(_) if bare => true,
+            Ok(exit) => handle_exit(&mut devices, &mut counts, exit) == Outcome::Continue,
+            Err(_) => false,
         };
         let now = Instant::now();
-        if outcome != Outcome::Continue {
+        if !ok {
             return Err(BenchError::GuestEnded(i));
         }
-        if i >= warmup {
-            samples.push(u64::try_from(now.duration_since(last).as_nanos()).unwrap_or(u64::MAX));
+        let ns = u64::try_from(now.duration_since(last).as_nanos()).unwrap_or(u64::MAX);
+        match (i >= warmup, bare) {
+            (false, _) => {}
+            (true, true) if bare_samples.len() < exits => bare_samples.push(ns),
+            (true, false) if vmm_samples.len() < exits => vmm_samples.push(ns),
+            _ => {}
         }
         last = now;
+        i += 1;
     }
-    let port_io_exit = summarize(samples).ok_or(BenchError::GuestEnded(0))?;
-    Ok(ExitFloorReport { bench: "exit_floor", image, port_io_exit })
+    let port_io_exit = summarize(vmm_samples).ok_or(BenchError::GuestEnded(0))?;
+    let bare_exit = summarize(bare_samples).ok_or(BenchError::GuestEnded(0))?;
+    let ratio = port_io_exit.median_ns / bare_exit.median_ns;
+    Ok(ExitFloorReport { bench: "exit_floor", image, port_io_exit, bare_exit, ratio })
+}
+
+/// Port-I/O exits `exit_floor` takes for `exits` samples of each kind.
+pub fn exit_floor_exits_needed(warmup: usize, exits: usize) -> usize {
+    // Whole blocks of each kind, alternating.
+    warmup + 2 * exits.div_ceil(FLOOR_BLOCK) * FLOOR_BLOCK
 }
 
 #[cfg(test)]
