@@ -198,6 +198,8 @@ enum BenchWhat {
     Floor,
     /// A secondary-MMU fault against the bare mechanism.
     Fault,
+    /// Scan and merge cost per page and convergence, against the host's KSM.
+    Dedup,
 }
 
 #[derive(Debug, clap::Args)]
@@ -205,12 +207,19 @@ struct BenchArgs {
     /// What to measure.
     #[arg(value_enum, default_value = "floor")]
     what: BenchWhat,
-    /// The view (fault).
-    #[arg(long, value_enum, default_value = "memslot")]
-    view: ViewKind,
-    /// Guest RAM (fault): pagefill faults once per page above 2 MiB.
-    #[arg(long, default_value = "64M", value_name = "SIZE")]
-    mem: String,
+    /// The view (fault: default memslot; dedup: default uffd, which holds any size).
+    #[arg(long, value_enum)]
+    view: Option<ViewKind>,
+    /// Guest RAM (fault: default 64M, pagefill faults once per page above 2 MiB;
+    /// dedup: default 257M, 255 MiB of pages).
+    #[arg(long, value_name = "SIZE")]
+    mem: Option<String>,
+    /// Runs per policy and guest (dedup).
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    repeat: u32,
+    /// Where each run's statistics go (dedup; default: a fresh temporary directory).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
     /// Number of exits to time (floor).
     #[arg(long, default_value_t = 20_000)]
     exits: usize,
@@ -413,8 +422,10 @@ fn compare_command(kvm_device: PathBuf, args: CompareArgs) -> ExitCode {
 }
 
 fn bench_command(kvm_device: PathBuf, args: BenchArgs) -> ExitCode {
-    if args.what == BenchWhat::Fault {
-        return bench_fault(kvm_device, &args);
+    match args.what {
+        BenchWhat::Fault => return bench_fault(kvm_device, &args),
+        BenchWhat::Dedup => return bench_dedup(kvm_device, &args),
+        BenchWhat::Floor => {}
     }
     let Some(flood) = guest_images::find("misbehave-port-flood") else {
         return fail("the built-in image misbehave-port-flood is missing");
@@ -463,8 +474,72 @@ fn bench_command(kvm_device: PathBuf, args: BenchArgs) -> ExitCode {
     }
 }
 
+fn bench_dedup(kvm_device: PathBuf, args: &BenchArgs) -> ExitCode {
+    let mem_bytes = match parse_size(args.mem.as_deref().unwrap_or("257M")) {
+        Ok(b) => b,
+        Err(e) => return fail(format!("--mem: {e}")),
+    };
+    if let Err(e) = check_mem_size(mem_bytes) {
+        return fail(e);
+    }
+    if args.repeat == 0 || args.repeat > MAX_REPEAT {
+        return fail(format!("--repeat {} must be between 1 and {MAX_REPEAT}", args.repeat));
+    }
+    let vmm = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => return fail(format!("cannot find the vmm executable to run: {e}")),
+    };
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("vmm-bench-dedup-{}", std::process::id())));
+    let config = crate::bench::dedup::DedupBenchConfig {
+        mem_bytes,
+        policies: vec![DedupPolicy::RangeFlush, DedupPolicy::ChangePte],
+        repeat: args.repeat,
+        out: out.clone(),
+        base: crate::compare::CompareConfig {
+            image: String::new(),
+            mem_bytes,
+            policies: Vec::new(),
+            repeat: 1,
+            out: out.clone(),
+            view: args.view.unwrap_or(ViewKind::Uffd),
+            timeout_secs: 600.0,
+            knobs: ksm::KsmKnobs::default(),
+            kvm_device,
+            vmm,
+        },
+    };
+    let report = match crate::bench::dedup::bench_dedup(&config, &mut |l| eprintln!("vmm bench dedup: {l}")) {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    match serde_json::to_string_pretty(&report) {
+        Ok(json) => println!("{json}"),
+        Err(e) => return fail(e),
+    }
+    for (name, r) in &report.policies {
+        eprintln!(
+            "vmm bench dedup: {name:<11} scan {:.2} us/page, merge {:.2} us/page, converge {:.3} s wall, {:.3} s CPU{}",
+            r.scan_ns_per_page / 1e3,
+            r.merge_ns_per_page / 1e3,
+            r.converge.wall_ns / 1e9,
+            r.converge.cpu_ns / 1e9,
+            r.ratio_to_kernel.as_ref().map_or(String::new(), |k| format!(
+                " (x kernel: scan {:.2}, merge {:.2}, wall {:.2}, CPU {:.2})",
+                k["scan_ns_per_page"], k["merge_ns_per_page"], k["converge_wall"], k["converge_cpu"]
+            ))
+        );
+    }
+    if args.out.is_none() {
+        let _ = std::fs::remove_dir_all(&out);
+    }
+    ExitCode::SUCCESS
+}
+
 fn bench_fault(kvm_device: PathBuf, args: &BenchArgs) -> ExitCode {
-    let mem_bytes = match parse_size(&args.mem) {
+    let mem_bytes = match parse_size(args.mem.as_deref().unwrap_or("64M")) {
         Ok(b) => b,
         Err(e) => return fail(format!("--mem: {e}")),
     };
@@ -474,7 +549,7 @@ fn bench_fault(kvm_device: PathBuf, args: &BenchArgs) -> ExitCode {
     if let Err(e) = crate::signals::install(false) {
         return fail(format!("cannot install signal handlers: {e}"));
     }
-    let view = args.view;
+    let view = args.view.unwrap_or(ViewKind::Memslot);
     let make = |image: &'static str| RunConfig {
         image: GuestImage::resolve(image).unwrap_or_else(|_| GuestImage { name: image.into(), bytes: Vec::new() }),
         mem_bytes,

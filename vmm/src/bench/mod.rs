@@ -1,6 +1,11 @@
-//! `vmm bench`: the exit floor, the cost of one port-I/O exit round trip as
-//! this VMM sees it (KVM_RUN returns, the exit is mapped and counted, KVM_RUN
-//! is entered again). Every later performance figure is a ratio to it.
+//! `vmm bench`: each figure a ratio of two things measured side by side in
+//! one run. `floor`: one port-I/O exit round trip through this VMM (KVM_RUN
+//! returns, the exit is mapped and counted, KVM_RUN is entered again) against
+//! a bare KVM_RUN loop. `fault`: one secondary-MMU fault against the bare
+//! mechanism of its view. `dedup` ([`dedup`]): the deduplicator's scan and
+//! merge costs and its convergence, against the host's own KSM.
+
+pub mod dedup;
 
 use std::time::Instant;
 

@@ -1,0 +1,246 @@
+//! `vmm bench dedup`: the built-in deduplicator against the host's own KSM
+//! (the `kernel` policy), on the same guests, in the same invocation, runs
+//! interleaved.
+//!
+//! * Scan cost per page: the `unique` guest (every page different, nothing
+//!   can merge) through one synchronous pass; deduplicator CPU time divided
+//!   by pages scanned.
+//! * Merge cost per page: the `converge` guest (every page in one of 64
+//!   groups) through one pass; its CPU time, less its pages scanned at the
+//!   scan cost just measured, divided by the pages merged.
+//! * Convergence: the same pass's wall time and CPU time.
+//!
+//! The kernel's CPU time is ksmd's (/proc/PID/schedstat), its pages scanned
+//! the sysfs counter; ours are the deduplicator thread's CPU time and its own
+//! counter. Each figure is the median over the repeats; ratios are ours
+//! divided by the kernel's.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::compare::summary::median;
+use crate::compare::{run_once, CompareConfig};
+use crate::host_ksm::HostKsmPaths;
+use crate::stats::RunStats;
+use crate::vm::DedupPolicy;
+
+/// The guest phase in which `unique` and `converge` make their pass.
+const PASS_PHASE: u32 = 2;
+
+/// One pass, as measured.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct Pass {
+    /// Wall time of the pass.
+    pub wall_ns: u64,
+    /// Deduplicator CPU time during it.
+    pub cpu_ns: u64,
+    /// Pages scanned.
+    pub pages_scanned: u64,
+    /// Pages merged into KSM pages.
+    pub pages_merged: u64,
+}
+
+fn pass_of(stats: &RunStats) -> Result<Pass, String> {
+    let phase = stats
+        .phases
+        .iter()
+        .find(|p| p.phase == PASS_PHASE)
+        .ok_or_else(|| format!("{}: no phase {PASS_PHASE} (the pass)", stats.config.image))?;
+    let k = &phase.figures.ksm;
+    let get = |n: &str| k.get(n).copied().unwrap_or(0);
+    // The built-in deduplicator counts merges; the kernel reports the pages
+    // of this process that map a KSM page.
+    let merged = if stats.config.dedup == "kernel" { get("ksm_merging_pages") } else { get("merges") };
+    Ok(Pass {
+        wall_ns: phase.figures.wall_ns,
+        cpu_ns: get("cpu_ns"),
+        pages_scanned: get("pages_scanned"),
+        pages_merged: merged,
+    })
+}
+
+/// Medians over the repeats of one policy on one guest.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PolicyFigures {
+    /// Every pass, in repeat order.
+    pub passes: Vec<Pass>,
+    /// Median pass wall time.
+    pub wall_ns: f64,
+    /// Median pass CPU time.
+    pub cpu_ns: f64,
+    /// Median CPU time per scanned page.
+    pub cpu_ns_per_scanned_page: f64,
+    /// Median pages merged.
+    pub pages_merged: f64,
+}
+
+fn figures(passes: Vec<Pass>) -> PolicyFigures {
+    let m = |f: fn(&Pass) -> u64| median(&passes.iter().map(f).collect::<Vec<_>>());
+    let per_page: Vec<u64> =
+        passes.iter().map(|p| (p.cpu_ns as f64 / p.pages_scanned.max(1) as f64).round() as u64).collect();
+    PolicyFigures {
+        wall_ns: m(|p| p.wall_ns),
+        cpu_ns: m(|p| p.cpu_ns),
+        cpu_ns_per_scanned_page: median(&per_page),
+        pages_merged: m(|p| p.pages_merged),
+        passes,
+    }
+}
+
+/// One policy's results and its ratios to the kernel's.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PolicyResult {
+    /// On `unique`: nothing merges.
+    pub unique: PolicyFigures,
+    /// On `converge`: everything merges.
+    pub converge: PolicyFigures,
+    /// CPU per scanned page on `unique`.
+    pub scan_ns_per_page: f64,
+    /// (converge CPU - converge pages scanned x scan cost) / pages merged.
+    pub merge_ns_per_page: f64,
+    /// Ours / kernel's, when the kernel ran: scan cost, merge cost, time
+    /// to converge, CPU to converge.
+    pub ratio_to_kernel: Option<BTreeMap<&'static str, f64>>,
+}
+
+/// The `vmm bench dedup` report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DedupBenchReport {
+    /// What was measured.
+    pub bench: &'static str,
+    /// Guest RAM of both guests.
+    pub mem_bytes: u64,
+    /// The built-in policies' view.
+    pub view: String,
+    /// Runs per policy and guest.
+    pub repeat: u32,
+    /// Why the kernel policy did not run, if it did not.
+    pub kernel_skipped: Option<String>,
+    /// Per policy (the built-in ones, then `kernel`).
+    pub policies: BTreeMap<String, PolicyResult>,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct DedupBenchConfig {
+    /// Guest RAM.
+    pub mem_bytes: u64,
+    /// The built-in policies to measure.
+    pub policies: Vec<DedupPolicy>,
+    /// Runs per policy and guest.
+    pub repeat: u32,
+    /// Where each run's statistics go.
+    pub out: PathBuf,
+    /// Template for the child runs (image, policy and RAM are set per run).
+    pub base: CompareConfig,
+}
+
+fn result(unique: Vec<Pass>, converge: Vec<Pass>) -> PolicyResult {
+    let unique = figures(unique);
+    let converge = figures(converge);
+    let scan = unique.cpu_ns_per_scanned_page;
+    // Per pass, then the median.
+    let merge: Vec<u64> = converge
+        .passes
+        .iter()
+        .map(|p| {
+            let merging = p.cpu_ns as f64 - p.pages_scanned as f64 * scan;
+            (merging.max(0.0) / p.pages_merged.max(1) as f64).round() as u64
+        })
+        .collect();
+    PolicyResult { scan_ns_per_page: scan, merge_ns_per_page: median(&merge), unique, converge, ratio_to_kernel: None }
+}
+
+/// Runs the benchmark; `progress` gets one line per run.
+pub fn bench_dedup(config: &DedupBenchConfig, progress: &mut dyn FnMut(&str)) -> Result<DedupBenchReport, String> {
+    std::fs::create_dir_all(&config.out).map_err(|e| format!("cannot create {}: {e}", config.out.display()))?;
+    let mut policies = config.policies.clone();
+    let kernel_skipped = match HostKsmPaths::default().check_available() {
+        Ok(()) => {
+            policies.push(DedupPolicy::Kernel);
+            None
+        }
+        Err(e) => {
+            progress(&format!("kernel policy skipped: {e}"));
+            Some(e.to_string())
+        }
+    };
+    let mut passes: BTreeMap<(&str, &str), Vec<Pass>> = BTreeMap::new();
+    for repeat in 0..config.repeat {
+        for image in ["unique", "converge"] {
+            for &policy in &policies {
+                let run = CompareConfig {
+                    image: image.into(),
+                    mem_bytes: config.mem_bytes,
+                    policies: vec![policy],
+                    ..config.base.clone()
+                };
+                let path = config.out.join(format!("{image}-{}-{repeat}.json", policy.name()));
+                let (status, stats) = run_once(&run, policy, &path)?;
+                if status != 0 {
+                    return Err(format!("{image} under {}: {}", policy.name(), stats.guest.end.detail));
+                }
+                let pass = pass_of(&stats)?;
+                progress(&format!(
+                    "{image} {} repeat {}/{}: pass {:.3} s, CPU {:.3} s, {} pages scanned, {} merged",
+                    policy.name(),
+                    repeat + 1,
+                    config.repeat,
+                    pass.wall_ns as f64 / 1e9,
+                    pass.cpu_ns as f64 / 1e9,
+                    pass.pages_scanned,
+                    pass.pages_merged
+                ));
+                passes.entry((policy.name(), image)).or_default().push(pass);
+            }
+        }
+    }
+    let mut results: BTreeMap<String, PolicyResult> = policies
+        .iter()
+        .map(|p| {
+            let take = |image| passes.get(&(p.name(), image)).cloned().unwrap_or_default();
+            (p.name().to_string(), result(take("unique"), take("converge")))
+        })
+        .collect();
+    if let Some(kernel) = results.get("kernel").cloned() {
+        for (name, r) in results.iter_mut().filter(|(n, _)| n.as_str() != "kernel") {
+            let _ = name;
+            let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+            r.ratio_to_kernel = Some(BTreeMap::from([
+                ("scan_ns_per_page", ratio(r.scan_ns_per_page, kernel.scan_ns_per_page)),
+                ("merge_ns_per_page", ratio(r.merge_ns_per_page, kernel.merge_ns_per_page)),
+                ("converge_wall", ratio(r.converge.wall_ns, kernel.converge.wall_ns)),
+                ("converge_cpu", ratio(r.converge.cpu_ns, kernel.converge.cpu_ns)),
+            ]));
+        }
+    }
+    Ok(DedupBenchReport {
+        bench: "dedup",
+        mem_bytes: config.mem_bytes,
+        view: config.base.view.name().to_string(),
+        repeat: config.repeat,
+        kernel_skipped,
+        policies: results,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pass(cpu: u64, scanned: u64, merged: u64) -> Pass {
+        Pass { wall_ns: cpu, cpu_ns: cpu, pages_scanned: scanned, pages_merged: merged }
+    }
+
+    #[test]
+    fn merge_cost_is_what_the_pass_spent_beyond_scanning() {
+        // unique: 2 us per scanned page; converge: 3 scans of 1000 pages at
+        // 2 us, plus 1000 merges at 5 us.
+        let r = result(vec![pass(2_000_000, 1000, 0)], vec![pass(6_000_000 + 5_000_000, 3000, 1000)]);
+        assert_eq!(r.scan_ns_per_page, 2000.0);
+        assert_eq!(r.merge_ns_per_page, 5000.0);
+        assert_eq!(r.converge.pages_merged, 1000.0);
+    }
+}
