@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::workloads::{check_volatile, cowstorm_deviations, mixed_deviations, stale_fault_race};
+use common::workloads::{check_volatile, cowstorm_deviations, mixed_deviations};
 use common::{require_kvm, run_with};
 use ksm::KsmKnobs;
 use vmm::stats::RunStats;
@@ -22,41 +22,20 @@ const VIEWS: [ViewKind; 2] = [ViewKind::Memslot, ViewKind::Uffd];
 const MEM: &str = "4M";
 const MEM_BYTES: u64 = 4 << 20;
 
-/// Runs of a policy and view that can show the stale-fault race
-/// (`stale_fault_race`: change-pte with the uffd view) before one must
-/// match the model exactly. On a loaded machine about one run in five
-/// shows it; every run is checked for what is certain whatever the race.
-const RACE_ATTEMPTS: usize = 8;
-
 fn run(image: &str, dedup: DedupPolicy, view: ViewKind, knobs: KsmKnobs) -> RunStats {
     run_with(image, MEM, dedup, view, None, true, knobs)
 }
 
-/// Runs `image` until a run matches its model exactly (`deviations` returns
-/// nothing): the first run must, unless the policy and view can show the
-/// stale-fault race; then up to [`RACE_ATTEMPTS`] runs may be needed.
-fn until_exact(
+/// Runs `image` once and checks that every phase matches its model exactly.
+fn exact(
     image: &str,
     policy: DedupPolicy,
     view: ViewKind,
     knobs: KsmKnobs,
     deviations: impl Fn(&RunStats) -> Vec<String>,
 ) {
-    let attempts = if stale_fault_race(policy, view) { RACE_ATTEMPTS } else { 1 };
-    let mut seen = Vec::new();
-    for _ in 0..attempts {
-        let off = deviations(&run(image, policy, view, knobs));
-        if off.is_empty() {
-            return;
-        }
-        seen.push(off.join("\n"));
-    }
-    panic!(
-        "{image}: {} / {}: no run in {attempts} matched the model:\n{}",
-        policy.name(),
-        view.name(),
-        seen.join("\n-- next run --\n")
-    );
+    let off = deviations(&run(image, policy, view, knobs));
+    assert!(off.is_empty(), "{image}: {} / {}: off the model:\n{}", policy.name(), view.name(), off.join("\n"));
 }
 
 #[test]
@@ -67,7 +46,7 @@ fn cowstorm_takes_one_write_fault_per_page_and_round_under_every_policy() {
     let knobs = KsmKnobs::default();
     for view in VIEWS {
         for policy in POLICIES {
-            until_exact("cowstorm", policy, view, knobs, |s| {
+            exact("cowstorm", policy, view, knobs, |s| {
                 cowstorm_deviations(s, MEM_BYTES, policy, view, knobs.max_page_sharing)
             });
         }
@@ -82,7 +61,7 @@ fn mixed_refaults_reads_only_without_change_pte_and_breaks_a_group_per_phase() {
     let knobs = KsmKnobs::default();
     for view in VIEWS {
         for policy in POLICIES {
-            until_exact("mixed", policy, view, knobs, |s| {
+            exact("mixed", policy, view, knobs, |s| {
                 mixed_deviations(s, MEM_BYTES, policy, view, knobs.max_page_sharing)
             });
         }
@@ -101,10 +80,10 @@ fn the_models_hold_when_groups_outgrow_a_ksm_page() {
     assert_eq!(common::workloads::pass_merges(64, 7), (63, 9));
     for policy in [DedupPolicy::ChangePte, DedupPolicy::RangeFlush, DedupPolicy::Legacy] {
         let view = ViewKind::Uffd;
-        until_exact("cowstorm", policy, view, knobs, |s| cowstorm_deviations(s, MEM_BYTES, policy, view, 7));
+        exact("cowstorm", policy, view, knobs, |s| cowstorm_deviations(s, MEM_BYTES, policy, view, 7));
     }
     let (policy, view) = (DedupPolicy::RangeFlush, ViewKind::Memslot);
-    until_exact("mixed", policy, view, knobs, |s| mixed_deviations(s, MEM_BYTES, policy, view, 7));
+    exact("mixed", policy, view, knobs, |s| mixed_deviations(s, MEM_BYTES, policy, view, 7));
 }
 
 #[test]

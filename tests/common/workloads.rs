@@ -171,43 +171,18 @@ fn check_end(s: &RunStats, ctx: &str, reports: &[u64], last: u32) {
     assert_eq!(numbers, (0..=last).collect::<Vec<_>>(), "{ctx}: phases");
 }
 
-/// Whether a run of this policy and view can show the stale-fault race, so
-/// that its per-phase secondary-MMU figures may be off the model.
-///
-/// Under change-pte with the uffd view, a write fault is served on the
-/// fault thread: `handle_ept_violation` breaks copy-on-write, and the
-/// `change_pte` of that break maps the new frame writable in the view at
-/// once, which wakes the vCPU, before the handler has done its sequence
-/// check (which always retries after its own break) and installed the
-/// entry. The guest runs on, so the retry and install of a phase's last
-/// write fault can land after the next phase marker (counted in the next
-/// phase), and if that next phase is a synchronous pass (cowstorm), the
-/// late retry can even run after the pass merged the page again and break
-/// that merge a second time (one more copy, and the pass then scans more
-/// or the storm after it faults once less). The memslot view serves faults
-/// on the vCPU thread, and range-flush and legacy do not touch the view in
-/// the break (no entry to update), so only this pair is affected.
-pub fn stale_fault_race(policy: DedupPolicy, view: ViewKind) -> bool {
-    policy == DedupPolicy::ChangePte && view == ViewKind::Uffd
-}
-
-/// Checks what is certain whatever the race ([`stale_fault_race`]): the io
-/// exits and read faults of every phase are the model's, nothing else
-/// exits, and the write faults of a phase are the model's, or (under the
-/// race) one fewer. Returns every phase whose figures are not exactly the
-/// model's.
-fn deviations(s: &RunStats, ctx: &str, policy: DedupPolicy, view: ViewKind, model: &[PhaseModel]) -> Vec<String> {
+/// Checks the exits of every phase against the model (io, read and write
+/// faults; nothing else exits) and returns every phase whose other figures
+/// are not exactly the model's.
+fn deviations(s: &RunStats, ctx: &str, policy: DedupPolicy, model: &[PhaseModel]) -> Vec<String> {
     let mut off = Vec::new();
     for (p, expected) in s.phases.iter().zip(model) {
         let measured = PhaseModel::measured(&p.figures, policy);
         let n = p.phase;
-        assert_eq!((measured.io, measured.ept_read), (expected.io, expected.ept_read), "{ctx}: phase {n}");
-        let slack = u64::from(stale_fault_race(policy, view));
-        assert!(
-            (expected.ept_write.saturating_sub(slack)..=expected.ept_write).contains(&measured.ept_write),
-            "{ctx}: phase {n}: {} write faults, the model says {}",
-            measured.ept_write,
-            expected.ept_write
+        assert_eq!(
+            (measured.io, measured.ept_read, measured.ept_write),
+            (expected.io, expected.ept_read, expected.ept_write),
+            "{ctx}: phase {n}"
         );
         if measured != *expected {
             off.push(format!("phase {n}: measured {measured:?}\n     model says {expected:?}"));
@@ -276,7 +251,7 @@ pub fn cowstorm_model(mem_bytes: u64, policy: DedupPolicy, max_sharing: u32) -> 
 /// Checks a `cowstorm` run of `mem_bytes` with `max_page_sharing`
 /// `max_sharing`: asserts its end, reports and what is certain phase by
 /// phase, and returns the phases whose figures are off the model (none
-/// unless [`stale_fault_race`]).
+/// when the model holds).
 pub fn cowstorm_deviations(
     s: &RunStats,
     mem_bytes: u64,
@@ -287,7 +262,7 @@ pub fn cowstorm_deviations(
     let ctx = ctx("cowstorm", policy, view);
     check_end(s, &ctx, &guest_images::cowstorm_expected_reports(mem_bytes), guest_images::COWSTORM_PHASES);
     assert_eq!(s.total.exits.io, guest_images::COWSTORM_IO_EXITS, "{ctx}");
-    deviations(s, &ctx, policy, view, &cowstorm_model(mem_bytes, policy, max_sharing))
+    deviations(s, &ctx, policy, &cowstorm_model(mem_bytes, policy, max_sharing))
 }
 
 /// The model of a `mixed` run of `mem_bytes` with `max_page_sharing`
@@ -334,7 +309,7 @@ pub fn mixed_model(mem_bytes: u64, policy: DedupPolicy, max_sharing: u32) -> Vec
 /// Checks a `mixed` run of `mem_bytes` with `max_page_sharing`
 /// `max_sharing` (ksmd never switched on): asserts its end, reports and
 /// what is certain phase by phase, and returns the phases whose figures are
-/// off the model (none unless [`stale_fault_race`]).
+/// off the model (none when the model holds).
 pub fn mixed_deviations(
     s: &RunStats,
     mem_bytes: u64,
@@ -345,7 +320,7 @@ pub fn mixed_deviations(
     let ctx = ctx("mixed", policy, view);
     check_end(s, &ctx, &guest_images::mixed_expected_reports(mem_bytes), guest_images::MIXED_PHASES);
     assert_eq!(s.total.exits.io, guest_images::MIXED_IO_EXITS, "{ctx}");
-    deviations(s, &ctx, policy, view, &mixed_model(mem_bytes, policy, max_sharing))
+    deviations(s, &ctx, policy, &mixed_model(mem_bytes, policy, max_sharing))
 }
 
 /// Checks what is certain in a `volatile` run of `mem_bytes`, whatever

@@ -43,16 +43,21 @@
 //!
 //! The fault thread ([`UffdFaultThread`]) reads the events and calls the
 //! VMM's EPT-violation handler, which updates the secondary MMU, which calls
-//! [`UffdView::map`] on the same view: the resolving CONTINUE or
-//! unprotection wakes the faulting vCPU. If the handler resolved nothing
-//! (the entry was already right), the thread wakes the vCPU itself with
-//! `UFFDIO_WAKE` and the vCPU retries its access.
+//! [`UffdView::map`] on the same view. While the thread serves a page, view
+//! operations on that page do not wake its waiters (CONTINUE and
+//! unprotection with DONTWAKE, no UFFDIO_WAKE): the thread wakes the vCPU
+//! with `UFFDIO_WAKE` once the handler has returned, so the vCPU never runs
+//! ahead of the handler's accounting (a copy-on-write break's `change_pte`
+//! maps the page writable before the handler's retry and install, and a
+//! vCPU woken then would be counted in a phase that has already ended). A
+//! fault whose handler resolved nothing (the entry was already right) is
+//! woken the same way, and the vCPU retries its access.
 
 use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -125,6 +130,8 @@ const REGISTER_MODE: u64 = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_M
 
 /// `UFFDIO_WRITEPROTECT_MODE_WP`: protect (without it: unprotect and wake).
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+/// `UFFDIO_WRITEPROTECT_MODE_DONTWAKE`.
+const UFFDIO_WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
 /// `UFFDIO_CONTINUE_MODE_DONTWAKE`.
 const UFFDIO_CONTINUE_MODE_DONTWAKE: u64 = 1 << 0;
 /// `UFFDIO_CONTINUE_MODE_WP` (not in the installed headers): install the pte
@@ -352,6 +359,9 @@ struct PageSync {
     /// present is resolved by CONTINUE (EEXIST then) rather than by a wake
     /// that would make the vCPU fault again forever.
     hint: AtomicU8,
+    /// The fault thread is serving a fault on the page: view operations on
+    /// it leave the waking to the thread.
+    serving: AtomicBool,
 }
 
 /// State shared by the view and its fault thread.
@@ -532,9 +542,16 @@ impl UffdView {
         self.shared.pages[i].wakes.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// Whether the fault thread is serving page `i` (and will wake it).
+    fn deferring(&self, i: usize) -> bool {
+        self.shared.pages[i].serving.load(Ordering::Acquire)
+    }
+
     fn wake(&self, i: usize) -> Result<(), ViewError> {
-        let mut range = self.window.range(i, 1);
-        uffd_ioctl(self.uffd.as_raw_fd(), UFFDIO_WAKE, &mut range).map_err(uffd_err("UFFDIO_WAKE"))?;
+        if !self.deferring(i) {
+            let mut range = self.window.range(i, 1);
+            uffd_ioctl(self.uffd.as_raw_fd(), UFFDIO_WAKE, &mut range).map_err(uffd_err("UFFDIO_WAKE"))?;
+        }
         self.woke(i);
         Ok(())
     }
@@ -542,9 +559,10 @@ impl UffdView {
     /// Sets (`wp`) or clears the write protection of present page `i`;
     /// clearing wakes a vCPU blocked on a write to it.
     fn write_protect(&mut self, i: usize, wp: bool) -> Result<(), ViewError> {
+        let dontwake = if self.deferring(i) { UFFDIO_WRITEPROTECT_MODE_DONTWAKE } else { 0 };
         let mut arg = UffdioWriteprotect {
             range: self.window.range(i, 1),
-            mode: if wp { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
+            mode: if wp { UFFDIO_WRITEPROTECT_MODE_WP } else { dontwake },
         };
         uffd_ioctl(self.uffd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut arg).map_err(uffd_err("UFFDIO_WRITEPROTECT"))?;
         self.wp_changes += 1;
@@ -559,7 +577,7 @@ impl UffdView {
     /// write-protected if `wp`, and wakes its waiters unless `dontwake`.
     fn continue_page(&mut self, i: usize, wp: bool, dontwake: bool) -> Result<(), ViewError> {
         let mut mode = if wp { UFFDIO_CONTINUE_MODE_WP } else { 0 };
-        if dontwake {
+        if dontwake || self.deferring(i) {
             mode |= UFFDIO_CONTINUE_MODE_DONTWAKE;
         }
         let mut populated = false;
@@ -937,13 +955,16 @@ fn serve_one(source: &UffdFaultSource, msg: &[u8], handler: &mut UffdFaultHandle
     page.hint.fetch_or(if flags & UFFD_PAGEFAULT_FLAG_WP != 0 { HINT_WP } else { HINT_ABSENT }, Ordering::AcqRel);
     let wakes = page.wakes.load(Ordering::Acquire);
     source.shared.faults.fetch_add(1, Ordering::Relaxed);
-    handler(gfn, access)?;
+    page.serving.store(true, Ordering::Release);
+    let handled = handler(gfn, access);
+    page.serving.store(false, Ordering::Release);
     if page.wakes.load(Ordering::Acquire) == wakes {
-        // Nothing the handler did woke the page: the vCPU retries its access.
-        let mut range = UffdioRange { start: address & !(PAGE_SIZE - 1), len: PAGE_SIZE };
-        uffd_ioctl(source.uffd.as_raw_fd(), UFFDIO_WAKE, &mut range)
-            .map_err(|e| format!("userfaultfd fault thread: UFFDIO_WAKE of gfn {gfn:#x} failed: {e}"))?;
+        // Nothing the handler did resolved the page: the vCPU retries its access.
         source.shared.fault_wakes.fetch_add(1, Ordering::Relaxed);
     }
-    Ok(())
+    // The handler has returned (its accounting is done): wake the vCPU now.
+    let mut range = UffdioRange { start: address & !(PAGE_SIZE - 1), len: PAGE_SIZE };
+    uffd_ioctl(source.uffd.as_raw_fd(), UFFDIO_WAKE, &mut range)
+        .map_err(|e| format!("userfaultfd fault thread: UFFDIO_WAKE of gfn {gfn:#x} failed: {e}"))?;
+    handled
 }
