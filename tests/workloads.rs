@@ -116,3 +116,26 @@ fn volatile_never_merges_and_takes_only_io_exits_while_ksmd_scans() {
         }
     }
 }
+
+#[test]
+fn unique_merges_nothing_and_takes_only_its_io_exits_under_every_policy() {
+    if !require_kvm() {
+        return;
+    }
+    let expected = guest_images::unique_expected_reports(MEM_BYTES);
+    for view in VIEWS {
+        for policy in POLICIES {
+            let s = run("unique", policy, view, KsmKnobs::default());
+            let ctx = format!("unique: {} / {}", policy.name(), view.name());
+            assert_eq!(s.guest.exit_code, Some(0), "{ctx}: {}", s.guest.end.detail);
+            assert_eq!(s.guest.reports, expected, "{ctx}");
+            assert_eq!((s.total.exits.io, s.total.exits.total), (guest_images::UNIQUE_IO_EXITS, 7), "{ctx}");
+            if policy != DedupPolicy::Off {
+                let pass = &s.phases[2].figures.ksm;
+                // Every page scanned (the image's page too), none merged.
+                assert_eq!(pass["merges"], 0, "{ctx}");
+                assert!(pass["pages_scanned"] >= guest_images::pagefill_pages(MEM_BYTES), "{ctx}");
+            }
+        }
+    }
+}

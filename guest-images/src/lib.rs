@@ -78,6 +78,11 @@ pub const IMAGES: &[Image] = &[
          merges, reports a checksum: 9 io exits plus policy-dependent faults"
     ),
     image!(
+        "unique",
+        "fills RAM above 2 MiB with pages all different, one dedup pass (nothing merges), a checksum: \
+         7 io exits and no fault"
+    ),
+    image!(
         "volatile",
         "starts ksmd and rewrites every page 4,097 times with unique, ever-changing content: nothing \
          merges, 8 io exits and no fault"
@@ -213,6 +218,17 @@ pub fn converge_expected_reports(mem_bytes: u64) -> Vec<u64> {
     let sum = (0..pages).fold(0u64, |acc, i| acc.wrapping_add(pagefill_pattern(i % CONVERGE_GROUPS, 0)));
     vec![sum & 0xFFFF_FFFF, sum >> 32]
 }
+
+/// The report list `unique` produces for `mem_bytes` of RAM: the wrapping
+/// sum of word 0 of every page (each page's own address), low 32 bits then high.
+pub fn unique_expected_reports(mem_bytes: u64) -> Vec<u64> {
+    let pages = pagefill_pages(mem_bytes);
+    let sum = (0..pages).fold(0u64, |acc, i| acc.wrapping_add(PAGEFILL_START + i * 4096));
+    vec![sum & 0xFFFF_FFFF, sum >> 32]
+}
+
+/// Io exits `unique` takes under every policy.
+pub const UNIQUE_IO_EXITS: u64 = 7;
 
 /// First guest-physical address `stress` writes.
 pub const STRESS_START: u64 = 0x20_0000;
@@ -572,7 +588,7 @@ mod tests {
             assert_eq!(find(image.name), Some(image));
             assert!(!image.summary.is_empty());
         }
-        assert_eq!(IMAGES.len(), 14);
+        assert_eq!(IMAGES.len(), 15);
         assert!(find("pagefill").is_some());
         assert!(find("nope").is_none());
         assert!(find("").is_none());
