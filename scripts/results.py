@@ -4,7 +4,8 @@
 Usage: scripts/results.py DIR README.md
 
 DIR holds floor.json, fault-memslot.json, fault-uffd.json, dedup.json and
-one directory per workload with its compare.json (and compare.svg). The
+one directory per workload and view (WORKLOAD-VIEW) with its compare.json,
+compare.svg and table.txt. The
 section between the markers `<!-- results:begin -->` and
 `<!-- results:end -->` of README.md is replaced; nothing else is touched.
 """
@@ -42,41 +43,52 @@ def fmt_ms(ns):
     return f"{ns / 1e6:,.1f} ms"
 
 
-def workload_table(rel, name, what, report):
-    total = report["total"]
-    policies = report["policies"]
-    s = report["setup"]
+def workload_table(rel, name, what, reports):
+    """One table per workload: a row per (policy, view); `reports` maps a
+    view to its compare.json."""
+    first = next(iter(reports.values()))
+    s = first["setup"]
     out = [f"#### {name}: {what}", ""]
     out.append(
-        f"{s['mem_bytes'] >> 20} MiB of RAM, {s['view']} view, median of {s['repeat']} interleaved runs per policy "
-        f"(`vmm compare {name} --mem {s['mem_bytes'] >> 20}M --repeat {s['repeat']}`)."
+        f"{s['mem_bytes'] >> 20} MiB of RAM, median of {s['repeat']} interleaved runs per policy "
+        f"(`vmm compare {name} --mem {s['mem_bytes'] >> 20}M --repeat {s['repeat']} --view VIEW`). VM exits as the "
+        "host KVM counts them (its binary stat `exits`, which also sees the faults it serves itself); "
+        "secondary-MMU faults as the VMM serves them (`ept_read` + `ept_write` + `ept_fetch`)."
     )
     out.append("")
-    out.append("| policy | VM exits (host KVM) | vs off | secondary-MMU faults seen by the VMM | host KVM page faults (pf_taken) | "
-               "merge passes (wall) | whole run (wall) | pages_sharing at the end |")
-    out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    off_exits = fig(total, "kvm.exits", "off") if "off" in policies else None
-    for p in policies:
-        exits = fig(total, "kvm.exits", p)
-        faults = sum(fig(total, f"exits.{k}", p) for k in ("ept_read", "ept_write", "ept_fetch"))
-        ratio = f"{exits / off_exits:.2f}x" if off_exits else "-"
-        out.append(
-            f"| {p} | {fmt_int(exits)} | {ratio} | {fmt_int(faults)} | {fmt_int(fig(total, 'kvm.pf_taken', p))} | "
-            f"{fmt_ms(fig(total, 'ksm.scan_ns', p))} | {fmt_ms(fig(total, 'wall_ns', p))} | "
-            f"{fmt_int(fig(total, 'ksm.pages_sharing', p))} |"
-        )
+    out.append("| policy | view | VM exits (host KVM) | vs off | secondary-MMU faults (VMM) | deduplicator CPU | "
+               "whole run (wall) | pages_sharing at the end |")
+    out.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for view, report in reports.items():
+        total = report["total"]
+        policies = report["policies"]
+        off_exits = fig(total, "kvm.exits", "off") if "off" in policies else None
+        for p in policies:
+            exits = fig(total, "kvm.exits", p)
+            faults = sum(fig(total, f"exits.{k}", p) for k in ("ept_read", "ept_write", "ept_fetch"))
+            ratio = f"{exits / off_exits:.2f}x" if off_exits else "-"
+            shown_view = "(host KVM)" if p == "kernel" else view
+            out.append(
+                f"| {p} | {shown_view} | {fmt_int(exits)} | {ratio} | {fmt_int(faults)} | "
+                f"{fmt_ms(fig(total, 'ksm.cpu_ns', p))} | {fmt_ms(fig(total, 'wall_ns', p))} | "
+                f"{fmt_int(fig(total, 'ksm.pages_sharing', p))} |"
+            )
     out.append("")
-    if report["skipped"]:
+    for view, report in reports.items():
         for sk in report["skipped"]:
-            out.append(f"Skipped {sk['policy']}: {sk['reason']}")
+            out.append(f"Skipped {sk['policy']} ({view}): {sk['reason']}")
+    verdicts = []
+    for view, report in reports.items():
+        verdicts.append(f"{view}: " + ("identical under every policy" if report["reports_identical"]
+                                       else "NOT identical: " + ", ".join(report["report_mismatches"])))
+        if report["failed_runs"]:
+            verdicts.append(f"{view}: failed runs: " + "; ".join(report["failed_runs"]))
+    out.append("Guest checksums: " + "; ".join(verdicts) + ". Every phase side by side: " + ", ".join(
+        f"[{view}]({rel}/{name}-{view}/table.txt)" for view in reports) + ".")
+    out.append("")
+    for view in reports:
+        out.append(f"![{name}, {view} view: exits and time per phase per policy]({rel}/{name}-{view}/compare.svg)")
         out.append("")
-    verdict = "identical under every policy" if report["reports_identical"] else "NOT identical: " + ", ".join(
-        report["report_mismatches"])
-    out.append(f"Guest checksums: {verdict}. Every phase side by side: [{rel}/{name}/table.txt]({rel}/{name}/table.txt) "
-               f"(and `compare.json` next to it after a local run); chart:")
-    out.append("")
-    out.append(f"![{name}: exits and time per phase per policy]({rel}/{name}/compare.svg)")
-    out.append("")
     return out
 
 
@@ -88,7 +100,7 @@ def main():
     floor = load(os.path.join(d, "floor.json"))
     faults = {v: load(os.path.join(d, f"fault-{v}.json")) for v in ("memslot", "uffd")}
     dedup = load(os.path.join(d, "dedup.json"))
-    first = load(os.path.join(d, WORKLOADS[0][0], "compare.json"))["setup"]
+    first = load(os.path.join(d, WORKLOADS[0][0] + "-memslot", "compare.json"))["setup"]
     when = datetime.datetime.fromtimestamp(first["started_unix"], datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
     out = [BEGIN, ""]
@@ -142,9 +154,13 @@ def main():
     out.append("### Exits per workload and policy")
     out.append("")
     for name, what in WORKLOADS:
-        path = os.path.join(d, name, "compare.json")
-        if os.path.exists(path):
-            out += workload_table(rel, name, what, load(path))
+        reports = {}
+        for view in ("memslot", "uffd"):
+            path = os.path.join(d, f"{name}-{view}", "compare.json")
+            if os.path.exists(path):
+                reports[view] = load(path)
+        if reports:
+            out += workload_table(rel, name, what, reports)
     out.append(END)
 
     text = open(readme).read()

@@ -4,7 +4,7 @@
 # cost and convergence against Linux KSM) and `vmm compare` on each workload.
 # Charts and compare.json files go to docs/results/; the README section
 # between its results markers is rewritten by scripts/results.py.
-#   scripts/results.sh            (about 10 minutes; the kernel policy needs root)
+#   scripts/results.sh            (about 15 minutes; the kernel policy needs root)
 #   REPEAT=5 MEM=32M scripts/results.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,13 +28,19 @@ echo "== scan, merge and convergence against Linux KSM" >&2
 "$vmm" bench dedup --mem 257M --view uffd --repeat "$repeat" > "$out/dedup.json"
 
 for workload in pagefill cowstorm mixed volatile; do
-    echo "== compare $workload" >&2
-    mkdir -p "$out/$workload"
-    # Status 1 (a run failed or checksums differ) is reported in the section.
-    "$vmm" compare "$workload" --mem "$mem" --repeat "$repeat" --out "$out/$workload" > "$out/$workload/table.txt" \
-        || [ $? -eq 1 ]
-    # compare.json (every run, raw) stays local; table.txt and compare.svg are committed.
-    rm -rf "$out/$workload/runs"
+    for view in memslot uffd; do
+        # The kernel policy has no view of ours: it runs with the memslot set.
+        policies=off,change-pte,range-flush,legacy
+        [ "$view" = memslot ] && policies=$policies,kernel
+        echo "== compare $workload, $view view" >&2
+        dir="$out/$workload-$view"
+        mkdir -p "$dir"
+        # Status 1 (a run failed or checksums differ) is reported in the section.
+        "$vmm" compare "$workload" --mem "$mem" --repeat "$repeat" --view "$view" --policies "$policies" \
+            --out "$dir" > "$dir/table.txt" || [ $? -eq 1 ]
+        # compare.json (every run, raw) stays local; table.txt and compare.svg are committed.
+        rm -rf "$dir/runs"
+    done
 done
 
 python3 scripts/results.py "$out" README.md

@@ -119,14 +119,23 @@ impl DedupControl {
         None
     }
 
-    /// Stops ksmd at the end of the run; gives the host's KSM back with its
-    /// knobs restored.
+    /// Stops ksmd (the built-in one, or the host's) at the end of the run;
+    /// what is merged stays merged, so the last readings see it.
     pub fn shutdown(&mut self) -> Result<(), String> {
         let builtin = self.stop_ksmd();
         let host = match &self.host_ksm {
-            Some(h) => lock(h).release().map_err(|e| e.to_string()),
+            Some(h) => lock(h).set_run(0).map_err(|e| e.to_string()),
             None => Ok(()),
         };
         builtin.and(host)
+    }
+
+    /// Gives the host's KSM back (unmerged, knobs restored), after the last
+    /// readings. A no-op for the built-in deduplicator.
+    pub fn release(&mut self) -> Result<(), String> {
+        match &self.host_ksm {
+            Some(h) => lock(h).release().map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
     }
 }

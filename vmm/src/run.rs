@@ -195,6 +195,12 @@ fn run_loop(
         end = RunEnd::Unexpected(format!("KVM internal error, suberror {suberror}{what}"));
     }
     let (phase_stats, total) = phases.finish(&vm);
+    let released = lock(dedup).release();
+    if let Err(e) = released {
+        if matches!(end, RunEnd::GuestExit(_) | RunEnd::Hlt) {
+            end = RunEnd::VmmError(e);
+        }
+    }
     (end, phase_stats, total, rip)
 }
 
