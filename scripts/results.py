@@ -105,9 +105,10 @@ def main():
 
     out = [BEGIN, ""]
     out.append(
-        f"Measured {when} on `{first['host']}` (Linux {first['kernel']}, {first['cpus']} CPUs, the software-virtualised "
-        "KVM described in host-facts.md) by `scripts/results.sh`, which regenerates this section. The machine is "
-        "shared and noisy: read ratios measured side by side, not absolute times."
+        f"Measured {when} on `{first['host']}` (Linux {first['kernel']}, {first['cpus']} CPUs) by "
+        "`scripts/results.sh`, which regenerates this section. On the development machine KVM is software "
+        "virtualisation (PVM: an exit costs about 26 us, see Results notes below); machines like it are shared "
+        "and noisy: read ratios measured side by side, not absolute times."
     )
     out.append("")
     out.append("### Costs, each a ratio measured side by side in one run")

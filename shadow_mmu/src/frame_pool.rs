@@ -118,7 +118,11 @@ impl FramePool {
             .map_err(|e| FramePoolError::Map { bytes, reason: e.to_string() })?;
         let direct_map = GuestMemoryMmap::from_regions(vec![region])
             .map_err(|e| FramePoolError::Map { bytes, reason: e.to_string() })?;
-        Ok(Self { memfd: None, direct_map, nr_frames: bytes / PAGE_SIZE })
+        let pool = Self { memfd: None, direct_map, nr_frames: bytes / PAGE_SIZE };
+        // 4 KiB pages, like the memfd pool: with THP "always" the host would
+        // back it with huge pages, which KVM maps as such and KSM splits.
+        pool.madvise(0, pool.nr_frames, libc::MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE")?;
+        Ok(pool)
     }
 
     /// Whether the pool is anonymous memory rather than a memfd.
@@ -138,8 +142,11 @@ impl FramePool {
         let start = self.frame_hva(first).ok_or(FramePoolError::BadSize(first))?;
         let len = usize::try_from(n << PAGE_SHIFT).map_err(|_| FramePoolError::BadSize(n))?;
         // SAFETY: [start, start + len) lies in the direct map (both ends
-        // checked above), a mapping this pool owns; the advices used here
-        // change how the kernel manages the pages, never their content.
+        // checked above), a mapping this pool owns and that no Rust object
+        // borrows (frames are accessed through volatile copies). An advice
+        // may drop the pages' content (MADV_DONTNEED: they read as zero
+        // afterwards, which is what punching a hole means) but never makes
+        // the range invalid.
         let rc = unsafe { libc::madvise(start.cast(), len, advice) };
         if rc != 0 {
             return Err(FramePoolError::Madvise { advice: name, source: std::io::Error::last_os_error() });

@@ -42,6 +42,9 @@ pub enum ControlError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// Something other than a socket is at the path.
+    #[error("{0} exists and is not a socket: give another --control path")]
+    NotASocket(String),
     /// Another run is listening on the path.
     #[error("{0} is the control socket of a running vmm: give another --control path")]
     InUse(String),
@@ -73,6 +76,8 @@ pub struct ControlState {
     pub policy: String,
     /// Reads the deduplicator's figures now (sysfs names).
     pub ksm_figures: Box<dyn Fn() -> crate::stats::Counters + Send + Sync>,
+    /// Set when the run is ending: requests are refused from then on.
+    pub closed: AtomicBool,
 }
 
 impl std::fmt::Debug for ControlState {
@@ -145,11 +150,18 @@ fn serve(stream: UnixStream, state: &ControlState) {
 
 /// The reply to one request line.
 fn answer(request: &str, state: &ControlState) -> String {
+    if state.closed.load(Ordering::SeqCst) {
+        return "error: the run is ending".into();
+    }
     let words: Vec<&str> = request.split_whitespace().collect();
     match words.as_slice() {
         ["run", n] => match n.parse::<u32>() {
             Ok(run) if run <= 2 => {
                 let mut dedup = lock(&state.dedup);
+                // Checked again under the lock the run loop's shutdown takes.
+                if state.closed.load(Ordering::SeqCst) {
+                    return "error: the run is ending".into();
+                }
                 if !dedup.is_active() {
                     return format!("error: deduplication is off in this run ({}): nothing to switch", state.policy);
                 }
@@ -185,5 +197,8 @@ pub fn request(path: &Path, line: &str) -> Result<String, ControlError> {
     writeln!(stream, "{line}").map_err(io)?;
     let mut reply = String::new();
     BufReader::new(stream).read_line(&mut reply).map_err(io)?;
+    if reply.is_empty() {
+        return Err(io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the run closed it without a reply")));
+    }
     Ok(reply.trim_end().to_string())
 }

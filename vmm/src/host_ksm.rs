@@ -36,10 +36,12 @@ pub const KSM_SYSFS: &str = "/sys/kernel/mm/ksm";
 /// Where the lock and the saved knobs live.
 pub const STATE_DIR: &str = "/run/vmm";
 
-/// The knobs a run may change (saved before, restored after: see
-/// `SavedKnobs::restore` for the order).
-const KNOBS: [&str; 6] =
-    ["max_page_sharing", "use_zero_pages", "smart_scan", "pages_to_scan", "sleep_millisecs", "run"];
+/// The knobs a run may change (saved before, restored after), in the order
+/// they are restored: with ksmd stopped, `max_page_sharing` first (the kernel
+/// refuses it while KSM pages exist), `advisor_mode` after `pages_to_scan`
+/// (the kernel refuses `pages_to_scan` while an advisor runs), `run` last.
+const KNOBS: [&str; 7] =
+    ["max_page_sharing", "use_zero_pages", "smart_scan", "pages_to_scan", "sleep_millisecs", "advisor_mode", "run"];
 
 /// A synchronous pass scans this many pages per ksmd batch, without sleeping
 /// (the built-in pass is synchronous too). ksmd stops only between batches,
@@ -47,6 +49,11 @@ const KNOBS: [&str; 6] =
 /// be negligible, large enough that batching costs nothing (host-facts.md:
 /// 5,000 and 100,000 pages per batch converge alike).
 const PASS_PAGES_TO_SCAN: u32 = 4096;
+/// The longest a pass waits for ksmd to complete its next scan.
+const PASS_STALL: Duration = Duration::from_secs(60);
+/// Complete scans after which a pass that still merges gives up (a guest
+/// that waits on its pass does not write, so this is never reached).
+const MAX_PASS_SCANS: i64 = 64;
 /// The longest a run waits, at its end, for ksmd to forget its pages.
 const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 /// How often a pass looks at ksmd's progress.
@@ -97,6 +104,23 @@ pub enum HostKsmError {
     /// madvise on guest RAM failed.
     #[error(transparent)]
     Madvise(#[from] shadow_mmu::FramePoolError),
+    /// A killed run left knobs changed that cannot be restored now.
+    #[error(
+        "a previous run left the host KSM knobs changed and {failed} cannot be restored now: restore them by hand \
+         from {path}, then delete it"
+    )]
+    Leftover {
+        /// The saved file.
+        path: String,
+        /// The knobs that failed.
+        failed: String,
+    },
+    /// The host's KSM was given back; the run is ending.
+    #[error("the host's KSM has been given back: the run is ending")]
+    Released,
+    /// The host's ksmd made no progress.
+    #[error("the host's ksmd did not finish a pass: {0}")]
+    Stalled(String),
     /// A pass was cancelled (timeout or Ctrl-C) before ksmd finished.
     #[error("the host KSM pass was cancelled before it finished")]
     Cancelled,
@@ -135,9 +159,15 @@ impl HostKsmPaths {
         self.state.join("host-ksm.saved")
     }
 
-    /// Reads a knob or counter, trimmed.
+    /// Reads a knob or counter, trimmed; for a choice (`[none] scan-time`),
+    /// the chosen word.
     pub fn read(&self, name: &str) -> Result<String, HostKsmError> {
-        std::fs::read_to_string(self.knob(name)).map(|s| s.trim().to_string()).map_err(knob_err(name))
+        let text = std::fs::read_to_string(self.knob(name)).map_err(knob_err(name))?;
+        let text = text.trim();
+        Ok(match (text.find('['), text.find(']')) {
+            (Some(a), Some(b)) if a < b => text[a + 1..b].to_string(),
+            _ => text.to_string(),
+        })
     }
 
     /// Reads a numeric counter; None if the kernel has no such file.
@@ -195,12 +225,17 @@ impl SavedKnobs {
         )
     }
 
-    /// Writes every saved value back: `run` first (ksmd stops or resumes as
-    /// it was before the rest changes), then the others. Returns the knobs
-    /// that could not be restored.
+    /// Writes every saved value back, ksmd stopped meanwhile, in the order
+    /// of [`KNOBS`] (`run` last). Returns the knobs that could not be restored.
     fn restore(&self, paths: &HostKsmPaths) -> Vec<String> {
         let mut failed = Vec::new();
-        let ordered = self.0.iter().filter(|(k, _)| k == "run").chain(self.0.iter().filter(|(k, _)| k != "run"));
+        if paths.read("run").is_ok_and(|r| r != "0") {
+            if let Err(e) = paths.write("run", "0") {
+                failed.push(format!("run=0 ({e})"));
+            }
+        }
+        let mut ordered: Vec<&(String, String)> = self.0.iter().collect();
+        ordered.sort_by_key(|(k, _)| KNOBS.iter().position(|n| n == k));
         for (name, value) in ordered {
             if paths.read(name).is_ok_and(|now| &now == value) {
                 continue;
@@ -249,10 +284,16 @@ impl HostKsm {
         if let Ok(text) = std::fs::read_to_string(&saved_path) {
             let left = SavedKnobs::parse(&text);
             let failed = left.restore(&paths);
+            if !failed.is_empty() {
+                // The saved file stays: it is the only record of the values.
+                return Err(HostKsmError::Leftover {
+                    path: saved_path.display().to_string(),
+                    failed: failed.join(", "),
+                });
+            }
             eprintln!(
-                "vmm: restored the host KSM knobs a previous run left changed ({}){}",
-                text.trim().replace('\n', ", "),
-                if failed.is_empty() { String::new() } else { format!("; could not restore {}", failed.join(", ")) }
+                "vmm: restored the host KSM knobs a previous run left changed ({})",
+                text.trim().replace('\n', ", ")
             );
         }
         let saved = SavedKnobs::read(&paths)?;
@@ -294,6 +335,11 @@ impl HostKsm {
         if self.paths.knob("smart_scan").exists() {
             self.paths.write("smart_scan", if self.knobs.smart_scan { "1" } else { "0" })?;
         }
+        // An advisor (Linux 6.8+) sets pages_to_scan itself, and the kernel
+        // refuses writes to it while one runs.
+        if self.paths.knob("advisor_mode").exists() && self.paths.read("advisor_mode")? != "none" {
+            self.paths.write("advisor_mode", "none")?;
+        }
         self.set_scan_rate(self.knobs.pages_to_scan, self.knobs.sleep_millisecs)
     }
 
@@ -307,6 +353,9 @@ impl HostKsm {
     /// process on the host, 2 here unmerges this guest only
     /// (MADV_UNMERGEABLE, then MADV_MERGEABLE again).
     pub fn set_run(&mut self, run: u32) -> Result<(), HostKsmError> {
+        if self.restored {
+            return Err(HostKsmError::Released);
+        }
         match run {
             0 | 1 => {
                 self.paths.write("run", &run.to_string())?;
@@ -322,6 +371,9 @@ impl HostKsm {
 
     /// Breaks every merged page of this guest (each gets its own frame again).
     pub fn unmerge(&mut self) -> Result<(), HostKsmError> {
+        if self.restored {
+            return Err(HostKsmError::Released);
+        }
         self.pool.madvise(self.first, self.pages, libc::MADV_UNMERGEABLE, "MADV_UNMERGEABLE")?;
         self.pool.madvise(self.first, self.pages, libc::MADV_MERGEABLE, "MADV_MERGEABLE")?;
         Ok(())
@@ -334,6 +386,9 @@ impl HostKsm {
     /// before it is merged). `cancelled` is polled; then the run's knobs and
     /// run state come back.
     pub fn full_pass(&mut self, cancelled: &dyn Fn() -> bool) -> Result<(), HostKsmError> {
+        if self.restored {
+            return Err(HostKsmError::Released);
+        }
         let start = Instant::now();
         let result = self.drive_pass(cancelled);
         let back = self.set_scan_rate(self.knobs.pages_to_scan, self.knobs.sleep_millisecs).and_then(|()| {
@@ -352,25 +407,43 @@ impl HostKsm {
         }
         self.set_scan_rate(PASS_PAGES_TO_SCAN, 0)?;
         self.paths.write("run", "1")?;
-        let scans = || self.paths.read_u64("full_scans").unwrap_or(0);
+        let scans = || {
+            self.paths.read("full_scans")?.parse::<u64>().map_err(|e| HostKsmError::Knob {
+                name: "full_scans".into(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            })
+        };
         // The scan that is under way when the pass starts is partial.
-        let mut last = scans();
+        let mut last = scans()?;
         let mut complete = -1i64;
         let mut merged = merging_pages();
+        let mut progress = Instant::now();
         loop {
             if cancelled() {
                 return Err(HostKsmError::Cancelled);
             }
             std::thread::sleep(PASS_POLL);
-            let now = scans();
-            if now == last {
+            let now = scans()?;
+            if now <= last {
+                // ksmd is stopped or stuck (someone wrote run=0?): give up
+                // rather than wait forever.
+                if progress.elapsed() > PASS_STALL {
+                    return Err(HostKsmError::Stalled(format!(
+                        "full_scans stayed at {now} for {} s",
+                        PASS_STALL.as_secs()
+                    )));
+                }
                 continue;
             }
+            progress = Instant::now();
             complete += i64::try_from(now - last).unwrap_or(i64::MAX);
             last = now;
             let m = merging_pages();
             if complete >= 2 && m == merged {
                 return Ok(());
+            }
+            if complete > MAX_PASS_SCANS {
+                return Err(HostKsmError::Stalled(format!("no fixpoint after {MAX_PASS_SCANS} complete scans")));
             }
             merged = m;
         }
@@ -410,7 +483,8 @@ impl HostKsm {
         if let Some(ns) = self.ksmd_pid.and_then(ksmd_cpu_ns) {
             out.push(("cpu_ns", ns));
         }
-        out.push(("scan_ns", self.pass_ns));
+        // Not `scan_ns`: ksmd's background scanning is not in it.
+        out.push(("pass_ns", self.pass_ns));
         out
     }
 
@@ -484,11 +558,14 @@ fn take_lock(paths: &HostKsmPaths) -> Result<File, HostKsmError> {
     Ok(file)
 }
 
+/// Writes `text` to `path` atomically (a temporary file, synced, renamed).
 fn write_durably(path: &Path, text: &str) -> Result<(), HostKsmError> {
     let err = |source| HostKsmError::State { path: path.display().to_string(), source };
-    let mut f = File::create(path).map_err(err)?;
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).map_err(err)?;
     f.write_all(text.as_bytes()).map_err(err)?;
-    f.sync_all().map_err(err)
+    f.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
 }
 
 /// /proc/self/ksm_stat as (name, value) pairs (signed values clamped at 0).
@@ -516,12 +593,16 @@ fn rmap_items() -> u64 {
     stat_value("ksm_rmap_items")
 }
 
-/// The pid of the kernel thread ksmd.
+/// The pid of the kernel thread ksmd (a child of kthreadd, pid 2: any user
+/// can name a process "ksmd").
 fn find_ksmd() -> Option<u32> {
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid: u32 = e.file_name().to_str()?.parse().ok()?;
         let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-        (comm.trim() == "ksmd").then_some(pid)
+        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        // Field 4 of stat, after the parenthesised comm, is the parent pid.
+        let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?;
+        (comm.trim() == "ksmd" && ppid == "2").then_some(pid)
     })
 }
 
@@ -619,7 +700,42 @@ mod tests {
         let c = k.counters();
         assert!(c.contains(&("full_scans", 7)));
         assert!(c.contains(&("general_profit", 0)));
-        assert!(c.iter().any(|(n, _)| *n == "scan_ns"));
+        assert!(c.iter().any(|(n, _)| *n == "pass_ns"));
+    }
+
+    #[test]
+    fn a_leftover_that_cannot_be_restored_is_kept_and_the_run_refused() {
+        let host = FakeHost::new("stuck");
+        std::fs::create_dir_all(&host.paths.state).expect("state dir");
+        let left = "run=0\nmax_page_sharing=256\npages_to_scan=100\n";
+        write_durably(&host.paths.saved_file(), left).expect("save");
+        host.paths.write("max_page_sharing", "7").expect("write");
+        // The knob cannot be written now (a directory in its place).
+        std::fs::remove_file(host.paths.knob("max_page_sharing")).expect("rm");
+        std::fs::create_dir(host.paths.knob("max_page_sharing")).expect("mkdir");
+        let e = HostKsm::new(host.paths.clone(), KsmKnobs::default(), pool(), 1, 8).expect_err("refused");
+        assert!(matches!(e, HostKsmError::Leftover { .. }), "{e}");
+        assert_eq!(std::fs::read_to_string(host.paths.saved_file()).expect("kept"), left);
+    }
+
+    #[test]
+    fn an_advisor_is_switched_off_for_the_run_and_back_on_after() {
+        let host = FakeHost::new("advisor");
+        std::fs::write(host.paths.knob("advisor_mode"), "none [scan-time]\n").expect("knob");
+        assert_eq!(host.paths.read("advisor_mode").expect("read"), "scan-time");
+        let k = HostKsm::new(host.paths.clone(), KsmKnobs::default(), pool(), 1, 8).expect("take");
+        assert_eq!(std::fs::read_to_string(host.paths.knob("advisor_mode")).expect("read"), "none");
+        drop(k);
+        assert_eq!(std::fs::read_to_string(host.paths.knob("advisor_mode")).expect("read"), "scan-time");
+    }
+
+    #[test]
+    fn a_released_host_ksm_refuses_further_changes() {
+        let host = FakeHost::new("released");
+        let mut k = HostKsm::new(host.paths.clone(), KsmKnobs::default(), pool(), 1, 8).expect("take");
+        k.release().expect("release");
+        assert!(matches!(k.set_run(1), Err(HostKsmError::Released)));
+        assert_eq!(host.paths.read("run").expect("read"), "0");
     }
 
     #[test]

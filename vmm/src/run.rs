@@ -1,6 +1,6 @@
 //! One run of a guest, from a [`RunConfig`] to its [`RunStats`].
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use shadow_mmu::Access;
@@ -47,6 +47,7 @@ pub fn run(mut config: RunConfig) -> Result<RunStats, VmError> {
             let (ksm, host_ksm, host) = (vm.ksm.clone(), vm.host_ksm.clone(), vm.host.clone());
             Box::new(move || crate::phases::dedup_figures(ksm.as_ref(), host_ksm.as_ref(), &host))
         },
+        closed: AtomicBool::new(false),
     });
     let server = match config.control.as_deref().map(|p| ControlServer::start(p, control.clone())).transpose() {
         Ok(s) => s,
@@ -168,7 +169,13 @@ fn run_loop(
             end = RunEnd::VmmError(format!("userfaultfd fault thread: {e}"));
         }
     }
-    let shut = lock(dedup).shutdown();
+    let shut = {
+        let mut d = lock(dedup);
+        // No run-state change from outside after this (it would restart ksmd
+        // for the last readings, or change the host's KSM after its release).
+        control.closed.store(true, Ordering::SeqCst);
+        d.shutdown()
+    };
     if let Err(e) = shut {
         if matches!(end, RunEnd::GuestExit(_) | RunEnd::Hlt) {
             end = RunEnd::VmmError(e);

@@ -181,6 +181,16 @@ pub fn bench_dedup(config: &DedupBenchConfig, progress: &mut dyn FnMut(&str)) ->
                     return Err(format!("{image} under {}: {}", policy.name(), stats.guest.end.detail));
                 }
                 let pass = pass_of(&stats)?;
+                // A per-page cost over nothing would be a made-up figure.
+                if pass.pages_scanned == 0 || (image == "converge" && pass.pages_merged == 0) {
+                    return Err(format!(
+                        "{image} under {}: the deduplicator reported {} pages scanned and {} merged: no per-page \
+                         cost can be computed (does this kernel expose pages_scanned and /proc/self/ksm_stat?)",
+                        policy.name(),
+                        pass.pages_scanned,
+                        pass.pages_merged
+                    ));
+                }
                 progress(&format!(
                     "{image} {} repeat {}/{}: pass {:.3} s, CPU {:.3} s, {} pages scanned, {} merged",
                     policy.name(),

@@ -98,7 +98,6 @@ fn host_setup(config: &CompareConfig) -> Setup {
     }
 }
 
-/// Runs one child `vmm run` and reads its statistics.
 /// Runs one child `vmm run` of `config.image` under `policy` and reads its
 /// statistics: (exit status, statistics), or why there are none.
 pub fn run_once(config: &CompareConfig, policy: DedupPolicy, stats_path: &Path) -> Result<(i32, RunStats), String> {

@@ -150,7 +150,9 @@ fn summarise(
     pick: impl Fn(&RunStats) -> Option<&Figures>,
 ) -> PhaseSummary {
     let mut per_policy: BTreeMap<&str, Vec<BTreeMap<String, u64>>> = BTreeMap::new();
-    for r in runs {
+    // A run that did not end well (timeout, interrupt, error) is listed in
+    // `failed_runs`, not averaged in.
+    for r in runs.iter().filter(|r| r.stats.guest.exit_code == Some(0)) {
         per_policy.entry(&r.policy).or_default().push(pick(&r.stats).map(flatten).unwrap_or_default());
     }
     let names: std::collections::BTreeSet<&String> =
