@@ -274,3 +274,17 @@ fn vmm_ctl_without_a_run_says_so_in_one_line() {
     assert_eq!(stderr.lines().count(), 1);
     assert!(stderr.contains("cannot reach the control socket"), "{stderr}");
 }
+
+#[test]
+fn a_control_path_that_is_not_a_socket_is_refused_and_left_alone() {
+    if !require_kvm() {
+        return;
+    }
+    let path = scratch("precious.txt");
+    std::fs::write(&path, "precious").expect("write");
+    let out = vmm().args(["run", "hello", "--control"]).arg(&path).output().expect("spawn");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is not a socket") && stderr.lines().count() == 1, "{stderr}");
+    assert_eq!(std::fs::read_to_string(&path).expect("still there"), "precious");
+}

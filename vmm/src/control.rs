@@ -98,14 +98,22 @@ impl ControlServer {
     /// Listens on `path` (a stale socket file left by a dead run is
     /// replaced; a live one is refused).
     pub fn start(path: &Path, state: Arc<ControlState>) -> Result<Self, ControlError> {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
         let shown = path.display().to_string();
-        if path.exists() {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(ControlError::NotASocket(shown));
+            }
             if UnixStream::connect(path).is_ok() {
                 return Err(ControlError::InUse(shown));
             }
+            // A socket nobody listens on: left by a run that was killed.
             let _ = std::fs::remove_file(path);
         }
         let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind { path: shown.clone(), source })?;
+        // Only this user may switch the deduplicator (for `kernel`, the host's).
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|source| ControlError::Bind { path: shown.clone(), source })?;
         listener.set_nonblocking(true).map_err(|source| ControlError::Bind { path: shown.clone(), source })?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
