@@ -107,7 +107,7 @@ def main():
     out.append(
         f"Measured {when} on `{first['host']}` (Linux {first['kernel']}, {first['cpus']} CPUs) by "
         "`scripts/results.sh`, which regenerates this section. On the development machine KVM is software "
-        "virtualisation (PVM: an exit costs about 26 us, see Results notes below); machines like it are shared "
+        "virtualisation (PVM: an exit costs about 26 us; see 'Reading the results' below); machines like it are shared "
         "and noisy: read ratios measured side by side, not absolute times."
     )
     out.append("")

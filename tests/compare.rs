@@ -288,3 +288,40 @@ fn a_control_path_that_is_not_a_socket_is_refused_and_left_alone() {
     assert!(stderr.contains("is not a socket") && stderr.lines().count() == 1, "{stderr}");
     assert_eq!(std::fs::read_to_string(&path).expect("still there"), "precious");
 }
+
+#[test]
+fn bench_dedup_reports_scan_and_merge_costs_against_the_kernel_as_json() {
+    if !require_kvm() {
+        return;
+    }
+    let kernel = require_host_ksm();
+    let _host = HOST_KSM.lock().unwrap_or_else(|e| e.into_inner());
+    let out = vmm().args(["bench", "dedup", "--mem", "8M", "--repeat", "1"]).output().expect("spawn");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert_eq!(v["bench"], "dedup");
+    let n = guest_images::pagefill_pages(8 << 20);
+    let mut names = vec!["change-pte", "range-flush"];
+    if kernel {
+        names.push("kernel");
+    }
+    for name in &names {
+        let p = &v["policies"][name];
+        // converge merges every page; unique none; the costs are positive.
+        assert_eq!(p["converge"]["pages_merged"].as_f64(), Some(n as f64), "{name}");
+        assert_eq!(p["unique"]["pages_merged"].as_f64(), Some(0.0), "{name}");
+        assert!(p["scan_ns_per_page"].as_f64().is_some_and(|x| x > 0.0), "{name}");
+        assert!(p["merge_ns_per_page"].as_f64().is_some_and(|x| x > 0.0), "{name}");
+        let ratios = &p["ratio_to_kernel"];
+        if kernel && *name != "kernel" {
+            // Each ratio is ours over the kernel's, from the same run.
+            let ours = p["scan_ns_per_page"].as_f64().expect("scan");
+            let theirs = v["policies"]["kernel"]["scan_ns_per_page"].as_f64().expect("kernel scan");
+            assert_eq!(ratios["scan_ns_per_page"].as_f64(), Some(ours / theirs), "{name}");
+        } else {
+            assert!(ratios.is_null(), "{name}");
+        }
+    }
+    assert_eq!(v["kernel_skipped"].is_null(), kernel);
+}
