@@ -332,15 +332,21 @@ impl HostKsm {
             })?;
         }
         self.paths.write("use_zero_pages", if self.knobs.use_zero_pages { "1" } else { "0" })?;
-        if self.paths.knob("smart_scan").exists() {
-            self.paths.write("smart_scan", if self.knobs.smart_scan { "1" } else { "0" })?;
-        }
+        self.set_smart_scan(self.knobs.smart_scan)?;
         // An advisor (Linux 6.8+) sets pages_to_scan itself, and the kernel
         // refuses writes to it while one runs.
         if self.paths.knob("advisor_mode").exists() && self.paths.read("advisor_mode")? != "none" {
             self.paths.write("advisor_mode", "none")?;
         }
         self.set_scan_rate(self.knobs.pages_to_scan, self.knobs.sleep_millisecs)
+    }
+
+    /// `smart_scan`, where the kernel has it (Linux 6.7+).
+    fn set_smart_scan(&self, on: bool) -> Result<(), HostKsmError> {
+        if !self.paths.knob("smart_scan").exists() {
+            return Ok(());
+        }
+        self.paths.write("smart_scan", if on { "1" } else { "0" })
     }
 
     fn set_scan_rate(&self, pages_to_scan: u32, sleep_millisecs: u32) -> Result<(), HostKsmError> {
@@ -392,9 +398,7 @@ impl HostKsm {
         let start = Instant::now();
         let result = self.drive_pass(cancelled);
         let back = self.set_scan_rate(self.knobs.pages_to_scan, self.knobs.sleep_millisecs).and_then(|()| {
-            if self.paths.knob("smart_scan").exists() {
-                self.paths.write("smart_scan", if self.knobs.smart_scan { "1" } else { "0" })?;
-            }
+            self.set_smart_scan(self.knobs.smart_scan)?;
             self.paths.write("run", if self.running { "1" } else { "0" })
         });
         self.pass_ns += u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -402,9 +406,7 @@ impl HostKsm {
     }
 
     fn drive_pass(&mut self, cancelled: &dyn Fn() -> bool) -> Result<(), HostKsmError> {
-        if self.paths.knob("smart_scan").exists() {
-            self.paths.write("smart_scan", "0")?;
-        }
+        self.set_smart_scan(false)?;
         self.set_scan_rate(PASS_PAGES_TO_SCAN, 0)?;
         self.paths.write("run", "1")?;
         let scans = || {
