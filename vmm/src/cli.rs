@@ -256,7 +256,14 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Exi
         Err(e) => {
             // clap's first line says what is wrong; the rest is a usage hint.
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("bad arguments").trim_start_matches("error: ");
+            let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+            let mut first = lines.next().unwrap_or("bad arguments").trim_start_matches("error: ").to_string();
+            // "the following required arguments were not provided:" lists them below.
+            if first.ends_with(':') {
+                if let Some(what) = lines.next() {
+                    first = format!("{first} {what}");
+                }
+            }
             return fail(format!("{first} (see vmm --help)"));
         }
     };
@@ -287,13 +294,10 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Exi
 }
 
 fn run_command(kvm_device: PathBuf, args: RunArgs) -> ExitCode {
-    let mem_bytes = match parse_size(&args.mem) {
+    let mem_bytes = match guest_mem(&args.mem) {
         Ok(b) => b,
-        Err(e) => return fail(format!("--mem: {e}")),
+        Err(e) => return fail(e),
     };
-    if let Err(e) = check_mem_size(mem_bytes) {
-        return fail(e);
-    }
     let ksm = match args.ksm.knobs() {
         Ok(k) => k,
         Err(e) => return fail(e),
@@ -358,14 +362,31 @@ fn run_command(kvm_device: PathBuf, args: RunArgs) -> ExitCode {
 /// Most repeats a comparison takes.
 const MAX_REPEAT: u32 = 1000;
 
-fn compare_command(kvm_device: PathBuf, args: CompareArgs) -> ExitCode {
-    let mem_bytes = match parse_size(&args.mem) {
-        Ok(b) => b,
-        Err(e) => return fail(format!("--mem: {e}")),
-    };
-    if let Err(e) = check_mem_size(mem_bytes) {
-        return fail(e);
+/// `--mem`: parsed and checked against ABI v1 and the host.
+fn guest_mem(text: &str) -> Result<u64, String> {
+    let bytes = parse_size(text).map_err(|e| format!("--mem: {e}"))?;
+    check_mem_size(bytes).map_err(|e| e.to_string())?;
+    Ok(bytes)
+}
+
+/// `--repeat`: between 1 and MAX_REPEAT.
+fn check_repeat(repeat: u32) -> Result<(), String> {
+    if repeat == 0 || repeat > MAX_REPEAT {
+        return Err(format!("--repeat {repeat} must be between 1 and {MAX_REPEAT}"));
     }
+    Ok(())
+}
+
+/// This executable, which runs each child `vmm run`.
+fn this_vmm() -> Result<PathBuf, String> {
+    std::env::current_exe().map_err(|e| format!("cannot find the vmm executable to run: {e}"))
+}
+
+fn compare_command(kvm_device: PathBuf, args: CompareArgs) -> ExitCode {
+    let mem_bytes = match guest_mem(&args.mem) {
+        Ok(b) => b,
+        Err(e) => return fail(e),
+    };
     let knobs = match args.ksm.knobs() {
         Ok(k) => k,
         Err(e) => return fail(e),
@@ -374,8 +395,8 @@ fn compare_command(kvm_device: PathBuf, args: CompareArgs) -> ExitCode {
         Ok(t) => t,
         Err(e) => return fail(e),
     };
-    if args.repeat == 0 || args.repeat > MAX_REPEAT {
-        return fail(format!("--repeat {} must be between 1 and {MAX_REPEAT}", args.repeat));
+    if let Err(e) = check_repeat(args.repeat) {
+        return fail(e);
     }
     let mut policies = Vec::new();
     for p in args.policies {
@@ -387,9 +408,9 @@ fn compare_command(kvm_device: PathBuf, args: CompareArgs) -> ExitCode {
     if let Err(e) = GuestImage::resolve(&args.image).and_then(|i| i.validate(mem_bytes).map(|_| i)) {
         return fail(e);
     }
-    let vmm = match std::env::current_exe() {
+    let vmm = match this_vmm() {
         Ok(p) => p,
-        Err(e) => return fail(format!("cannot find the vmm executable to run: {e}")),
+        Err(e) => return fail(e),
     };
     let config = crate::compare::CompareConfig {
         image: args.image,
@@ -475,19 +496,16 @@ fn bench_command(kvm_device: PathBuf, args: BenchArgs) -> ExitCode {
 }
 
 fn bench_dedup(kvm_device: PathBuf, args: &BenchArgs) -> ExitCode {
-    let mem_bytes = match parse_size(args.mem.as_deref().unwrap_or("257M")) {
+    let mem_bytes = match guest_mem(args.mem.as_deref().unwrap_or("257M")) {
         Ok(b) => b,
-        Err(e) => return fail(format!("--mem: {e}")),
+        Err(e) => return fail(e),
     };
-    if let Err(e) = check_mem_size(mem_bytes) {
+    if let Err(e) = check_repeat(args.repeat) {
         return fail(e);
     }
-    if args.repeat == 0 || args.repeat > MAX_REPEAT {
-        return fail(format!("--repeat {} must be between 1 and {MAX_REPEAT}", args.repeat));
-    }
-    let vmm = match std::env::current_exe() {
+    let vmm = match this_vmm() {
         Ok(p) => p,
-        Err(e) => return fail(format!("cannot find the vmm executable to run: {e}")),
+        Err(e) => return fail(e),
     };
     let out = args
         .out
@@ -539,13 +557,10 @@ fn bench_dedup(kvm_device: PathBuf, args: &BenchArgs) -> ExitCode {
 }
 
 fn bench_fault(kvm_device: PathBuf, args: &BenchArgs) -> ExitCode {
-    let mem_bytes = match parse_size(args.mem.as_deref().unwrap_or("64M")) {
+    let mem_bytes = match guest_mem(args.mem.as_deref().unwrap_or("64M")) {
         Ok(b) => b,
-        Err(e) => return fail(format!("--mem: {e}")),
+        Err(e) => return fail(e),
     };
-    if let Err(e) = check_mem_size(mem_bytes) {
-        return fail(e);
-    }
     if let Err(e) = crate::signals::install(false) {
         return fail(format!("cannot install signal handlers: {e}"));
     }
