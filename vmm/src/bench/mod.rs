@@ -130,6 +130,15 @@ mod tests {
         assert_eq!((s.samples, s.median_ns, s.p10_ns, s.p90_ns, s.mean_ns), (101, 51.0, 11.0, 91.0, 51.0));
         assert!(summarize(Vec::new()).is_none());
     }
+
+    #[test]
+    fn a_ratio_reads_back_from_json_exactly() {
+        // CI once read this ratio back one ULP off (serde_json without
+        // float_roundtrip); readers of the JSON must get the figure written.
+        let ratio = 0.987_870_151_536_215_7_f64;
+        let text = serde_json::to_string(&ratio).expect("serialize");
+        assert_eq!(serde_json::from_str::<f64>(&text).expect("parse").to_bits(), ratio.to_bits());
+    }
 }
 
 /// The `vmm bench fault` report: one secondary-MMU fault served end to end
