@@ -95,6 +95,9 @@ pub enum KsmError {
     /// mincore or fstat of guest memory failed.
     #[error("cannot inspect guest memory: {0}")]
     Pool(#[from] FramePoolError),
+    /// ksmd panicked (a bug); what it was changing may be half done.
+    #[error("ksmd panicked: {0}")]
+    Panicked(String),
 }
 
 /// The figures of /sys/kernel/mm/ksm, plus cost figures.
@@ -587,12 +590,20 @@ impl Ksm {
                 let (nodes, entries, buf) = (&self.nodes, &self.entries, &self.buf);
                 let h: &HostMm = host;
                 self.stable.search(|entry| {
+                    // Once a stale node is met the search is thrown away, so
+                    // the rest of it reads no frame. A stale node's frame is
+                    // never read: it may be free and punched, and reading a
+                    // hole would make the host allocate it again.
+                    if stale.get().is_some() {
+                        return Ordering::Less;
+                    }
                     let e = &entries[entry as usize];
                     let Some(&first) = e.dups.first() else { return Ordering::Less };
                     let node = &nodes[first as usize];
                     let f = h.frame(node.kpfn);
                     if !(f.refcount > 0 && f.ksm && f.ksm_owner == first + 1) {
                         stale.set(Some(first));
+                        return Ordering::Less;
                     }
                     cmp_with_frame(h.pool(), buf, node.kpfn)
                 })

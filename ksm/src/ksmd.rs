@@ -1,6 +1,8 @@
 //! ksmd: the thread that scans `pages_to_scan` pages, sleeps
 //! `sleep_millisecs`, and again, while the guest runs.
 
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -20,24 +22,37 @@ pub struct Ksmd {
 impl Ksmd {
     /// Starts scanning. Lock order: the deduplicator, then the primary MMU
     /// (then, inside notifier calls, the secondary MMU).
-    pub fn start(ksm: Arc<Mutex<Ksm>>, host: Arc<Mutex<HostMm>>) -> std::io::Result<Self> {
+    ///
+    /// `failed` is set when the thread ends by itself, on an error or a
+    /// panic, so that whoever runs the guest can stop at once: a scan that
+    /// panicked may have left the primary or secondary MMU half-updated, and
+    /// the guest must not go on reading through them.
+    pub fn start(ksm: Arc<Mutex<Ksm>>, host: Arc<Mutex<HostMm>>, failed: Arc<AtomicBool>) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new().name("ksmd".into()).spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                let sleep = {
-                    let mut k = shadow_mmu::lock(&ksm);
-                    let knobs = k.knobs();
-                    k.ksm_do_scan(&host, u64::from(knobs.pages_to_scan))?;
-                    knobs.sleep_millisecs
-                };
-                if sleep == 0 {
-                    std::thread::yield_now();
-                } else {
-                    std::thread::park_timeout(Duration::from_millis(u64::from(sleep)));
+            let scan = || -> Result<(), KsmError> {
+                while !flag.load(Ordering::Relaxed) {
+                    let sleep = {
+                        let mut k = shadow_mmu::lock(&ksm);
+                        let knobs = k.knobs();
+                        k.ksm_do_scan(&host, u64::from(knobs.pages_to_scan))?;
+                        knobs.sleep_millisecs
+                    };
+                    if sleep == 0 {
+                        std::thread::yield_now();
+                    } else {
+                        std::thread::park_timeout(Duration::from_millis(u64::from(sleep)));
+                    }
                 }
+                Ok(())
+            };
+            let result = std::panic::catch_unwind(AssertUnwindSafe(scan))
+                .unwrap_or_else(|payload| Err(KsmError::Panicked(panic_message(payload.as_ref()))));
+            if result.is_err() {
+                failed.store(true, Ordering::SeqCst);
             }
-            Ok(())
+            result
         })?;
         Ok(Self { stop, thread: Some(thread) })
     }
@@ -52,7 +67,9 @@ impl Ksmd {
         match self.thread.take() {
             Some(t) => {
                 t.thread().unpark();
-                t.join().unwrap_or(Ok(()))
+                // The thread catches its own panics; a join error is one
+                // that escaped (in the failure path itself).
+                t.join().unwrap_or_else(|payload| Err(KsmError::Panicked(panic_message(payload.as_ref()))))
             }
             None => Ok(()),
         }
@@ -67,5 +84,14 @@ impl Ksmd {
 impl Drop for Ksmd {
     fn drop(&mut self) {
         let _ = self.halt();
+    }
+}
+
+/// The message a panic was raised with, if it was a string.
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    match (payload.downcast_ref::<&str>(), payload.downcast_ref::<String>()) {
+        (Some(s), _) => (*s).to_string(),
+        (_, Some(s)) => s.clone(),
+        _ => "(no message)".to_string(),
     }
 }

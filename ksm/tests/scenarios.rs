@@ -20,10 +20,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ksm::{Ksm, KsmKnobs, KsmStats, Ksmd};
+use ksm::{Ksm, KsmError, KsmKnobs, KsmStats, Ksmd};
 use shadow_mmu::{
-    handle_ept_violation, Access, FramePool, Gfn, HostMm, Pfn, Policy, RecordingView, SecondaryMmu, PAGE_SHIFT,
-    PAGE_SIZE,
+    handle_ept_violation, Access, FramePool, Gfn, HostMm, HostPte, MmuNotifier, MmuNotifierRange, Pfn, Policy,
+    RecordingView, SecondaryMmu, PAGE_SHIFT, PAGE_SIZE,
 };
 use vm_memory::{Bytes, GuestAddress};
 
@@ -812,7 +812,7 @@ fn concurrency(policy: Policy, seed: u64) {
     for gfn in lab.gfns() {
         lab.guest.fill(gfn, 0);
     }
-    let ksmd = Ksmd::start(lab.ksm.clone(), lab.guest.host.clone()).expect("start ksmd");
+    let ksmd = Ksmd::start(lab.ksm.clone(), lab.guest.host.clone(), Arc::default()).expect("start ksmd");
 
     let guest = lab.guest.clone();
     let stop = Arc::new(AtomicBool::new(false));
@@ -912,6 +912,62 @@ fn concurrent_guest_writes_and_ksmd_range_flush() {
 #[test]
 fn concurrent_guest_writes_and_ksmd_legacy() {
     concurrency(Policy::Legacy, 0x8cb9_2ba7_2f3d_8dd7);
+}
+
+#[test]
+fn pruning_stale_stable_nodes_never_brings_their_freed_frames_back() {
+    // 64 pages of one content and 32 pairs, merged: 33 KSM pages.
+    let lab = Lab::new(Policy::ChangePte, 128, KsmKnobs::default());
+    for (i, gfn) in lab.gfns().enumerate() {
+        lab.guest.fill(gfn, if i < 64 { 7 } else { 1000 + i as u64 / 2 });
+    }
+    lab.full_pass();
+    assert_eq!((lab.stats().pages_shared, lab.stats().pages_sharing), (33, 95));
+    // Both sharers of every pair are rewritten: 32 stable nodes go stale and
+    // their frames go back to the host.
+    for (i, gfn) in lab.gfns().enumerate().skip(64) {
+        lab.guest.fill(gfn, 5000 + i as u64);
+    }
+    lab.host().flush_holes().expect("flush_holes");
+    let before = lab.resident();
+    // The scan meets the stale nodes while it searches the stable tree: it
+    // prunes them without reading their (punched) frames.
+    lab.full_scan();
+    assert_eq!(lab.resident(), before, "the scan made freed frames resident again");
+    assert_eq!(lab.stats().pages_shared, 1);
+}
+
+/// A notifier subscriber with a bug: it panics when told of a change.
+struct PanickingSubscriber;
+
+impl MmuNotifier for PanickingSubscriber {
+    fn invalidate_range_start(&mut self, _: &MmuNotifierRange) {
+        panic!("subscriber bug");
+    }
+    fn invalidate_range_end(&mut self, _: &MmuNotifierRange) {}
+    fn change_pte(&mut self, _: Gfn, _: HostPte) {}
+}
+
+#[test]
+fn a_panicking_ksmd_raises_its_failure_flag_and_reports_the_panic() {
+    let lab = Lab::new(Policy::RangeFlush, 8, knobs_with(|k| k.sleep_millisecs = 0));
+    for gfn in lab.gfns() {
+        lab.guest.fill(gfn, 7);
+    }
+    lock(&lab.guest.host).mmu_notifier_register(Arc::new(Mutex::new(PanickingSubscriber)));
+    let failed = Arc::new(AtomicBool::new(false));
+    let ksmd = Ksmd::start(lab.ksm.clone(), lab.guest.host.clone(), failed.clone()).expect("start ksmd");
+    // The first merge notifies the subscriber, which panics inside ksmd.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !failed.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "ksmd never raised its failure flag");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(ksmd.is_finished());
+    match ksmd.stop() {
+        Err(KsmError::Panicked(message)) => assert_eq!(message, "subscriber bug"),
+        other => panic!("expected the panic to be reported, got {other:?}"),
+    }
 }
 
 // ---------------------------------------------------------------------------

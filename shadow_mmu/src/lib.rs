@@ -43,8 +43,11 @@ pub mod memory;
 pub mod mmu_notifier;
 pub mod view;
 
-/// Locks a mutex, ignoring poisoning: every update under these locks is a
-/// completed call, so a holder that panicked leaves consistent data.
+/// Locks a mutex, ignoring poisoning, so that a run can still end and report
+/// after a thread panicked while holding it. The data may then be half
+/// updated: the threads that hold these locks while serving a guest (ksmd,
+/// the VMM's userfaultfd fault thread) catch their panics and end the run,
+/// so the guest does not go on reading through it.
 pub fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -210,8 +210,7 @@ impl HostMm {
 
     fn notify(&self, mut call: impl FnMut(&mut dyn MmuNotifier)) {
         for sub in &self.subscribers {
-            // A subscriber that panicked while notified must not take the
-            // primary MMU down with it.
+            // Poisoning ignored as in `crate::lock`: a panic ends the run.
             let mut guard = sub.lock().unwrap_or_else(PoisonError::into_inner);
             call(&mut *guard);
         }

@@ -27,7 +27,7 @@ pub enum MmuNotifyEvent {
     ProtectionPage,
     /// Soft-dirty tracking clears the write bit.
     SoftDirty,
-    /// Something else releases the range (e.g. migration).
+    /// The whole address space goes away (the mm is torn down).
     Release,
 }
 
@@ -98,10 +98,12 @@ impl MmuNotifierRange {
 
 /// A subscriber of the notifier chain (`struct mmu_notifier_ops`).
 pub trait MmuNotifier: Send {
-    /// Before the primary MMU changes any pte in `range`.
+    /// Before the primary MMU changes any pte in `range`. When this returns
+    /// the subscriber no longer uses the range's current frames (KVM zaps
+    /// its sptes here): the primary may free them before the range ends.
     fn invalidate_range_start(&mut self, range: &MmuNotifierRange);
-    /// After the change; the secondary MMU must not map stale frames once
-    /// this returns.
+    /// After the change: the subscriber may map the range again, from the
+    /// primary's new ptes (KVM lets faults in the range proceed).
     fn invalidate_range_end(&mut self, range: &MmuNotifierRange);
     /// One pte of the range is about to become `pte` (`set_pte_at_notify`).
     fn change_pte(&mut self, gfn: Gfn, pte: HostPte);

@@ -2,6 +2,7 @@
 //! state of ksmd (the sysfs `run` knob: 0 stop, 1 run, 2 unmerge all), for
 //! the built-in deduplicator or the host's own KSM (the `kernel` policy).
 
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use ksm::{Ksm, Ksmd};
@@ -25,6 +26,8 @@ pub struct DedupControl {
     ksm: Option<Arc<Mutex<Ksm>>>,
     host: Arc<Mutex<HostMm>>,
     ksmd: Option<Ksmd>,
+    /// Set when a ksmd of this run ends by itself (an error or a panic).
+    ksmd_failed: Arc<AtomicBool>,
     /// The host's KSM (the `kernel` policy), instead of the built-in one.
     host_ksm: Option<Arc<Mutex<HostKsm>>>,
     run: u32,
@@ -34,7 +37,7 @@ impl DedupControl {
     /// Control over `ksm` (None when deduplication is off or the host's KSM
     /// is used), and over the host's KSM when `host_ksm` is given.
     pub fn new(ksm: Option<Arc<Mutex<Ksm>>>, host: Arc<Mutex<HostMm>>, host_ksm: Option<Arc<Mutex<HostKsm>>>) -> Self {
-        Self { ksm, host, ksmd: None, host_ksm, run: 0 }
+        Self { ksm, host, ksmd: None, ksmd_failed: Arc::default(), host_ksm, run: 0 }
     }
 
     /// Whether a deduplicator (built-in or the host's) is there to control.
@@ -64,8 +67,8 @@ impl DedupControl {
             0 => self.stop_ksmd(),
             1 => {
                 if self.ksmd.is_none() {
-                    self.ksmd =
-                        Some(Ksmd::start(ksm, self.host.clone()).map_err(|e| format!("cannot start ksmd: {e}"))?);
+                    let ksmd = Ksmd::start(ksm, self.host.clone(), self.ksmd_failed.clone());
+                    self.ksmd = Some(ksmd.map_err(|e| format!("cannot start ksmd: {e}"))?);
                 }
                 Ok(())
             }
@@ -111,7 +114,14 @@ impl DedupControl {
         }
     }
 
-    /// Whether ksmd stopped by itself with an error (checked by the run loop).
+    /// The flag a failing ksmd sets, for the watchdog to stop the vCPU at
+    /// once (the run then ends with [`Self::ksmd_failed`]'s error).
+    pub fn ksmd_failure_flag(&self) -> Arc<AtomicBool> {
+        self.ksmd_failed.clone()
+    }
+
+    /// Whether ksmd stopped by itself with an error or a panic, and which
+    /// (checked by the run loop).
     pub fn ksmd_failed(&mut self) -> Option<String> {
         if self.ksmd.as_ref().is_some_and(Ksmd::is_finished) {
             return self.stop_ksmd().err();

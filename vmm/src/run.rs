@@ -116,7 +116,8 @@ fn run_loop(
 ) -> LoopResult {
     let dedup = &control.dedup;
     let faults = vm.view_faults.clone();
-    let watchdog = Watchdog::start(timeout, Box::new(move || faults.failed()));
+    let ksmd_failed = lock(dedup).ksmd_failure_flag();
+    let watchdog = Watchdog::start(timeout, Box::new(move || faults.failed() || ksmd_failed.load(Ordering::SeqCst)));
     vm.gate.register_vcpu_thread();
     let mut phases = PhaseTracker::start(&vm);
     let mut end = loop {
@@ -157,6 +158,11 @@ fn run_loop(
                     Err(e)
                 }
             },
+            // The fault thread's own error replaces this one below.
+            Outcome::VmmThreadFailed => {
+                let failed = lock(dedup).ksmd_failed();
+                break RunEnd::VmmError(failed.unwrap_or_else(|| "a VMM thread serving the guest failed".into()));
+            }
             Outcome::End(end) => break end,
         };
         if let Err(e) = result {

@@ -61,6 +61,9 @@ pub enum Outcome {
     /// absent page under the memslot view, or a real failure. The loop
     /// decides with the vCPU's registers.
     EmulationFailure,
+    /// A VMM thread serving the guest (ksmd, the userfaultfd fault thread)
+    /// failed; the loop ends the run with that thread's error.
+    VmmThreadFailed,
     /// The run is over.
     End(RunEnd),
 }
@@ -252,9 +255,7 @@ pub fn handle_run_error(err: &kvm_ioctls::Error, exits: &mut ExitCounts, watchdo
             match watchdog.stop_request() {
                 StopRequest::Timeout => Outcome::End(RunEnd::Timeout),
                 StopRequest::Interrupted => Outcome::End(RunEnd::Interrupted),
-                StopRequest::VmmFailure => {
-                    Outcome::End(RunEnd::VmmError("a VMM thread serving the guest failed".into()))
-                }
+                StopRequest::VmmFailure => Outcome::VmmThreadFailed,
                 StopRequest::None => Outcome::Continue,
             }
         }

@@ -57,6 +57,7 @@ use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -858,7 +859,10 @@ impl UffdFaultThread {
         let thread = std::thread::Builder::new()
             .name("uffd-faults".into())
             .spawn(move || {
-                let result = serve(&source, &thread_stop, handler);
+                // A panic is caught so that the vCPU, blocked on the fault,
+                // is kicked out and the run ends with statistics.
+                let result = std::panic::catch_unwind(AssertUnwindSafe(|| serve(&source, &thread_stop, handler)))
+                    .unwrap_or_else(|_| Some("the userfaultfd fault thread panicked".into()));
                 if result.is_some() {
                     on_error();
                 }
