@@ -121,14 +121,14 @@ fn uffd_view_legacy_takes_the_same_faults_and_misses_every_change_pte() {
     }
 }
 
-/// Zaps the access guest's three pages through the notifier at its dedup request.
+/// Zaps the access guest's pages through the notifier at its dedup request.
 fn zap_access_pages() -> HostHook {
     Box::new(|point, host| {
         if point == HookPoint::DedupRequest(1) {
             let first = guest_images::ACCESS_START >> PAGE_SHIFT;
             let range = shadow_mmu::MmuNotifierRange::new(
                 first,
-                first + 3,
+                first + guest_images::ACCESS_PAGES,
                 shadow_mmu::MmuNotifyEvent::Clear,
                 shadow_mmu::RangeFlags::BLOCKABLE,
             );
@@ -156,12 +156,14 @@ fn every_access_size_page_crossings_and_fetches_see_the_right_bytes_through_faul
             // Page A faults on the first read, page B on the first access
             // that reaches it, page C on the call: KVM cannot emulate a
             // fetch from a hole, and the VMM serves it as a fetch fault.
+            // D faults on the SSE load and E on the SSE store, which KVM's
+            // emulator performs (it may split them into several exits).
             ViewKind::Memslot => {
                 assert_eq!(e.ept_fetch, 1, "{ctx}: {e:?}");
-                assert!(e.ept_read + e.ept_write >= 2, "{ctx}: {e:?}");
+                assert!(e.ept_read >= 3 && e.ept_write >= 1, "{ctx}: {e:?}");
             }
             // userfaultfd cannot tell a fetch from a read.
-            ViewKind::Uffd => assert_eq!((e.ept_read, e.ept_write, e.ept_fetch), (3, 0, 0), "{ctx}: {e:?}"),
+            ViewKind::Uffd => assert_eq!((e.ept_read, e.ept_write, e.ept_fetch), (4, 1, 0), "{ctx}: {e:?}"),
         }
         assert_eq!(e.mmio, 0, "{ctx}: {e:?}");
     }

@@ -14,6 +14,8 @@
         .set    PAGE_A, 0x200000
         .set    PAGE_B, PAGE_A + PAGE_SIZE
         .set    PAGE_C, PAGE_A + 2 * PAGE_SIZE
+        .set    PAGE_D, PAGE_A + 3 * PAGE_SIZE
+        .set    PAGE_E, PAGE_A + 4 * PAGE_SIZE
 
         .text
         .globl  _start
@@ -27,6 +29,15 @@ _start:
         inc     rcx
         cmp     rcx, 2 * PAGE_SIZE
         jb      .Lfill
+        # D and E: the byte at Y is Y & 0xFF
+        mov     rbx, PAGE_D
+        xor     ecx, ecx
+.Lfill_de:
+        mov     [rbx + rcx], cl
+        mov     [rbx + rcx + PAGE_SIZE], cl
+        inc     rcx
+        cmp     rcx, PAGE_SIZE
+        jb      .Lfill_de
         # C: mov eax, 42 (b8 2a 00 00 00); ret (c3)
         mov     rbx, PAGE_C
         mov     dword ptr [rbx], 0x00002ab8
@@ -52,4 +63,24 @@ _start:
         mov     rcx, PAGE_C
         call    rcx
         report  rax
+        # SSE, each the first access to its page: KVM's emulator performs
+        # it when the page is a hole or read-only (CR4.OSFXSR is set).
+        mov     rbx, PAGE_D
+        movdqu  xmm0, [rbx + 0x10]
+        movq    rcx, xmm0
+        report64 rcx
+        psrldq  xmm0, 8
+        movq    rcx, xmm0
+        report64 rcx
+        movabs  rcx, 0x0123456789abcdef
+        movq    xmm1, rcx
+        movabs  rcx, 0xfedcba9876543210
+        movq    xmm2, rcx
+        punpcklqdq xmm1, xmm2
+        mov     rbx, PAGE_E
+        movdqu  [rbx + 0x28], xmm1
+        mov     rcx, qword ptr [rbx + 0x28]
+        report64 rcx
+        mov     rcx, qword ptr [rbx + 0x30]
+        report64 rcx
         exit    0

@@ -199,14 +199,35 @@ pub fn pagefill_expected_reports(mem_bytes: u64) -> Vec<u64> {
     [word0, word1, all].into_iter().flat_map(|sum| [sum & 0xFFFF_FFFF, sum >> 32]).collect()
 }
 
-/// First page `access` uses (A; B and C follow).
+/// First page `access` uses (A; B, C, D and E follow).
 pub const ACCESS_START: u64 = 0x20_0000;
+
+/// Pages `access` uses from [`ACCESS_START`]: A, B, C, D and E.
+pub const ACCESS_PAGES: u64 = 5;
 
 /// The reports of `access`: byte [A+5], word [A+0x101], dword [A+0x203],
 /// the page-crossing qword [A+0xFFC] (low, high), the qword written across
-/// A|B and read back (low, high), and 42 from the code on page C.
-pub const ACCESS_EXPECTED_REPORTS: [u64; 8] =
-    [0x05, 0x0201, 0x0605_0403, 0xFFFE_FDFC, 0x0302_0100, 0x5566_7788, 0x1122_3344, 42];
+/// A|B and read back (low, high), 42 from the code on page C, the 16-byte
+/// SSE load [D+0x10] (four halves, low first) and the 16-byte SSE store to
+/// [E+0x28] read back (four halves).
+pub const ACCESS_EXPECTED_REPORTS: [u64; 16] = [
+    0x05,
+    0x0201,
+    0x0605_0403,
+    0xFFFE_FDFC,
+    0x0302_0100,
+    0x5566_7788,
+    0x1122_3344,
+    42,
+    0x1312_1110,
+    0x1716_1514,
+    0x1B1A_1918,
+    0x1F1E_1D1C,
+    0x89AB_CDEF,
+    0x0123_4567,
+    0x7654_3210,
+    0xFEDC_BA98,
+];
 
 /// Groups of identical pages `converge` fills.
 pub const CONVERGE_GROUPS: u64 = 64;

@@ -204,7 +204,15 @@ fn run_loop(
         // SAFETY: reading the `internal` member of the kvm_run union is what
         // KVM_EXIT_INTERNAL_ERROR documents; it is plain data.
         let suberror = unsafe { vm.vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
-        let what = if suberror == KVM_INTERNAL_ERROR_EMULATION { " (instruction emulation failed)" } else { "" };
+        // Under the memslot view the emulator performs every access to a
+        // page the secondary MMU unmapped or write-protected; AVX is the
+        // known case it cannot do (guest-images/README.md).
+        let what = if suberror == KVM_INTERNAL_ERROR_EMULATION {
+            " (instruction emulation failed: KVM's emulator cannot perform this access to a page the secondary MMU \
+             unmapped or write-protected; AVX is such an access, --view uffd needs no emulation)"
+        } else {
+            ""
+        };
         end = RunEnd::Unexpected(format!("KVM internal error, suberror {suberror}{what}"));
     }
     let (phase_stats, total) = phases.finish(&vm);

@@ -367,6 +367,7 @@ impl Vm {
         let mut sregs = vcpu.get_sregs().map_err(|source| VmError::Setup { what: "KVM_GET_SREGS", source })?;
         cpu::set_long_mode_cpl3(&mut sregs);
         vcpu.set_sregs(&sregs).map_err(|source| VmError::Setup { what: "KVM_SET_SREGS", source })?;
+        vcpu.set_fpu(&cpu::entry_fpu()).map_err(|source| VmError::Setup { what: "KVM_SET_FPU", source })?;
 
         let vm_stats = KvmStats::open(&*vm_fd)?;
         let vcpu_stats = KvmStats::open(&vcpu)?;

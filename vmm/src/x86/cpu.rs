@@ -1,16 +1,24 @@
 //! The vCPU's registers at the guest's entry point (ABI v1).
 
-use kvm_bindings::{kvm_regs, kvm_sregs};
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 
 use super::gdt::{gdt_slots, GDT_SLOTS, TSS, USER_CODE, USER_DATA};
 #[cfg(doc)]
 use super::layout::TSS_ADDR;
 use super::layout::{GDT_ADDR, PML4_ADDR, STACK_TOP, TSS_IOMAP_BYTES, TSS_IOMAP_OFFSET};
 
-/// CR0: protection enable, extension type, paging.
-pub const CR0_PE_ET_PG: u64 = (1 << 0) | (1 << 4) | (1 << 31);
-/// CR4: physical address extension.
-pub const CR4_PAE: u64 = 1 << 5;
+/// CR0: protection enable, monitor coprocessor, extension type, paging
+/// (EM and TS clear: x87 and SSE run, and never trap).
+pub const CR0_PE_MP_ET_PG: u64 = (1 << 0) | (1 << 1) | (1 << 4) | (1 << 31);
+/// CR4: physical address extension, and OSFXSR and OSXMMEXCPT, which make
+/// SSE instructions legal. Ring 3 on the development machines' KVM runs SSE
+/// whatever CR4 says, but KVM's instruction emulator, which performs a guest
+/// access to a hole or a read-only memslot (a page the secondary MMU does
+/// not map, or maps read-only), follows CR4: without OSFXSR an SSE access to
+/// such a page would be a #UD (a triple fault) under a deduplication policy
+/// and succeed with dedup off. OSXSAVE stays clear, so AVX (VEX) is not
+/// enabled: KVM's emulator cannot perform AVX accesses at all.
+pub const CR4_PAE_OSFXSR_OSXMMEXCPT: u64 = (1 << 5) | (1 << 9) | (1 << 10);
 /// EFER: long mode enable and active.
 pub const EFER_LME_LMA: u64 = (1 << 8) | (1 << 10);
 /// RFLAGS: IOPL 3, the always-one bit 1, interrupts disabled.
@@ -19,9 +27,9 @@ pub const RFLAGS_IOPL3: u64 = (3 << 12) | (1 << 1);
 /// Sets up long mode at CPL 3 on top of the sregs KVM returned (so that
 /// fields the VMM has no opinion on keep KVM's values).
 pub fn set_long_mode_cpl3(sregs: &mut kvm_sregs) {
-    sregs.cr0 = CR0_PE_ET_PG;
+    sregs.cr0 = CR0_PE_MP_ET_PG;
     sregs.cr3 = PML4_ADDR;
-    sregs.cr4 = CR4_PAE;
+    sregs.cr4 = CR4_PAE_OSFXSR_OSXMMEXCPT;
     sregs.efer = EFER_LME_LMA;
     sregs.gdt.base = GDT_ADDR;
     sregs.gdt.limit = (GDT_SLOTS * 8 - 1) as u16;
@@ -38,6 +46,18 @@ pub fn set_long_mode_cpl3(sregs: &mut kvm_sregs) {
     sregs.tr = TSS.kvm_segment();
     sregs.ldt.unusable = 1;
     sregs.ldt.present = 0;
+}
+
+/// x87 control word at entry: every exception masked, 64-bit precision
+/// (the FNINIT value).
+pub const FCW_DEFAULT: u16 = 0x037F;
+/// MXCSR at entry: every SSE exception masked, round to nearest (the reset
+/// value).
+pub const MXCSR_DEFAULT: u32 = 0x1F80;
+
+/// The x87/SSE state at entry: the reset values, registers zero.
+pub fn entry_fpu() -> kvm_fpu {
+    kvm_fpu { fcw: FCW_DEFAULT, mxcsr: MXCSR_DEFAULT, ..Default::default() }
 }
 
 /// General registers at entry: RIP, RSP at the stack top, RDI = RAM size.
@@ -70,7 +90,8 @@ mod tests {
     fn entry_state_matches_abi_v1() {
         let mut sregs = kvm_sregs::default();
         set_long_mode_cpl3(&mut sregs);
-        assert_eq!((sregs.cr0, sregs.cr4, sregs.efer), (0x8000_0011, 0x20, 0x500));
+        assert_eq!((sregs.cr0, sregs.cr4, sregs.efer), (0x8000_0013, 0x620, 0x500));
+        assert_eq!((entry_fpu().fcw, entry_fpu().mxcsr), (0x37F, 0x1F80));
         assert_eq!(sregs.cs.dpl, 3);
         assert_eq!(sregs.ss.selector & 3, 3);
         let regs = entry_regs(0x10_0000, 64 << 20);
