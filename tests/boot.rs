@@ -28,6 +28,26 @@ fn hello_prints_its_line_and_takes_exactly_25_io_exits() {
 }
 
 #[test]
+fn every_phase_reports_the_figures_guest_abi_promises_with_or_without_dedup() {
+    if !require_kvm() {
+        return;
+    }
+    for dedup in ["off", "change-pte"] {
+        let r = run("pagefill", &["--mem", "4M", "--dedup", dedup, "--no-table"]);
+        assert_eq!(r.status(), 0, "stderr: {}", r.stderr());
+        let figures = r.stats.phases.iter().map(|p| &p.figures).chain([&r.stats.total]);
+        for f in figures {
+            for key in ["installed", "zapped", "change_pte_applied", "change_pte_missed", "flushes"] {
+                assert!(f.shadow_mmu.contains_key(key), "{dedup}: shadow_mmu.{key} in {:?}", f.shadow_mmu);
+            }
+            for key in ["pages_shared", "pages_sharing", "full_scans"] {
+                assert!(f.ksm.contains_key(key), "{dedup}: ksm.{key} in {:?}", f.ksm);
+            }
+        }
+    }
+}
+
+#[test]
 fn pagefill_reports_the_model_checksums_and_its_fixed_exits_per_phase() {
     if !require_kvm() {
         return;
@@ -107,6 +127,20 @@ fn a_port_flood_is_counted_exit_by_exit() {
     assert_eq!(r.status(), 0, "stderr: {}", r.stderr());
     assert_eq!(r.stats.total.exits.io, guest_images::PORT_FLOOD_WRITES + 1);
     assert_eq!(r.stats.total.exits.total, guest_images::PORT_FLOOD_WRITES + 1);
+}
+
+#[test]
+fn a_phase_marker_flood_ends_the_run_at_the_phase_limit_with_statistics() {
+    if !require_kvm() {
+        return;
+    }
+    let r = run("misbehave-phase-flood", &["--no-table", "--timeout", "120"]);
+    assert_eq!(r.status(), 3, "stderr: {}", r.stderr());
+    assert_eq!(r.stats.guest.end.reason, "guest_limit", "{}", r.stats.guest.end.detail);
+    assert_eq!(r.stats.phases.len(), vmm::vcpu::MAX_PHASES);
+    // Phase 0, then 1, 2, ... as the guest numbered them, one io exit each.
+    assert!(r.stats.phases.iter().enumerate().all(|(i, p)| p.phase as usize == i && p.figures.exits.io == 1));
+    assert_eq!(r.stderr().lines().count(), 1, "{}", r.stderr());
 }
 
 #[test]

@@ -31,13 +31,19 @@ pub struct DedupControl {
     /// The host's KSM (the `kernel` policy), instead of the built-in one.
     host_ksm: Option<Arc<Mutex<HostKsm>>>,
     run: u32,
+    /// Values on port 0x501 that were not requests.
+    ignored_requests: u64,
 }
+
+/// Ignored port 0x501 values printed before the VMM stops saying so (a
+/// guest writing them in a loop must not flood standard error).
+const WARN_IGNORED_REQUESTS: u64 = 3;
 
 impl DedupControl {
     /// Control over `ksm` (None when deduplication is off or the host's KSM
     /// is used), and over the host's KSM when `host_ksm` is given.
     pub fn new(ksm: Option<Arc<Mutex<Ksm>>>, host: Arc<Mutex<HostMm>>, host_ksm: Option<Arc<Mutex<HostKsm>>>) -> Self {
-        Self { ksm, host, ksmd: None, ksmd_failed: Arc::default(), host_ksm, run: 0 }
+        Self { ksm, host, ksmd: None, ksmd_failed: Arc::default(), host_ksm, run: 0, ignored_requests: 0 }
     }
 
     /// Whether a deduplicator (built-in or the host's) is there to control.
@@ -108,7 +114,16 @@ impl DedupControl {
             DEDUP_STOP => self.set_run(0),
             DEDUP_UNMERGE => self.set_run(2),
             other => {
-                eprintln!("vmm: guest wrote {other} to the dedup control port 0x501: not a request (1-4); ignored");
+                self.ignored_requests += 1;
+                match self.ignored_requests {
+                    n if n <= WARN_IGNORED_REQUESTS => eprintln!(
+                        "vmm: guest wrote {other} to the dedup control port 0x501: not a request (1-4); ignored"
+                    ),
+                    n if n == WARN_IGNORED_REQUESTS + 1 => {
+                        eprintln!("vmm: more values that are not dedup requests; ignored, and no longer printed")
+                    }
+                    _ => {}
+                }
                 Ok(())
             }
         }

@@ -60,13 +60,19 @@ fn shadow_mmu_counters(vm: &Vm) -> Counters {
     out
 }
 
-/// The deduplicator's figures with the sysfs names (empty when off).
+/// The deduplicator's figures with the sysfs names.
 fn ksm_counters(vm: &Vm) -> Counters {
     dedup_figures(vm.ksm.as_ref(), vm.host_ksm.as_ref(), &vm.host)
 }
 
+/// The sysfs figures guest-abi.md promises in every phase's `ksm` map;
+/// a run without deduplication reports them as 0.
+pub const KSM_FIGURES_ALWAYS_REPORTED: [&str; 5] =
+    ["pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "full_scans"];
+
 /// The figures of the built-in deduplicator or of the host's KSM, whichever
-/// the run uses, with the sysfs names (empty when deduplication is off).
+/// the run uses, with the sysfs names ([`KSM_FIGURES_ALWAYS_REPORTED`], all
+/// 0, when deduplication is off).
 pub fn dedup_figures(
     ksm: Option<&Arc<Mutex<Ksm>>>,
     host_ksm: Option<&Arc<Mutex<HostKsm>>>,
@@ -75,7 +81,7 @@ pub fn dedup_figures(
     if let Some(h) = host_ksm {
         return lock(h).counters().into_iter().map(|(n, v)| (n.to_string(), v)).collect();
     }
-    let Some(ksm) = ksm else { return Counters::new() };
+    let Some(ksm) = ksm else { return KSM_FIGURES_ALWAYS_REPORTED.iter().map(|n| (n.to_string(), 0)).collect() };
     // Lock order: the deduplicator, then the primary MMU.
     let k = lock(ksm);
     let host = lock(host);
@@ -137,6 +143,11 @@ impl PhaseTracker {
     pub fn start(vm: &Vm) -> Self {
         let now = Readings::take(vm);
         Self { number: 0, exits: ExitCounts::default(), phase_start: now.clone(), run_start: now, finished: Vec::new() }
+    }
+
+    /// Phases so far, the running one included.
+    pub fn count(&self) -> usize {
+        self.finished.len() + 1
     }
 
     /// The running phase's exit counts.

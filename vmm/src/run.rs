@@ -11,7 +11,7 @@ use crate::phases::PhaseTracker;
 use crate::serial::Console;
 use crate::signals::{StopRequest, Watchdog};
 use crate::stats::{ConfigRecord, EndRecord, ExitKind, Figures, GuestRecord, PhaseStats, RunStats, SCHEMA_VERSION};
-use crate::vcpu::{handle_exit, handle_run_error, Devices, GuestMemory, Outcome, RunEnd};
+use crate::vcpu::{handle_exit, handle_run_error, Devices, GuestMemory, Outcome, RunEnd, MAX_PHASES};
 use crate::vm::{lock, HookPoint, HostHook, RunConfig, Vm, VmError};
 
 /// HLT's opcode, looked for at RIP when a CPL-3 guest's HLT surfaces as a
@@ -56,7 +56,11 @@ pub fn run(mut config: RunConfig) -> Result<RunStats, VmError> {
     let started = lock(&dedup).set_run(config.ksm.run);
     let (end, phases, total, rip) = match started {
         Ok(()) => run_loop(vm, &mut devices, &mut hook, &control, config.timeout),
-        Err(e) => (RunEnd::VmmError(e), Vec::new(), Figures::default(), None),
+        // The guest never ran: phase 0 is reported, empty, with every figure.
+        Err(e) => {
+            let (phases, total) = PhaseTracker::start(&vm).finish(&vm);
+            (RunEnd::VmmError(e), phases, total, None)
+        }
     };
     drop(server);
     devices.console.flush();
@@ -130,6 +134,11 @@ fn run_loop(
         };
         let result = match outcome {
             Outcome::Continue => Ok(()),
+            Outcome::NextPhase(_) if phases.count() >= MAX_PHASES => {
+                break RunEnd::GuestLimit(format!(
+                    "the guest started more than {MAX_PHASES} phases (port 0x500); the run was ended"
+                ));
+            }
             Outcome::NextPhase(n) => {
                 phases.next(&vm, n);
                 control.phase.store(n, Ordering::SeqCst);
@@ -237,6 +246,7 @@ fn end_record(end: &RunEnd, rip: Option<u64>) -> EndRecord {
         RunEnd::Unexpected(what) => ("unexpected_exit", what.clone()),
         RunEnd::KvmRunFailed(what) => ("vmm_error", format!("KVM_RUN failed: {what}")),
         RunEnd::VmmError(what) => ("vmm_error", what.clone()),
+        RunEnd::GuestLimit(what) => ("guest_limit", what.clone()),
     };
     let detail = match rip {
         Some(rip) => format!("{detail}, RIP {rip:#x}"),

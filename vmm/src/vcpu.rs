@@ -46,7 +46,17 @@ pub enum RunEnd {
     /// The VMM could not serve the guest (a secondary-MMU fault failed, a
     /// host hook failed, a view hit its limit).
     VmmError(String),
+    /// The guest went past a limit that keeps the VMM's memory bounded
+    /// ([`MAX_PHASES`], [`MAX_REPORTS`]).
+    GuestLimit(String),
 }
+
+/// Phases a run may have: each keeps its own figures, so a guest writing
+/// phase markers in a loop would otherwise grow the VMM without bound.
+pub const MAX_PHASES: usize = 4096;
+
+/// Reports a run may collect (8 MiB of them).
+pub const MAX_REPORTS: usize = 1 << 20;
 
 /// What the loop does after one exit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,6 +171,9 @@ pub fn handle_exit(dev: &mut Devices, exits: &mut ExitCounts, exit: VcpuExit<'_>
                 PORT_EXIT => Outcome::End(RunEnd::GuestExit(le_value(data))),
                 PORT_PHASE => Outcome::NextPhase(le_value(data)),
                 PORT_DEDUP => Outcome::Dedup(le_value(data)),
+                PORT_REPORT if dev.reports.len() >= MAX_REPORTS => Outcome::End(RunEnd::GuestLimit(format!(
+                    "the guest wrote more than {MAX_REPORTS} reports to port 0x502; the run was ended"
+                ))),
                 PORT_REPORT => {
                     dev.reports.push(u64::from(le_value(data)));
                     Outcome::Continue
@@ -312,6 +325,18 @@ mod tests {
         assert_eq!(handle_exit(&mut d, &mut e, VcpuExit::IoOut(0xF4, &[3])), Outcome::End(RunEnd::GuestExit(3)));
         assert_eq!(d.reports, vec![0xFFFF_FFFF]);
         assert_eq!((e.io, e.total), (4, 4));
+    }
+
+    #[test]
+    fn a_report_flood_ends_the_run_at_the_report_limit() {
+        let mut d = devices();
+        let mut e = ExitCounts::default();
+        d.reports = vec![0; MAX_REPORTS - 1];
+        assert_eq!(handle_exit(&mut d, &mut e, VcpuExit::IoOut(0x502, &[1, 0, 0, 0])), Outcome::Continue);
+        let end = handle_exit(&mut d, &mut e, VcpuExit::IoOut(0x502, &[2, 0, 0, 0]));
+        assert!(matches!(end, Outcome::End(RunEnd::GuestLimit(_))), "{end:?}");
+        assert_eq!((d.reports.len(), d.reports.last()), (MAX_REPORTS, Some(&1)));
+        assert_eq!(e.io, 2);
     }
 
     #[test]
