@@ -107,6 +107,29 @@ fn bad_timeouts_and_unwritable_stats_files_are_refused() {
 }
 
 #[test]
+fn a_run_that_fails_to_start_leaves_an_existing_stats_file_alone() {
+    if !common::require_kvm() {
+        return;
+    }
+    let stats = common::scratch("kept-stats.json");
+    let not_a_socket = common::scratch("kept-stats-not-a-socket");
+    std::fs::write(&stats, "{\"earlier\": 1}\n").expect("write");
+    std::fs::write(&not_a_socket, "").expect("write");
+    let (stats_arg, control_arg) = (stats.to_string_lossy(), not_a_socket.to_string_lossy());
+    // The control socket is set up after the statistics file is opened.
+    refused(&["run", "hello", "--stats-json", &stats_arg, "--control", &control_arg], "not a socket");
+    assert_eq!(std::fs::read_to_string(&stats).expect("read"), "{\"earlier\": 1}\n");
+}
+
+#[test]
+fn bench_sample_counts_that_overflow_are_refused() {
+    let max = u64::MAX.to_string();
+    refused(&["bench", "--exits", &max], "--exits");
+    refused(&["bench", "--warmup", &max, "--exits", "1"], "--warmup");
+    refused(&["bench", "--exits", "0"], "--exits");
+}
+
+#[test]
 fn out_of_range_ksm_knobs_are_refused_whatever_the_policy() {
     refused(&["run", "hello", "--ksm-run", "5"], "ksm knob run");
     refused(&["run", "hello", "--dedup", "change-pte", "--max-page-sharing", "1"], "max_page_sharing");

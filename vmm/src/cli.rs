@@ -1,6 +1,6 @@
 //! The command line: `vmm run`, `vmm images`, `vmm compare`, `vmm ctl`, `vmm bench`.
 
-use std::fs::File;
+use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -311,8 +311,11 @@ fn run_command(kvm_device: PathBuf, args: RunArgs) -> ExitCode {
         Err(e) => return fail(e),
     };
     // Open the statistics file first: a path that cannot be written is bad
-    // input, refused before the guest runs.
-    let stats_file = match args.stats_json.as_ref().map(File::create).transpose() {
+    // input, refused before the guest runs. It is emptied only when the
+    // statistics are written, so a run that fails to start keeps what an
+    // earlier run left there.
+    let open = |p: &PathBuf| OpenOptions::new().write(true).create(true).truncate(false).open(p);
+    let stats_file = match args.stats_json.as_ref().map(open).transpose() {
         Ok(f) => f,
         Err(e) => {
             let path = args.stats_json.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
@@ -344,9 +347,11 @@ fn run_command(kvm_device: PathBuf, args: RunArgs) -> ExitCode {
         println!("\n{}", render_table(&stats));
     }
     if let (Some(mut file), Some(path)) = (stats_file, args.stats_json.as_ref()) {
-        let written = serde_json::to_vec_pretty(&stats)
-            .map_err(std::io::Error::other)
-            .and_then(|json| file.write_all(&json).and_then(|()| file.write_all(b"\n")));
+        let written = serde_json::to_vec_pretty(&stats).map_err(std::io::Error::other).and_then(|json| {
+            file.set_len(0)?;
+            file.write_all(&json)?;
+            file.write_all(b"\n")
+        });
         if let Err(e) = written {
             eprintln!("vmm: error: cannot write statistics to {}: {e}", path.display());
             return ExitCode::from(STATUS_BAD_INPUT.max(exit_status(&stats)));
@@ -452,7 +457,7 @@ fn bench_command(kvm_device: PathBuf, args: BenchArgs) -> ExitCode {
         return fail("the built-in image misbehave-port-flood is missing");
     };
     let needed = crate::bench::exit_floor_exits_needed(args.warmup, args.exits);
-    if args.exits == 0 || needed as u64 >= guest_images::PORT_FLOOD_WRITES {
+    if args.exits == 0 || needed.is_none_or(|n| n as u64 >= guest_images::PORT_FLOOD_WRITES) {
         return fail(format!(
             "--warmup plus twice --exits (the VMM's path and the bare loop) must be under {} (the bench \
              guest's port writes)",

@@ -114,10 +114,11 @@ pub fn exit_floor(config: RunConfig, warmup: usize, exits: usize) -> Result<Exit
     Ok(ExitFloorReport { bench: "exit_floor", image, port_io_exit, bare_exit, ratio })
 }
 
-/// Port-I/O exits `exit_floor` takes for `exits` samples of each kind.
-pub fn exit_floor_exits_needed(warmup: usize, exits: usize) -> usize {
+/// Port-I/O exits `exit_floor` takes for `exits` samples of each kind, or
+/// None when that does not fit a usize.
+pub fn exit_floor_exits_needed(warmup: usize, exits: usize) -> Option<usize> {
     // Whole blocks of each kind, alternating.
-    warmup + 2 * exits.div_ceil(FLOOR_BLOCK) * FLOOR_BLOCK
+    exits.div_ceil(FLOOR_BLOCK).checked_mul(2 * FLOOR_BLOCK)?.checked_add(warmup)
 }
 
 #[cfg(test)]
