@@ -16,7 +16,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -28,6 +28,10 @@ use crate::vm::lock;
 const POLL: Duration = Duration::from_millis(10);
 /// The longest a request line may be.
 const MAX_LINE: u64 = 256;
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 8;
+/// How long a connection may take to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the client waits for a reply (a `run 2` may unmerge a lot).
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -120,9 +124,10 @@ impl ControlServer {
         let thread = std::thread::Builder::new()
             .name("vmm-control".into())
             .spawn(move || {
+                let active = Arc::new(AtomicUsize::new(0));
                 while !flag.load(Ordering::SeqCst) {
                     match listener.accept() {
-                        Ok((stream, _)) => serve(stream, &state),
+                        Ok((stream, _)) => serve_on_own_thread(stream, &state, &active),
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
                         Err(_) => std::thread::sleep(POLL),
                     }
@@ -143,9 +148,29 @@ impl Drop for ControlServer {
     }
 }
 
+/// Serves one connection on a thread of its own, so that a client that
+/// connects and sends nothing holds up neither other clients nor the end of
+/// the run (the thread is not joined; after the run it only replies that the
+/// run is ending). At most [`MAX_CONNECTIONS`] at once.
+fn serve_on_own_thread(stream: UnixStream, state: &Arc<ControlState>, active: &Arc<AtomicUsize>) {
+    if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+        active.fetch_sub(1, Ordering::SeqCst);
+        let _ = writeln!(&stream, "error: {MAX_CONNECTIONS} control connections are open already; try again");
+        return;
+    }
+    let (state, done) = (state.clone(), active.clone());
+    let spawned = std::thread::Builder::new().name("vmm-control-conn".into()).spawn(move || {
+        serve(stream, &state);
+        done.fetch_sub(1, Ordering::SeqCst);
+    });
+    if spawned.is_err() {
+        active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn serve(stream: UnixStream, state: &ControlState) {
     let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
     let mut line = String::new();
     let Ok(reader) = stream.try_clone() else { return };
     if BufReader::new(reader.take(MAX_LINE)).read_line(&mut line).is_err() {
@@ -209,4 +234,45 @@ pub fn request(path: &Path, line: &str) -> Result<String, ControlError> {
         return Err(io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the run closed it without a reply")));
     }
     Ok(reply.trim_end().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shadow_mmu::{FramePool, HostMm};
+
+    /// A control state over a run with deduplication off (no KVM needed).
+    fn state() -> Arc<ControlState> {
+        let pool = Arc::new(FramePool::new(16 * shadow_mmu::PAGE_SIZE).expect("frame pool"));
+        let host = Arc::new(Mutex::new(HostMm::new(pool, 0, 16)));
+        Arc::new(ControlState {
+            dedup: Arc::new(Mutex::new(DedupControl::new(None, host, None))),
+            phase: AtomicU32::new(3),
+            policy: "off".into(),
+            ksm_figures: Box::new(crate::stats::Counters::new),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    #[test]
+    fn a_silent_client_holds_up_neither_other_clients_nor_the_end_of_the_run() {
+        let dir = std::env::temp_dir().join(format!("vmm-control-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let path = dir.join("ctl.sock");
+        let server = ControlServer::start(&path, state()).expect("start");
+        // Connects and sends nothing.
+        let silent = UnixStream::connect(&path).expect("connect");
+        let reply = request(&path, "status").expect("a reply while the silent client waits");
+        assert!(reply.contains("\"phase\":3"), "{reply}");
+        // Served alongside, not after: the silent client's connection is
+        // still open (a server that served one client at a time would have
+        // timed it out and closed it before answering).
+        silent.set_nonblocking(true).expect("nonblocking");
+        let mut byte = [0u8; 1];
+        let still_open = matches!((&silent).read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        assert!(still_open, "the silent connection was closed before the other client was served");
+        drop(server);
+        assert!(!path.exists(), "the socket file outlived the run");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
