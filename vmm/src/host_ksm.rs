@@ -82,12 +82,13 @@ pub enum HostKsmError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// max_page_sharing can only change while the host has no KSM pages.
+    /// The run asked for a max_page_sharing other than the host's.
     #[error(
-        "the host's KSM has pages merged, so its max_page_sharing ({current}) cannot be changed to {wanted}: \
-         leave --max-page-sharing at {current} for the kernel policy"
+        "the kernel policy keeps the host's max_page_sharing ({current}), and {wanted} was asked: the kernel \
+         refuses to change it while any process has pages merged, so it could not be put back; pass \
+         --max-page-sharing {current}"
     )]
-    MaxPageSharingBusy {
+    MaxPageSharingFixed {
         /// The host's value.
         current: String,
         /// What was asked.
@@ -270,7 +271,8 @@ pub struct HostKsm {
 impl HostKsm {
     /// Takes the host's KSM for a run: lock, restore what a killed run left,
     /// save the knobs, set `knobs` (ksmd stopped), and mark frames
-    /// [first, first + pages) of `pool` mergeable.
+    /// [first, first + pages) of `pool` mergeable. `knobs.max_page_sharing`
+    /// must be the host's: it is the one knob a run could not put back.
     pub fn new(
         paths: HostKsmPaths,
         knobs: KsmKnobs,
@@ -296,6 +298,14 @@ impl HostKsm {
                 text.trim().replace('\n', ", ")
             );
         }
+        // max_page_sharing is never written: the kernel refuses a change
+        // (EBUSY) while any KSM page exists, and ksmd, run at full speed in
+        // a pass, may merge other processes' mergeable memory too, which
+        // would leave the run unable to put the host's value back.
+        let current = paths.read("max_page_sharing")?;
+        if current != knobs.max_page_sharing.to_string() {
+            return Err(HostKsmError::MaxPageSharingFixed { current, wanted: knobs.max_page_sharing });
+        }
         let saved = SavedKnobs::read(&paths)?;
         write_durably(&saved_path, &saved.to_text())?;
         let mut this = Self {
@@ -320,17 +330,6 @@ impl HostKsm {
     /// Writes the run's knobs, ksmd stopped (`run` 0).
     fn apply_knobs(&mut self) -> Result<(), HostKsmError> {
         self.paths.write("run", "0")?;
-        let wanted = self.knobs.max_page_sharing;
-        let current = self.paths.read("max_page_sharing")?;
-        if current != wanted.to_string() {
-            // The kernel refuses (EBUSY) while any KSM page exists.
-            self.paths.write("max_page_sharing", &wanted.to_string()).map_err(|e| match e {
-                HostKsmError::Knob { source, .. } if source.raw_os_error() == Some(libc::EBUSY) => {
-                    HostKsmError::MaxPageSharingBusy { current, wanted }
-                }
-                other => other,
-            })?;
-        }
         self.paths.write("use_zero_pages", if self.knobs.use_zero_pages { "1" } else { "0" })?;
         self.set_smart_scan(self.knobs.smart_scan)?;
         // An advisor (Linux 6.8+) sets pages_to_scan itself, and the kernel
@@ -675,6 +674,18 @@ mod tests {
         let second = HostKsm::new(host.paths.clone(), knobs, pool(), 1, 8);
         assert!(matches!(second, Err(HostKsmError::Busy(_))), "{second:?}");
         drop(k);
+        assert_eq!(host.knobs(), before);
+        assert!(!host.paths.saved_file().exists());
+    }
+
+    #[test]
+    fn a_max_page_sharing_other_than_the_hosts_is_refused_before_anything_changes() {
+        let host = FakeHost::new("mps");
+        let before = host.knobs();
+        let knobs = KsmKnobs { max_page_sharing: 64, pages_to_scan: 5000, ..KsmKnobs::default() };
+        let e = HostKsm::new(host.paths.clone(), knobs, pool(), 1, 8).expect_err("refused");
+        assert!(matches!(&e, HostKsmError::MaxPageSharingFixed { current, wanted: 64 } if current == "256"), "{e}");
+        assert!(e.to_string().contains("--max-page-sharing 256"), "{e}");
         assert_eq!(host.knobs(), before);
         assert!(!host.paths.saved_file().exists());
     }
