@@ -178,6 +178,8 @@ fn sigint_ends_the_run_cleanly_with_statistics() {
     let stats: vmm::stats::RunStats =
         serde_json::from_str(&std::fs::read_to_string(&json).expect("stats written")).expect("parse");
     assert_eq!(stats.guest.end.reason, "interrupted");
+    // One Ctrl-C, one interruption of KVM_RUN, whichever thread took it.
+    assert_eq!(stats.total.exits.intr, 1);
 }
 
 #[test]

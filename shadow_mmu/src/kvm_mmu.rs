@@ -169,6 +169,11 @@ impl<V: EptView> SecondaryMmu<V> {
         self.view_error.take()
     }
 
+    /// Whether a view error waits to be taken.
+    pub fn has_view_error(&self) -> bool {
+        self.view_error.is_some()
+    }
+
     fn view_op(&mut self, op: impl FnOnce(&mut V) -> Result<(), V::Error>) {
         let t = Instant::now();
         let result = op(&mut self.view);

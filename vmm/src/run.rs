@@ -121,7 +121,11 @@ fn run_loop(
     let dedup = &control.dedup;
     let faults = vm.view_faults.clone();
     let ksmd_failed = lock(dedup).ksmd_failure_flag();
-    let watchdog = Watchdog::start(timeout, Box::new(move || faults.failed() || ksmd_failed.load(Ordering::SeqCst)));
+    // A view that could not follow a change made off the vCPU thread (by
+    // ksmd) ends the run at once, not at the guest's next exit.
+    let mmu = vm.mmu.clone();
+    let failed = move || faults.failed() || ksmd_failed.load(Ordering::SeqCst) || lock(&mmu).has_view_error();
+    let watchdog = Watchdog::start(timeout, Box::new(failed));
     vm.gate.register_vcpu_thread();
     let mut phases = PhaseTracker::start(&vm);
     let mut end = loop {
@@ -169,7 +173,7 @@ fn run_loop(
             },
             // The fault thread's own error replaces this one below.
             Outcome::VmmThreadFailed => {
-                let failed = lock(dedup).ksmd_failed();
+                let failed = lock(dedup).ksmd_failed().or_else(|| view_error(&vm).err());
                 break RunEnd::VmmError(failed.unwrap_or_else(|| "a VMM thread serving the guest failed".into()));
             }
             Outcome::End(end) => break end,

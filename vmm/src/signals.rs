@@ -107,6 +107,9 @@ impl Watchdog {
             TIMEOUT => StopRequest::Timeout,
             INTERRUPT => StopRequest::Interrupted,
             FAILURE => StopRequest::VmmFailure,
+            // The signal itself may have interrupted KVM_RUN before the
+            // watchdog saw it: one Ctrl-C is then one `intr` exit, not two.
+            _ if INTERRUPTED.load(Ordering::SeqCst) => StopRequest::Interrupted,
             _ => StopRequest::None,
         }
     }

@@ -72,7 +72,8 @@ pub enum Outcome {
     /// decides with the vCPU's registers.
     EmulationFailure,
     /// A VMM thread serving the guest (ksmd, the userfaultfd fault thread)
-    /// failed; the loop ends the run with that thread's error.
+    /// failed, or the view could not follow a change; the loop ends the run
+    /// with that error.
     VmmThreadFailed,
     /// The run is over.
     End(RunEnd),
