@@ -67,7 +67,8 @@ under way and of every phase after. Exit status: 0 done, 1 refused (the reason o
 socket cannot be reached.")]
     Ctl(CtlArgs),
     /// Measure, print JSON: `floor` (default), the median cost of one port-I/O VM exit;
-    /// `fault`, one secondary-MMU fault end to end against the bare mechanism of --view.
+    /// `fault`, one secondary-MMU fault end to end against the bare mechanism of --view;
+    /// `dedup`, scan and merge cost per page and convergence, against the host's KSM.
     Bench(BenchArgs),
 }
 
