@@ -26,6 +26,7 @@ Examples:
   vmm run mixed --dedup range-flush --control /tmp/vmm.sock   then: vmm ctl /tmp/vmm.sock run 1
   vmm bench                                   the cost of one VM exit on this machine, as JSON
   vmm bench fault --view memslot              one secondary-MMU fault against the bare mechanism
+  vmm bench dedup                             scan and merge cost per page, against the host's KSM
 
 Guests are static ELF64 x86-64 executables written against the tiny-guest
 ABI v1 (guest-images/README.md). Exit status: 0 guest succeeded, 1 guest
