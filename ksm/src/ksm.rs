@@ -15,7 +15,15 @@
 //!   analog of `page->mapping`; `get_ksm_page` is that tag check;
 //! * when the second half of `try_to_merge_two_pages` fails, the page that
 //!   was to become the KSM page is left write-protected but not KSM (a
-//!   later write reuses it in place) instead of going through `break_cow`.
+//!   later write reuses it in place) instead of going through `break_cow`;
+//! * a page mapping the zero page keeps its rmap item (state ZERO) until the
+//!   scanner finds it no longer does, where Linux frees that rmap item at
+//!   the next scan (a zero-page pte maps no anonymous page): so `rmap_items`
+//!   counts such pages, and `pages_volatile` also subtracts `ksm_zero_pages`
+//!   from Linux's `rmap_items - pages_shared - pages_sharing -
+//!   pages_unshared` (`ksm_zero_pages` itself is Linux's: the ptes mapping
+//!   the zero page now, lowered at once by a copy-on-write break);
+//! * `pages_to_scan` = 0 is refused ([`KsmKnobs::check`]); Linux accepts it.
 
 use std::cell::Cell;
 use std::cmp::Ordering;
@@ -32,11 +40,12 @@ use crate::tree::{ContentTree, Search};
 pub struct KsmKnobs {
     /// 0 stop, 1 run the background scanner, 2 stop and unmerge everything.
     pub run: u32,
-    /// Pages scanned per ksmd batch.
+    /// Pages scanned per ksmd batch (at least 1).
     pub pages_to_scan: u32,
     /// Sleep between ksmd batches.
     pub sleep_millisecs: u32,
     /// Most pages sharing one KSM page before a duplicate KSM page starts.
+    /// At least 2; changes only while there are no KSM pages.
     pub max_page_sharing: u32,
     /// Merge zero-filled pages with the zero page instead of a KSM page.
     pub use_zero_pages: bool,
@@ -66,6 +75,10 @@ impl KsmKnobs {
         if k.run > 2 {
             return bad("run", k.run, "0 stop, 1 run, 2 unmerge all");
         }
+        // Linux accepts 0: ksmd then wakes every sleep_millisecs and scans
+        // nothing. Refused here on purpose: this check is also the command
+        // line's (`--pages-to-scan 0` is refused, tests/bad_input.rs), and a
+        // run = 1 that never scans is a mistake, not an experiment.
         if k.pages_to_scan == 0 {
             return bad("pages_to_scan", k.pages_to_scan, "at least 1");
         }
@@ -92,6 +105,14 @@ pub enum KsmError {
         /// What is allowed.
         why: &'static str,
     },
+    /// A knob that cannot change while KSM pages exist (Linux's -EBUSY).
+    #[error("ksm knob {name} cannot change while there are KSM pages (pages_shared {pages_shared}); unmerge first")]
+    Busy {
+        /// The knob.
+        name: &'static str,
+        /// KSM pages in use.
+        pages_shared: u64,
+    },
     /// mincore or fstat of guest memory failed.
     #[error("cannot inspect guest memory: {0}")]
     Pool(#[from] FramePoolError),
@@ -117,13 +138,17 @@ pub struct KsmStats {
     pub pages_scanned: u64,
     /// Pages smart scan skipped.
     pub pages_skipped: u64,
-    /// Pages mapping the zero page (use_zero_pages).
+    /// Pages mapping the zero page now (use_zero_pages); a copy-on-write
+    /// break lowers it at once, as in Linux.
     pub ksm_zero_pages: u64,
     /// Stable entries that hold more than one KSM page.
     pub stable_node_chains: u64,
     /// KSM pages inside such chains.
     pub stable_node_dups: u64,
-    /// Bytes saved minus metadata bytes, as Linux computes it (may be negative).
+    /// As Linux computes it: the bytes saved,
+    /// `(pages_sharing + ksm_zero_pages) * PAGE_SIZE`, minus
+    /// `rmap_items * KSM_RMAP_ITEM_SIZE` (may be negative). The rest of the
+    /// metadata is in `metadata_bytes` only.
     pub general_profit: i64,
     /// Bytes the frame pool's memfd shrank by while the scanner ran (measured).
     pub bytes_returned: u64,
@@ -133,7 +158,9 @@ pub struct KsmStats {
     pub metadata_bytes: u64,
     /// Rmap items (pages seen holding memory).
     pub rmap_items: u64,
-    /// Successful merges (`try_to_merge_one_page` that replaced or promoted a page).
+    /// Pages merged: each page that came to map a KSM page or the zero page.
+    /// A pair made into a new KSM page counts two; a pair whose second half
+    /// failed (nothing shared) counts none.
     pub merges: u64,
     /// Wall time spent scanning, in nanoseconds.
     pub scan_ns: u64,
@@ -150,6 +177,10 @@ const NIL: u32 = u32::MAX;
 const ZERO_OWNER: u32 = u32::MAX;
 const MAX_PASS_SCANS: u32 = 8;
 
+/// `sizeof(struct ksm_rmap_item)` here, in bytes: what one rmap item costs
+/// in `general_profit`.
+pub const KSM_RMAP_ITEM_SIZE: u64 = std::mem::size_of::<RmapItem>() as u64;
+
 /// `struct ksm_rmap_item`, 12 bytes: the page is implied by the index.
 #[derive(Debug, Clone, Copy)]
 struct RmapItem {
@@ -159,7 +190,9 @@ struct RmapItem {
     state: u8,
     /// Low bits of the scan that put it in the unstable tree.
     seqnr: u8,
-    /// Smart scan: scans without a merge.
+    /// Smart scan: scans that looked at the page while it was not a KSM
+    /// page, since the rmap item was created (saturating). As in Linux, a
+    /// merge does not reset it.
     age: u8,
     /// Smart scan: scans still to skip.
     remaining_skips: u8,
@@ -266,9 +299,15 @@ impl Ksm {
         self.knobs
     }
 
-    /// Changes the knobs (as writing sysfs does).
+    /// Changes the knobs (as writing sysfs does). As `max_page_sharing_store`
+    /// does, a new `max_page_sharing` is refused ([`KsmError::Busy`]) while
+    /// KSM pages exist; unmerge first (run = 2).
     pub fn set_knobs(&mut self, knobs: KsmKnobs) -> Result<(), KsmError> {
         knobs.check()?;
+        let pages_shared = self.stats.pages_shared;
+        if knobs.max_page_sharing != self.knobs.max_page_sharing && pages_shared > 0 {
+            return Err(KsmError::Busy { name: "max_page_sharing", pages_shared });
+        }
         self.knobs = knobs;
         Ok(())
     }
@@ -282,13 +321,19 @@ impl Ksm {
     pub fn stats(&self, host: &HostMm) -> KsmStats {
         let mut s = self.stats;
         s.pages_unshared = self.unstable_items();
+        // Only merges map the zero page, so its mapcount is Linux's
+        // ksm_zero_pages: a copy-on-write break lowers it at once.
+        s.ksm_zero_pages = u64::from(host.frame(self.zero_pfn).mapcount);
+        // Pages mapping the zero page keep their rmap item here (see the
+        // module docs), so they are not volatile either.
         let in_trees = s.pages_shared + s.pages_sharing + s.pages_unshared + s.ksm_zero_pages;
         s.pages_volatile = s.rmap_items.saturating_sub(in_trees);
         let chains = self.entries.iter().filter(|e| e.dups.len() > 1);
         s.stable_node_chains = chains.clone().count() as u64;
         s.stable_node_dups = chains.map(|e| e.dups.len() as u64).sum();
         s.metadata_bytes = self.metadata_bytes() as u64;
-        s.general_profit = ((s.pages_sharing + s.ksm_zero_pages) * PAGE_SIZE) as i64 - s.metadata_bytes as i64;
+        let saved = (s.pages_sharing + s.ksm_zero_pages) * PAGE_SIZE;
+        s.general_profit = saved as i64 - (s.rmap_items * KSM_RMAP_ITEM_SIZE) as i64;
         s.memfd_resident_bytes = host.pool().resident_bytes().unwrap_or(0);
         s
     }
@@ -460,13 +505,17 @@ impl Ksm {
             return Ok(());
         }
 
-        // Is there a KSM page with this content already?
+        // Is there a KSM page with this content already? As in mm/ksm.c the
+        // visit ends here whether or not the merge succeeded: if it failed,
+        // the page changed after `self.buf` was read, so neither its
+        // checksum nor the unstable tree may be judged by that copy.
         if let Some(node) = self.stable_tree_search(&mut h) {
             let kpfn = self.nodes[node as usize].kpfn;
             if self.try_to_merge_one_page(&mut h, gfn, Some(kpfn))? {
+                self.stats.merges += 1;
                 self.stable_tree_append(idx, node);
-                return Ok(());
             }
+            return Ok(());
         }
 
         // A page whose content changed since the last scan is too volatile
@@ -480,14 +529,15 @@ impl Ksm {
 
         if self.knobs.use_zero_pages && sum == self.zero_checksum && self.buf.iter().all(|&b| b == 0) {
             if self.try_to_merge_one_page(&mut h, gfn, Some(self.zero_pfn))? {
+                self.stats.merges += 1;
                 self.rmap[idx].state = ZERO;
-                self.stats.ksm_zero_pages += 1;
             }
             return Ok(());
         }
 
         if let Some((tree_node, tree_idx)) = self.unstable_tree_search_insert(idx, &h) {
             if let Some(kpfn) = self.try_to_merge_two_pages(&mut h, idx, tree_idx)? {
+                self.stats.merges += 2;
                 self.unstable.erase(tree_node);
                 self.rmap[tree_idx].state = NONE;
                 self.rmap[tree_idx].node = NIL;
@@ -532,13 +582,12 @@ impl Ksm {
                 }
                 if node.sharers.is_empty() {
                     self.stats.pages_shared -= 1;
-                    self.free_stable_node(item.node, host);
+                    self.stable_node_dup_del(item.node, host);
                 } else {
                     self.stats.pages_sharing -= 1;
                 }
             }
             UNSTABLE if item.seqnr == self.seqnr => self.unstable.erase(item.node),
-            ZERO => self.stats.ksm_zero_pages -= 1,
             _ => {}
         }
         let r = &mut self.rmap[idx];
@@ -546,8 +595,14 @@ impl Ksm {
         r.node = NIL;
     }
 
-    /// Frees stable node `id` (its last sharer left, or it went stale).
-    fn free_stable_node(&mut self, id: u32, host: &mut HostMm) {
+    /// `stable_node_dup_del` then `free_stable_node`, for stable node `id`
+    /// with no sharers left (its last one left, or it went stale). Beyond
+    /// those two: when `id` was its entry's last KSM page, the entry leaves
+    /// the tree too (`free_stable_node_chain`, or the rb_erase of a plain
+    /// node); and if `id` still owns its frame, the frame's KSM tag is
+    /// cleared (`folio_set_stable_node(folio, NULL)`, as `remove_stable_node`
+    /// does; Linux otherwise leaves that to the freeing of the page).
+    fn stable_node_dup_del(&mut self, id: u32, host: &mut HostMm) {
         if self.node_valid(id, host) {
             let kpfn = self.nodes[id as usize].kpfn;
             host.set_ksm_owner(kpfn, false, 0);
@@ -566,7 +621,7 @@ impl Ksm {
 
     /// `remove_node_from_stable_tree`: a stale node (its KSM frame was freed)
     /// lets go of every rmap item still pointing at it.
-    fn remove_stale_node(&mut self, id: u32, host: &mut HostMm) {
+    fn remove_node_from_stable_tree(&mut self, id: u32, host: &mut HostMm) {
         let sharers = std::mem::take(&mut self.nodes[id as usize].sharers);
         if !sharers.is_empty() {
             self.stats.pages_shared -= 1;
@@ -576,7 +631,7 @@ impl Ksm {
             self.rmap[s as usize].state = NONE;
             self.rmap[s as usize].node = NIL;
         }
-        self.free_stable_node(id, host);
+        self.stable_node_dup_del(id, host);
     }
 
     /// Searches the stable tree for the content in `self.buf`. Stale nodes
@@ -609,7 +664,7 @@ impl Ksm {
                 })
             };
             match stale.get() {
-                Some(id) => self.remove_stale_node(id, host),
+                Some(id) => self.remove_node_from_stable_tree(id, host),
                 None => return search,
             }
         }
@@ -624,7 +679,7 @@ impl Ksm {
         let dups = self.entries[entry as usize].dups.clone();
         for id in dups {
             if !self.node_valid(id, host) {
-                self.remove_stale_node(id, host);
+                self.remove_node_from_stable_tree(id, host);
                 continue;
             }
             if self.nodes[id as usize].sharers.len() < max {
@@ -684,7 +739,6 @@ impl Ksm {
         let r = &mut self.rmap[idx];
         r.state = STABLE;
         r.node = id;
-        r.age = 0;
     }
 
     /// `unstable_tree_search_insert`: an unstable page with the content in
@@ -715,7 +769,7 @@ impl Ksm {
     /// `try_to_merge_one_page`: write-protects `gfn`, then either it becomes
     /// a KSM page itself (`kpfn` None) or, if it still equals `kpfn`, its pte
     /// is replaced by one mapping `kpfn`. Returns whether it merged.
-    fn try_to_merge_one_page(&mut self, host: &mut HostMm, gfn: Gfn, kpfn: Option<Pfn>) -> Result<bool, KsmError> {
+    fn try_to_merge_one_page(&self, host: &mut HostMm, gfn: Gfn, kpfn: Option<Pfn>) -> Result<bool, KsmError> {
         // mm/ksm.c also refuses a page with extra references (pinned for
         // I/O); nothing pins guest frames here.
         let pte = host.write_protect_page(gfn)?;
@@ -730,9 +784,6 @@ impl Ksm {
             }
             Some(_) => false,
         };
-        if merged {
-            self.stats.merges += 1;
-        }
         Ok(merged)
     }
 

@@ -14,5 +14,5 @@ pub mod ksmd;
 pub mod page;
 pub mod tree;
 
-pub use ksm::{Ksm, KsmError, KsmKnobs, KsmStats};
+pub use ksm::{Ksm, KsmError, KsmKnobs, KsmStats, KSM_RMAP_ITEM_SIZE};
 pub use ksmd::Ksmd;

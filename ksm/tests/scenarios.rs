@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ksm::{Ksm, KsmError, KsmKnobs, KsmStats, Ksmd};
+use ksm::{Ksm, KsmError, KsmKnobs, KsmStats, Ksmd, KSM_RMAP_ITEM_SIZE};
 use shadow_mmu::{
     handle_ept_violation, Access, FramePool, Gfn, HostMm, HostPte, MmuNotifier, MmuNotifierRange, Pfn, Policy,
     RecordingView, SecondaryMmu, PAGE_SHIFT, PAGE_SIZE,
@@ -462,7 +462,8 @@ fn zero_pages_without_use_zero_pages_merge_like_any_page() {
     let (&kpfn, _) = frames.iter().next().expect("one frame");
     assert_ne!(kpfn, lab.zero_pfn(), "an ordinary KSM page, not the zero page");
     assert!(lab.host().frame(kpfn).ksm);
-    assert_eq!(s.general_profit, ((N - 1) * PAGE_SIZE) as i64 - s.metadata_bytes as i64);
+    assert_eq!(s.general_profit, linux_general_profit(&s));
+    assert_eq!(s.general_profit, ((N - 1) * PAGE_SIZE) as i64 - (N * KSM_RMAP_ITEM_SIZE) as i64);
     lab.check_coherent();
 }
 
@@ -478,7 +479,7 @@ fn zero_pages_with_use_zero_pages_map_the_zero_page_and_cow() {
         let s = lab.stats();
         assert_eq!((s.ksm_zero_pages, s.pages_shared, s.pages_sharing, s.pages_unshared), (N, 0, 0, 0), "{s:?}");
         assert_eq!(s.merges, N, "{policy:?}");
-        assert_eq!(s.general_profit, (N * PAGE_SIZE) as i64 - s.metadata_bytes as i64, "{policy:?}");
+        assert_eq!(s.general_profit, (N * PAGE_SIZE) as i64 - (N * KSM_RMAP_ITEM_SIZE) as i64, "{policy:?}");
         let zero = lab.zero_pfn();
         {
             let host = lab.host();
@@ -971,9 +972,41 @@ fn a_panicking_ksmd_raises_its_failure_flag_and_reports_the_panic() {
 }
 
 // ---------------------------------------------------------------------------
-// 7. general_profit (Documentation/admin-guide/mm/ksm.rst):
-//    (pages_sharing + ksm_zero_pages) * PAGE_SIZE - metadata.
+// 7. general_profit (Documentation/admin-guide/mm/ksm.rst, mm/ksm.c
+//    general_profit_show): (pages_sharing + ksm_zero_pages) * PAGE_SIZE
+//    - rmap_items * sizeof(struct ksm_rmap_item). The deduplicator's other
+//    metadata (trees, stable nodes, the rmap array's unused slots) is in
+//    metadata_bytes, not in general_profit.
 // ---------------------------------------------------------------------------
+
+/// general_profit as mm/ksm.c computes it from the other figures.
+fn linux_general_profit(s: &KsmStats) -> i64 {
+    ((s.pages_sharing + s.ksm_zero_pages) * PAGE_SIZE) as i64 - (s.rmap_items * KSM_RMAP_ITEM_SIZE) as i64
+}
+
+#[test]
+fn general_profit_of_a_fresh_guest_is_zero() {
+    // No page ever touched: no rmap item, nothing saved, so Linux reports 0
+    // (the metadata held anyway is metadata_bytes, not general_profit).
+    let lab = Lab::new(Policy::ChangePte, 64, KsmKnobs::default());
+    for scanned in [false, true] {
+        if scanned {
+            lab.full_scan();
+        }
+        let s = lab.stats();
+        assert_eq!((s.rmap_items, s.general_profit), (0, 0), "scanned {scanned}: {s:?}");
+        assert!(s.metadata_bytes > 0, "{s:?}");
+    }
+    // 16 unique pages: 16 rmap items and nothing saved.
+    for gfn in FIRST_GFN..FIRST_GFN + 16 {
+        lab.guest.fill(gfn, 0x6600 + gfn);
+    }
+    lab.full_pass();
+    let s = lab.stats();
+    assert_eq!((s.rmap_items, s.pages_sharing), (16, 0), "{s:?}");
+    assert_eq!(s.general_profit, -16 * KSM_RMAP_ITEM_SIZE as i64, "{s:?}");
+    assert_eq!(KSM_RMAP_ITEM_SIZE, 12, "the rmap item's documented size");
+}
 
 #[test]
 fn general_profit_and_metadata_per_rmap_item() {
@@ -994,8 +1027,7 @@ fn general_profit_and_metadata_per_rmap_item() {
         let s = lab.stats();
         let metadata = lock(&lab.ksm).metadata_bytes() as u64;
         assert_eq!(s.metadata_bytes, metadata, "{what}");
-        let saved = (s.pages_sharing + s.ksm_zero_pages) * PAGE_SIZE;
-        assert_eq!(s.general_profit, saved as i64 - metadata as i64, "{what}: {s:?}");
+        assert_eq!(s.general_profit, linux_general_profit(&s), "{what}: {s:?}");
         assert_eq!(s.rmap_items, N, "{what}");
         match use_zero_pages {
             None => assert_eq!((s.pages_shared, s.pages_sharing, s.pages_unshared), (0, 0, N), "{s:?}"),
@@ -1159,4 +1191,170 @@ mod quiescent {
             check_quiet_state(&lab, |gfn| pattern(model[(gfn - FIRST_GFN) as usize]), u64::from(max))?;
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// mm/ksm.c details: a failed merge, the merges figure, max_page_sharing
+// while pages are shared, smart scan's age, ksm_zero_pages.
+// ---------------------------------------------------------------------------
+
+/// A notifier subscriber standing for a vCPU write that lands just before
+/// KSM write-protects `gfn`: at the first range opened on `gfn` it writes
+/// `data` into frame `pfn` (the page's frame, still writable then).
+struct WriteBeforeProtect {
+    pool: Arc<FramePool>,
+    gfn: Gfn,
+    pfn: Pfn,
+    data: Vec<u8>,
+    done: bool,
+}
+
+impl WriteBeforeProtect {
+    /// Arms the write on `gfn` (its frame now) in `lab`'s primary MMU.
+    fn arm(lab: &Lab, gfn: Gfn, data: Vec<u8>) {
+        let pfn = lab.host().pte(gfn).expect("pte").pfn;
+        let hook = Self { pool: lab.guest.pool.clone(), gfn, pfn, data, done: false };
+        lab.host().mmu_notifier_register(Arc::new(Mutex::new(hook)));
+    }
+}
+
+impl MmuNotifier for WriteBeforeProtect {
+    fn invalidate_range_start(&mut self, range: &MmuNotifierRange) {
+        if !self.done && range.contains(self.gfn) {
+            self.done = true;
+            let at = GuestAddress(self.pfn << PAGE_SHIFT);
+            self.pool.direct_map().write_slice(&self.data, at).expect("write the frame");
+        }
+    }
+    fn invalidate_range_end(&mut self, _: &MmuNotifierRange) {}
+    fn change_pte(&mut self, _: Gfn, _: HostPte) {}
+}
+
+#[test]
+fn a_failed_merge_with_a_ksm_page_ends_the_visit() {
+    // Pages 0, 1, 2 hold '*'. Scan 1 records checksums. In scan 2 pages 0
+    // and 1 become a KSM page; page 2 finds it in the stable tree but is
+    // written just before its write protection, so the merge fails.
+    // mm/ksm.c's cmp_and_merge_page returns then. Going on to the unstable
+    // tree with the copy read before the write ('*', whose checksum held
+    // since scan 1) would put page 2 there under content it no longer holds.
+    let lab = Lab::new(Policy::ChangePte, 3, knobs_with(|k| k.smart_scan = false));
+    for gfn in lab.gfns() {
+        lab.guest.fill(gfn, STAR);
+    }
+    lab.full_scan();
+    WriteBeforeProtect::arm(&lab, FIRST_GFN + 2, pattern(0xb0b0));
+    lab.full_scan();
+    let s = lab.stats();
+    let got = (s.pages_shared, s.pages_sharing, s.pages_unshared, s.pages_volatile);
+    assert_eq!(got, (1, 1, 0, 1), "page 2 is in no tree after its failed merge: {s:?}");
+    assert_eq!(s.merges, 2, "{s:?}");
+    assert!(lab.page(FIRST_GFN + 2) == pattern(0xb0b0));
+    // Page 2 now holds still: it is an unshared page after the next pass.
+    lab.full_pass();
+    let s = lab.stats();
+    assert_eq!((s.pages_shared, s.pages_sharing, s.pages_unshared), (1, 1, 1), "{s:?}");
+    lab.check_coherent();
+}
+
+#[test]
+fn merges_counts_no_pair_whose_second_half_failed() {
+    // Pages 0 and 1 hold '*'. In scan 2 page 0 enters the unstable tree and
+    // page 1 finds it: page 1 is write-protected to become the KSM page,
+    // then page 0 is written just before its own write protection, so the
+    // pair does not merge. Nothing is shared: no merge is counted.
+    let lab = Lab::new(Policy::ChangePte, 2, knobs_with(|k| k.smart_scan = false));
+    for gfn in lab.gfns() {
+        lab.guest.fill(gfn, STAR);
+    }
+    lab.full_scan();
+    WriteBeforeProtect::arm(&lab, FIRST_GFN, pattern(0xb0b0));
+    lab.full_scan();
+    let s = lab.stats();
+    assert_eq!((s.pages_shared, s.pages_sharing, s.merges), (0, 0, 0), "{s:?}");
+    assert!(!lab.host().pte(FIRST_GFN + 1).expect("pte").writable, "page 1 stays write-protected");
+    lab.full_pass();
+    let s = lab.stats();
+    assert_eq!((s.pages_shared, s.pages_sharing, s.merges), (0, 0, 0), "two different pages: {s:?}");
+    lab.check_coherent();
+}
+
+#[test]
+fn max_page_sharing_cannot_change_while_pages_are_shared() {
+    // mm/ksm.c max_page_sharing_store: -EBUSY while ksm_pages_shared != 0.
+    const N: u64 = 8;
+    let lab = Lab::new(Policy::ChangePte, N, KsmKnobs::default());
+    for gfn in lab.gfns() {
+        lab.guest.fill(gfn, STAR);
+    }
+    lab.full_pass();
+    assert_eq!((lab.stats().pages_shared, lab.stats().pages_sharing), (1, N - 1));
+    let knobs = lock(&lab.ksm).knobs();
+    let e = lock(&lab.ksm).set_knobs(KsmKnobs { max_page_sharing: 3, ..knobs }).expect_err("busy");
+    assert!(matches!(e, KsmError::Busy { name: "max_page_sharing", pages_shared: 1 }), "{e:?}");
+    assert!(e.to_string().contains("max_page_sharing"), "{e}");
+    assert_eq!(lock(&lab.ksm).knobs(), knobs, "a refused write changes nothing");
+    // The same value, with other knobs changed, is accepted.
+    lab.set_knobs(|k| k.pages_to_scan = 7);
+    // Once unmerged it can change, and the next pass groups by it.
+    lab.unmerge_all();
+    lab.set_knobs(|k| k.max_page_sharing = 3);
+    lab.full_pass();
+    let s = lab.stats();
+    assert_eq!((s.pages_shared, s.pages_sharing), linux_expected(N, 3), "{s:?}");
+}
+
+#[test]
+fn smart_scan_age_is_not_reset_by_a_merge() {
+    // mm/ksm.c: rmap_item->age counts the scans since the rmap item was
+    // created (of a page that was not KSM then); a merge does not reset it.
+    // Two '*' pages are looked at in scans 1 and 2 (ages 0 and 1, then 2)
+    // and merge in scan 2; while KSM their age stays 2. Then both are
+    // rewritten with unique contents (copy-on-write). Scan a: age 2,
+    // scanned. Scan b: age 3, scanned, earns 1 skip. Scan c: age 4,
+    // skipped. Had the merge reset the age, nothing would be skipped before
+    // a fourth scan.
+    let lab = Lab::new(Policy::ChangePte, 2, knobs_with(|k| k.smart_scan = true));
+    for gfn in lab.gfns() {
+        lab.guest.fill(gfn, STAR);
+    }
+    lab.full_scan();
+    lab.full_scan();
+    for _ in 0..4 {
+        lab.full_scan(); // KSM pages: neither aged nor skipped
+    }
+    let s = lab.stats();
+    assert_eq!((s.pages_shared, s.pages_sharing, s.pages_skipped), (1, 1, 0), "{s:?}");
+    for gfn in lab.gfns() {
+        lab.guest.fill(gfn, 0x5151_0000 + gfn);
+    }
+    let mut skipped = Vec::new();
+    for _ in 0..3 {
+        lab.full_scan();
+        skipped.push(lab.stats().pages_skipped);
+    }
+    assert_eq!(skipped, [0, 0, 2], "{:?}", lab.stats());
+}
+
+#[test]
+fn ksm_zero_pages_drops_when_a_write_breaks_the_zero_page_mapping() {
+    // Linux lowers ksm_zero_pages when a zero-page pte is unmapped or
+    // broken by copy-on-write, not when ksmd next comes by.
+    const N: u64 = 16;
+    let lab = Lab::new(Policy::ChangePte, N, knobs_with(|k| k.use_zero_pages = true));
+    for gfn in lab.gfns() {
+        lab.guest.fill(gfn, 0);
+    }
+    lab.full_pass();
+    let s = lab.stats();
+    assert_eq!((s.ksm_zero_pages, s.rmap_items, s.pages_volatile), (N, N, 0), "{s:?}");
+    for gfn in FIRST_GFN..FIRST_GFN + 4 {
+        lab.guest.write(gfn, 0, &[1]);
+    }
+    let s = lab.stats();
+    // The four written pages are in no tree and map no zero page: volatile.
+    assert_eq!((s.ksm_zero_pages, s.rmap_items, s.pages_volatile), (N - 4, N, 4), "before a scan: {s:?}");
+    assert_eq!(s.general_profit, linux_general_profit(&s), "{s:?}");
+    lab.full_scan();
+    assert_eq!(lab.stats().ksm_zero_pages, N - 4);
 }
