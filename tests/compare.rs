@@ -325,3 +325,217 @@ fn bench_dedup_reports_scan_and_merge_costs_against_the_kernel_as_json() {
     }
     assert_eq!(v["kernel_skipped"].is_null(), kernel);
 }
+
+/// Runs `vmm compare ARGS --out OUT` to the end and reads its compare.json.
+fn compare_json(args: &[&str], out: &Path) -> CompareReport {
+    let output = vmm().arg("compare").args(args).arg("--out").arg(out).output().expect("spawn vmm compare");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{}\n{stderr}", String::from_utf8_lossy(&output.stdout));
+    serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).expect("compare.json")).expect("parses")
+}
+
+/// A minimal ABI-v1 guest that takes phases 0, 1, 2 and 1 again, then exits
+/// 0; the second phase 1 also writes port 0x80, so its figures differ from
+/// the first one's.
+fn phase_reuse_guest() -> Vec<u8> {
+    const LOAD: u64 = 0x10_0000;
+    let mut code = vec![0xBA, 0x00, 0x05, 0x00, 0x00]; // mov edx, 0x500
+    for phase in [1u32, 2, 1] {
+        code.push(0xB8); // mov eax, phase
+        code.extend(phase.to_le_bytes());
+        code.push(0xEF); // out dx, eax
+    }
+    code.extend([0xBA, 0x80, 0x00, 0x00, 0x00]); // mov edx, 0x80
+    code.extend([0xEE, 0xEE, 0xEE]); // out dx, al (three times)
+    code.extend([0xBA, 0xF4, 0x00, 0x00, 0x00]); // mov edx, 0xf4
+    code.extend([0x31, 0xC0, 0xEF, 0xF4]); // xor eax, eax; out dx, eax; hlt
+    let mut elf = b"\x7fELF".to_vec();
+    elf.extend([2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // ELFCLASS64, little-endian, version 1
+    elf.extend(2u16.to_le_bytes()); // ET_EXEC
+    elf.extend(62u16.to_le_bytes()); // EM_X86_64
+    elf.extend(1u32.to_le_bytes());
+    for v in [LOAD, 64, 0] {
+        elf.extend(v.to_le_bytes()); // e_entry, e_phoff, e_shoff
+    }
+    elf.extend(0u32.to_le_bytes()); // e_flags
+    for v in [64u16, 56, 1, 64, 0, 0] {
+        elf.extend(v.to_le_bytes()); // e_ehsize, e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx
+    }
+    elf.extend(1u32.to_le_bytes()); // PT_LOAD
+    elf.extend(5u32.to_le_bytes()); // R+X
+    let len = code.len() as u64;
+    for v in [64 + 56, LOAD, LOAD, len, len, 0x1000] {
+        elf.extend(v.to_le_bytes()); // offset, vaddr, paddr, filesz, memsz, align
+    }
+    elf.extend(code);
+    elf
+}
+
+#[test]
+fn compare_matches_phases_by_position_when_the_guest_reuses_a_number() {
+    if !require_kvm() {
+        return;
+    }
+    let image = scratch("phase-reuse.elf");
+    std::fs::write(&image, phase_reuse_guest()).expect("write the guest");
+    let image = image.to_str().expect("utf-8 path");
+    let report = compare_json(
+        &[image, "--mem", "2M", "--repeat", "1", "--policies", "off,range-flush"],
+        &scratch("compare-reuse"),
+    );
+    let run = &report.runs[0].stats;
+    let numbers: Vec<u32> = run.phases.iter().map(|p| p.phase).collect();
+    assert_eq!(numbers, [0, 1, 2, 1], "the guest's phases");
+    assert_eq!(report.phase_sequence, numbers);
+    assert!(report.phase_mismatches.is_empty(), "{:?}", report.phase_mismatches);
+    assert_eq!(
+        report.phases.iter().map(|p| p.phase).collect::<Vec<_>>(),
+        numbers.iter().map(|&n| Some(n)).collect::<Vec<_>>()
+    );
+    // Each position shows that position's figures, in every run.
+    for r in &report.runs {
+        for (i, p) in report.phases.iter().enumerate() {
+            let io = r.stats.phases[i].figures.exits.io;
+            assert_eq!(p.figures["exits.io"][&r.policy].values, vec![io], "{} at position {i}", r.policy);
+        }
+    }
+    assert_ne!(run.phases[1].figures.exits.io, run.phases[3].figures.exits.io, "the two phase 1s differ");
+}
+
+#[test]
+fn compare_never_reads_an_unreported_kvm_level_as_zero() {
+    if !require_kvm() {
+        return;
+    }
+    let report = compare_json(
+        &["pagefill", "--mem", "8M", "--repeat", "1", "--policies", "off,range-flush"],
+        &scratch("compare-lvl"),
+    );
+    assert!(report.kvm_levels.iter().any(|l| l == "pages_4k"), "{:?}", report.kvm_levels);
+    let mut carried = 0;
+    for r in &report.runs {
+        // The level at the end of each phase: the value last reported.
+        let mut level = None;
+        for (i, phase) in r.stats.phases.iter().enumerate() {
+            let reported = phase.figures.kvm.get("pages_4k").copied();
+            if reported.is_none() && level.is_some() {
+                carried += 1;
+            }
+            level = reported.or(level);
+            let shown = report.phases[i].figures.get("kvm.pages_4k").and_then(|by| by.get(&r.policy));
+            assert_eq!(shown.map(|s| s.values.clone()), level.map(|l| vec![l]), "{} phase position {i}", r.policy);
+        }
+    }
+    assert!(carried > 0, "no phase left pages_4k unreported: the test shows nothing");
+}
+
+/// The pids whose parent is `parent`.
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // pid (comm) state ppid ...: comm may hold spaces and parentheses.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        if after.split_whitespace().nth(1).and_then(|p| p.parse().ok()) == Some(parent) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Whether `pid` still runs (a zombie has ended).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+}
+
+/// Whether `pid` has a thread named `name`.
+fn has_thread(pid: u32, name: &str) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().any(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+}
+
+/// A `vmm compare` of the spinning guest, and its child `vmm run` once the
+/// guest runs (its signal handlers are in place by then).
+fn compare_with_a_running_child(out: &Path) -> (std::process::Child, u32) {
+    let mut compare = vmm()
+        .args(["compare", "misbehave-spin", "--mem", "8M", "--repeat", "1", "--policies", "off", "--timeout", "60"])
+        .arg("--out")
+        .arg(out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmm compare");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let child = loop {
+        if let Some(&child) = children_of(compare.id()).iter().find(|&&c| has_thread(c, "vmm-watchdog")) {
+            break child;
+        }
+        if Instant::now() > deadline {
+            // Its child ends with it (that is what the callers test).
+            let _ = compare.kill();
+            let _ = compare.wait();
+            panic!("the child vmm run never started its guest");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    (compare, child)
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(pid).expect("pid");
+    // SAFETY: kill with a pid of a process this test started and a standard signal.
+    unsafe { libc::kill(pid, sig) };
+}
+
+fn interrupted_stats(out: &Path) -> vmm::stats::RunStats {
+    let text = std::fs::read_to_string(out.join("runs/off-0.json")).expect("the child wrote its statistics");
+    serde_json::from_str(&text).expect("statistics parse")
+}
+
+#[test]
+fn a_killed_compare_takes_its_child_with_it() {
+    if !require_kvm() {
+        return;
+    }
+    let out = scratch("compare-killed");
+    let (mut compare, child) = compare_with_a_running_child(&out);
+    signal(compare.id(), libc::SIGKILL);
+    compare.wait().expect("wait");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while alive(child) {
+        if Instant::now() > deadline {
+            signal(child, libc::SIGKILL);
+            panic!("the child vmm run outlived vmm compare");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SIGTERM, not SIGKILL: the run ended cleanly, with its statistics.
+    assert_eq!(interrupted_stats(&out).guest.end.reason, "interrupted");
+}
+
+#[test]
+fn sigint_and_sigterm_to_compare_reach_its_child_before_compare_ends() {
+    if !require_kvm() {
+        return;
+    }
+    for (sig, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM")] {
+        let out = scratch(&format!("compare-{name}"));
+        let (compare, child) = compare_with_a_running_child(&out);
+        signal(compare.id(), sig);
+        let output = compare.wait_with_output().expect("wait");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        // Ended by the signal, as the caller (a shell, `timeout`) expects,
+        // and only after its child: no child left, its statistics written.
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(output.status.signal(), Some(sig), "{name}: {stderr}");
+        if alive(child) {
+            signal(child, libc::SIGKILL);
+            panic!("{name}: the child vmm run outlived vmm compare");
+        }
+        assert_eq!(interrupted_stats(&out).guest.end.reason, "interrupted", "{name}");
+        assert!(stderr.contains(&format!("interrupted by {name}")), "{name}: {stderr}");
+        assert!(!out.join("compare.json").exists(), "{name}: no comparison from an interrupted run");
+    }
+}

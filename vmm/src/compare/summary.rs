@@ -3,7 +3,7 @@
 //! difference from `off` (schema [`COMPARE_SCHEMA`] version
 //! [`COMPARE_VERSION`], documented in README.md).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -23,19 +23,27 @@ pub struct Summary {
     pub min: u64,
     /// Largest value.
     pub max: u64,
-    /// Every value, in repeat order.
+    /// Every value, in repeat order (of the runs that have one).
     pub values: Vec<u64>,
-    /// `median` minus `off`'s median; None for `off` itself or without `off`.
+    /// Repeats (0-based) of counted runs that have no value: a host KVM
+    /// level statistic the run never reported up to the end of the stretch
+    /// (KVM reports a level only when it changed), so its value is unknown.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub absent: Vec<u32>,
+    /// `median` minus `off`'s median; None for `off` itself, without `off`,
+    /// or when either has `absent` repeats.
     pub diff_from_off: Option<f64>,
 }
 
 /// One phase (or the whole run): figure name -> policy -> summary.
 ///
 /// Figure names are `exits.<reason>`, `shadow_mmu.<name>`, `ksm.<name>`,
-/// `kvm.<name>` and `wall_ns`.
+/// `kvm.<name>` and `wall_ns`. A policy without a value in any counted run
+/// (a level it never reported) has no entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PhaseSummary {
-    /// The guest's phase number; None for the whole run.
+    /// The guest's phase number (a label: phases are matched by their
+    /// position in the run, and a number may repeat); None for the whole run.
     pub phase: Option<u32>,
     /// The figures.
     pub figures: BTreeMap<String, BTreeMap<String, Summary>>,
@@ -48,6 +56,18 @@ pub struct Skipped {
     pub policy: String,
     /// Why (one line).
     pub reason: String,
+}
+
+/// A child run that ended without statistics (after the first repeat of its
+/// policy: a first run that fails skips the policy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedRun {
+    /// The policy.
+    pub policy: String,
+    /// The repeat (0-based).
+    pub repeat: u32,
+    /// How it ended: exit status or signal, and the last line of its standard error.
+    pub detail: String,
 }
 
 /// One run of the comparison.
@@ -104,9 +124,24 @@ pub struct CompareReport {
     pub reports_identical: bool,
     /// Runs whose reports differ from the reference, as "policy #repeat".
     pub report_mismatches: Vec<String>,
-    /// Runs that did not end with the guest's exit code 0, as "policy #repeat: detail".
+    /// Runs that did not end with the guest's exit code 0, or ended without
+    /// statistics, as "policy #repeat: detail".
     pub failed_runs: Vec<String>,
-    /// Per phase, in the order the reference run took them.
+    /// The phase numbers of the reference run (the first counted run of the
+    /// reference policy), in the order it took them.
+    #[serde(default)]
+    pub phase_sequence: Vec<u32>,
+    /// Counted runs whose phase numbers differ from `phase_sequence`, as
+    /// "policy #repeat: 0 1 2"; when there are any, `phases` covers only the
+    /// leading phases that every counted run shares.
+    #[serde(default)]
+    pub phase_mismatches: Vec<String>,
+    /// The host KVM statistics that are levels (instant or peak values, not
+    /// cumulative counters), by their names in a run's `kvm` section.
+    #[serde(default)]
+    pub kvm_levels: Vec<String>,
+    /// Per phase, by position in the run: the reference run's phases, or
+    /// the leading ones every counted run shares (see `phase_mismatches`).
     pub phases: Vec<PhaseSummary>,
     /// The whole run.
     pub total: PhaseSummary,
@@ -140,29 +175,72 @@ pub fn median(values: &[u64]) -> f64 {
     }
 }
 
-/// Summarises one stretch (a phase, or the whole run) across policies:
-/// `pick` gives a run's figures for it (None: the run has no such phase,
-/// which counts as zero).
+/// A counted run's figures, flattened: per phase by position, and for the
+/// whole run.
+///
+/// A run reports a host KVM level only in a stretch where it changed; since
+/// phases follow each other without gaps, a level it did not report in a
+/// phase is the value it last reported (in the whole run: the last phase's
+/// value). A level not reported up to then stays missing: it is unknown, not 0.
+struct FlatRun<'a> {
+    record: &'a RunRecord,
+    phases: Vec<BTreeMap<String, u64>>,
+    total: BTreeMap<String, u64>,
+}
+
+impl<'a> FlatRun<'a> {
+    fn new(record: &'a RunRecord, kvm_levels: &BTreeSet<String>) -> Self {
+        let mut known = BTreeMap::new();
+        let mut phases = Vec::new();
+        for p in &record.stats.phases {
+            for (name, &v) in p.figures.kvm.iter().filter(|(name, _)| kvm_levels.contains(*name)) {
+                known.insert(format!("kvm.{name}"), v);
+            }
+            let mut figures = flatten(&p.figures);
+            for (name, &v) in &known {
+                figures.entry(name.clone()).or_insert(v);
+            }
+            phases.push(figures);
+        }
+        let mut total = flatten(&record.stats.total);
+        for (name, v) in known {
+            total.entry(name).or_insert(v);
+        }
+        Self { record, phases, total }
+    }
+}
+
+fn is_level(name: &str, kvm_levels: &BTreeSet<String>) -> bool {
+    name.strip_prefix("kvm.").is_some_and(|n| kvm_levels.contains(n))
+}
+
+/// Summarises one stretch (a phase, or the whole run) across policies from
+/// the counted runs' figures for it (`(policy, repeat, figures)`). A missing
+/// figure is 0 (a counter that did not move), except a host KVM level,
+/// which is left out and named in `absent`.
 fn summarise(
     policies: &[String],
-    runs: &[RunRecord],
+    stretch: &[(&str, u32, &BTreeMap<String, u64>)],
     phase: Option<u32>,
-    pick: impl Fn(&RunStats) -> Option<&Figures>,
+    kvm_levels: &BTreeSet<String>,
 ) -> PhaseSummary {
-    let mut per_policy: BTreeMap<&str, Vec<BTreeMap<String, u64>>> = BTreeMap::new();
-    // A run that did not end well (timeout, interrupt, error) is listed in
-    // `failed_runs`, not averaged in.
-    for r in runs.iter().filter(|r| r.stats.guest.exit_code == Some(0)) {
-        per_policy.entry(&r.policy).or_default().push(pick(&r.stats).map(flatten).unwrap_or_default());
-    }
-    let names: std::collections::BTreeSet<&String> =
-        per_policy.values().flat_map(|runs| runs.iter().flat_map(|m| m.keys())).collect();
+    let names: BTreeSet<&String> = stretch.iter().flat_map(|(_, _, m)| m.keys()).collect();
     let mut figures = BTreeMap::new();
     for name in names {
+        let level = is_level(name, kvm_levels);
         let mut by_policy = BTreeMap::new();
         for p in policies {
-            let Some(list) = per_policy.get(p.as_str()) else { continue };
-            let values: Vec<u64> = list.iter().map(|m| m.get(name).copied().unwrap_or(0)).collect();
+            let (mut values, mut absent) = (Vec::new(), Vec::new());
+            for (_, repeat, m) in stretch.iter().filter(|(policy, _, _)| policy == p) {
+                match m.get(name) {
+                    Some(&v) => values.push(v),
+                    None if level => absent.push(*repeat),
+                    None => values.push(0),
+                }
+            }
+            if values.is_empty() {
+                continue;
+            }
             by_policy.insert(
                 p.clone(),
                 Summary {
@@ -170,13 +248,14 @@ fn summarise(
                     min: values.iter().copied().min().unwrap_or(0),
                     max: values.iter().copied().max().unwrap_or(0),
                     values,
+                    absent,
                     diff_from_off: None,
                 },
             );
         }
-        if let Some(off) = by_policy.get("off").map(|s| s.median) {
+        if let Some(off) = by_policy.get("off").filter(|s| s.absent.is_empty()).map(|s| s.median) {
             for (p, s) in by_policy.iter_mut() {
-                if p != "off" {
+                if p != "off" && s.absent.is_empty() {
                     s.diff_from_off = Some(s.median - off);
                 }
             }
@@ -186,32 +265,79 @@ fn summarise(
     PhaseSummary { phase, figures }
 }
 
-/// Builds the document from the runs (policies in the order given).
-pub fn build_report(setup: Setup, policies: Vec<String>, skipped: Vec<Skipped>, runs: Vec<RunRecord>) -> CompareReport {
+fn phase_numbers(stats: &RunStats) -> Vec<u32> {
+    stats.phases.iter().map(|p| p.phase).collect()
+}
+
+fn run_name(r: &RunRecord) -> String {
+    format!("{} #{}", r.policy, r.repeat)
+}
+
+/// Builds the document from the runs (policies in the order given), the
+/// runs that ended without statistics, and the host KVM's level statistics.
+///
+/// Only runs whose guest exited with code 0 are counted in the figures.
+/// Phases are matched by position: phase i of every counted run is compared
+/// with phase i of the others, labelled with the reference run's number.
+pub fn build_report(
+    setup: Setup,
+    policies: Vec<String>,
+    skipped: Vec<Skipped>,
+    runs: Vec<RunRecord>,
+    failures: Vec<FailedRun>,
+    kvm_levels: &BTreeSet<String>,
+) -> CompareReport {
     let reference_policy = if policies.iter().any(|p| p == "off") { "off" } else { policies.first().map_or("", |p| p) };
     let reference = runs.iter().find(|r| r.policy == reference_policy);
     let report_mismatches: Vec<String> = match reference {
-        Some(reference) => runs
-            .iter()
-            .filter(|r| r.stats.guest.reports != reference.stats.guest.reports)
-            .map(|r| format!("{} #{}", r.policy, r.repeat))
-            .collect(),
+        Some(reference) => {
+            runs.iter().filter(|r| r.stats.guest.reports != reference.stats.guest.reports).map(run_name).collect()
+        }
         None => Vec::new(),
     };
-    let failed_runs = runs
+    let mut failed: Vec<(u32, usize, String)> = runs
         .iter()
         .filter(|r| r.stats.guest.exit_code != Some(0))
-        .map(|r| format!("{} #{}: {}", r.policy, r.repeat, r.stats.guest.end.detail))
+        .map(|r| (r.repeat, &r.policy, r.stats.guest.end.detail.clone()))
+        .chain(failures.iter().map(|f| (f.repeat, &f.policy, f.detail.clone())))
+        .map(|(repeat, policy, detail)| {
+            let order = policies.iter().position(|p| p == policy).unwrap_or(usize::MAX);
+            (repeat, order, format!("{policy} #{repeat}: {detail}"))
+        })
         .collect();
-    let phase_numbers: Vec<u32> = match reference {
-        Some(r) => r.stats.phases.iter().map(|p| p.phase).collect(),
-        None => Vec::new(),
-    };
-    let phases = phase_numbers
+    failed.sort();
+    let failed_runs = failed.into_iter().map(|(_, _, f)| f).collect();
+
+    // A run that did not end well (timeout, interrupt, error) is listed in
+    // `failed_runs`, not counted.
+    let counted: Vec<FlatRun<'_>> =
+        runs.iter().filter(|r| r.stats.guest.exit_code == Some(0)).map(|r| FlatRun::new(r, kvm_levels)).collect();
+    let phase_reference = counted.iter().find(|r| r.record.policy == reference_policy).or(counted.first());
+    let phase_sequence = phase_reference.map(|r| phase_numbers(&r.record.stats)).unwrap_or_default();
+    let mut phase_mismatches = Vec::new();
+    let mut shared = phase_sequence.len();
+    for r in &counted {
+        let numbers = phase_numbers(&r.record.stats);
+        if numbers != phase_sequence {
+            let common = numbers.iter().zip(&phase_sequence).take_while(|(a, b)| a == b).count();
+            shared = shared.min(common);
+            let shown: Vec<String> = numbers.iter().map(u32::to_string).collect();
+            phase_mismatches.push(format!("{}: {}", run_name(r.record), shown.join(" ")));
+        }
+    }
+    let phases = phase_sequence[..shared]
         .iter()
-        .map(|&n| summarise(&policies, &runs, Some(n), |s| s.phases.iter().find(|p| p.phase == n).map(|p| &p.figures)))
+        .enumerate()
+        .map(|(i, &n)| {
+            let stretch: Vec<_> = counted
+                .iter()
+                .filter_map(|r| r.phases.get(i).map(|m| (r.record.policy.as_str(), r.record.repeat, m)))
+                .collect();
+            summarise(&policies, &stretch, Some(n), kvm_levels)
+        })
         .collect();
-    let total = summarise(&policies, &runs, None, |s| Some(&s.total));
+    let stretch: Vec<_> = counted.iter().map(|r| (r.record.policy.as_str(), r.record.repeat, &r.total)).collect();
+    let total = summarise(&policies, &stretch, None, kvm_levels);
     CompareReport {
         schema: COMPARE_SCHEMA.into(),
         version: COMPARE_VERSION,
@@ -221,6 +347,9 @@ pub fn build_report(setup: Setup, policies: Vec<String>, skipped: Vec<Skipped>, 
         reports_identical: report_mismatches.is_empty(),
         report_mismatches,
         failed_runs,
+        phase_sequence,
+        phase_mismatches,
+        kvm_levels: kvm_levels.iter().cloned().collect(),
         phases,
         total,
         runs,
@@ -232,14 +361,14 @@ pub(crate) mod tests {
     use super::*;
     use crate::stats::{ConfigRecord, EndRecord, ExitKind, GuestRecord, PhaseStats, SCHEMA_VERSION};
 
-    /// A run with `io` io exits and `faults` write faults in phase 1.
-    pub(crate) fn run(policy: &str, repeat: u32, faults: u64, reports: Vec<u64>) -> RunRecord {
-        let mut f = Figures { wall_ns: 1_000_000 * (faults + 1), ..Figures::default() };
-        f.exits.record(ExitKind::Io);
-        for _ in 0..faults {
-            f.exits.record(ExitKind::EptWrite);
+    /// A successful run with these phases; the whole run is their sum (a
+    /// test stand-in: levels are not summed by a real run).
+    pub(crate) fn run_with(policy: &str, repeat: u32, phases: Vec<PhaseStats>, reports: Vec<u64>) -> RunRecord {
+        let mut total = Figures::default();
+        for p in &phases {
+            total.exits.add(&p.figures.exits);
+            total.wall_ns += p.figures.wall_ns;
         }
-        f.ksm.insert("pages_sharing".into(), faults);
         let stats = RunStats {
             schema: SCHEMA_VERSION,
             config: ConfigRecord {
@@ -254,10 +383,32 @@ pub(crate) mod tests {
                 reports,
                 end: EndRecord { reason: "exit".into(), rip: None, detail: "ok".into() },
             },
-            phases: vec![PhaseStats { phase: 1, figures: f.clone() }],
-            total: f,
+            phases,
+            total,
         };
         RunRecord { policy: policy.into(), repeat, status: 0, stats }
+    }
+
+    /// A run with `io` io exits and `faults` write faults in phase 1.
+    pub(crate) fn run(policy: &str, repeat: u32, faults: u64, reports: Vec<u64>) -> RunRecord {
+        let mut f = Figures { wall_ns: 1_000_000 * (faults + 1), ..Figures::default() };
+        f.exits.record(ExitKind::Io);
+        for _ in 0..faults {
+            f.exits.record(ExitKind::EptWrite);
+        }
+        f.ksm.insert("pages_sharing".into(), faults);
+        let mut r = run_with(policy, repeat, vec![PhaseStats { phase: 1, figures: f.clone() }], reports);
+        r.stats.total = f;
+        r
+    }
+
+    /// A phase numbered `n` with `io` io exits.
+    pub(crate) fn phase(n: u32, io: u64) -> PhaseStats {
+        let mut figures = Figures { wall_ns: 1000, ..Figures::default() };
+        for _ in 0..io {
+            figures.exits.record(ExitKind::Io);
+        }
+        PhaseStats { phase: n, figures }
     }
 
     pub(crate) fn setup() -> Setup {
@@ -274,6 +425,12 @@ pub(crate) mod tests {
         }
     }
 
+    /// `build_report` with no failed-outright runs and no KVM levels.
+    pub(crate) fn report(policies: &[&str], runs: Vec<RunRecord>) -> CompareReport {
+        let policies = policies.iter().map(|p| p.to_string()).collect();
+        build_report(setup(), policies, Vec::new(), runs, Vec::new(), &BTreeSet::new())
+    }
+
     #[test]
     fn medians_spreads_and_differences_from_off() {
         assert_eq!(median(&[3, 1, 2]), 2.0);
@@ -286,8 +443,8 @@ pub(crate) mod tests {
             run("off", 2, 0, vec![7]),
             run("range-flush", 2, 20, vec![7]),
         ];
-        let r = build_report(setup(), vec!["off".into(), "range-flush".into()], Vec::new(), runs);
-        assert!(r.reports_identical && r.failed_runs.is_empty());
+        let r = report(&["off", "range-flush"], runs);
+        assert!(r.reports_identical && r.failed_runs.is_empty() && r.phase_mismatches.is_empty());
         assert_eq!(r.phases.len(), 1);
         let w = &r.phases[0].figures["exits.ept_write"];
         assert_eq!((w["range-flush"].median, w["range-flush"].min, w["range-flush"].max), (20.0, 10, 30));
@@ -298,9 +455,114 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_phase_number_the_guest_reuses_is_compared_by_position() {
+        // Phases 0, 1, 2, 1: the second phase 1 has its own figures.
+        let numbers = [0, 1, 2, 1];
+        let phases = |base: u64| numbers.iter().zip(1..).map(|(&n, i)| phase(n, base * i)).collect::<Vec<_>>();
+        let runs = vec![run_with("off", 0, phases(1), vec![7]), run_with("legacy", 0, phases(2), vec![7])];
+        let r = report(&["off", "legacy"], runs.clone());
+        assert_eq!(r.phase_sequence, numbers);
+        assert!(r.phase_mismatches.is_empty());
+        assert_eq!(r.phases.iter().map(|p| p.phase).collect::<Vec<_>>(), numbers.map(Some));
+        for (i, p) in r.phases.iter().enumerate() {
+            for run in &runs {
+                let io = run.stats.phases[i].figures.exits.io;
+                assert_eq!(p.figures["exits.io"][&run.policy].values, vec![io], "phase at position {i}");
+            }
+        }
+        assert_ne!(r.phases[1].figures["exits.io"], r.phases[3].figures["exits.io"]);
+    }
+
+    #[test]
+    fn runs_that_took_other_phases_are_named_and_only_shared_phases_compared() {
+        let runs = vec![
+            run_with("off", 0, vec![phase(0, 1), phase(1, 2), phase(2, 3), phase(3, 4)], vec![7]),
+            run_with("legacy", 0, vec![phase(0, 1), phase(1, 2), phase(2, 3), phase(3, 4)], vec![7]),
+            run_with("legacy", 1, vec![phase(0, 1), phase(1, 2), phase(5, 3)], vec![7]),
+        ];
+        let r = report(&["off", "legacy"], runs);
+        assert_eq!(r.phase_sequence, vec![0, 1, 2, 3]);
+        assert_eq!(r.phase_mismatches, vec!["legacy #1: 0 1 5".to_string()]);
+        assert_eq!(r.phases.iter().map(|p| p.phase).collect::<Vec<_>>(), vec![Some(0), Some(1)]);
+        // The whole run still counts every counted run.
+        assert_eq!(r.total.figures["exits.io"]["legacy"].values.len(), 2);
+    }
+
+    #[test]
+    fn a_kvm_level_is_never_read_as_zero() {
+        const LEVEL: u64 = 3585; // the level both runs reached in phase 0
+        const ZAPPED: u64 = 1; // range-flush's level after its zap
+        const COUNTER: u64 = 9;
+        let with_kvm = |n: u32, kvm: &[(&str, u64)]| {
+            let mut p = phase(n, 1);
+            p.figures.kvm = kvm.iter().map(|&(k, v)| (k.to_string(), v)).collect();
+            p
+        };
+        let levels = BTreeSet::from(["pages_4k".to_string(), "blocking".to_string()]);
+        let runs = vec![
+            // off: the level moved in phase 0 only; `blocking` never moved.
+            run_with("off", 0, vec![with_kvm(0, &[("pages_4k", LEVEL), ("exits", COUNTER)]), with_kvm(1, &[])], vec![]),
+            run_with(
+                "range-flush",
+                0,
+                vec![with_kvm(0, &[("pages_4k", LEVEL)]), with_kvm(1, &[("pages_4k", ZAPPED)])],
+                vec![],
+            ),
+            run_with(
+                "range-flush",
+                1,
+                vec![with_kvm(0, &[("pages_4k", LEVEL), ("blocking", 1)]), with_kvm(1, &[])],
+                vec![],
+            ),
+        ];
+        let policies = vec!["off".to_string(), "range-flush".to_string()];
+        let r = build_report(setup(), policies, Vec::new(), runs, Vec::new(), &levels);
+        assert_eq!(r.kvm_levels, vec!["blocking".to_string(), "pages_4k".to_string()]);
+        let p1 = &r.phases[1].figures;
+        // Unreported in phase 1: still the level of phase 0.
+        assert_eq!(p1["kvm.pages_4k"]["off"].values, vec![LEVEL]);
+        assert_eq!(p1["kvm.pages_4k"]["range-flush"].values, vec![ZAPPED, LEVEL]);
+        let diff = median(&[ZAPPED, LEVEL]) - LEVEL as f64;
+        assert_eq!(p1["kvm.pages_4k"]["range-flush"].diff_from_off, Some(diff));
+        // A counter that did not move did not count anything: 0.
+        assert_eq!(r.phases[0].figures["kvm.exits"]["off"].values, vec![COUNTER]);
+        assert_eq!(r.phases[0].figures["kvm.exits"]["range-flush"].values, vec![0, 0]);
+        // A level a run never reported is unknown: left out, named, no difference.
+        let blocking = &r.phases[0].figures["kvm.blocking"];
+        assert!(!blocking.contains_key("off"), "{blocking:?}");
+        assert_eq!(
+            (blocking["range-flush"].values.clone(), blocking["range-flush"].absent.clone()),
+            (vec![1], vec![0])
+        );
+        assert_eq!(blocking["range-flush"].diff_from_off, None);
+        // The whole run: the last value each run had.
+        assert_eq!(r.total.figures["kvm.pages_4k"]["off"].values, vec![LEVEL]);
+    }
+
+    #[test]
+    fn runs_that_ended_without_statistics_are_listed_in_run_order() {
+        let mut timed_out = run("legacy", 0, 1, vec![7]);
+        timed_out.stats.guest.exit_code = None;
+        timed_out.stats.guest.end.detail = "timed out".into();
+        let runs = vec![run("off", 0, 0, vec![7]), timed_out, run("off", 1, 0, vec![7])];
+        let failures = vec![
+            FailedRun { policy: "legacy".into(), repeat: 1, detail: "killed by SIGKILL (signal 9)".into() },
+            FailedRun { policy: "off".into(), repeat: 2, detail: "exit status 2: no memory".into() },
+        ];
+        let policies = vec!["off".to_string(), "legacy".to_string()];
+        let r = build_report(setup(), policies, Vec::new(), runs, failures, &BTreeSet::new());
+        assert_eq!(
+            r.failed_runs,
+            ["legacy #0: timed out", "legacy #1: killed by SIGKILL (signal 9)", "off #2: exit status 2: no memory"]
+        );
+        assert_eq!(r.phases[0].figures["exits.io"]["off"].values.len(), 2);
+        assert!(!r.phases[0].figures["exits.io"].contains_key("legacy"));
+    }
+
+    #[test]
     fn a_run_that_read_something_else_is_named() {
         let runs = vec![run("off", 0, 0, vec![7]), run("change-pte", 0, 5, vec![8])];
-        let r = build_report(setup(), vec!["off".into(), "change-pte".into()], Vec::new(), runs);
+        let r = report(&["off", "change-pte"], runs);
         assert!(!r.reports_identical);
         assert_eq!(r.report_mismatches, vec!["change-pte #0".to_string()]);
     }
@@ -308,12 +570,23 @@ pub(crate) mod tests {
     #[test]
     fn the_document_round_trips_through_json() {
         let runs = vec![run("off", 0, 0, vec![7]), run("legacy", 0, 5, vec![7])];
-        let r = build_report(setup(), vec!["off".into(), "legacy".into()], Vec::new(), runs);
+        let r = report(&["off", "legacy"], runs);
         let json = serde_json::to_string(&r).expect("json");
         let back: CompareReport = serde_json::from_str(&json).expect("parse");
         assert_eq!(back, r);
         let v: serde_json::Value = serde_json::from_str(&json).expect("value");
         assert_eq!(v["schema"], COMPARE_SCHEMA);
         assert_eq!(v["version"], COMPARE_VERSION);
+    }
+
+    #[test]
+    fn a_version_1_document_without_the_new_keys_still_reads() {
+        let r = report(&["off"], vec![run("off", 0, 0, vec![7])]);
+        let mut v = serde_json::to_value(&r).expect("value");
+        for key in ["phase_sequence", "phase_mismatches", "kvm_levels"] {
+            v.as_object_mut().expect("object").remove(key);
+        }
+        let back: CompareReport = serde_json::from_value(v).expect("parse");
+        assert!(back.phase_mismatches.is_empty() && back.phases == r.phases);
     }
 }

@@ -1,7 +1,8 @@
 //! The side-by-side table `vmm compare` prints: per phase, one row per figure
 //! that moved under some policy, one column per policy; each cell is the
 //! median over the repeats, its spread (± half the min-max range, when there
-//! was more than one repeat) and its difference from `off`.
+//! was more than one repeat) and its difference from `off`. Phases are shown
+//! by their position in the run, labelled with the guest's numbers.
 
 use std::fmt::Write;
 
@@ -55,6 +56,9 @@ fn cell(s: &Summary, unit: Unit) -> String {
     if s.max > s.min {
         let half = (s.max - s.min) as f64 / 2.0;
         let _ = write!(text, " ±{}", fmt_value(half, unit));
+    }
+    if !s.absent.is_empty() {
+        let _ = write!(text, " [{}/{}]", s.values.len(), s.values.len() + s.absent.len());
     }
     if let Some(d) = s.diff_from_off {
         let sign = if d > 0.0 {
@@ -144,8 +148,37 @@ pub fn render(report: &CompareReport) -> String {
              host KVM rows (exits, pf_taken), not as VM exits seen by the VMM"
         );
     }
-    for p in &report.phases {
-        let title = format!("phase {}", p.phase.unwrap_or(0));
+    if !report.phase_mismatches.is_empty() {
+        let shown: Vec<String> = report.phase_sequence.iter().map(u32::to_string).collect();
+        let _ = writeln!(
+            out,
+            "PHASE SEQUENCES DIFFER from the reference run's ({}) in: {}; per phase, only the first {} phase(s), \
+             which every counted run shares, are compared (the whole run covers every counted run)",
+            shown.join(" "),
+            report.phase_mismatches.join(", "),
+            report.phases.len()
+        );
+    }
+    let absent = report
+        .phases
+        .iter()
+        .chain(std::iter::once(&report.total))
+        .any(|p| p.figures.values().flat_map(|by| by.values()).any(|s| !s.absent.is_empty()));
+    if absent {
+        let _ = writeln!(
+            out,
+            "[n/m]: a host KVM level that only n of m runs reported by then (KVM reports a level when it changes): \
+             the others' values are unknown and left out; \"-\": no run of the policy reported it"
+        );
+    }
+    let numbers: Vec<u32> = report.phases.iter().filter_map(|p| p.phase).collect();
+    for (i, p) in report.phases.iter().enumerate() {
+        let n = p.phase.unwrap_or(0);
+        let mut title = format!("phase {n}");
+        if numbers.iter().filter(|&&m| m == n).count() > 1 {
+            let time = numbers[..i].iter().filter(|&&m| m == n).count() + 1;
+            let _ = write!(title, " (time {time}, position {} in the run)", i + 1);
+        }
         render_phase(&mut out, &title, p, &report.policies);
     }
     render_phase(&mut out, "whole run", &report.total, &report.policies);
@@ -167,8 +200,10 @@ pub fn render(report: &CompareReport) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::super::summary::build_report;
-    use super::super::summary::tests::{run, setup};
+    use super::super::summary::tests::{phase, report, run, run_with, setup};
     use super::*;
 
     #[test]
@@ -181,7 +216,8 @@ mod tests {
         ];
         let mut s = setup();
         s.repeat = 2;
-        let r = build_report(s, vec!["off".into(), "change-pte".into()], Vec::new(), runs);
+        let r =
+            build_report(s, vec!["off".into(), "change-pte".into()], Vec::new(), runs, Vec::new(), &BTreeSet::new());
         let t = render(&r);
         assert!(t.contains("== phase 1") && t.contains("== whole run"), "{t}");
         let line = t.lines().find(|l| l.trim_start().starts_with("ept_write")).expect("ept_write row");
@@ -191,12 +227,61 @@ mod tests {
         assert!(t.contains("pages_sharing"));
         assert!(!t.contains("ept_read"), "rows that never moved are left out");
         assert!(t.contains("identical in every run"));
+        assert!(!t.contains("PHASE SEQUENCES DIFFER") && !t.contains("[n/m]"), "{t}");
     }
 
     #[test]
     fn differing_reports_are_shouted() {
         let runs = vec![run("off", 0, 0, vec![1]), run("legacy", 0, 1, vec![2])];
-        let r = build_report(setup(), vec!["off".into(), "legacy".into()], Vec::new(), runs);
+        let r = report(&["off", "legacy"], runs);
         assert!(render(&r).contains("GUEST REPORTS DIFFER from the reference run in: legacy #0"));
+    }
+
+    #[test]
+    fn a_reused_phase_number_gets_its_own_section() {
+        let phases = vec![phase(0, 1), phase(1, 2), phase(2, 3), phase(1, 4)];
+        let t = render(&report(&["off"], vec![run_with("off", 0, phases, vec![])]));
+        let titles: Vec<&str> = t.lines().filter(|l| l.starts_with("== ")).collect();
+        assert_eq!(
+            titles,
+            [
+                "== phase 0",
+                "== phase 1 (time 1, position 2 in the run)",
+                "== phase 2",
+                "== phase 1 (time 2, position 4 in the run)",
+                "== whole run"
+            ]
+        );
+    }
+
+    #[test]
+    fn differing_phase_sequences_are_said_in_one_line() {
+        let runs = vec![
+            run_with("off", 0, vec![phase(0, 1), phase(1, 1), phase(2, 1)], vec![]),
+            run_with("legacy", 0, vec![phase(0, 1), phase(3, 1)], vec![]),
+        ];
+        let t = render(&report(&["off", "legacy"], runs));
+        let notes: Vec<&str> = t.lines().filter(|l| l.contains("PHASE SEQUENCES DIFFER")).collect();
+        assert_eq!(notes.len(), 1, "{t}");
+        assert!(notes[0].contains("(0 1 2)") && notes[0].contains("legacy #0: 0 3") && notes[0].contains("first 1 "));
+        assert!(!t.contains("== phase 1") && !t.contains("== phase 3"), "{t}");
+    }
+
+    #[test]
+    fn a_level_some_runs_did_not_report_is_marked() {
+        let mut reported = phase(0, 1);
+        reported.figures.kvm.insert("pages_4k".into(), 5);
+        let runs = vec![
+            run_with("off", 0, vec![phase(0, 1)], vec![]),
+            run_with("legacy", 0, vec![reported], vec![]),
+            run_with("legacy", 1, vec![phase(0, 1)], vec![]),
+        ];
+        let levels = BTreeSet::from(["pages_4k".to_string()]);
+        let r = build_report(setup(), vec!["off".into(), "legacy".into()], Vec::new(), runs, Vec::new(), &levels);
+        let t = render(&r);
+        let line = t.lines().find(|l| l.trim_start().starts_with("pages_4k")).expect("pages_4k row");
+        let cells: Vec<&str> = line.split("  ").map(str::trim).filter(|c| !c.is_empty()).collect();
+        assert_eq!(cells, ["pages_4k", "-", "5 [1/2]"], "{line}");
+        assert!(t.contains("[n/m]: a host KVM level"), "{t}");
     }
 }
