@@ -288,11 +288,20 @@ pub fn build_report(
     kvm_levels: &BTreeSet<String>,
 ) -> CompareReport {
     let reference_policy = if policies.iter().any(|p| p == "off") { "off" } else { policies.first().map_or("", |p| p) };
-    let reference = runs.iter().find(|r| r.policy == reference_policy);
+    // Reports are compared between runs the guest ended itself (through
+    // port 0xF4 or HLT, whatever its code): a run cut short by a timeout, a
+    // signal or a VMM error has reported only part of its list, and is in
+    // `failed_runs` already.
+    let guest_ended = |r: &&RunRecord| r.stats.guest.exit_code.is_some();
+    let reference = runs.iter().filter(guest_ended).find(|r| r.policy == reference_policy);
+    let reference = reference.or_else(|| runs.iter().find(guest_ended));
     let report_mismatches: Vec<String> = match reference {
-        Some(reference) => {
-            runs.iter().filter(|r| r.stats.guest.reports != reference.stats.guest.reports).map(run_name).collect()
-        }
+        Some(reference) => runs
+            .iter()
+            .filter(guest_ended)
+            .filter(|r| r.stats.guest.reports != reference.stats.guest.reports)
+            .map(run_name)
+            .collect(),
         None => Vec::new(),
     };
     let mut failed: Vec<(u32, usize, String)> = runs
@@ -565,6 +574,22 @@ pub(crate) mod tests {
         let r = report(&["off", "change-pte"], runs);
         assert!(!r.reports_identical);
         assert_eq!(r.report_mismatches, vec!["change-pte #0".to_string()]);
+    }
+
+    #[test]
+    fn reports_are_checked_between_runs_the_guest_ended_itself() {
+        // The first off run was cut short (a timeout: part of its reports);
+        // the reference is the next off run, and the cut run is not flagged.
+        let mut cut = run("off", 0, 0, vec![7]);
+        cut.stats.guest.exit_code = None;
+        let runs = vec![cut, run("change-pte", 0, 0, vec![7, 8]), run("off", 1, 0, vec![7, 8])];
+        let r = report(&["off", "change-pte"], runs);
+        assert!(r.reports_identical, "{:?}", r.report_mismatches);
+        // A guest that exits with a non-zero code still has its reports checked.
+        let mut wrong = run("change-pte", 1, 0, vec![7, 9]);
+        wrong.stats.guest.exit_code = Some(1);
+        let runs = vec![run("off", 0, 0, vec![7, 8]), wrong];
+        assert_eq!(report(&["off", "change-pte"], runs).report_mismatches, vec!["change-pte #1".to_string()]);
     }
 
     #[test]
