@@ -112,6 +112,12 @@ impl KvmStats {
         Ok(snap)
     }
 
+    /// The names of the statistics that are levels (instant or peak values,
+    /// reported by their value), not cumulative counters.
+    pub fn level_names(&self) -> impl Iterator<Item = &str> {
+        self.descriptors.iter().filter(|d| !d.cumulative).map(|d| d.name.as_str())
+    }
+
     /// The statistics that moved between two snapshots: cumulative counters
     /// as their increase, instant and peak values as their value in `after`.
     pub fn moved(&self, before: &Snapshot, after: &Snapshot) -> BTreeMap<String, u64> {

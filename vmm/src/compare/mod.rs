@@ -23,7 +23,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::chart::{ChartData, PolicySeries, Spread};
 use crate::host_ksm::HostKsmPaths;
-use crate::kvm_stats::{KvmStats, Snapshot};
+use crate::kvm_stats::KvmStats;
 use crate::stats::RunStats;
 use crate::view::ViewKind;
 use crate::vm::DedupPolicy;
@@ -169,14 +169,9 @@ pub fn kvm_level_stats(kvm_device: &Path) -> Result<BTreeSet<String>, String> {
     let kvm = crate::vm::open_kvm(kvm_device).map_err(|e| e.to_string())?;
     let vm = kvm.create_vm().map_err(|e| what(&format!("KVM_CREATE_VM: {e}")))?;
     let vcpu = vm.create_vcpu(0).map_err(|e| what(&format!("KVM_CREATE_VCPU: {e}")))?;
-    let levels_of = |stats: KvmStats| -> Result<Vec<String>, String> {
-        let names: Vec<String> = stats.snapshot().map_err(|e| what(&e))?.into_keys().collect();
-        let at = |v: u64| -> Snapshot { names.iter().map(|n| (n.clone(), v)).collect() };
-        // `moved` gives a counter's increase (2 here) and a level's value (3).
-        Ok(stats.moved(&at(1), &at(3)).into_iter().filter(|&(_, v)| v == 3).map(|(n, _)| n).collect())
-    };
-    let mut levels: BTreeSet<String> = levels_of(KvmStats::open(&vm).map_err(|e| what(&e))?)?.into_iter().collect();
-    for name in levels_of(KvmStats::open(&vcpu).map_err(|e| what(&e))?)? {
+    let levels_of = |stats: KvmStats| -> Vec<String> { stats.level_names().map(str::to_string).collect() };
+    let mut levels: BTreeSet<String> = levels_of(KvmStats::open(&vm).map_err(|e| what(&e))?).into_iter().collect();
+    for name in levels_of(KvmStats::open(&vcpu).map_err(|e| what(&e))?) {
         levels.insert(format!("vcpu.{name}"));
         levels.insert(name);
     }
