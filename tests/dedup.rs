@@ -135,7 +135,7 @@ fn the_memslot_view_ends_the_run_cleanly_at_its_slot_limit() {
         timeout: Some(std::time::Duration::from_secs(60)),
         console: Box::new(std::io::sink()),
         kvm_device: "/dev/kvm".into(),
-        host_hook: None,
+        mm_hook: None,
         ksm: KsmKnobs::default(),
         builtin_ksm: true,
         memslot_limit: Some(64),

@@ -14,9 +14,9 @@ mod common;
 use common::pagefill::check_pagefill_exits;
 
 use common::{require_kvm, run_in_process};
-use shadow_mmu::{Gfn, HostMm, PAGE_SHIFT, PAGE_SIZE};
+use shadow_mmu::{Gfn, PrimaryMmu, PAGE_SHIFT, PAGE_SIZE};
 use vmm::view::ViewKind;
-use vmm::vm::{DedupPolicy, HookPoint, HostHook};
+use vmm::vm::{DedupPolicy, HookPoint, MmHook};
 
 const MEM: &str = "8M";
 use common::pagefill::MEM_BYTES;
@@ -28,7 +28,7 @@ fn pagefill_gfns() -> Vec<Gfn> {
 
 /// Merges page `gfn` into frame `kpfn` the way mm/ksm.c does: write-protect,
 /// compare the contents, replace.
-fn merge_into(host: &mut HostMm, gfn: Gfn, kpfn: u64) -> Result<(), String> {
+fn merge_into(host: &mut PrimaryMmu, gfn: Gfn, kpfn: u64) -> Result<(), String> {
     host.write_protect_page(gfn).map_err(|e| e.to_string())?;
     let (mut a, mut b) = (vec![0u8; PAGE_SIZE as usize], vec![0u8; PAGE_SIZE as usize]);
     host.read_guest(gfn << PAGE_SHIFT, &mut a).map_err(|e| e.to_string())?;
@@ -43,7 +43,7 @@ fn merge_into(host: &mut HostMm, gfn: Gfn, kpfn: u64) -> Result<(), String> {
 
 /// A hook that merges each pagefill group into its first page at every
 /// synchronous dedup request.
-fn merge_groups_hook() -> HostHook {
+fn merge_groups_hook() -> MmHook {
     Box::new(|point, host| {
         if point != HookPoint::DedupRequest(1) {
             return Ok(());
@@ -122,7 +122,7 @@ fn uffd_view_legacy_takes_the_same_faults_and_misses_every_change_pte() {
 }
 
 /// Zaps the access guest's pages through the notifier at its dedup request.
-fn zap_access_pages() -> HostHook {
+fn zap_access_pages() -> MmHook {
     Box::new(|point, host| {
         if point == HookPoint::DedupRequest(1) {
             let first = guest_images::ACCESS_START >> PAGE_SHIFT;

@@ -30,7 +30,7 @@ use std::cmp::Ordering;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use shadow_mmu::{lock, FramePoolError, Gfn, HostMm, HostMmError, Pfn, PAGE_SIZE};
+use shadow_mmu::{lock, FramePoolError, Gfn, Pfn, PrimaryMmu, PrimaryMmuError, PAGE_SIZE};
 
 use crate::page::{checksum, cmp_with_frame, frames_identical, read_page, PageBuf};
 use crate::tree::{ContentTree, Search};
@@ -94,7 +94,7 @@ impl KsmKnobs {
 pub enum KsmError {
     /// The primary MMU refused an operation.
     #[error(transparent)]
-    Host(#[from] HostMmError),
+    Host(#[from] PrimaryMmuError),
     /// A knob value out of range.
     #[error("ksm knob {name} = {value} is out of range: {why}")]
     BadKnob {
@@ -265,7 +265,7 @@ pub struct Ksm {
 impl Ksm {
     /// A deduplicator over every guest page of `host`. Takes one free frame
     /// as the zero page (`ZERO_PAGE(0)`) for use_zero_pages.
-    pub fn new(host: &mut HostMm, knobs: KsmKnobs) -> Result<Self, KsmError> {
+    pub fn new(host: &mut PrimaryMmu, knobs: KsmKnobs) -> Result<Self, KsmError> {
         knobs.check()?;
         let (first, end) = host.guest_range();
         let zero_pfn = host.alloc_page()?;
@@ -318,7 +318,7 @@ impl Ksm {
     }
 
     /// The statistics now (levels computed, counters since creation).
-    pub fn stats(&self, host: &HostMm) -> KsmStats {
+    pub fn stats(&self, host: &PrimaryMmu) -> KsmStats {
         let mut s = self.stats;
         s.pages_unshared = self.unstable_items();
         // Only merges map the zero page, so its mapcount is Linux's
@@ -339,7 +339,7 @@ impl Ksm {
     }
 
     /// The statistics with the sysfs names, for reports.
-    pub fn counters(&self, host: &HostMm) -> Vec<(&'static str, u64)> {
+    pub fn counters(&self, host: &PrimaryMmu) -> Vec<(&'static str, u64)> {
         let s = self.stats(host);
         vec![
             ("pages_shared", s.pages_shared),
@@ -384,13 +384,13 @@ impl Ksm {
     }
 
     /// `get_ksm_page`: whether stable node `id` still owns its KSM frame.
-    fn node_valid(&self, id: u32, host: &HostMm) -> bool {
+    fn node_valid(&self, id: u32, host: &PrimaryMmu) -> bool {
         let f = host.frame(self.nodes[id as usize].kpfn);
         f.refcount > 0 && f.ksm && f.ksm_owner == id + 1
     }
 
     /// `ksm_do_scan`: scans `pages` pages from where the last call stopped.
-    pub fn ksm_do_scan(&mut self, host: &Mutex<HostMm>, pages: u64) -> Result<(), KsmError> {
+    pub fn ksm_do_scan(&mut self, host: &Mutex<PrimaryMmu>, pages: u64) -> Result<(), KsmError> {
         let t = Instant::now();
         let cpu = thread_cpu_ns();
         let before = lock(host).pool().resident_bytes().unwrap_or(0);
@@ -438,7 +438,7 @@ impl Ksm {
     /// nothing, and the pass could end before it was compared at all.
     /// Skipping is a throughput heuristic for ksmd; a pass the guest waits
     /// for promises every page that held still its chance.
-    pub fn full_pass(&mut self, host: &Mutex<HostMm>) -> Result<u32, KsmError> {
+    pub fn full_pass(&mut self, host: &Mutex<PrimaryMmu>) -> Result<u32, KsmError> {
         self.in_full_pass = true;
         let result = self.full_pass_scans(host);
         self.in_full_pass = false;
@@ -450,7 +450,7 @@ impl Ksm {
         self.checksum_updates + self.stats.merges + self.departures
     }
 
-    fn full_pass_scans(&mut self, host: &Mutex<HostMm>) -> Result<u32, KsmError> {
+    fn full_pass_scans(&mut self, host: &Mutex<PrimaryMmu>) -> Result<u32, KsmError> {
         let mut scans = 0;
         // A scan ksmd left half done is finished first; it does not count as
         // the quiet scan that ends the pass, which must see every page.
@@ -469,7 +469,7 @@ impl Ksm {
         }
     }
 
-    fn start_full_scan(&mut self, host: &Mutex<HostMm>) -> Result<(), KsmError> {
+    fn start_full_scan(&mut self, host: &Mutex<PrimaryMmu>) -> Result<(), KsmError> {
         // The unstable tree is rebuilt every scan: its pages may have changed.
         self.unstable.clear();
         self.seqnr = self.seqnr.wrapping_add(1);
@@ -479,7 +479,7 @@ impl Ksm {
     }
 
     /// `cmp_and_merge_page` for guest page `idx`.
-    fn cmp_and_merge_page(&mut self, host: &Mutex<HostMm>, idx: usize) -> Result<(), KsmError> {
+    fn cmp_and_merge_page(&mut self, host: &Mutex<PrimaryMmu>, idx: usize) -> Result<(), KsmError> {
         let gfn = self.gfn(idx);
         let mut h = lock(host);
         let pte = h.pte(gfn)?;
@@ -571,7 +571,7 @@ impl Ksm {
     }
 
     /// `remove_rmap_item_from_tree`.
-    fn remove_rmap_item_from_tree(&mut self, idx: usize, host: &mut HostMm) {
+    fn remove_rmap_item_from_tree(&mut self, idx: usize, host: &mut PrimaryMmu) {
         let item = self.rmap[idx];
         match item.state {
             STABLE => {
@@ -602,7 +602,7 @@ impl Ksm {
     /// node); and if `id` still owns its frame, the frame's KSM tag is
     /// cleared (`folio_set_stable_node(folio, NULL)`, as `remove_stable_node`
     /// does; Linux otherwise leaves that to the freeing of the page).
-    fn stable_node_dup_del(&mut self, id: u32, host: &mut HostMm) {
+    fn stable_node_dup_del(&mut self, id: u32, host: &mut PrimaryMmu) {
         if self.node_valid(id, host) {
             let kpfn = self.nodes[id as usize].kpfn;
             host.set_ksm_owner(kpfn, false, 0);
@@ -621,7 +621,7 @@ impl Ksm {
 
     /// `remove_node_from_stable_tree`: a stale node (its KSM frame was freed)
     /// lets go of every rmap item still pointing at it.
-    fn remove_node_from_stable_tree(&mut self, id: u32, host: &mut HostMm) {
+    fn remove_node_from_stable_tree(&mut self, id: u32, host: &mut PrimaryMmu) {
         let sharers = std::mem::take(&mut self.nodes[id as usize].sharers);
         if !sharers.is_empty() {
             self.stats.pages_shared -= 1;
@@ -638,12 +638,12 @@ impl Ksm {
     /// met on the way (their KSM frame was freed, maybe reused with other
     /// content: `get_ksm_page` fails) are removed and the search starts
     /// again, so a search never orders by a frame that left the tree.
-    fn stable_search_pruned(&mut self, host: &mut HostMm) -> Search {
+    fn stable_search_pruned(&mut self, host: &mut PrimaryMmu) -> Search {
         loop {
             let stale = Cell::new(None);
             let search = {
                 let (nodes, entries, buf) = (&self.nodes, &self.entries, &self.buf);
-                let h: &HostMm = host;
+                let h: &PrimaryMmu = host;
                 self.stable.search(|entry| {
                     // Once a stale node is met the search is thrown away, so
                     // the rest of it reads no frame. A stale node's frame is
@@ -672,7 +672,7 @@ impl Ksm {
 
     /// `stable_tree_search`: a KSM page with the content in `self.buf` that
     /// has room for one more sharer.
-    fn stable_tree_search(&mut self, host: &mut HostMm) -> Option<u32> {
+    fn stable_tree_search(&mut self, host: &mut PrimaryMmu) -> Option<u32> {
         let Search::Found(tree_node) = self.stable_search_pruned(host) else { return None };
         let entry = self.stable.item(tree_node);
         let max = self.knobs.max_page_sharing as usize;
@@ -691,7 +691,7 @@ impl Ksm {
 
     /// `stable_tree_insert`: makes frame `kpfn` a KSM page: a new entry, or
     /// one more duplicate in the entry of that content.
-    fn stable_tree_insert(&mut self, host: &mut HostMm, kpfn: Pfn) -> u32 {
+    fn stable_tree_insert(&mut self, host: &mut PrimaryMmu, kpfn: Pfn) -> u32 {
         // The frame is write-protected now: key the tree by what it holds,
         // not by the copy read before write protection (the guest may have
         // written in between).
@@ -743,7 +743,7 @@ impl Ksm {
 
     /// `unstable_tree_search_insert`: an unstable page with the content in
     /// `self.buf`, or `idx` goes into the tree.
-    fn unstable_tree_search_insert(&mut self, idx: usize, host: &HostMm) -> Option<(u32, usize)> {
+    fn unstable_tree_search_insert(&mut self, idx: usize, host: &PrimaryMmu) -> Option<(u32, usize)> {
         let first = self.first_gfn;
         let search = self.unstable.search(|tree_idx| match host.pte(first + u64::from(tree_idx)) {
             Ok(pte) => cmp_with_frame(host.pool(), &self.buf, pte.pfn),
@@ -769,7 +769,7 @@ impl Ksm {
     /// `try_to_merge_one_page`: write-protects `gfn`, then either it becomes
     /// a KSM page itself (`kpfn` None) or, if it still equals `kpfn`, its pte
     /// is replaced by one mapping `kpfn`. Returns whether it merged.
-    fn try_to_merge_one_page(&self, host: &mut HostMm, gfn: Gfn, kpfn: Option<Pfn>) -> Result<bool, KsmError> {
+    fn try_to_merge_one_page(&self, host: &mut PrimaryMmu, gfn: Gfn, kpfn: Option<Pfn>) -> Result<bool, KsmError> {
         // mm/ksm.c also refuses a page with extra references (pinned for
         // I/O); nothing pins guest frames here.
         let pte = host.write_protect_page(gfn)?;
@@ -791,7 +791,7 @@ impl Ksm {
     /// unstable tree's page `tree_idx` is merged into it.
     fn try_to_merge_two_pages(
         &mut self,
-        host: &mut HostMm,
+        host: &mut PrimaryMmu,
         idx: usize,
         tree_idx: usize,
     ) -> Result<Option<Pfn>, KsmError> {
@@ -807,7 +807,7 @@ impl Ksm {
     /// Unmerges everything (run = 2, port 0x501 value 4): every page mapping
     /// a KSM page or the zero page gets a private copy (`break_cow`), and
     /// both trees are emptied. Afterwards no two guest pages share a frame.
-    pub fn unmerge_all(&mut self, host: &Mutex<HostMm>) -> Result<(), KsmError> {
+    pub fn unmerge_all(&mut self, host: &Mutex<PrimaryMmu>) -> Result<(), KsmError> {
         let mut h = lock(host);
         for idx in 0..self.rmap.len() {
             let state = self.rmap[idx].state;

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use shadow_mmu::HostMm;
+use shadow_mmu::PrimaryMmu;
 
 use crate::ksm::{Ksm, KsmError};
 
@@ -27,7 +27,7 @@ impl Ksmd {
     /// panic, so that whoever runs the guest can stop at once: a scan that
     /// panicked may have left the primary or secondary MMU half-updated, and
     /// the guest must not go on reading through them.
-    pub fn start(ksm: Arc<Mutex<Ksm>>, host: Arc<Mutex<HostMm>>, failed: Arc<AtomicBool>) -> std::io::Result<Self> {
+    pub fn start(ksm: Arc<Mutex<Ksm>>, host: Arc<Mutex<PrimaryMmu>>, failed: Arc<AtomicBool>) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new().name("ksmd".into()).spawn(move || {

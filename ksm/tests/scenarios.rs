@@ -2,7 +2,7 @@
 //! (tools/testing/selftests/mm/ksm_tests.c and ksm_functional_tests.c).
 //!
 //! Each test builds the whole stack: a frame pool, the primary MMU
-//! ([`HostMm`]), a secondary MMU ([`SecondaryMmu`] over a [`RecordingView`])
+//! ([`PrimaryMmu`]), a secondary MMU ([`SecondaryMmu`] over a [`RecordingView`])
 //! registered on its notifier, and a [`Ksm`] over every guest page. The
 //! "guest" reaches memory only through the secondary MMU, as a vCPU does: a
 //! write goes through a present, writable EPT entry, and otherwise takes an
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use ksm::{Ksm, KsmError, KsmKnobs, KsmStats, Ksmd, KSM_RMAP_ITEM_SIZE};
 use shadow_mmu::{
-    handle_ept_violation, Access, FramePool, Gfn, HostMm, HostPte, MmuNotifier, MmuNotifierRange, Pfn, Policy,
+    handle_ept_violation, Access, FramePool, Gfn, MmuNotifier, MmuNotifierRange, Pfn, Policy, PrimaryMmu, Pte,
     RecordingView, SecondaryMmu, PAGE_SHIFT, PAGE_SIZE,
 };
 use vm_memory::{Bytes, GuestAddress};
@@ -49,7 +49,7 @@ fn pattern(word: u64) -> Vec<u8> {
 #[derive(Clone)]
 struct Guest {
     pool: Arc<FramePool>,
-    host: Arc<Mutex<HostMm>>,
+    host: Arc<Mutex<PrimaryMmu>>,
     mmu: Arc<Mutex<Mmu>>,
 }
 
@@ -116,7 +116,7 @@ impl Lab {
     fn new(policy: Policy, pages: u64, knobs: KsmKnobs) -> Self {
         let end = FIRST_GFN + pages;
         let pool = Arc::new(FramePool::new((end + 2) * PAGE_SIZE).expect("frame pool"));
-        let mut host = HostMm::new(pool.clone(), FIRST_GFN, end);
+        let mut host = PrimaryMmu::new(pool.clone(), FIRST_GFN, end);
         // The view starts as the table does: every page mapped as the host maps it.
         let mut view = RecordingView::default();
         for gfn in FIRST_GFN..end {
@@ -143,7 +143,7 @@ impl Lab {
         self.end - FIRST_GFN
     }
 
-    fn host(&self) -> MutexGuard<'_, HostMm> {
+    fn host(&self) -> MutexGuard<'_, PrimaryMmu> {
         lock(&self.guest.host)
     }
 
@@ -946,7 +946,7 @@ impl MmuNotifier for PanickingSubscriber {
         panic!("subscriber bug");
     }
     fn invalidate_range_end(&mut self, _: &MmuNotifierRange) {}
-    fn change_pte(&mut self, _: Gfn, _: HostPte) {}
+    fn change_pte(&mut self, _: Gfn, _: Pte) {}
 }
 
 #[test]
@@ -1227,7 +1227,7 @@ impl MmuNotifier for WriteBeforeProtect {
         }
     }
     fn invalidate_range_end(&mut self, _: &MmuNotifierRange) {}
-    fn change_pte(&mut self, _: Gfn, _: HostPte) {}
+    fn change_pte(&mut self, _: Gfn, _: Pte) {}
 }
 
 #[test]

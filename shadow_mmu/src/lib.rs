@@ -7,7 +7,7 @@
 //! * [`mmu_notifier`]: include/linux/mmu_notifier.h, with
 //!   `MMU_NOTIFIER_USE_CHANGE_PTE` and its three legal transitions.
 //! * [`ept`]: a 4-level table in Intel EPT entry format.
-//! * [`kvm_mmu`]: the secondary MMU after arch/x86/kvm/mmu, its policies and
+//! * [`secondary_mmu`]: the secondary MMU after arch/x86/kvm/mmu, its policies and
 //!   the EPT-violation handler.
 //! * [`view`]: the interface to what makes the secondary table real for a
 //!   vCPU (the `vmm` crate's memslot and userfaultfd backends).
@@ -16,10 +16,10 @@
 //!
 //! ```
 //! use std::sync::{Arc, Mutex};
-//! use shadow_mmu::{FramePool, HostMm, SecondaryMmu, Policy, RecordingView, Access, handle_ept_violation};
+//! use shadow_mmu::{FramePool, PrimaryMmu, SecondaryMmu, Policy, RecordingView, Access, handle_ept_violation};
 //!
 //! let pool = Arc::new(FramePool::new(65 * 4096).unwrap());
-//! let mut host = HostMm::new(pool, 16, 64); // guest pages 16..64, one spare frame
+//! let mut host = PrimaryMmu::new(pool, 16, 64); // guest pages 16..64, one spare frame
 //! let mmu = Arc::new(Mutex::new(SecondaryMmu::new_prefaulted(Policy::ChangePte, RecordingView::default(), &host)));
 //! host.mmu_notifier_register(mmu.clone());
 //! let host = Mutex::new(host);
@@ -38,9 +38,9 @@
 
 pub mod ept;
 pub mod frame_pool;
-pub mod kvm_mmu;
 pub mod memory;
 pub mod mmu_notifier;
+pub mod secondary_mmu;
 pub mod view;
 
 /// Locks a mutex, ignoring poisoning, so that a run can still end and report
@@ -53,7 +53,7 @@ pub fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> 
 }
 
 pub use frame_pool::{FramePool, FramePoolError, Pfn, PAGE_SHIFT, PAGE_SIZE};
-pub use kvm_mmu::{handle_ept_violation, Access, FaultError, MmuStats, Policy, SecondaryMmu};
-pub use memory::{HostMm, HostMmError, HostPte};
+pub use memory::{PrimaryMmu, PrimaryMmuError, Pte};
 pub use mmu_notifier::{Gfn, MmuNotifier, MmuNotifierRange, MmuNotifyEvent, RangeFlags};
+pub use secondary_mmu::{handle_ept_violation, Access, FaultError, MmuStats, Policy, SecondaryMmu};
 pub use view::{EptView, RecordingView};

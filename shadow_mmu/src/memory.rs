@@ -3,7 +3,7 @@
 //! Each guest page has a host pte (frame, writable); each frame has a map
 //! count (ptes that map it) and a reference count (maps plus pins). Every
 //! change of a pte happens inside an mmu notifier range and, for a single
-//! pte, through [`HostMm::set_pte_at_notify`], so every registered secondary
+//! pte, through [`PrimaryMmu::set_pte_at_notify`], so every registered secondary
 //! MMU hears of it. A frame whose last reference goes is returned to the
 //! host (a hole punched in the frame pool's memfd).
 //!
@@ -22,7 +22,7 @@ use crate::mmu_notifier::{
 
 /// A host pte of guest RAM (always present).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HostPte {
+pub struct Pte {
     /// The frame it maps.
     pub pfn: Pfn,
     /// Whether writes are allowed.
@@ -64,7 +64,7 @@ pub struct HostStats {
 
 /// Errors of the primary MMU.
 #[derive(Debug, thiserror::Error)]
-pub enum HostMmError {
+pub enum PrimaryMmuError {
     /// The gfn is not guest RAM managed by this page table.
     #[error("gfn {0:#x} is not guest RAM")]
     NotGuestRam(Gfn),
@@ -107,21 +107,21 @@ pub enum HostMmError {
 pub type Subscriber = Arc<Mutex<dyn MmuNotifier>>;
 
 /// The host page table of guest RAM and its notifier chain (`struct mm_struct`).
-pub struct HostMm {
+pub struct PrimaryMmu {
     pool: Arc<FramePool>,
     first_gfn: Gfn,
-    ptes: Vec<HostPte>,
+    ptes: Vec<Pte>,
     frames: Vec<FrameInfo>,
     free_frames: Vec<Pfn>,
-    /// Freed frames whose holes are not punched yet (see [`HostMm::flush_holes`]).
+    /// Freed frames whose holes are not punched yet (see [`PrimaryMmu::flush_holes`]).
     pending_holes: Vec<Pfn>,
     subscribers: Vec<Subscriber>,
     stats: HostStats,
 }
 
-impl std::fmt::Debug for HostMm {
+impl std::fmt::Debug for PrimaryMmu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HostMm")
+        f.debug_struct("PrimaryMmu")
             .field("first_gfn", &self.first_gfn)
             .field("pages", &self.ptes.len())
             .field("free_frames", &self.free_frames.len())
@@ -131,7 +131,7 @@ impl std::fmt::Debug for HostMm {
     }
 }
 
-impl HostMm {
+impl PrimaryMmu {
     /// Maps guest pages [first_gfn, end_gfn) one to one onto the same
     /// frames, writable. Frames below `first_gfn` are the VMM's own (boot
     /// memory): referenced once, never mapped here, never freed. Frames from
@@ -145,7 +145,7 @@ impl HostMm {
     pub fn new(pool: Arc<FramePool>, first_gfn: Gfn, end_gfn: Gfn) -> Self {
         let nr_frames = pool.nr_frames();
         let end_gfn = end_gfn.min(nr_frames);
-        let ptes = (first_gfn..end_gfn).map(|gfn| HostPte { pfn: gfn, writable: true }).collect();
+        let ptes = (first_gfn..end_gfn).map(|gfn| Pte { pfn: gfn, writable: true }).collect();
         let frames = (0..nr_frames)
             .map(|pfn| match pfn {
                 p if p < first_gfn => FrameInfo { refcount: 1, mapcount: 0, ..FrameInfo::default() },
@@ -181,15 +181,15 @@ impl HostMm {
         (self.first_gfn, self.first_gfn + self.ptes.len() as u64)
     }
 
-    fn index(&self, gfn: Gfn) -> Result<usize, HostMmError> {
+    fn index(&self, gfn: Gfn) -> Result<usize, PrimaryMmuError> {
         gfn.checked_sub(self.first_gfn)
             .map(|i| i as usize)
             .filter(|&i| i < self.ptes.len())
-            .ok_or(HostMmError::NotGuestRam(gfn))
+            .ok_or(PrimaryMmuError::NotGuestRam(gfn))
     }
 
     /// The pte of `gfn`.
-    pub fn pte(&self, gfn: Gfn) -> Result<HostPte, HostMmError> {
+    pub fn pte(&self, gfn: Gfn) -> Result<Pte, PrimaryMmuError> {
         Ok(self.ptes[self.index(gfn)?])
     }
 
@@ -228,21 +228,21 @@ impl HostMm {
     }
 
     /// `get_page`: one more reference (a pin) on an allocated frame.
-    pub fn get_page(&mut self, pfn: Pfn) -> Result<(), HostMmError> {
+    pub fn get_page(&mut self, pfn: Pfn) -> Result<(), PrimaryMmuError> {
         match self.frames.get_mut(pfn as usize) {
             Some(f) if f.refcount > 0 => {
                 f.refcount += 1;
                 Ok(())
             }
-            _ => Err(HostMmError::BadFrame(pfn)),
+            _ => Err(PrimaryMmuError::BadFrame(pfn)),
         }
     }
 
     /// `put_page`: drops a reference; the last one frees the frame, which
-    /// goes back to the host at the next [`HostMm::flush_holes`] (a caller
+    /// goes back to the host at the next [`PrimaryMmu::flush_holes`] (a caller
     /// freeing many frames flushes once; allocation flushes first).
-    pub fn put_page(&mut self, pfn: Pfn) -> Result<(), HostMmError> {
-        let f = self.frames.get_mut(pfn as usize).filter(|f| f.refcount > 0).ok_or(HostMmError::BadFrame(pfn))?;
+    pub fn put_page(&mut self, pfn: Pfn) -> Result<(), PrimaryMmuError> {
+        let f = self.frames.get_mut(pfn as usize).filter(|f| f.refcount > 0).ok_or(PrimaryMmuError::BadFrame(pfn))?;
         f.refcount -= 1;
         if f.refcount == 0 {
             *f = FrameInfo::default();
@@ -257,7 +257,7 @@ impl HostMm {
     /// the frames join the free list. Deliberate difference: Linux frees
     /// into its page allocator at once; here "free" means "given back to the
     /// host", which is worth batching.
-    pub fn flush_holes(&mut self) -> Result<(), HostMmError> {
+    pub fn flush_holes(&mut self) -> Result<(), PrimaryMmuError> {
         if self.pending_holes.is_empty() {
             return Ok(());
         }
@@ -292,11 +292,11 @@ impl HostMm {
     }
 
     /// Takes a free frame (zero-filled), with one reference held by the caller.
-    pub fn alloc_page(&mut self) -> Result<Pfn, HostMmError> {
+    pub fn alloc_page(&mut self) -> Result<Pfn, PrimaryMmuError> {
         if self.free_frames.is_empty() {
             self.flush_holes()?;
         }
-        let pfn = self.free_frames.pop().ok_or(HostMmError::OutOfFrames)?;
+        let pfn = self.free_frames.pop().ok_or(PrimaryMmuError::OutOfFrames)?;
         self.frames[pfn as usize] = FrameInfo { refcount: 1, mapcount: 0, ..FrameInfo::default() };
         self.stats.frames_allocated += 1;
         Ok(pfn)
@@ -306,22 +306,17 @@ impl HostMm {
     /// `gfn`'s pte becomes `new` (`change_pte`), then sets it and moves the
     /// frame references. With USE_CHANGE_PTE on the range, only the three
     /// legal transitions are accepted, in every build.
-    pub fn set_pte_at_notify(
-        &mut self,
-        range: &MmuNotifierRange,
-        gfn: Gfn,
-        new: HostPte,
-    ) -> Result<HostPte, HostMmError> {
+    pub fn set_pte_at_notify(&mut self, range: &MmuNotifierRange, gfn: Gfn, new: Pte) -> Result<Pte, PrimaryMmuError> {
         let i = self.index(gfn)?;
         if !range.contains(gfn) {
-            return Err(HostMmError::OutsideRange { gfn, start: range.start, end: range.end });
+            return Err(PrimaryMmuError::OutsideRange { gfn, start: range.start, end: range.end });
         }
         let old = self.ptes[i];
         if range.use_change_pte() {
             check_change_pte(gfn, old, new)?;
         }
         if self.frame(new.pfn).refcount == 0 {
-            return Err(HostMmError::BadFrame(new.pfn));
+            return Err(PrimaryMmuError::BadFrame(new.pfn));
         }
         self.stats.change_pte_calls += 1;
         self.notify(|s| s.change_pte(gfn, new));
@@ -337,11 +332,11 @@ impl HostMm {
     }
 
     /// Copies frame `from` into frame `to` through the direct map.
-    pub fn copy_frame(&self, from: Pfn, to: Pfn) -> Result<(), HostMmError> {
+    pub fn copy_frame(&self, from: Pfn, to: Pfn) -> Result<(), PrimaryMmuError> {
         let mut buf = [0u8; PAGE_SIZE as usize];
         let mem = self.pool.direct_map();
         let access =
-            |e: vm_memory::GuestMemoryError| HostMmError::Access { gpa: from << PAGE_SHIFT, reason: e.to_string() };
+            |e: vm_memory::GuestMemoryError| PrimaryMmuError::Access { gpa: from << PAGE_SHIFT, reason: e.to_string() };
         mem.read_slice(&mut buf, GuestAddress(from << PAGE_SHIFT)).map_err(access)?;
         mem.write_slice(&buf, GuestAddress(to << PAGE_SHIFT)).map_err(access)?;
         Ok(())
@@ -350,11 +345,11 @@ impl HostMm {
     /// `wp_page_copy`: a write to a read-only pte whose frame is shared.
     /// Copies the frame and maps the copy writable, inside a range that
     /// carries USE_CHANGE_PTE (read-only -> read-write, new frame).
-    pub fn wp_page_copy(&mut self, gfn: Gfn) -> Result<HostPte, HostMmError> {
+    pub fn wp_page_copy(&mut self, gfn: Gfn) -> Result<Pte, PrimaryMmuError> {
         let old = self.pte(gfn)?;
         let new_pfn = self.alloc_page()?;
         self.copy_frame(old.pfn, new_pfn)?;
-        let new = HostPte { pfn: new_pfn, writable: true };
+        let new = Pte { pfn: new_pfn, writable: true };
         let range =
             MmuNotifierRange::page(gfn, MmuNotifyEvent::Clear, RangeFlags::BLOCKABLE | RangeFlags::USE_CHANGE_PTE);
         self.invalidate_range_start(&range);
@@ -371,7 +366,7 @@ impl HostMm {
     /// here and not a KSM page is reused (made writable in place, as
     /// `wp_page_reuse`; no notifier, since secondary MMUs map it read-only
     /// at most and refault on write); anything else is copied.
-    pub fn do_wp_page(&mut self, gfn: Gfn) -> Result<HostPte, HostMmError> {
+    pub fn do_wp_page(&mut self, gfn: Gfn) -> Result<Pte, PrimaryMmuError> {
         let i = self.index(gfn)?;
         let pte = self.ptes[i];
         if pte.writable {
@@ -388,7 +383,7 @@ impl HostMm {
 
     /// `get_user_pages` of one page for the secondary MMU's fault (the
     /// "gup"): a write breaks copy-on-write first (FOLL_WRITE).
-    pub fn get_user_page(&mut self, gfn: Gfn, write: bool) -> Result<HostPte, HostMmError> {
+    pub fn get_user_page(&mut self, gfn: Gfn, write: bool) -> Result<Pte, PrimaryMmuError> {
         if write {
             self.do_wp_page(gfn)
         } else {
@@ -400,33 +395,33 @@ impl HostMm {
     /// makes `gfn`'s pte read-only on the same frame (read-write ->
     /// read-only). A pte already read-only is left alone, but the range is
     /// still announced, as in mm/ksm.c.
-    pub fn write_protect_page(&mut self, gfn: Gfn) -> Result<HostPte, HostMmError> {
+    pub fn write_protect_page(&mut self, gfn: Gfn) -> Result<Pte, PrimaryMmuError> {
         let pte = self.pte(gfn)?;
         let range =
             MmuNotifierRange::page(gfn, MmuNotifyEvent::Clear, RangeFlags::BLOCKABLE | RangeFlags::USE_CHANGE_PTE);
         self.invalidate_range_start(&range);
         let result = if pte.writable {
-            self.set_pte_at_notify(&range, gfn, HostPte { pfn: pte.pfn, writable: false })
+            self.set_pte_at_notify(&range, gfn, Pte { pfn: pte.pfn, writable: false })
         } else {
             Ok(pte)
         };
         self.invalidate_range_end(&range);
-        result.map(|_| HostPte { pfn: pte.pfn, writable: false })
+        result.map(|_| Pte { pfn: pte.pfn, writable: false })
     }
 
     /// KSM's `replace_page`: inside a CLEAR range with USE_CHANGE_PTE, maps
     /// `gfn` read-only onto `kpfn` instead of its own (read-only) frame,
     /// which loses a reference and is freed if that was the last.
-    pub fn replace_page(&mut self, gfn: Gfn, kpfn: Pfn) -> Result<(), HostMmError> {
+    pub fn replace_page(&mut self, gfn: Gfn, kpfn: Pfn) -> Result<(), PrimaryMmuError> {
         let range =
             MmuNotifierRange::page(gfn, MmuNotifyEvent::Clear, RangeFlags::BLOCKABLE | RangeFlags::USE_CHANGE_PTE);
         self.invalidate_range_start(&range);
-        let result = self.set_pte_at_notify(&range, gfn, HostPte { pfn: kpfn, writable: false });
+        let result = self.set_pte_at_notify(&range, gfn, Pte { pfn: kpfn, writable: false });
         self.invalidate_range_end(&range);
         result.map(|_| ())
     }
 
-    fn frame_of(&self, gpa: u64) -> Result<(Pfn, bool), HostMmError> {
+    fn frame_of(&self, gpa: u64) -> Result<(Pfn, bool), PrimaryMmuError> {
         let gfn = gpa >> PAGE_SHIFT;
         if gfn < self.first_gfn {
             return Ok((gfn, true)); // the VMM's boot memory is identity-mapped
@@ -436,7 +431,7 @@ impl HostMm {
     }
 
     /// Reads guest-physical memory as the guest would see it now.
-    pub fn read_guest(&self, gpa: u64, buf: &mut [u8]) -> Result<(), HostMmError> {
+    pub fn read_guest(&self, gpa: u64, buf: &mut [u8]) -> Result<(), PrimaryMmuError> {
         self.access_guest(
             gpa,
             buf.len(),
@@ -446,8 +441,8 @@ impl HostMm {
     }
 
     /// Writes guest-physical memory; every page written must have a writable
-    /// pte (break copy-on-write first with [`HostMm::get_user_page`]).
-    pub fn write_guest(&mut self, gpa: u64, data: &[u8]) -> Result<(), HostMmError> {
+    /// pte (break copy-on-write first with [`PrimaryMmu::get_user_page`]).
+    pub fn write_guest(&mut self, gpa: u64, data: &[u8]) -> Result<(), PrimaryMmuError> {
         self.access_guest(
             gpa,
             data.len(),
@@ -462,18 +457,18 @@ impl HostMm {
         len: usize,
         mut op: impl FnMut(&vm_memory::GuestMemoryMmap, GuestAddress, usize, usize) -> Result<(), String>,
         write: bool,
-    ) -> Result<(), HostMmError> {
+    ) -> Result<(), PrimaryMmuError> {
         let mut done = 0usize;
         while done < len {
             let at = gpa + done as u64;
             let in_page = ((PAGE_SIZE - (at & (PAGE_SIZE - 1))) as usize).min(len - done);
             let (pfn, writable) = self.frame_of(at)?;
             if write && !writable {
-                return Err(HostMmError::ReadOnly(at >> PAGE_SHIFT));
+                return Err(PrimaryMmuError::ReadOnly(at >> PAGE_SHIFT));
             }
             let host = GuestAddress((pfn << PAGE_SHIFT) | (at & (PAGE_SIZE - 1)));
             op(self.pool.direct_map(), host, done, in_page)
-                .map_err(|reason| HostMmError::Access { gpa: at, reason })?;
+                .map_err(|reason| PrimaryMmuError::Access { gpa: at, reason })?;
             done += in_page;
         }
         Ok(())
@@ -495,14 +490,14 @@ mod tests {
         fn invalidate_range_end(&mut self, r: &MmuNotifierRange) {
             self.0.push(format!("end {}..{}", r.start, r.end));
         }
-        fn change_pte(&mut self, gfn: Gfn, pte: HostPte) {
+        fn change_pte(&mut self, gfn: Gfn, pte: Pte) {
             self.0.push(format!("change_pte {gfn} -> {} {}", pte.pfn, if pte.writable { "rw" } else { "ro" }));
         }
     }
 
-    fn mm(pages: u64) -> (HostMm, Arc<Mutex<Log>>) {
+    fn mm(pages: u64) -> (PrimaryMmu, Arc<Mutex<Log>>) {
         let pool = Arc::new(FramePool::new(pages * PAGE_SIZE).expect("pool"));
-        let mut mm = HostMm::new(pool, 2, pages);
+        let mut mm = PrimaryMmu::new(pool, 2, pages);
         let log = Arc::new(Mutex::new(Log::default()));
         mm.mmu_notifier_register(log.clone());
         (mm, log)
@@ -516,10 +511,10 @@ mod tests {
     fn starts_identity_mapped_and_writable() {
         let (mm, _) = mm(8);
         assert_eq!(mm.guest_range(), (2, 8));
-        assert_eq!(mm.pte(5).expect("pte"), HostPte { pfn: 5, writable: true });
+        assert_eq!(mm.pte(5).expect("pte"), Pte { pfn: 5, writable: true });
         assert_eq!(mm.frame(5), FrameInfo { refcount: 1, mapcount: 1, ..FrameInfo::default() });
         assert_eq!(mm.frame(1), FrameInfo { refcount: 1, mapcount: 0, ..FrameInfo::default() });
-        assert!(matches!(mm.pte(1), Err(HostMmError::NotGuestRam(1))));
+        assert!(matches!(mm.pte(1), Err(PrimaryMmuError::NotGuestRam(1))));
     }
 
     #[test]
@@ -549,13 +544,13 @@ mod tests {
         assert_eq!(mm.nr_free_frames(), 1);
         // A write to the shared frame copies it into the freed one.
         let pte = mm.get_user_page(5, true).expect("cow");
-        assert_eq!(pte, HostPte { pfn: 5, writable: true });
+        assert_eq!(pte, Pte { pfn: 5, writable: true });
         assert_eq!(taken(&log), vec!["start 5..6 Clear cp=true", "change_pte 5 -> 5 rw", "end 5..6"]);
         let mut buf = [0u8; 4];
         mm.read_guest(5 << PAGE_SHIFT, &mut buf).expect("read");
         assert_eq!(&buf, b"same");
         // Page 4 is now alone on its frame and not KSM: reused, no notifier.
-        assert_eq!(mm.get_user_page(4, true).expect("reuse"), HostPte { pfn: 4, writable: true });
+        assert_eq!(mm.get_user_page(4, true).expect("reuse"), Pte { pfn: 4, writable: true });
         assert!(taken(&log).is_empty());
         assert_eq!((mm.stats().cow_copies, mm.stats().cow_reuses), (1, 1));
     }
@@ -563,7 +558,7 @@ mod tests {
     #[test]
     fn ksm_frames_are_copied_even_when_mapped_once() {
         let pool = Arc::new(FramePool::new(9 * PAGE_SIZE).expect("pool"));
-        let mut mm = HostMm::new(pool, 2, 8); // one spare frame: 8
+        let mut mm = PrimaryMmu::new(pool, 2, 8); // one spare frame: 8
         assert_eq!(mm.nr_free_frames(), 1);
         mm.write_protect_page(3).expect("wp");
         mm.set_ksm(3, true);
@@ -586,31 +581,34 @@ mod tests {
         let (mut mm, log) = mm(8);
         let flagged = MmuNotifierRange::page(4, MmuNotifyEvent::Clear, RangeFlags::USE_CHANGE_PTE);
         let cases = [
-            (HostPte { pfn: 5, writable: false }, true), // RW -> RO other frame
-            (HostPte { pfn: 4, writable: true }, true),  // RW -> RW same frame
-            (HostPte { pfn: 5, writable: true }, true),  // RW -> RW other frame
+            (Pte { pfn: 5, writable: false }, true), // RW -> RO other frame
+            (Pte { pfn: 4, writable: true }, true),  // RW -> RW same frame
+            (Pte { pfn: 5, writable: true }, true),  // RW -> RW other frame
         ];
         for (new, _) in cases {
-            assert!(matches!(mm.set_pte_at_notify(&flagged, 4, new), Err(HostMmError::IllegalChangePte(_))), "{new:?}");
+            assert!(
+                matches!(mm.set_pte_at_notify(&flagged, 4, new), Err(PrimaryMmuError::IllegalChangePte(_))),
+                "{new:?}"
+            );
         }
         mm.write_protect_page(4).expect("wp");
         taken(&log);
-        let ro_same = HostPte { pfn: 4, writable: false };
-        assert!(matches!(mm.set_pte_at_notify(&flagged, 4, ro_same), Err(HostMmError::IllegalChangePte(_))));
+        let ro_same = Pte { pfn: 4, writable: false };
+        assert!(matches!(mm.set_pte_at_notify(&flagged, 4, ro_same), Err(PrimaryMmuError::IllegalChangePte(_))));
         assert!(taken(&log).is_empty(), "a refused change notifies nobody");
-        assert_eq!(mm.pte(4).expect("pte"), HostPte { pfn: 4, writable: false });
+        assert_eq!(mm.pte(4).expect("pte"), Pte { pfn: 4, writable: false });
         // Without the flag the same change is allowed (a secondary MMU must zap).
         let plain = MmuNotifierRange::page(4, MmuNotifyEvent::ProtectionPage, RangeFlags::empty());
-        assert!(mm.set_pte_at_notify(&plain, 4, HostPte { pfn: 4, writable: true }).is_ok());
+        assert!(mm.set_pte_at_notify(&plain, 4, Pte { pfn: 4, writable: true }).is_ok());
         // And a change outside its range is refused.
-        assert!(matches!(mm.set_pte_at_notify(&plain, 5, ro_same), Err(HostMmError::OutsideRange { .. })));
+        assert!(matches!(mm.set_pte_at_notify(&plain, 5, ro_same), Err(PrimaryMmuError::OutsideRange { .. })));
     }
 
     #[test]
     fn the_vmm_cannot_write_through_a_read_only_pte() {
         let (mut mm, _) = mm(8);
         mm.write_protect_page(6).expect("wp");
-        assert!(matches!(mm.write_guest((6 << PAGE_SHIFT) + 4094, b"xyz"), Err(HostMmError::ReadOnly(6))));
+        assert!(matches!(mm.write_guest((6 << PAGE_SHIFT) + 4094, b"xyz"), Err(PrimaryMmuError::ReadOnly(6))));
         // Boot memory below the guest range is written directly.
         assert!(mm.write_guest(0x1000, b"gdt").is_ok());
     }

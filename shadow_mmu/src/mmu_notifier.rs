@@ -9,7 +9,7 @@
 //! is one linear mapping here, so ranges are given in guest frame numbers
 //! directly, end exclusive.
 
-use crate::memory::HostPte;
+use crate::memory::Pte;
 
 /// A guest frame number (guest-physical address >> 12).
 pub type Gfn = u64;
@@ -106,7 +106,7 @@ pub trait MmuNotifier: Send {
     /// primary's new ptes (KVM lets faults in the range proceed).
     fn invalidate_range_end(&mut self, range: &MmuNotifierRange);
     /// One pte of the range is about to become `pte` (`set_pte_at_notify`).
-    fn change_pte(&mut self, gfn: Gfn, pte: HostPte);
+    fn change_pte(&mut self, gfn: Gfn, pte: Pte);
 }
 
 /// A `change_pte` notification the range's USE_CHANGE_PTE flag does not allow.
@@ -119,9 +119,9 @@ pub struct IllegalChangePte {
     /// The page.
     pub gfn: Gfn,
     /// The pte before.
-    pub old: HostPte,
+    pub old: Pte,
     /// The pte after.
-    pub new: HostPte,
+    pub new: Pte,
 }
 
 /// Checks that `old -> new` is one of the three transitions for which
@@ -130,7 +130,7 @@ pub struct IllegalChangePte {
 /// * read-write -> read-only, same frame (KSM `write_protect_page`);
 /// * read-only -> read-write, frame may change (copy-on-write break);
 /// * read-only -> read-only, another frame (KSM `replace_page`).
-pub fn check_change_pte(gfn: Gfn, old: HostPte, new: HostPte) -> Result<(), IllegalChangePte> {
+pub fn check_change_pte(gfn: Gfn, old: Pte, new: Pte) -> Result<(), IllegalChangePte> {
     let legal = match (old.writable, new.writable) {
         (true, false) => old.pfn == new.pfn,
         (false, true) => true,
@@ -148,8 +148,8 @@ pub fn check_change_pte(gfn: Gfn, old: HostPte, new: HostPte) -> Result<(), Ille
 mod tests {
     use super::*;
 
-    fn pte(pfn: u64, writable: bool) -> HostPte {
-        HostPte { pfn, writable }
+    fn pte(pfn: u64, writable: bool) -> Pte {
+        Pte { pfn, writable }
     }
 
     #[test]

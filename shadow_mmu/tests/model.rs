@@ -26,8 +26,8 @@ use proptest::test_runner::{FileFailurePersistence, TestCaseError};
 use shadow_mmu::ept::EptEntry;
 use shadow_mmu::memory::HostStats;
 use shadow_mmu::{
-    handle_ept_violation, Access, FramePool, Gfn, HostMm, HostPte, MmuNotifierRange, MmuNotifyEvent, MmuStats, Pfn,
-    Policy, RangeFlags, RecordingView, SecondaryMmu, PAGE_SHIFT, PAGE_SIZE,
+    handle_ept_violation, Access, FramePool, Gfn, MmuNotifierRange, MmuNotifyEvent, MmuStats, Pfn, Policy, PrimaryMmu,
+    Pte, RangeFlags, RecordingView, SecondaryMmu, PAGE_SHIFT, PAGE_SIZE,
 };
 use vm_memory::{Bytes, GuestAddress};
 
@@ -127,7 +127,7 @@ struct Snapshot {
     mmu: MmuStats,
     host: HostStats,
     ept: BTreeMap<Gfn, (Pfn, bool)>,
-    ptes: BTreeMap<Gfn, HostPte>,
+    ptes: BTreeMap<Gfn, Pte>,
 }
 
 impl Snapshot {
@@ -142,7 +142,7 @@ fn ept_pages(mmu: &Mmu) -> BTreeMap<Gfn, (Pfn, bool)> {
 
 /// A host, its secondary MMU and the reference.
 struct Lab {
-    host: Mutex<HostMm>,
+    host: Mutex<PrimaryMmu>,
     mmu: Arc<Mutex<Mmu>>,
     pool: Arc<FramePool>,
     model: Model,
@@ -154,7 +154,7 @@ impl Lab {
     fn new(policy: Policy, first: Gfn, words: &[u64]) -> Self {
         let end = first + words.len() as u64;
         let pool = Arc::new(FramePool::new((end + 1) * PAGE_SIZE).expect("frame pool (memfd)"));
-        let mut host = HostMm::new(pool.clone(), first, end);
+        let mut host = PrimaryMmu::new(pool.clone(), first, end);
         for (gfn, word) in (first..).zip(words) {
             host.write_guest(gfn << PAGE_SHIFT, &word.to_ne_bytes()).expect("initial contents");
         }
@@ -269,7 +269,7 @@ impl Lab {
         for gfn in start..end {
             let pte = host.pte(gfn).or_fail("pte")?;
             if pte.writable {
-                host.set_pte_at_notify(&range, gfn, HostPte { pfn: pte.pfn, writable: false })
+                host.set_pte_at_notify(&range, gfn, Pte { pfn: pte.pfn, writable: false })
                     .or_fail("set_pte_at_notify")?;
             }
         }
@@ -323,7 +323,7 @@ impl Lab {
 
 /// The invariants that hold under every policy whenever no notifier range
 /// is open.
-fn check_invariants(host: &HostMm, mmu: &Mmu, pool: &FramePool, model: &Model) -> Res {
+fn check_invariants(host: &PrimaryMmu, mmu: &Mmu, pool: &FramePool, model: &Model) -> Res {
     let ept = ept_pages(mmu);
     prop_assert_eq!(ept.len() as u64, mmu.ept().len(), "EPT leaf count");
     for (&gfn, &(pfn, writable)) in &ept {
@@ -338,7 +338,7 @@ fn check_invariants(host: &HostMm, mmu: &Mmu, pool: &FramePool, model: &Model) -
 
     // The host's memory holds the reference, and a writable pte maps a
     // frame of its own (else a write would show through another page).
-    let ptes: Vec<(Gfn, HostPte)> =
+    let ptes: Vec<(Gfn, Pte)> =
         model.gfns().map(|gfn| host.pte(gfn).map(|pte| (gfn, pte))).collect::<Result<_, _>>().or_fail("pte")?;
     for &(gfn, pte) in &ptes {
         let mut word = [0u8; 8];
@@ -610,8 +610,8 @@ fn merge_read_write(policy: Policy) -> (Counts, HostStats, Lab) {
 
     let host = lock(&lab.host);
     // The frame freed by the merge (3) is the first one reused: the free list is LIFO.
-    assert_eq!(host.pte(3).expect("pte"), HostPte { pfn: 3, writable: true });
-    assert_eq!(host.pte(2).expect("pte"), HostPte { pfn: 2, writable: false });
+    assert_eq!(host.pte(3).expect("pte"), Pte { pfn: 3, writable: true });
+    assert_eq!(host.pte(2).expect("pte"), Pte { pfn: 2, writable: false });
     assert!(host.frame(2).ksm);
     let host_stats = host.stats();
     drop(host);

@@ -81,10 +81,10 @@ pub fn run_in_process(
     mem: &str,
     dedup: vmm::vm::DedupPolicy,
     view: vmm::view::ViewKind,
-    host_hook: Option<vmm::vm::HostHook>,
+    mm_hook: Option<vmm::vm::MmHook>,
 ) -> RunStats {
-    let builtin_ksm = host_hook.is_none();
-    run_with(image, mem, dedup, view, host_hook, builtin_ksm, ksm::KsmKnobs::default())
+    let builtin_ksm = mm_hook.is_none();
+    run_with(image, mem, dedup, view, mm_hook, builtin_ksm, ksm::KsmKnobs::default())
 }
 
 /// [`run_in_process`] with every setting given.
@@ -93,7 +93,7 @@ pub fn run_with(
     mem: &str,
     dedup: vmm::vm::DedupPolicy,
     view: vmm::view::ViewKind,
-    host_hook: Option<vmm::vm::HostHook>,
+    mm_hook: Option<vmm::vm::MmHook>,
     builtin_ksm: bool,
     knobs: ksm::KsmKnobs,
 ) -> RunStats {
@@ -106,7 +106,7 @@ pub fn run_with(
         timeout: Some(std::time::Duration::from_secs(120)),
         console: Box::new(std::io::sink()),
         kvm_device: "/dev/kvm".into(),
-        host_hook,
+        mm_hook,
         ksm: knobs,
         builtin_ksm,
         memslot_limit: None,

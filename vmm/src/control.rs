@@ -239,12 +239,12 @@ pub fn request(path: &Path, line: &str) -> Result<String, ControlError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shadow_mmu::{FramePool, HostMm};
+    use shadow_mmu::{FramePool, PrimaryMmu};
 
     /// A control state over a run with deduplication off (no KVM needed).
     fn state() -> Arc<ControlState> {
         let pool = Arc::new(FramePool::new(16 * shadow_mmu::PAGE_SIZE).expect("frame pool"));
-        let host = Arc::new(Mutex::new(HostMm::new(pool, 0, 16)));
+        let host = Arc::new(Mutex::new(PrimaryMmu::new(pool, 0, 16)));
         Arc::new(ControlState {
             dedup: Arc::new(Mutex::new(DedupControl::new(None, host, None))),
             phase: AtomicU32::new(3),

@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use ksm::{Ksm, Ksmd};
-use shadow_mmu::HostMm;
+use shadow_mmu::PrimaryMmu;
 
 use crate::host_ksm::HostKsm;
 use crate::vm::lock;
@@ -24,7 +24,7 @@ pub const DEDUP_UNMERGE: u32 = 4;
 #[derive(Debug)]
 pub struct DedupControl {
     ksm: Option<Arc<Mutex<Ksm>>>,
-    host: Arc<Mutex<HostMm>>,
+    host: Arc<Mutex<PrimaryMmu>>,
     ksmd: Option<Ksmd>,
     /// Set when a ksmd of this run ends by itself (an error or a panic).
     ksmd_failed: Arc<AtomicBool>,
@@ -42,7 +42,11 @@ const WARN_IGNORED_REQUESTS: u64 = 3;
 impl DedupControl {
     /// Control over `ksm` (None when deduplication is off or the host's KSM
     /// is used), and over the host's KSM when `host_ksm` is given.
-    pub fn new(ksm: Option<Arc<Mutex<Ksm>>>, host: Arc<Mutex<HostMm>>, host_ksm: Option<Arc<Mutex<HostKsm>>>) -> Self {
+    pub fn new(
+        ksm: Option<Arc<Mutex<Ksm>>>,
+        host: Arc<Mutex<PrimaryMmu>>,
+        host_ksm: Option<Arc<Mutex<HostKsm>>>,
+    ) -> Self {
         Self { ksm, host, ksmd: None, ksmd_failed: Arc::default(), host_ksm, run: 0, ignored_requests: 0 }
     }
 

@@ -20,7 +20,7 @@
 //!     timeout: None,
 //!     console: Box::new(std::io::stdout()),
 //!     kvm_device: "/dev/kvm".into(),
-//!     host_hook: None,
+//!     mm_hook: None,
 //!     ksm: Default::default(),
 //!     builtin_ksm: true,
 //!     memslot_limit: None,

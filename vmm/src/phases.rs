@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ksm::Ksm;
-use shadow_mmu::HostMm;
+use shadow_mmu::PrimaryMmu;
 
 use crate::host_ksm::HostKsm;
 use crate::kvm_stats::Snapshot;
@@ -76,7 +76,7 @@ pub const KSM_FIGURES_ALWAYS_REPORTED: [&str; 5] =
 pub fn dedup_figures(
     ksm: Option<&Arc<Mutex<Ksm>>>,
     host_ksm: Option<&Arc<Mutex<HostKsm>>>,
-    host: &Arc<Mutex<HostMm>>,
+    host: &Arc<Mutex<PrimaryMmu>>,
 ) -> Counters {
     if let Some(h) = host_ksm {
         return lock(h).counters().into_iter().map(|(n, v)| (n.to_string(), v)).collect();

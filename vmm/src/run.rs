@@ -11,8 +11,8 @@ use crate::phases::PhaseTracker;
 use crate::serial::Console;
 use crate::signals::{StopRequest, Watchdog};
 use crate::stats::{ConfigRecord, EndRecord, ExitKind, Figures, GuestRecord, PhaseStats, RunStats, SCHEMA_VERSION};
-use crate::vcpu::{handle_exit, handle_run_error, Devices, GuestMemory, Outcome, RunEnd, MAX_PHASES};
-use crate::vm::{lock, HookPoint, HostHook, RunConfig, Vm, VmError};
+use crate::vcpu::{handle_exit, handle_run_error, Devices, GuestRam, Outcome, RunEnd, MAX_PHASES};
+use crate::vm::{lock, HookPoint, MmHook, RunConfig, Vm, VmError};
 
 /// HLT's opcode, looked for at RIP when a CPL-3 guest's HLT surfaces as a
 /// fault (HLT is privileged; with no IDT the #GP becomes a triple fault).
@@ -35,9 +35,9 @@ pub fn run(mut config: RunConfig) -> Result<RunStats, VmError> {
         view: config.dedup.effective_view(config.view).name().to_string(),
         timeout_secs: config.timeout.map(|t| t.as_secs_f64()),
     };
-    let memory = GuestMemory { host: vm.host.clone(), mmu: vm.mmu.clone(), mem_bytes: vm.mem_bytes };
+    let memory = GuestRam { host: vm.host.clone(), mmu: vm.mmu.clone(), mem_bytes: vm.mem_bytes };
     let mut devices = Devices { console: Console::new(config.console), reports: Vec::new(), memory };
-    let mut hook = config.host_hook.take();
+    let mut hook = config.mm_hook.take();
     let dedup = Arc::new(Mutex::new(DedupControl::new(vm.ksm.clone(), vm.host.clone(), vm.host_ksm.clone())));
     let control = Arc::new(ControlState {
         dedup: dedup.clone(),
@@ -89,7 +89,7 @@ fn view_error(vm: &Vm) -> Result<(), String> {
 }
 
 /// Calls the host hook, then reports a view that could not follow.
-fn call_hook(hook: &mut Option<HostHook>, vm: &Vm, point: HookPoint) -> Result<(), String> {
+fn call_hook(hook: &mut Option<MmHook>, vm: &Vm, point: HookPoint) -> Result<(), String> {
     if let Some(hook) = hook.as_mut() {
         hook(point, &mut lock(&vm.host)).map_err(|e| format!("host hook at {point:?} failed: {e}"))?;
     }
@@ -99,7 +99,7 @@ fn call_hook(hook: &mut Option<HostHook>, vm: &Vm, point: HookPoint) -> Result<(
 /// An emulation failure at `rip`: if the instruction's bytes are guest RAM
 /// the secondary MMU does not map (a fetch from a memslot hole), serve the
 /// fetch fault and go on; otherwise the run ends.
-fn serve_fetch(vm: &Vm, memory: &GuestMemory) -> Result<bool, String> {
+fn serve_fetch(vm: &Vm, memory: &GuestRam) -> Result<bool, String> {
     let Ok(regs) = vm.vcpu.get_regs() else { return Ok(false) };
     // The guest's page tables are the identity map: gpa = RIP.
     for gpa in [regs.rip, regs.rip + MAX_INSN_LEN - 1] {
@@ -114,7 +114,7 @@ fn serve_fetch(vm: &Vm, memory: &GuestMemory) -> Result<bool, String> {
 fn run_loop(
     mut vm: Vm,
     devices: &mut Devices,
-    hook: &mut Option<HostHook>,
+    hook: &mut Option<MmHook>,
     control: &ControlState,
     timeout: Option<std::time::Duration>,
 ) -> LoopResult {

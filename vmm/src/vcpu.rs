@@ -5,12 +5,12 @@
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::VcpuExit;
-use shadow_mmu::{handle_ept_violation, Access, HostMm, PAGE_SHIFT};
+use shadow_mmu::{handle_ept_violation, Access, PrimaryMmu, PAGE_SHIFT};
 
 use crate::serial::Console;
 use crate::signals::{StopRequest, Watchdog};
 use crate::stats::{ExitCounts, ExitKind};
-use crate::vm::{lock, KvmMmu};
+use crate::vm::{lock, VmSecondaryMmu};
 use crate::x86::layout::GUEST_BASE;
 
 /// Port whose value ends the run with that exit code.
@@ -82,16 +82,16 @@ pub enum Outcome {
 /// The guest's memory as the exit handler serves it: the primary and the
 /// secondary MMU.
 #[derive(Debug, Clone)]
-pub struct GuestMemory {
+pub struct GuestRam {
     /// The primary MMU.
-    pub host: Arc<Mutex<HostMm>>,
+    pub host: Arc<Mutex<PrimaryMmu>>,
     /// The secondary MMU.
-    pub mmu: Arc<Mutex<KvmMmu>>,
+    pub mmu: Arc<Mutex<VmSecondaryMmu>>,
     /// Guest RAM size: accesses below it are RAM, above it MMIO.
     pub mem_bytes: u64,
 }
 
-impl GuestMemory {
+impl GuestRam {
     /// Whether `gpa` is guest RAM that the secondary MMU manages.
     pub fn is_guest_ram(&self, gpa: u64) -> bool {
         (GUEST_BASE..self.mem_bytes).contains(&gpa)
@@ -147,7 +147,7 @@ pub struct Devices {
     /// Values written to port 0x502.
     pub reports: Vec<u64>,
     /// Guest RAM and its MMUs.
-    pub memory: GuestMemory,
+    pub memory: GuestRam,
 }
 
 fn le_value(data: &[u8]) -> u32 {
@@ -288,11 +288,11 @@ mod tests {
     fn devices() -> Devices {
         use shadow_mmu::{FramePool, Policy, RecordingView, SecondaryMmu, PAGE_SIZE};
         let pool = Arc::new(FramePool::new(RAM + PAGE_SIZE).expect("pool"));
-        let mut host = HostMm::new(pool, GUEST_BASE >> PAGE_SHIFT, RAM >> PAGE_SHIFT);
+        let mut host = PrimaryMmu::new(pool, GUEST_BASE >> PAGE_SHIFT, RAM >> PAGE_SHIFT);
         let view = crate::view::AnyView::Recording(RecordingView::default());
         let mmu = Arc::new(Mutex::new(SecondaryMmu::new_prefaulted(Policy::RangeFlush, view, &host)));
         host.mmu_notifier_register(mmu.clone());
-        let memory = GuestMemory { host: Arc::new(Mutex::new(host)), mmu, mem_bytes: RAM };
+        let memory = GuestRam { host: Arc::new(Mutex::new(host)), mmu, mem_bytes: RAM };
         Devices { console: Console::new(Box::new(std::io::sink())), reports: Vec::new(), memory }
     }
 

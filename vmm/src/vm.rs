@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm, VcpuFd};
 use shadow_mmu::{
-    handle_ept_violation, FramePool, FramePoolError, HostMm, Policy, SecondaryMmu, PAGE_SHIFT, PAGE_SIZE,
+    handle_ept_violation, FramePool, FramePoolError, Policy, PrimaryMmu, SecondaryMmu, PAGE_SHIFT, PAGE_SIZE,
 };
 use vm_memory::{Bytes, GuestAddress};
 
@@ -80,7 +80,7 @@ impl DedupPolicy {
     }
 }
 
-/// When a [`HostHook`] is called.
+/// When a [`MmHook`] is called.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HookPoint {
     /// The guest started phase n (after the previous phase was closed).
@@ -92,10 +92,10 @@ pub enum HookPoint {
 /// A host-side experiment run while the vCPU waits: it changes the primary
 /// MMU through the same notifier paths the deduplicator uses
 /// (`write_protect_page`, `replace_page`, ...). Returns an error to end the run.
-pub type HostHook = Box<dyn FnMut(HookPoint, &mut HostMm) -> Result<(), String> + Send>;
+pub type MmHook = Box<dyn FnMut(HookPoint, &mut PrimaryMmu) -> Result<(), String> + Send>;
 
 /// The secondary MMU of this VMM, over the chosen view backend.
-pub type KvmMmu = SecondaryMmu<AnyView>;
+pub type VmSecondaryMmu = SecondaryMmu<AnyView>;
 
 /// Everything a run needs to know.
 pub struct RunConfig {
@@ -114,7 +114,7 @@ pub struct RunConfig {
     /// The KVM device node.
     pub kvm_device: PathBuf,
     /// Host-side changes driven at phase starts and dedup requests (tests, experiments).
-    pub host_hook: Option<HostHook>,
+    pub mm_hook: Option<MmHook>,
     /// The deduplicator's knobs (ignored when `dedup` is off).
     pub ksm: KsmKnobs,
     /// Whether the built-in deduplicator runs (when `dedup` is not off).
@@ -229,9 +229,9 @@ pub struct Vm {
     pub(crate) vm_stats: KvmStats,
     pub(crate) vcpu_stats: KvmStats,
     /// The primary MMU (host page table of guest RAM) and its notifier chain.
-    pub(crate) host: Arc<Mutex<HostMm>>,
+    pub(crate) host: Arc<Mutex<PrimaryMmu>>,
     /// The secondary MMU, registered with the primary.
-    pub(crate) mmu: Arc<Mutex<KvmMmu>>,
+    pub(crate) mmu: Arc<Mutex<VmSecondaryMmu>>,
     /// The deduplicator, unless deduplication is off.
     pub(crate) ksm: Option<Arc<Mutex<Ksm>>>,
     /// The host's KSM, under the `kernel` policy.
@@ -301,7 +301,7 @@ impl Vm {
 
         let vm_fd = Arc::new(vm_fd);
         // One frame per guest page, plus one spare so that a copy-on-write
-        // break always finds a free frame (see HostMm::new), plus the zero
+        // break always finds a free frame (see PrimaryMmu::new), plus the zero
         // page of the deduplicator.
         // The kernel policy's RAM is anonymous: what the host's KSM merges.
         let pool_bytes = config.mem_bytes + 2 * PAGE_SIZE;
@@ -312,7 +312,7 @@ impl Vm {
         // The VMM's low megabyte: always mapped, never part of a view.
         set_memslot(&vm_fd, &pool, BOOT_SLOT, 0, GUEST_BASE, 0, false)?;
         // Load before the view exists (it maps what holds memory). Nothing is
-        // deduplicated yet: guest page n is frame n (HostMm::new), so the
+        // deduplicated yet: guest page n is frame n (PrimaryMmu::new), so the
         // direct map doubles as guest-physical memory for loading.
         let mem = pool.direct_map();
         let info = config.image.load(mem, config.mem_bytes)?;
@@ -338,7 +338,7 @@ impl Vm {
             AnyView::Uffd(v) => Some(v.fault_source()?),
             _ => None,
         };
-        let mut host = HostMm::new(pool.clone(), first_gfn, end_gfn);
+        let mut host = PrimaryMmu::new(pool.clone(), first_gfn, end_gfn);
         let mmu = Arc::new(Mutex::new(SecondaryMmu::new_prefaulted(config.dedup.mmu_policy(), view, &host)));
         host.mmu_notifier_register(mmu.clone());
         let ksm = match config.dedup {

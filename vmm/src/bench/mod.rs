@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::serial::Console;
 use crate::stats::ExitCounts;
-use crate::vcpu::{handle_exit, Devices, GuestMemory, Outcome};
+use crate::vcpu::{handle_exit, Devices, GuestRam, Outcome};
 use crate::vm::{RunConfig, Vm, VmError};
 
 /// Summary statistics of a set of samples, in nanoseconds.
@@ -80,7 +80,7 @@ pub enum BenchError {
 pub fn exit_floor(config: RunConfig, warmup: usize, exits: usize) -> Result<ExitFloorReport, BenchError> {
     let image = config.image.name.clone();
     let mut vm = Vm::new(&config)?;
-    let memory = GuestMemory { host: vm.host.clone(), mmu: vm.mmu.clone(), mem_bytes: vm.mem_bytes };
+    let memory = GuestRam { host: vm.host.clone(), mmu: vm.mmu.clone(), mem_bytes: vm.mem_bytes };
     let mut devices = Devices { console: Console::new(config.console), reports: Vec::new(), memory };
     let mut counts = ExitCounts::default();
     let (mut vmm_samples, mut bare_samples) = (Vec::with_capacity(exits), Vec::with_capacity(exits));
@@ -189,7 +189,7 @@ enum Zap {
 fn timed_refaults(config: &RunConfig, zap: Zap) -> Result<(u64, u64, u64), BenchError> {
     use shadow_mmu::{EptView, MmuNotifierRange, MmuNotifyEvent, RangeFlags, PAGE_SHIFT};
     let vm = Vm::new(config)?;
-    let memory = GuestMemory { host: vm.host.clone(), mmu: vm.mmu.clone(), mem_bytes: vm.mem_bytes };
+    let memory = GuestRam { host: vm.host.clone(), mmu: vm.mmu.clone(), mem_bytes: vm.mem_bytes };
     let mut devices = Devices { console: Console::new(Box::new(std::io::sink())), reports: Vec::new(), memory };
     let first = guest_images::PAGEFILL_START >> PAGE_SHIFT;
     let end = first + guest_images::pagefill_pages(config.mem_bytes);

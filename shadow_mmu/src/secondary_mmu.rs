@@ -13,7 +13,7 @@ use crate::lock;
 use std::time::Instant;
 
 use crate::ept::Ept;
-use crate::memory::{HostMm, HostMmError, HostPte};
+use crate::memory::{PrimaryMmu, PrimaryMmuError, Pte};
 use crate::mmu_notifier::{Gfn, MmuNotifier, MmuNotifierRange};
 use crate::view::EptView;
 
@@ -79,7 +79,7 @@ pub struct MmuStats {
 pub enum FaultError<E: std::error::Error + 'static> {
     /// The primary MMU could not provide the page.
     #[error(transparent)]
-    Host(#[from] HostMmError),
+    Host(#[from] PrimaryMmuError),
     /// The view could not be updated.
     #[error(transparent)]
     View(E),
@@ -101,7 +101,7 @@ impl<V: EptView> SecondaryMmu<V> {
     /// A secondary MMU whose table already maps every guest page as the host
     /// does now (pre-faulted, as KVM_PRE_FAULT_MEMORY would), on top of a
     /// view that the caller built with the same mapping.
-    pub fn new_prefaulted(policy: Policy, view: V, host: &HostMm) -> Self {
+    pub fn new_prefaulted(policy: Policy, view: V, host: &PrimaryMmu) -> Self {
         let mut ept = Ept::new();
         let (first, end) = host.guest_range();
         for gfn in first..end {
@@ -205,7 +205,7 @@ impl<V: EptView> SecondaryMmu<V> {
     }
 
     /// Installs `gfn -> pte` in the table and the view.
-    fn install(&mut self, gfn: Gfn, pte: HostPte) {
+    fn install(&mut self, gfn: Gfn, pte: Pte) {
         self.ept.map(gfn, pte.pfn, pte.writable);
         self.stats.installed += 1;
         self.view_op(|v| v.map(gfn, pte.pfn, pte.writable));
@@ -226,7 +226,7 @@ impl<V: EptView> MmuNotifier for SecondaryMmu<V> {
         self.mmu_invalidate_in_progress = self.mmu_invalidate_in_progress.saturating_sub(1);
     }
 
-    fn change_pte(&mut self, gfn: Gfn, pte: HostPte) {
+    fn change_pte(&mut self, gfn: Gfn, pte: Pte) {
         if self.policy == Policy::RangeFlush {
             return;
         }
@@ -252,11 +252,11 @@ impl<V: EptView> MmuNotifier for SecondaryMmu<V> {
 /// Lock order: the primary MMU, then the secondary; the secondary's lock is
 /// never held while the primary's is taken.
 pub fn handle_ept_violation<V: EptView>(
-    host: &Mutex<HostMm>,
+    host: &Mutex<PrimaryMmu>,
     mmu: &Mutex<SecondaryMmu<V>>,
     gfn: Gfn,
     access: Access,
-) -> Result<HostPte, FaultError<V::Error>> {
+) -> Result<Pte, FaultError<V::Error>> {
     loop {
         let seq = lock(mmu).mmu_invalidate_seq();
         let pte = lock(host).get_user_page(gfn, access == Access::Write)?;
