@@ -9,6 +9,8 @@
 //! * [`ept`]: a 4-level table in Intel EPT entry format.
 //! * [`secondary_mmu`]: the secondary MMU after arch/x86/kvm/mmu, its policies and
 //!   the EPT-violation handler.
+//! * [`stack`]: a frame pool with both MMUs wired together, as the VMM
+//!   and the tests build them.
 //! * [`view`]: the interface to what makes the secondary table real for a
 //!   vCPU (the `vmm` crate's memslot and userfaultfd backends).
 //!
@@ -41,6 +43,7 @@ pub mod frame_pool;
 pub mod memory;
 pub mod mmu_notifier;
 pub mod secondary_mmu;
+pub mod stack;
 pub mod view;
 
 /// Locks a mutex, ignoring poisoning, so that a run can still end and report
@@ -56,4 +59,5 @@ pub use frame_pool::{FramePool, FramePoolError, Pfn, PAGE_SHIFT, PAGE_SIZE};
 pub use memory::{PrimaryMmu, PrimaryMmuError, Pte};
 pub use mmu_notifier::{Gfn, MmuNotifier, MmuNotifierRange, MmuNotifyEvent, RangeFlags};
 pub use secondary_mmu::{handle_ept_violation, Access, FaultError, MmuStats, Policy, SecondaryMmu};
+pub use stack::{GuestAccessError, GuestMmus};
 pub use view::{EptView, RecordingView};
