@@ -24,7 +24,7 @@ pub const DEDUP_UNMERGE: u32 = 4;
 #[derive(Debug)]
 pub struct DedupControl {
     ksm: Option<Arc<Mutex<Ksm>>>,
-    host: Arc<Mutex<PrimaryMmu>>,
+    mm: Arc<Mutex<PrimaryMmu>>,
     ksmd: Option<Ksmd>,
     /// Set when a ksmd of this run ends by itself (an error or a panic).
     ksmd_failed: Arc<AtomicBool>,
@@ -44,10 +44,10 @@ impl DedupControl {
     /// is used), and over the host's KSM when `host_ksm` is given.
     pub fn new(
         ksm: Option<Arc<Mutex<Ksm>>>,
-        host: Arc<Mutex<PrimaryMmu>>,
+        mm: Arc<Mutex<PrimaryMmu>>,
         host_ksm: Option<Arc<Mutex<HostKsm>>>,
     ) -> Self {
-        Self { ksm, host, ksmd: None, ksmd_failed: Arc::default(), host_ksm, run: 0, ignored_requests: 0 }
+        Self { ksm, mm, ksmd: None, ksmd_failed: Arc::default(), host_ksm, run: 0, ignored_requests: 0 }
     }
 
     /// Whether a deduplicator (built-in or the host's) is there to control.
@@ -77,14 +77,14 @@ impl DedupControl {
             0 => self.stop_ksmd(),
             1 => {
                 if self.ksmd.is_none() {
-                    let ksmd = Ksmd::start(ksm, self.host.clone(), self.ksmd_failed.clone());
+                    let ksmd = Ksmd::start(ksm, self.mm.clone(), self.ksmd_failed.clone());
                     self.ksmd = Some(ksmd.map_err(|e| format!("cannot start ksmd: {e}"))?);
                 }
                 Ok(())
             }
             2 => {
                 self.stop_ksmd()?;
-                lock(&ksm).unmerge_all(&self.host).map_err(|e| format!("unmerge failed: {e}"))
+                lock(&ksm).unmerge_all(&self.mm).map_err(|e| format!("unmerge failed: {e}"))
             }
             _ => Err(format!("ksm run state {run} is not 0, 1 or 2")),
         }
@@ -111,7 +111,7 @@ impl DedupControl {
         }
         match value {
             DEDUP_PASS => match &self.ksm {
-                Some(ksm) => lock(ksm).full_pass(&self.host).map(|_| ()).map_err(|e| format!("dedup pass failed: {e}")),
+                Some(ksm) => lock(ksm).full_pass(&self.mm).map(|_| ()).map_err(|e| format!("dedup pass failed: {e}")),
                 None => Ok(()),
             },
             DEDUP_START => self.set_run(1),

@@ -29,7 +29,7 @@ impl Readings {
     fn take(vm: &Vm) -> Self {
         // Frames freed since the last reading go back to the host now, so
         // the memory figures of the phase are what the host really holds.
-        let _ = lock(&vm.host).flush_holes();
+        let _ = lock(&vm.mm).flush_holes();
         Self {
             // A stats read that fails mid-run costs the kvm section, not the run.
             kvm_vm: vm.vm_stats.snapshot().unwrap_or_default(),
@@ -45,7 +45,7 @@ impl Readings {
 /// The secondary MMU's counters (with its view's) and the primary MMU's.
 fn shadow_mmu_counters(vm: &Vm) -> Counters {
     let mut out: Counters = lock(&vm.mmu).counters().into_iter().map(|(n, v)| (n.to_string(), v)).collect();
-    let host = lock(&vm.host).stats();
+    let host = lock(&vm.mm).stats();
     for (name, v) in [
         ("view_host_faults", vm.view_faults.host_faults()),
         ("cow_copies", host.cow_copies),
@@ -62,7 +62,7 @@ fn shadow_mmu_counters(vm: &Vm) -> Counters {
 
 /// The deduplicator's figures with the sysfs names.
 fn ksm_counters(vm: &Vm) -> Counters {
-    dedup_figures(vm.ksm.as_ref(), vm.host_ksm.as_ref(), &vm.host)
+    dedup_figures(vm.ksm.as_ref(), vm.host_ksm.as_ref(), &vm.mm)
 }
 
 /// The sysfs figures guest-abi.md promises in every phase's `ksm` map;

@@ -35,16 +35,16 @@ pub fn run(mut config: RunConfig) -> Result<RunStats, VmError> {
         view: config.dedup.effective_view(config.view).name().to_string(),
         timeout_secs: config.timeout.map(|t| t.as_secs_f64()),
     };
-    let memory = GuestRam { host: vm.host.clone(), mmu: vm.mmu.clone(), mem_bytes: vm.mem_bytes };
+    let memory = vm.guest_ram();
     let mut devices = Devices { console: Console::new(config.console), reports: Vec::new(), memory };
     let mut hook = config.mm_hook.take();
-    let dedup = Arc::new(Mutex::new(DedupControl::new(vm.ksm.clone(), vm.host.clone(), vm.host_ksm.clone())));
+    let dedup = Arc::new(Mutex::new(DedupControl::new(vm.ksm.clone(), vm.mm.clone(), vm.host_ksm.clone())));
     let control = Arc::new(ControlState {
         dedup: dedup.clone(),
         phase: AtomicU32::new(0),
         policy: config.dedup.name().to_string(),
         ksm_figures: {
-            let (ksm, host_ksm, host) = (vm.ksm.clone(), vm.host_ksm.clone(), vm.host.clone());
+            let (ksm, host_ksm, host) = (vm.ksm.clone(), vm.host_ksm.clone(), vm.mm.clone());
             Box::new(move || crate::phases::dedup_figures(ksm.as_ref(), host_ksm.as_ref(), &host))
         },
         closed: AtomicBool::new(false),
@@ -91,7 +91,7 @@ fn view_error(vm: &Vm) -> Result<(), String> {
 /// Calls the host hook, then reports a view that could not follow.
 fn call_hook(hook: &mut Option<MmHook>, vm: &Vm, point: HookPoint) -> Result<(), String> {
     if let Some(hook) = hook.as_mut() {
-        hook(point, &mut lock(&vm.host)).map_err(|e| format!("host hook at {point:?} failed: {e}"))?;
+        hook(point, &mut lock(&vm.mm)).map_err(|e| format!("host hook at {point:?} failed: {e}"))?;
     }
     view_error(vm)
 }

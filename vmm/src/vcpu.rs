@@ -84,7 +84,7 @@ pub enum Outcome {
 #[derive(Debug, Clone)]
 pub struct GuestRam {
     /// The primary MMU.
-    pub host: Arc<Mutex<PrimaryMmu>>,
+    pub mm: Arc<Mutex<PrimaryMmu>>,
     /// The secondary MMU.
     pub mmu: Arc<Mutex<VmSecondaryMmu>>,
     /// Guest RAM size: accesses below it are RAM, above it MMIO.
@@ -99,7 +99,7 @@ impl GuestRam {
 
     /// Serves a secondary-MMU fault at `gpa`.
     pub fn fault(&self, gpa: u64, access: Access) -> Result<(), String> {
-        handle_ept_violation(&self.host, &self.mmu, gpa >> PAGE_SHIFT, access)
+        handle_ept_violation(&self.mm, &self.mmu, gpa >> PAGE_SHIFT, access)
             .map(|_| ())
             .map_err(|e| format!("secondary-MMU fault at gpa {gpa:#x} ({access:?}) failed: {e}"))
     }
@@ -113,7 +113,7 @@ impl GuestRam {
     /// in, then read what the guest would have read.
     fn complete_read(&self, gpa: u64, data: &mut [u8]) -> Result<(), String> {
         self.fault(gpa, Access::Read)?;
-        lock(&self.host).read_guest(gpa, data).map_err(|e| e.to_string())
+        lock(&self.mm).read_guest(gpa, data).map_err(|e| e.to_string())
     }
 
     /// A guest write the VMM completes (KVM retired it without writing):
@@ -131,7 +131,7 @@ impl GuestRam {
             for &at in &pages {
                 self.fault(at, Access::Write)?;
             }
-            let mut host = lock(&self.host);
+            let mut host = lock(&self.mm);
             if pages.iter().all(|&at| host.pte(at >> PAGE_SHIFT).is_ok_and(|p| p.writable)) {
                 return host.write_guest(gpa, data).map_err(|e| e.to_string());
             }
@@ -292,7 +292,7 @@ mod tests {
         let view = crate::view::AnyView::Recording(RecordingView::default());
         let mmu = Arc::new(Mutex::new(SecondaryMmu::new_prefaulted(Policy::RangeFlush, view, &host)));
         host.mmu_notifier_register(mmu.clone());
-        let memory = GuestRam { host: Arc::new(Mutex::new(host)), mmu, mem_bytes: RAM };
+        let memory = GuestRam { mm: Arc::new(Mutex::new(host)), mmu, mem_bytes: RAM };
         Devices { console: Console::new(Box::new(std::io::sink())), reports: Vec::new(), memory }
     }
 
@@ -301,16 +301,16 @@ mod tests {
         let mut d = devices();
         let mut e = ExitCounts::default();
         let gpa = 0x20_0000 + 8;
-        lock(&d.memory.host).write_guest(gpa, &0x1122_3344u32.to_le_bytes()).expect("write");
+        lock(&d.memory.mm).write_guest(gpa, &0x1122_3344u32.to_le_bytes()).expect("write");
         // Write protection under range-flush: the page is zapped.
-        lock(&d.memory.host).write_protect_page(gpa >> PAGE_SHIFT).expect("wp");
+        lock(&d.memory.mm).write_protect_page(gpa >> PAGE_SHIFT).expect("wp");
         let mut buf = [0u8; 4];
         assert_eq!(handle_exit(&mut d, &mut e, VcpuExit::MmioRead(gpa, &mut buf)), Outcome::Continue);
         assert_eq!(u32::from_le_bytes(buf), 0x1122_3344);
         // A write to the read-only page breaks copy-on-write... in place here
         // (the frame is mapped once) and lands in guest memory.
         assert_eq!(handle_exit(&mut d, &mut e, VcpuExit::MmioWrite(gpa, &[9, 9])), Outcome::Continue);
-        lock(&d.memory.host).read_guest(gpa, &mut buf).expect("read");
+        lock(&d.memory.mm).read_guest(gpa, &mut buf).expect("read");
         assert_eq!(buf, [9, 9, 0x22, 0x11]);
         assert!(lock(&d.memory.mmu).ept().lookup(gpa >> PAGE_SHIFT).expect("mapped").writable());
         assert_eq!((e.ept_read, e.ept_write, e.mmio, e.total), (1, 1, 0, 2));

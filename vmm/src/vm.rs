@@ -20,6 +20,7 @@ use ksm::{Ksm, KsmError, KsmKnobs};
 use crate::host_ksm::{HostKsm, HostKsmError, HostKsmPaths};
 use crate::image::{GuestImage, ImageError};
 use crate::kvm_stats::{KvmStats, KvmStatsError};
+use crate::vcpu::GuestRam;
 use crate::vcpu_gate::{serving_vcpu_fault, VcpuGate};
 use crate::view::memslot::{set_memslot, MemslotView, BOOT_SLOT};
 use crate::view::uffd::{UffdFaultThread, UffdView};
@@ -229,7 +230,7 @@ pub struct Vm {
     pub(crate) vm_stats: KvmStats,
     pub(crate) vcpu_stats: KvmStats,
     /// The primary MMU (host page table of guest RAM) and its notifier chain.
-    pub(crate) host: Arc<Mutex<PrimaryMmu>>,
+    pub(crate) mm: Arc<Mutex<PrimaryMmu>>,
     /// The secondary MMU, registered with the primary.
     pub(crate) mmu: Arc<Mutex<VmSecondaryMmu>>,
     /// The deduplicator, unless deduplication is off.
@@ -410,7 +411,7 @@ impl Vm {
             vcpu,
             vm_stats,
             vcpu_stats,
-            host,
+            mm: host,
             mmu,
             ksm,
             host_ksm,
@@ -423,13 +424,63 @@ impl Vm {
         })
     }
 
+    /// The vCPU.
+    pub fn vcpu(&self) -> &VcpuFd {
+        &self.vcpu
+    }
+
+    /// The vCPU, to run it.
+    pub fn vcpu_mut(&mut self) -> &mut VcpuFd {
+        &mut self.vcpu
+    }
+
+    /// The KVM VM.
+    pub fn vm_fd(&self) -> &Arc<kvm_ioctls::VmFd> {
+        &self.vm_fd
+    }
+
+    /// Host physical memory behind guest RAM.
+    pub fn pool(&self) -> &Arc<FramePool> {
+        &self.pool
+    }
+
+    /// The primary MMU (the host page table of guest RAM).
+    pub fn mm(&self) -> &Arc<Mutex<PrimaryMmu>> {
+        &self.mm
+    }
+
+    /// The secondary MMU over the view.
+    pub fn mmu(&self) -> &Arc<Mutex<VmSecondaryMmu>> {
+        &self.mmu
+    }
+
+    /// The gate that keeps the vCPU out of KVM_RUN while memslots change.
+    pub fn gate(&self) -> &Arc<VcpuGate> {
+        &self.gate
+    }
+
+    /// Secondary-MMU faults served off the vCPU thread (userfaultfd view).
+    pub fn view_faults(&self) -> &Arc<ViewFaults> {
+        &self.view_faults
+    }
+
+    /// Guest RAM size in bytes.
+    pub fn mem_bytes(&self) -> u64 {
+        self.mem_bytes
+    }
+
+    /// Guest RAM as the exit handler serves it.
+    pub fn guest_ram(&self) -> GuestRam {
+        GuestRam { mm: self.mm.clone(), mmu: self.mmu.clone(), mem_bytes: self.mem_bytes }
+    }
+
     /// Reads guest-physical memory (RAM only) as the guest sees it now.
     pub fn read_guest(&self, gpa: u64, buf: &mut [u8]) -> bool {
         let end = gpa.checked_add(buf.len() as u64);
         if end.is_none_or(|e| e > self.mem_bytes) {
             return false;
         }
-        lock(&self.host).read_guest(gpa, buf).is_ok()
+        lock(&self.mm).read_guest(gpa, buf).is_ok()
     }
 }
 

@@ -80,7 +80,7 @@ pub enum BenchError {
 pub fn exit_floor(config: RunConfig, warmup: usize, exits: usize) -> Result<ExitFloorReport, BenchError> {
     let image = config.image.name.clone();
     let mut vm = Vm::new(&config)?;
-    let memory = GuestRam { host: vm.host.clone(), mmu: vm.mmu.clone(), mem_bytes: vm.mem_bytes };
+    let memory = vm.guest_ram();
     let mut devices = Devices { console: Console::new(config.console), reports: Vec::new(), memory };
     let mut counts = ExitCounts::default();
     let (mut vmm_samples, mut bare_samples) = (Vec::with_capacity(exits), Vec::with_capacity(exits));
@@ -189,7 +189,7 @@ enum Zap {
 fn timed_refaults(config: &RunConfig, zap: Zap) -> Result<(u64, u64, u64), BenchError> {
     use shadow_mmu::{EptView, MmuNotifierRange, MmuNotifyEvent, RangeFlags, PAGE_SHIFT};
     let vm = Vm::new(config)?;
-    let memory = GuestRam { host: vm.host.clone(), mmu: vm.mmu.clone(), mem_bytes: vm.mem_bytes };
+    let memory = vm.guest_ram();
     let mut devices = Devices { console: Console::new(Box::new(std::io::sink())), reports: Vec::new(), memory };
     let first = guest_images::PAGEFILL_START >> PAGE_SHIFT;
     let end = first + guest_images::pagefill_pages(config.mem_bytes);
@@ -210,7 +210,7 @@ fn timed_refaults(config: &RunConfig, zap: Zap) -> Result<(u64, u64, u64), Bench
             Outcome::Dedup(1) => match zap {
                 Zap::Notifier => {
                     let r = MmuNotifierRange::new(first, end, MmuNotifyEvent::Clear, RangeFlags::BLOCKABLE);
-                    let mut h = crate::vm::lock(&vm.host);
+                    let mut h = crate::vm::lock(&vm.mm);
                     h.invalidate_range_start(&r);
                     h.invalidate_range_end(&r);
                 }
