@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::serial::Console;
 use crate::stats::ExitCounts;
-use crate::vcpu::{handle_exit, Devices, GuestRam, Outcome};
+use crate::vcpu::{handle_exit, Devices, Outcome};
 use crate::vm::{RunConfig, Vm, VmError};
 
 /// Summary statistics of a set of samples, in nanoseconds.
