@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::{require_kvm, scratch, vmm};
 use vmm::compare::summary::CompareReport;
-use vmm::host_ksm::HostKsmPaths;
+use vmm::dedup::HostKsmPaths;
 
 /// Serialises the tests that take the host's KSM.
 static HOST_KSM: Mutex<()> = Mutex::new(());

@@ -9,11 +9,12 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::image::GuestImage;
+use crate::memory::check_mem_size;
 use crate::run::{exit_status, run};
 use crate::size::{format_size, parse_size};
 use crate::stats::render_table;
 use crate::view::ViewKind;
-use crate::vm::{check_mem_size, DedupPolicy, RunConfig};
+use crate::vm::{DedupPolicy, RunConfig};
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -343,7 +344,7 @@ fn run_command(kvm_device: PathBuf, args: RunArgs) -> ExitCode {
     };
     let stats = match run(config) {
         Ok(s) => s,
-        Err(e) => return fail(e),
+        Err(e) => return fail(crate::error_chain(&e)),
     };
     if !args.no_table {
         println!("\n{}", render_table(&stats));

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::dedup::DedupControl;
+use crate::dedup::{DedupControl, RunState};
 use crate::vm::lock;
 
 /// How often the server looks for a connection or for the end of the run.
@@ -39,7 +39,7 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// The socket could not be created.
-    #[error("cannot create the control socket {path}: {source}")]
+    #[error("cannot create the control socket {path}")]
     Bind {
         /// The socket path.
         path: String,
@@ -53,7 +53,7 @@ pub enum ControlError {
     #[error("{0} is the control socket of a running vmm: give another --control path")]
     InUse(String),
     /// The client could not reach the socket.
-    #[error("cannot reach the control socket {path}: {source} (is `vmm run --control {path}` running?)")]
+    #[error("cannot reach the control socket {path} (is `vmm run --control {path}` running?)")]
     Connect {
         /// The socket path.
         path: String,
@@ -61,7 +61,7 @@ pub enum ControlError {
         source: std::io::Error,
     },
     /// The client could not talk over it.
-    #[error("control socket {path}: {source}")]
+    #[error("control socket {path}")]
     Io {
         /// The socket path.
         path: String,
@@ -78,8 +78,6 @@ pub struct ControlState {
     pub phase: AtomicU32,
     /// The policy's name.
     pub policy: String,
-    /// Reads the deduplicator's figures now (sysfs names).
-    pub ksm_figures: Box<dyn Fn() -> crate::stats::Counters + Send + Sync>,
     /// Set when the run is ending: requests are refused from then on.
     pub closed: AtomicBool,
 }
@@ -198,20 +196,23 @@ fn answer(request: &str, state: &ControlState) -> String {
                 if !dedup.is_active() {
                     return format!("error: deduplication is off in this run ({}): nothing to switch", state.policy);
                 }
-                match dedup.set_run(run) {
+                match RunState::try_from(run).and_then(|state| dedup.set_run(state)) {
                     Ok(()) => format!("ok run={run}"),
-                    Err(e) => format!("error: {e}"),
+                    Err(e) => format!("error: {}", crate::error_chain(&e)),
                 }
             }
             _ => format!("error: run takes 0, 1 or 2, not '{n}'"),
         },
         ["status"] => {
-            let run = lock(&state.dedup).run_state();
+            let (run, figures) = {
+                let dedup = lock(&state.dedup);
+                (dedup.run_state().sysfs(), dedup.figures())
+            };
             let status = serde_json::json!({
                 "phase": state.phase.load(Ordering::SeqCst),
                 "run": run,
                 "policy": state.policy,
-                "ksm": (state.ksm_figures)(),
+                "ksm": figures,
             });
             status.to_string()
         }
@@ -244,12 +245,11 @@ mod tests {
     /// A control state over a run with deduplication off (no KVM needed).
     fn state() -> Arc<ControlState> {
         let pool = Arc::new(FramePool::new(16 * shadow_mmu::PAGE_SIZE).expect("frame pool"));
-        let host = Arc::new(Mutex::new(PrimaryMmu::new(pool, 0, 16)));
+        let mm = Arc::new(Mutex::new(PrimaryMmu::new(pool, 0, 16)));
         Arc::new(ControlState {
-            dedup: Arc::new(Mutex::new(DedupControl::new(None, host, None))),
+            dedup: Arc::new(Mutex::new(DedupControl::new(crate::dedup::Dedup::Off, mm))),
             phase: AtomicU32::new(3),
             policy: "off".into(),
-            ksm_figures: Box::new(crate::stats::Counters::new),
             closed: AtomicBool::new(false),
         })
     }

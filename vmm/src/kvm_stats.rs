@@ -26,11 +26,11 @@ use nr::KVM_GET_STATS_FD;
 #[derive(Debug, thiserror::Error)]
 pub enum KvmStatsError {
     /// The ioctl failed.
-    #[error("KVM_GET_STATS_FD failed: {0}")]
-    Ioctl(std::io::Error),
+    #[error("KVM_GET_STATS_FD failed")]
+    Ioctl(#[source] std::io::Error),
     /// Reading the stats file failed or it was malformed.
-    #[error("cannot read KVM binary statistics: {0}")]
-    Read(String),
+    #[error("cannot read KVM binary statistics")]
+    Read(#[source] std::io::Error),
 }
 
 /// One scalar statistic's descriptor.
@@ -69,7 +69,7 @@ impl KvmStats {
     fn from_file(file: File) -> Result<Self, KvmStatsError> {
         let read = |offset: u64, len: usize| -> Result<Vec<u8>, KvmStatsError> {
             let mut buf = vec![0u8; len];
-            file.read_exact_at(&mut buf, offset).map_err(|e| KvmStatsError::Read(e.to_string()))?;
+            file.read_exact_at(&mut buf, offset).map_err(KvmStatsError::Read)?;
             Ok(buf)
         };
         let header = read(0, 24)?;
@@ -104,9 +104,7 @@ impl KvmStats {
         let mut snap = Snapshot::new();
         for d in &self.descriptors {
             let mut buf = [0u8; 8];
-            self.file
-                .read_exact_at(&mut buf, self.data_offset + d.offset)
-                .map_err(|e| KvmStatsError::Read(e.to_string()))?;
+            self.file.read_exact_at(&mut buf, self.data_offset + d.offset).map_err(KvmStatsError::Read)?;
             snap.insert(d.name.clone(), u64::from_le_bytes(buf));
         }
         Ok(snap)

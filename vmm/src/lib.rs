@@ -32,14 +32,18 @@
 //! ```
 
 pub mod bench;
+pub mod builder;
 pub mod chart;
 pub mod cli;
 pub mod compare;
+pub mod config;
 pub mod control;
 pub mod dedup;
-pub mod host_ksm;
+pub mod guest_ram;
 pub mod image;
+pub mod kvm;
 pub mod kvm_stats;
+pub mod memory;
 pub mod phases;
 pub mod run;
 pub mod serial;
@@ -51,3 +55,16 @@ pub mod vcpu_gate;
 pub mod view;
 pub mod vm;
 pub mod x86;
+
+/// An error and its chain of causes on one line, as people read it:
+/// "what failed: why: why that".
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        line.push_str(": ");
+        line.push_str(&c.to_string());
+        cause = c.source();
+    }
+    line
+}

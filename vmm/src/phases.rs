@@ -2,13 +2,8 @@
 //! 0x500) the counters of every layer are read and the phase's figures are
 //! what moved since the boundary before.
 
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use ksm::Ksm;
-use shadow_mmu::PrimaryMmu;
-
-use crate::host_ksm::HostKsm;
 use crate::kvm_stats::Snapshot;
 use crate::stats::{is_gauge, Counters, ExitCounts, Figures, PhaseStats};
 use crate::vm::{lock, Vm};
@@ -62,30 +57,7 @@ fn shadow_mmu_counters(vm: &Vm) -> Counters {
 
 /// The deduplicator's figures with the sysfs names.
 fn ksm_counters(vm: &Vm) -> Counters {
-    dedup_figures(vm.ksm.as_ref(), vm.host_ksm.as_ref(), &vm.mm)
-}
-
-/// The sysfs figures guest-abi.md promises in every phase's `ksm` map;
-/// a run without deduplication reports them as 0.
-pub const KSM_FIGURES_ALWAYS_REPORTED: [&str; 5] =
-    ["pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "full_scans"];
-
-/// The figures of the built-in deduplicator or of the host's KSM, whichever
-/// the run uses, with the sysfs names ([`KSM_FIGURES_ALWAYS_REPORTED`], all
-/// 0, when deduplication is off).
-pub fn dedup_figures(
-    ksm: Option<&Arc<Mutex<Ksm>>>,
-    host_ksm: Option<&Arc<Mutex<HostKsm>>>,
-    host: &Arc<Mutex<PrimaryMmu>>,
-) -> Counters {
-    if let Some(h) = host_ksm {
-        return lock(h).counters().into_iter().map(|(n, v)| (n.to_string(), v)).collect();
-    }
-    let Some(ksm) = ksm else { return KSM_FIGURES_ALWAYS_REPORTED.iter().map(|n| (n.to_string(), 0)).collect() };
-    // Lock order: the deduplicator, then the primary MMU.
-    let k = lock(ksm);
-    let host = lock(host);
-    k.counters(&host).into_iter().map(|(n, v)| (n.to_string(), v)).collect()
+    lock(&vm.dedup).figures()
 }
 
 /// What moved in named counters: counters by their increase, gauges by their

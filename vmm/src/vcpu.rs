@@ -1,17 +1,14 @@
-//! The run loop: one function maps each KVM exit to an outcome
-//! ([`handle_exit`]), and the loop acts on outcomes (next phase, dedup
-//! request, end of run) until the run ends, always with its statistics.
-
-use std::sync::{Arc, Mutex};
+//! The vCPU's exits: one function maps each KVM exit to an outcome
+//! ([`handle_exit`]) and counts it, delegating each kind's work; the run
+//! loop (`crate::run`) acts on the outcomes.
 
 use kvm_ioctls::VcpuExit;
-use shadow_mmu::{handle_ept_violation, Access, PrimaryMmu, PAGE_SHIFT};
+use shadow_mmu::Access;
 
+use crate::guest_ram::{GuestRam, GuestRamError};
 use crate::serial::Console;
 use crate::signals::{StopRequest, Watchdog};
 use crate::stats::{ExitCounts, ExitKind};
-use crate::vm::{lock, VmSecondaryMmu};
-use crate::x86::layout::GUEST_BASE;
 
 /// Port whose value ends the run with that exit code.
 pub const PORT_EXIT: u16 = 0xF4;
@@ -44,11 +41,19 @@ pub enum RunEnd {
     /// KVM_RUN itself failed.
     KvmRunFailed(String),
     /// The VMM could not serve the guest (a secondary-MMU fault failed, a
-    /// host hook failed, a view hit its limit).
+    /// memory hook failed, a view hit its limit): the error and its causes.
     VmmError(String),
     /// The guest went past a limit that keeps the VMM's memory bounded
     /// ([`MAX_PHASES`], [`MAX_REPORTS`]).
     GuestLimit(String),
+}
+
+impl RunEnd {
+    /// The end of a run the VMM could not go on serving, with the error's
+    /// chain of causes.
+    pub fn vmm_error(e: &(dyn std::error::Error + 'static)) -> Self {
+        RunEnd::VmmError(crate::error_chain(e))
+    }
 }
 
 /// Phases a run may have: each keeps its own figures, so a guest writing
@@ -79,66 +84,6 @@ pub enum Outcome {
     End(RunEnd),
 }
 
-/// The guest's memory as the exit handler serves it: the primary and the
-/// secondary MMU.
-#[derive(Debug, Clone)]
-pub struct GuestRam {
-    /// The primary MMU.
-    pub mm: Arc<Mutex<PrimaryMmu>>,
-    /// The secondary MMU.
-    pub mmu: Arc<Mutex<VmSecondaryMmu>>,
-    /// Guest RAM size: accesses below it are RAM, above it MMIO.
-    pub mem_bytes: u64,
-}
-
-impl GuestRam {
-    /// Whether `gpa` is guest RAM that the secondary MMU manages.
-    pub fn is_guest_ram(&self, gpa: u64) -> bool {
-        (GUEST_BASE..self.mem_bytes).contains(&gpa)
-    }
-
-    /// Serves a secondary-MMU fault at `gpa`.
-    pub fn fault(&self, gpa: u64, access: Access) -> Result<(), String> {
-        handle_ept_violation(&self.mm, &self.mmu, gpa >> PAGE_SHIFT, access)
-            .map(|_| ())
-            .map_err(|e| format!("secondary-MMU fault at gpa {gpa:#x} ({access:?}) failed: {e}"))
-    }
-
-    /// Whether the secondary MMU maps `gpa`'s page now.
-    pub fn is_mapped(&self, gpa: u64) -> bool {
-        lock(&self.mmu).ept().lookup(gpa >> PAGE_SHIFT).is_some()
-    }
-
-    /// A guest read the VMM completes (an MMIO exit on RAM): fault the page
-    /// in, then read what the guest would have read.
-    fn complete_read(&self, gpa: u64, data: &mut [u8]) -> Result<(), String> {
-        self.fault(gpa, Access::Read)?;
-        lock(&self.mm).read_guest(gpa, data).map_err(|e| e.to_string())
-    }
-
-    /// A guest write the VMM completes (KVM retired it without writing):
-    /// fault every page it touches in for write (breaking copy-on-write),
-    /// then store the bytes in the frames now mapped. The store happens
-    /// under the primary MMU's lock with every pte writable; if ksmd
-    /// write-protected a page again in between, the faults are redone.
-    fn complete_write(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
-        let last = gpa + data.len().max(1) as u64 - 1;
-        let pages: Vec<u64> = ((gpa >> PAGE_SHIFT)..=(last >> PAGE_SHIFT))
-            .map(|p| (p << PAGE_SHIFT).max(gpa))
-            .filter(|&at| self.is_guest_ram(at))
-            .collect();
-        loop {
-            for &at in &pages {
-                self.fault(at, Access::Write)?;
-            }
-            let mut host = lock(&self.mm);
-            if pages.iter().all(|&at| host.pte(at >> PAGE_SHIFT).is_ok_and(|p| p.writable)) {
-                return host.write_guest(gpa, data).map_err(|e| e.to_string());
-            }
-        }
-    }
-}
-
 /// The devices and state the exit handler serves.
 #[derive(Debug)]
 pub struct Devices {
@@ -148,6 +93,47 @@ pub struct Devices {
     pub reports: Vec<u64>,
     /// Guest RAM and its MMUs.
     pub memory: GuestRam,
+}
+
+impl Devices {
+    /// A port write: the console, or one of the ABI's ports.
+    fn io_out(&mut self, port: u16, data: &[u8]) -> Outcome {
+        match port {
+            p if Console::claims(p) => {
+                for &b in data {
+                    self.console.write(p, b);
+                }
+                Outcome::Continue
+            }
+            PORT_EXIT => Outcome::End(RunEnd::GuestExit(le_value(data))),
+            PORT_PHASE => Outcome::NextPhase(le_value(data)),
+            PORT_DEDUP => Outcome::Dedup(le_value(data)),
+            PORT_REPORT => self.report(le_value(data)),
+            _ => Outcome::Continue, // no device there: the write is dropped
+        }
+    }
+
+    /// A port read: the console, or all-ones where no device is.
+    fn io_in(&mut self, port: u16, data: &mut [u8]) {
+        if Console::claims(port) {
+            for b in data.iter_mut() {
+                *b = self.console.read(port);
+            }
+        } else {
+            data.fill(0xFF);
+        }
+    }
+
+    /// A value on port 0x502, kept up to [`MAX_REPORTS`].
+    fn report(&mut self, value: u32) -> Outcome {
+        if self.reports.len() >= MAX_REPORTS {
+            return Outcome::End(RunEnd::GuestLimit(format!(
+                "the guest wrote more than {MAX_REPORTS} reports to port 0x502; the run was ended"
+            )));
+        }
+        self.reports.push(u64::from(value));
+        Outcome::Continue
+    }
 }
 
 fn le_value(data: &[u8]) -> u32 {
@@ -162,52 +148,22 @@ pub fn handle_exit(dev: &mut Devices, exits: &mut ExitCounts, exit: VcpuExit<'_>
     match exit {
         VcpuExit::IoOut(port, data) => {
             exits.record(ExitKind::Io);
-            match port {
-                p if Console::claims(p) => {
-                    for &b in data {
-                        dev.console.write(p, b);
-                    }
-                    Outcome::Continue
-                }
-                PORT_EXIT => Outcome::End(RunEnd::GuestExit(le_value(data))),
-                PORT_PHASE => Outcome::NextPhase(le_value(data)),
-                PORT_DEDUP => Outcome::Dedup(le_value(data)),
-                PORT_REPORT if dev.reports.len() >= MAX_REPORTS => Outcome::End(RunEnd::GuestLimit(format!(
-                    "the guest wrote more than {MAX_REPORTS} reports to port 0x502; the run was ended"
-                ))),
-                PORT_REPORT => {
-                    dev.reports.push(u64::from(le_value(data)));
-                    Outcome::Continue
-                }
-                _ => Outcome::Continue, // no device there: the write is dropped
-            }
+            dev.io_out(port, data)
         }
         VcpuExit::IoIn(port, data) => {
             exits.record(ExitKind::Io);
-            if Console::claims(port) {
-                for b in data.iter_mut() {
-                    *b = dev.console.read(port);
-                }
-            } else {
-                data.fill(0xFF);
-            }
+            dev.io_in(port, data);
             Outcome::Continue
         }
         VcpuExit::MmioRead(gpa, data) if dev.memory.is_guest_ram(gpa) => {
             // A hole in the memslot view: the secondary MMU has no entry.
             exits.record(ExitKind::EptRead);
-            match dev.memory.complete_read(gpa, data) {
-                Ok(()) => Outcome::Continue,
-                Err(e) => Outcome::End(RunEnd::VmmError(e)),
-            }
+            served(dev.memory.complete_read(gpa, data))
         }
         VcpuExit::MmioWrite(gpa, data) if dev.memory.is_guest_ram(gpa) => {
             // A hole or a read-only slot: KVM retired the write unperformed.
             exits.record(ExitKind::EptWrite);
-            match dev.memory.complete_write(gpa, data) {
-                Ok(()) => Outcome::Continue,
-                Err(e) => Outcome::End(RunEnd::VmmError(e)),
-            }
+            served(dev.memory.complete_write(gpa, data))
         }
         VcpuExit::MmioRead(_gpa, data) => {
             exits.record(ExitKind::Mmio);
@@ -218,46 +174,46 @@ pub fn handle_exit(dev: &mut Devices, exits: &mut ExitCounts, exit: VcpuExit<'_>
             exits.record(ExitKind::Mmio);
             Outcome::Continue
         }
-        VcpuExit::Hlt => {
-            exits.record(ExitKind::Hlt);
-            Outcome::End(RunEnd::Hlt)
-        }
-        VcpuExit::Shutdown => {
-            exits.record(ExitKind::Shutdown);
-            Outcome::End(RunEnd::TripleFault)
-        }
+        VcpuExit::Hlt => ends(exits, ExitKind::Hlt, RunEnd::Hlt),
+        VcpuExit::Shutdown => ends(exits, ExitKind::Shutdown, RunEnd::TripleFault),
         // Counted by the run loop, which tells a fetch fault from a failure.
         VcpuExit::InternalError => Outcome::EmulationFailure,
-        VcpuExit::FailEntry(reason, _cpu) => {
-            exits.record(ExitKind::Other);
-            Outcome::End(RunEnd::FailEntry(reason))
-        }
+        VcpuExit::FailEntry(reason, _cpu) => ends(exits, ExitKind::Other, RunEnd::FailEntry(reason)),
         VcpuExit::Intr => {
             exits.record(ExitKind::Intr);
             Outcome::Continue
         }
-        VcpuExit::MemoryFault { gpa, .. } if dev.memory.is_guest_ram(gpa) => {
-            // Other KVMs report some secondary-MMU faults this way, without
-            // the access type: an absent page is faulted in for read; a page
-            // that is mapped yet faults again must want write.
-            let access = if dev.memory.is_mapped(gpa) { Access::Write } else { Access::Read };
-            exits.record(if access == Access::Write { ExitKind::EptWrite } else { ExitKind::EptRead });
-            match dev.memory.fault(gpa, access) {
-                Ok(()) => Outcome::Continue,
-                Err(e) => Outcome::End(RunEnd::VmmError(e)),
-            }
-        }
+        VcpuExit::MemoryFault { gpa, .. } if dev.memory.is_guest_ram(gpa) => memory_fault(&dev.memory, exits, gpa),
         VcpuExit::MemoryFault { flags, gpa, size } => {
-            exits.record(ExitKind::Other);
-            Outcome::End(RunEnd::Unexpected(format!(
-                "KVM_EXIT_MEMORY_FAULT at gpa {gpa:#x} (size {size:#x}, flags {flags:#x}) outside guest RAM"
-            )))
+            let what =
+                format!("KVM_EXIT_MEMORY_FAULT at gpa {gpa:#x} (size {size:#x}, flags {flags:#x}) outside guest RAM");
+            ends(exits, ExitKind::Other, RunEnd::Unexpected(what))
         }
-        other => {
-            exits.record(ExitKind::Other);
-            Outcome::End(RunEnd::Unexpected(format!("{other:?}")))
-        }
+        other => ends(exits, ExitKind::Other, RunEnd::Unexpected(format!("{other:?}"))),
     }
+}
+
+/// An exit that ends the run, counted under `kind`.
+fn ends(exits: &mut ExitCounts, kind: ExitKind, end: RunEnd) -> Outcome {
+    exits.record(kind);
+    Outcome::End(end)
+}
+
+/// The outcome of serving guest RAM: on, or the end of the run.
+fn served(result: Result<(), GuestRamError>) -> Outcome {
+    match result {
+        Ok(()) => Outcome::Continue,
+        Err(e) => Outcome::End(RunEnd::vmm_error(&e)),
+    }
+}
+
+/// KVM_EXIT_MEMORY_FAULT on RAM: other KVMs report some secondary-MMU
+/// faults this way, without the access type. An absent page is faulted in
+/// for read; a page that is mapped yet faults again must want write.
+fn memory_fault(memory: &GuestRam, exits: &mut ExitCounts, gpa: u64) -> Outcome {
+    let access = if memory.is_mapped(gpa) { Access::Write } else { Access::Read };
+    exits.record(if access == Access::Write { ExitKind::EptWrite } else { ExitKind::EptRead });
+    served(memory.fault(gpa, access))
 }
 
 /// Maps a failed KVM_RUN to an outcome: a signal (EINTR) is a kick from the
@@ -281,18 +237,18 @@ pub fn handle_run_error(err: &kvm_ioctls::Error, exits: &mut ExitCounts, watchdo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shadow_mmu::{lock, PAGE_SHIFT};
 
     const RAM: u64 = 4 << 20;
 
     /// Guest memory with a recording view instead of KVM's.
     fn devices() -> Devices {
-        use shadow_mmu::{FramePool, Policy, RecordingView, SecondaryMmu, PAGE_SIZE};
-        let pool = Arc::new(FramePool::new(RAM + PAGE_SIZE).expect("pool"));
-        let mut host = PrimaryMmu::new(pool, GUEST_BASE >> PAGE_SHIFT, RAM >> PAGE_SHIFT);
+        use shadow_mmu::{FramePool, GuestMmus, Policy, RecordingView, PAGE_SHIFT, PAGE_SIZE};
+        let pool = std::sync::Arc::new(FramePool::new(RAM + PAGE_SIZE).expect("pool"));
+        let first = crate::x86::layout::GUEST_BASE >> PAGE_SHIFT;
         let view = crate::view::AnyView::Recording(RecordingView::default());
-        let mmu = Arc::new(Mutex::new(SecondaryMmu::new_prefaulted(Policy::RangeFlush, view, &host)));
-        host.mmu_notifier_register(mmu.clone());
-        let memory = GuestRam { mm: Arc::new(Mutex::new(host)), mmu, mem_bytes: RAM };
+        let mmus = GuestMmus::new(pool, first, RAM >> PAGE_SHIFT, Policy::RangeFlush, view);
+        let memory = GuestRam { mm: mmus.mm, mmu: mmus.mmu, mem_bytes: RAM };
         Devices { console: Console::new(Box::new(std::io::sink())), reports: Vec::new(), memory }
     }
 

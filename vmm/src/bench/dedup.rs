@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use crate::compare::summary::median;
 use crate::compare::{run_once, CompareConfig};
-use crate::host_ksm::HostKsmPaths;
+use crate::dedup::HostKsmPaths;
 use crate::stats::RunStats;
 use crate::vm::DedupPolicy;
 

@@ -22,7 +22,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::chart::{ChartData, PolicySeries, Spread};
-use crate::host_ksm::HostKsmPaths;
+use crate::dedup::HostKsmPaths;
 use crate::kvm_stats::KvmStats;
 use crate::stats::RunStats;
 use crate::view::ViewKind;

@@ -1,6 +1,7 @@
 //! The vCPU's registers at the guest's entry point (ABI v1).
 
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuFd};
 
 use super::gdt::{gdt_slots, GDT_SLOTS, TSS, USER_CODE, USER_DATA};
 #[cfg(doc)]
@@ -23,6 +24,31 @@ pub const CR4_PAE_OSFXSR_OSXMMEXCPT: u64 = (1 << 5) | (1 << 9) | (1 << 10);
 pub const EFER_LME_LMA: u64 = (1 << 8) | (1 << 10);
 /// RFLAGS: IOPL 3, the always-one bit 1, interrupts disabled.
 pub const RFLAGS_IOPL3: u64 = (3 << 12) | (1 << 1);
+
+/// A KVM ioctl of the vCPU's setup failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} failed")]
+pub struct CpuSetupError {
+    /// The ioctl.
+    pub what: &'static str,
+    /// KVM's error.
+    #[source]
+    pub source: kvm_ioctls::Error,
+}
+
+/// Puts `vcpu` at the guest's entry point per ABI v1: the CPUID this KVM
+/// supports, the general registers, long mode at CPL 3 and the x87/SSE
+/// reset state.
+pub fn configure_vcpu(kvm: &Kvm, vcpu: &VcpuFd, entry: u64, ram_bytes: u64) -> Result<(), CpuSetupError> {
+    let failed = |what| move |source| CpuSetupError { what, source };
+    let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(failed("KVM_GET_SUPPORTED_CPUID"))?;
+    vcpu.set_cpuid2(&cpuid).map_err(failed("KVM_SET_CPUID2"))?;
+    vcpu.set_regs(&entry_regs(entry, ram_bytes)).map_err(failed("KVM_SET_REGS"))?;
+    let mut sregs = vcpu.get_sregs().map_err(failed("KVM_GET_SREGS"))?;
+    set_long_mode_cpl3(&mut sregs);
+    vcpu.set_sregs(&sregs).map_err(failed("KVM_SET_SREGS"))?;
+    vcpu.set_fpu(&entry_fpu()).map_err(failed("KVM_SET_FPU"))
+}
 
 /// Sets up long mode at CPL 3 on top of the sregs KVM returned (so that
 /// fields the VMM has no opinion on keep KVM's values).

@@ -21,27 +21,19 @@
 //! `change_pte` (and 6.10 removed it), so on a current host this policy is
 //! the kernel's range-flush.
 
+mod procfs;
+mod sysfs;
+
 use std::fs::File;
-use std::io::Write;
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ksm::KsmKnobs;
 use shadow_mmu::{FramePool, Pfn};
 
-/// Where Linux exposes KSM.
-pub const KSM_SYSFS: &str = "/sys/kernel/mm/ksm";
-/// Where the lock and the saved knobs live.
-pub const STATE_DIR: &str = "/run/vmm";
-
-/// The knobs a run may change (saved before, restored after), in the order
-/// they are restored: with ksmd stopped, `max_page_sharing` first (the kernel
-/// refuses it while KSM pages exist), `advisor_mode` after `pages_to_scan`
-/// (the kernel refuses `pages_to_scan` while an advisor runs), `run` last.
-const KNOBS: [&str; 7] =
-    ["max_page_sharing", "use_zero_pages", "smart_scan", "pages_to_scan", "sleep_millisecs", "advisor_mode", "run"];
+use procfs::{find_ksmd, ksm_stat, ksmd_cpu_ns, merging_pages, rmap_items};
+use sysfs::{take_lock, write_durably, SavedKnobs};
+pub use sysfs::{HostKsmPaths, KSM_SYSFS, STATE_DIR};
 
 /// A synchronous pass scans this many pages per ksmd batch, without sleeping
 /// (the built-in pass is synchronous too). ksmd stops only between batches,
@@ -75,7 +67,7 @@ pub enum HostKsmError {
     #[error("another vmm run is using the host's KSM (lock {0} is held): wait for it to end")]
     Busy(String),
     /// A knob could not be read or written.
-    #[error("host KSM knob {name}: {source}")]
+    #[error("host KSM knob {name}")]
     Knob {
         /// The knob.
         name: String,
@@ -95,7 +87,7 @@ pub enum HostKsmError {
         wanted: u32,
     },
     /// The lock or state file could not be used.
-    #[error("host KSM state file {path}: {source}")]
+    #[error("host KSM state file {path}")]
     State {
         /// The file.
         path: String,
@@ -125,128 +117,6 @@ pub enum HostKsmError {
     /// A pass was cancelled (timeout or Ctrl-C) before ksmd finished.
     #[error("the host KSM pass was cancelled before it finished")]
     Cancelled,
-}
-
-fn knob_err(name: &str) -> impl FnOnce(std::io::Error) -> HostKsmError + '_ {
-    move |source| HostKsmError::Knob { name: name.to_string(), source }
-}
-
-/// The host KSM's sysfs directory and this VMM's state directory (both
-/// replaceable, so that save and restore are tested without a real KSM).
-#[derive(Debug, Clone)]
-pub struct HostKsmPaths {
-    /// /sys/kernel/mm/ksm.
-    pub sysfs: PathBuf,
-    /// /run/vmm: `host-ksm.lock` and `host-ksm.saved`.
-    pub state: PathBuf,
-}
-
-impl Default for HostKsmPaths {
-    fn default() -> Self {
-        Self { sysfs: KSM_SYSFS.into(), state: STATE_DIR.into() }
-    }
-}
-
-impl HostKsmPaths {
-    fn knob(&self, name: &str) -> PathBuf {
-        self.sysfs.join(name)
-    }
-
-    fn lock_file(&self) -> PathBuf {
-        self.state.join("host-ksm.lock")
-    }
-
-    fn saved_file(&self) -> PathBuf {
-        self.state.join("host-ksm.saved")
-    }
-
-    /// Reads a knob or counter, trimmed; for a choice (`[none] scan-time`),
-    /// the chosen word.
-    pub fn read(&self, name: &str) -> Result<String, HostKsmError> {
-        let text = std::fs::read_to_string(self.knob(name)).map_err(knob_err(name))?;
-        let text = text.trim();
-        Ok(match (text.find('['), text.find(']')) {
-            (Some(a), Some(b)) if a < b => text[a + 1..b].to_string(),
-            _ => text.to_string(),
-        })
-    }
-
-    /// Reads a numeric counter; None if the kernel has no such file.
-    /// Signed figures (general_profit) are clamped at zero.
-    pub fn read_u64(&self, name: &str) -> Option<u64> {
-        let s = self.read(name).ok()?;
-        s.parse::<u64>().ok().or_else(|| s.parse::<i64>().ok().map(|v| v.max(0) as u64))
-    }
-
-    fn write(&self, name: &str, value: &str) -> Result<(), HostKsmError> {
-        std::fs::write(self.knob(name), value).map_err(knob_err(name))
-    }
-
-    /// Whether the kernel policy can run here: KSM exists and its knobs are
-    /// writable by this process. The message says what to do otherwise.
-    pub fn check_available(&self) -> Result<(), HostKsmError> {
-        let run = self.knob("run");
-        if !run.exists() {
-            return Err(HostKsmError::NoKsm(run.display().to_string()));
-        }
-        if std::fs::OpenOptions::new().write(true).open(&run).is_err() {
-            return Err(HostKsmError::NotPermitted(self.sysfs.display().to_string()));
-        }
-        Ok(())
-    }
-}
-
-/// The knob values found before a run, as written to the state file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct SavedKnobs(Vec<(String, String)>);
-
-impl SavedKnobs {
-    fn read(paths: &HostKsmPaths) -> Result<Self, HostKsmError> {
-        let mut v = Vec::new();
-        for name in KNOBS {
-            // Older kernels lack some knobs (smart_scan came in 6.7).
-            if paths.knob(name).exists() {
-                v.push((name.to_string(), paths.read(name)?));
-            }
-        }
-        Ok(Self(v))
-    }
-
-    fn to_text(&self) -> String {
-        self.0.iter().map(|(k, v)| format!("{k}={v}\n")).collect()
-    }
-
-    fn parse(text: &str) -> Self {
-        Self(
-            text.lines()
-                .filter_map(|l| l.split_once('='))
-                .filter(|(k, _)| KNOBS.contains(k))
-                .map(|(k, v)| (k.to_string(), v.trim().to_string()))
-                .collect(),
-        )
-    }
-
-    /// Writes every saved value back, ksmd stopped meanwhile, in the order
-    /// of [`KNOBS`] (`run` last). Returns the knobs that could not be restored.
-    fn restore(&self, paths: &HostKsmPaths) -> Vec<String> {
-        let mut failed = Vec::new();
-        if paths.read("run").is_ok_and(|r| r != "0") {
-            if let Err(e) = paths.write("run", "0") {
-                failed.push(format!("run=0 ({e})"));
-            }
-        }
-        let mut ordered: Vec<&(String, String)> = self.0.iter().collect();
-        ordered.sort_by_key(|(k, _)| KNOBS.iter().position(|n| n == k));
-        for (name, value) in ordered {
-            if paths.read(name).is_ok_and(|now| &now == value) {
-                continue;
-            }
-            if let Err(e) = paths.write(name, value) {
-                failed.push(format!("{name}={value} ({e})"));
-            }
-        }
-        failed
-    }
 }
 
 /// The host's KSM, held for one run: the lock, the saved knobs, and guest RAM
@@ -536,226 +406,10 @@ impl HostKsm {
 impl Drop for HostKsm {
     fn drop(&mut self) {
         if let Err(e) = self.release() {
-            eprintln!("vmm: {e}");
+            eprintln!("vmm: {}", crate::error_chain(&e));
         }
     }
-}
-
-fn take_lock(paths: &HostKsmPaths) -> Result<File, HostKsmError> {
-    let state = |source| HostKsmError::State { path: paths.state.display().to_string(), source };
-    std::fs::create_dir_all(&paths.state).map_err(state)?;
-    let path = paths.lock_file();
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|source| HostKsmError::State { path: path.display().to_string(), source })?;
-    // SAFETY: flock on a file descriptor we own; no memory is passed.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        return Err(HostKsmError::Busy(path.display().to_string()));
-    }
-    Ok(file)
-}
-
-/// Writes `text` to `path` atomically (a temporary file, synced, renamed).
-fn write_durably(path: &Path, text: &str) -> Result<(), HostKsmError> {
-    let err = |source| HostKsmError::State { path: path.display().to_string(), source };
-    let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).map_err(err)?;
-    f.write_all(text.as_bytes()).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
-}
-
-/// /proc/self/ksm_stat as (name, value) pairs (signed values clamped at 0).
-fn ksm_stat() -> Vec<(String, u64)> {
-    let text = std::fs::read_to_string("/proc/self/ksm_stat").unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            let v = v.trim();
-            let n = v.parse::<u64>().ok().or_else(|| v.parse::<i64>().ok().map(|x| x.max(0) as u64))?;
-            Some((k.to_string(), n))
-        })
-        .collect()
-}
-
-fn stat_value(name: &str) -> u64 {
-    ksm_stat().into_iter().find(|(k, _)| k == name).map_or(0, |(_, v)| v)
-}
-
-fn merging_pages() -> u64 {
-    stat_value("ksm_merging_pages")
-}
-
-fn rmap_items() -> u64 {
-    stat_value("ksm_rmap_items")
-}
-
-/// The pid of the kernel thread ksmd (a child of kthreadd, pid 2: any user
-/// can name a process "ksmd").
-fn find_ksmd() -> Option<u32> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-        // Field 4 of stat, after the parenthesised comm, is the parent pid.
-        let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?;
-        (comm.trim() == "ksmd" && ppid == "2").then_some(pid)
-    })
-}
-
-/// A thread's time on CPU in ns, the first field of /proc/PID/schedstat.
-fn ksmd_cpu_ns(pid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?.split_whitespace().next()?.parse().ok()
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    struct FakeHost {
-        paths: HostKsmPaths,
-    }
-
-    impl FakeHost {
-        fn new(tag: &str) -> Self {
-            let root = std::env::temp_dir().join(format!("vmm-host-ksm-{tag}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&root);
-            let paths = HostKsmPaths { sysfs: root.join("ksm"), state: root.join("state") };
-            std::fs::create_dir_all(&paths.sysfs).expect("fake sysfs");
-            for (k, v) in [
-                ("run", "0"),
-                ("pages_to_scan", "100"),
-                ("sleep_millisecs", "20"),
-                ("max_page_sharing", "256"),
-                ("use_zero_pages", "0"),
-                ("smart_scan", "1"),
-                ("full_scans", "7"),
-                ("general_profit", "-4096"),
-            ] {
-                std::fs::write(paths.knob(k), format!("{v}\n")).expect("fake knob");
-            }
-            Self { paths }
-        }
-
-        fn knobs(&self) -> Vec<(String, String)> {
-            SavedKnobs::read(&self.paths).expect("read").0
-        }
-    }
-
-    impl Drop for FakeHost {
-        fn drop(&mut self) {
-            if let Some(root) = self.paths.sysfs.parent() {
-                let _ = std::fs::remove_dir_all(root);
-            }
-        }
-    }
-
-    fn pool() -> Arc<FramePool> {
-        Arc::new(FramePool::new_anonymous(16 * 4096).expect("pool"))
-    }
-
-    #[test]
-    fn a_run_sets_its_knobs_and_puts_every_one_back() {
-        let host = FakeHost::new("restore");
-        let before = host.knobs();
-        let knobs = KsmKnobs { pages_to_scan: 5000, sleep_millisecs: 0, use_zero_pages: true, ..KsmKnobs::default() };
-        let mut k = HostKsm::new(host.paths.clone(), knobs, pool(), 1, 8).expect("take");
-        assert_eq!(host.paths.read("pages_to_scan").expect("read"), "5000");
-        assert_eq!(host.paths.read("sleep_millisecs").expect("read"), "0");
-        assert_eq!(host.paths.read("use_zero_pages").expect("read"), "1");
-        assert!(host.paths.saved_file().exists());
-        k.set_run(1).expect("run");
-        assert_eq!(host.paths.read("run").expect("read"), "1");
-        // A second run is refused while the first holds the host's KSM.
-        let second = HostKsm::new(host.paths.clone(), knobs, pool(), 1, 8);
-        assert!(matches!(second, Err(HostKsmError::Busy(_))), "{second:?}");
-        drop(k);
-        assert_eq!(host.knobs(), before);
-        assert!(!host.paths.saved_file().exists());
-    }
-
-    #[test]
-    fn a_max_page_sharing_other_than_the_hosts_is_refused_before_anything_changes() {
-        let host = FakeHost::new("mps");
-        let before = host.knobs();
-        let knobs = KsmKnobs { max_page_sharing: 64, pages_to_scan: 5000, ..KsmKnobs::default() };
-        let e = HostKsm::new(host.paths.clone(), knobs, pool(), 1, 8).expect_err("refused");
-        assert!(matches!(&e, HostKsmError::MaxPageSharingFixed { current, wanted: 64 } if current == "256"), "{e}");
-        assert!(e.to_string().contains("--max-page-sharing 256"), "{e}");
-        assert_eq!(host.knobs(), before);
-        assert!(!host.paths.saved_file().exists());
-    }
-
-    #[test]
-    fn a_run_restores_what_a_killed_run_left_changed() {
-        let host = FakeHost::new("killed");
-        let before = host.knobs();
-        // A run that died after saving and changing the knobs.
-        std::fs::create_dir_all(&host.paths.state).expect("state dir");
-        write_durably(&host.paths.saved_file(), &SavedKnobs(before.clone()).to_text()).expect("save");
-        host.paths.write("run", "1").expect("write");
-        host.paths.write("pages_to_scan", "9999").expect("write");
-        let k = HostKsm::new(host.paths.clone(), KsmKnobs::default(), pool(), 1, 8).expect("take");
-        // The saved values were restored before this run saved its own.
-        assert_eq!(k.saved.0, before);
-        drop(k);
-        assert_eq!(host.knobs(), before);
-    }
-
-    #[test]
-    fn counters_use_the_builtin_names_and_clamp_signed_figures() {
-        let host = FakeHost::new("counters");
-        let k = HostKsm::new(host.paths.clone(), KsmKnobs::default(), pool(), 1, 8).expect("take");
-        let c = k.counters();
-        assert!(c.contains(&("full_scans", 7)));
-        assert!(c.contains(&("general_profit", 0)));
-        assert!(c.iter().any(|(n, _)| *n == "pass_ns"));
-    }
-
-    #[test]
-    fn a_leftover_that_cannot_be_restored_is_kept_and_the_run_refused() {
-        let host = FakeHost::new("stuck");
-        std::fs::create_dir_all(&host.paths.state).expect("state dir");
-        let left = "run=0\nmax_page_sharing=256\npages_to_scan=100\n";
-        write_durably(&host.paths.saved_file(), left).expect("save");
-        host.paths.write("max_page_sharing", "7").expect("write");
-        // The knob cannot be written now (a directory in its place).
-        std::fs::remove_file(host.paths.knob("max_page_sharing")).expect("rm");
-        std::fs::create_dir(host.paths.knob("max_page_sharing")).expect("mkdir");
-        let e = HostKsm::new(host.paths.clone(), KsmKnobs::default(), pool(), 1, 8).expect_err("refused");
-        assert!(matches!(e, HostKsmError::Leftover { .. }), "{e}");
-        assert_eq!(std::fs::read_to_string(host.paths.saved_file()).expect("kept"), left);
-    }
-
-    #[test]
-    fn an_advisor_is_switched_off_for_the_run_and_back_on_after() {
-        let host = FakeHost::new("advisor");
-        std::fs::write(host.paths.knob("advisor_mode"), "none [scan-time]\n").expect("knob");
-        assert_eq!(host.paths.read("advisor_mode").expect("read"), "scan-time");
-        let k = HostKsm::new(host.paths.clone(), KsmKnobs::default(), pool(), 1, 8).expect("take");
-        assert_eq!(std::fs::read_to_string(host.paths.knob("advisor_mode")).expect("read"), "none");
-        drop(k);
-        assert_eq!(std::fs::read_to_string(host.paths.knob("advisor_mode")).expect("read"), "scan-time");
-    }
-
-    #[test]
-    fn a_released_host_ksm_refuses_further_changes() {
-        let host = FakeHost::new("released");
-        let mut k = HostKsm::new(host.paths.clone(), KsmKnobs::default(), pool(), 1, 8).expect("take");
-        k.release().expect("release");
-        assert!(matches!(k.set_run(1), Err(HostKsmError::Released)));
-        assert_eq!(host.paths.read("run").expect("read"), "0");
-    }
-
-    #[test]
-    fn without_ksm_or_permission_the_policy_is_refused_with_a_reason() {
-        let host = FakeHost::new("absent");
-        let paths = HostKsmPaths { sysfs: host.paths.sysfs.join("nowhere"), state: host.paths.state.clone() };
-        let e = HostKsm::new(paths, KsmKnobs::default(), pool(), 1, 8).expect_err("no ksm");
-        assert!(e.to_string().contains("CONFIG_KSM"), "{e}");
-    }
-}
+mod tests;

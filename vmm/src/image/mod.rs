@@ -9,6 +9,10 @@ use std::path::{Path, PathBuf};
 use linux_loader::loader::{Elf, KernelLoader};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
+mod elf;
+
+pub use elf::{validate_elf, ElfError};
+
 use crate::x86::layout::GUEST_BASE;
 
 /// Errors of image resolution, validation and loading.
@@ -18,7 +22,7 @@ pub enum ImageError {
     #[error("no image '{0}': not a file and not a built-in image (`vmm images` lists those)")]
     NotFound(String),
     /// The file could not be read.
-    #[error("cannot read image {path}: {source}")]
+    #[error("cannot read image {path}")]
     Read {
         /// The file.
         path: PathBuf,
@@ -26,20 +30,22 @@ pub enum ImageError {
         source: std::io::Error,
     },
     /// The bytes are not a loadable ELF64 x86-64 executable per ABI v1.
-    #[error("image {name} is not usable: {reason}")]
+    #[error("image {name} is not usable")]
     Invalid {
         /// The image's name or path.
         name: String,
-        /// What is wrong, in words.
-        reason: String,
+        /// What is wrong.
+        #[source]
+        reason: ElfError,
     },
     /// linux-loader refused the image after validation passed.
-    #[error("cannot load image {name}: {reason}")]
+    #[error("cannot load image {name}")]
     Load {
         /// The image's name or path.
         name: String,
         /// linux-loader's error.
-        reason: String,
+        #[source]
+        reason: linux_loader::loader::Error,
     },
 }
 
@@ -100,107 +106,14 @@ impl GuestImage {
         let info = self.validate(ram_bytes)?;
         let mut reader = std::io::Cursor::new(self.bytes.as_slice());
         Elf::load(mem, None, &mut reader, Some(GuestAddress(GUEST_BASE)))
-            .map_err(|e| ImageError::Load { name: self.name.clone(), reason: e.to_string() })?;
+            .map_err(|reason| ImageError::Load { name: self.name.clone(), reason })?;
         Ok(info)
     }
 }
 
-const EHDR_SIZE: usize = 64;
-const PHDR_SIZE: usize = 56;
-const ET_EXEC: u16 = 2;
-const EM_X86_64: u16 = 62;
-const PT_LOAD: u32 = 1;
-
-fn field<const N: usize>(bytes: &[u8], offset: usize) -> Option<[u8; N]> {
-    bytes.get(offset..offset.checked_add(N)?)?.try_into().ok()
-}
-
-fn u16_at(bytes: &[u8], offset: usize) -> Option<u16> {
-    field(bytes, offset).map(u16::from_le_bytes)
-}
-
-fn u32_at(bytes: &[u8], offset: usize) -> Option<u32> {
-    field(bytes, offset).map(u32::from_le_bytes)
-}
-
-fn u64_at(bytes: &[u8], offset: usize) -> Option<u64> {
-    field(bytes, offset).map(u64::from_le_bytes)
-}
-
-/// Checks `bytes` against ABI v1's image rules; the error is a sentence.
-pub fn validate_elf(bytes: &[u8], ram_bytes: u64) -> Result<ElfInfo, String> {
-    if bytes.len() < 4 || &bytes[..4] != b"\x7fELF" {
-        return Err("not an ELF file (bad magic number)".into());
-    }
-    if bytes.len() < EHDR_SIZE {
-        return Err(format!("truncated ELF header ({} bytes, need {EHDR_SIZE})", bytes.len()));
-    }
-    if bytes[4] != 2 {
-        return Err("not a 64-bit ELF (ELFCLASS64 required)".into());
-    }
-    if bytes[5] != 1 {
-        return Err("not a little-endian ELF".into());
-    }
-    let short = || "truncated ELF header".to_string();
-    let e_type = u16_at(bytes, 16).ok_or_else(short)?;
-    let e_machine = u16_at(bytes, 18).ok_or_else(short)?;
-    if e_machine != EM_X86_64 {
-        return Err(format!("built for machine {e_machine}, not x86-64 (EM_X86_64 = 62)"));
-    }
-    if e_type != ET_EXEC {
-        return Err(format!("ELF type {e_type} is not a static executable (ET_EXEC = 2)"));
-    }
-    let entry = u64_at(bytes, 24).ok_or_else(short)?;
-    let phoff = u64_at(bytes, 32).ok_or_else(short)?;
-    let phentsize = u16_at(bytes, 54).ok_or_else(short)?;
-    let phnum = u16_at(bytes, 56).ok_or_else(short)?;
-    if usize::from(phentsize) != PHDR_SIZE {
-        return Err(format!("program header size {phentsize}, expected {PHDR_SIZE}"));
-    }
-    let mut segments = Vec::new();
-    for i in 0..usize::from(phnum) {
-        let at = usize::try_from(phoff)
-            .ok()
-            .and_then(|o| o.checked_add(i * PHDR_SIZE))
-            .filter(|o| o.checked_add(PHDR_SIZE).is_some_and(|end| end <= bytes.len()))
-            .ok_or_else(|| format!("program header {i} lies outside the file"))?;
-        let p_type = u32_at(bytes, at).ok_or_else(short)?;
-        if p_type != PT_LOAD {
-            continue;
-        }
-        let p_offset = u64_at(bytes, at + 8).ok_or_else(short)?;
-        let paddr = u64_at(bytes, at + 24).ok_or_else(short)?;
-        let filesz = u64_at(bytes, at + 32).ok_or_else(short)?;
-        let memsz = u64_at(bytes, at + 40).ok_or_else(short)?;
-        if p_offset.checked_add(filesz).is_none_or(|end| end > bytes.len() as u64) {
-            return Err(format!("segment {i} claims file bytes beyond the end of the file"));
-        }
-        if filesz > memsz {
-            return Err(format!("segment {i} has p_filesz {filesz} larger than p_memsz {memsz}"));
-        }
-        if paddr < GUEST_BASE {
-            return Err(format!(
-                "segment {i} at {paddr:#x} lies below 1 MiB, which belongs to the VMM (ABI v1: link at or above 0x100000)"
-            ));
-        }
-        if paddr.checked_add(memsz).is_none_or(|end| end > ram_bytes) {
-            return Err(format!(
-                "segment {i} [{paddr:#x}, +{memsz:#x}) does not fit in {ram_bytes:#x} bytes of guest RAM (give more with --mem)"
-            ));
-        }
-        segments.push(Segment { paddr, filesz, memsz });
-    }
-    if segments.is_empty() {
-        return Err("no PT_LOAD segment: nothing to load".into());
-    }
-    if !segments.iter().any(|s| (s.paddr..s.paddr + s.memsz).contains(&entry)) {
-        return Err(format!("entry point {entry:#x} is not inside any loaded segment"));
-    }
-    Ok(ElfInfo { entry, segments })
-}
-
 #[cfg(test)]
 mod tests {
+    use super::elf::{EHDR_SIZE, EM_X86_64, ET_EXEC, PHDR_SIZE, PT_LOAD};
     use super::*;
     use vm_memory::Bytes;
 
@@ -248,7 +161,7 @@ mod tests {
     }
 
     fn reason(bytes: &[u8]) -> String {
-        validate_elf(bytes, RAM).expect_err("must be refused")
+        validate_elf(bytes, RAM).expect_err("must be refused").to_string()
     }
 
     #[test]

@@ -1,0 +1,82 @@
+//! The built-in deduplicator (crate `ksm`, after mm/ksm.c) and its
+//! background thread, as one backend of [`super::Dedup`].
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use ksm::{Ksm, Ksmd};
+use shadow_mmu::{lock, PrimaryMmu};
+
+use super::{DedupError, RunState};
+
+/// The built-in deduplicator and, while `run` is 1, its ksmd.
+#[derive(Debug)]
+pub struct BuiltinKsm {
+    ksm: Arc<Mutex<Ksm>>,
+    ksmd: Option<Ksmd>,
+    /// Set when a ksmd of this run ends by itself (an error or a panic).
+    failed: Arc<AtomicBool>,
+}
+
+impl BuiltinKsm {
+    /// The backend over `ksm`; ksmd is not started.
+    pub fn new(ksm: Ksm) -> Self {
+        Self { ksm: Arc::new(Mutex::new(ksm)), ksmd: None, failed: Arc::default() }
+    }
+
+    /// The deduplicator.
+    pub fn ksm(&self) -> &Arc<Mutex<Ksm>> {
+        &self.ksm
+    }
+
+    /// The flag a failing ksmd raises.
+    pub fn failure_flag(&self) -> Arc<AtomicBool> {
+        self.failed.clone()
+    }
+
+    /// Stop, Run or Unmerge (which stops ksmd first).
+    pub fn set_run(&mut self, state: RunState, mm: &Arc<Mutex<PrimaryMmu>>) -> Result<(), DedupError> {
+        match state {
+            RunState::Stop => self.stop_ksmd(),
+            RunState::Run if self.ksmd.is_some() => Ok(()),
+            RunState::Run => {
+                let ksmd = Ksmd::start(self.ksm.clone(), mm.clone(), self.failed.clone());
+                self.ksmd = Some(ksmd.map_err(DedupError::StartKsmd)?);
+                Ok(())
+            }
+            RunState::Unmerge => {
+                self.stop_ksmd()?;
+                lock(&self.ksm).unmerge_all(mm).map_err(DedupError::Unmerge)
+            }
+        }
+    }
+
+    /// One synchronous full pass (the vCPU waits).
+    pub fn pass(&self, mm: &Mutex<PrimaryMmu>) -> Result<(), DedupError> {
+        lock(&self.ksm).full_pass(mm).map(|_| ()).map_err(DedupError::Pass)
+    }
+
+    /// Stops ksmd if it runs, with its error if it failed.
+    pub fn stop_ksmd(&mut self) -> Result<(), DedupError> {
+        match self.ksmd.take() {
+            Some(k) => k.stop().map_err(DedupError::Ksmd),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether ksmd stopped by itself with an error or a panic, and which.
+    pub fn ksmd_failed(&mut self) -> Option<DedupError> {
+        if self.ksmd.as_ref().is_some_and(Ksmd::is_finished) {
+            return self.stop_ksmd().err();
+        }
+        None
+    }
+
+    /// The sysfs-named figures. Lock order: the deduplicator, then the
+    /// primary MMU.
+    pub fn counters(&self, mm: &Mutex<PrimaryMmu>) -> Vec<(&'static str, u64)> {
+        let ksm = lock(&self.ksm);
+        let mm = lock(mm);
+        ksm.counters(&mm)
+    }
+}
