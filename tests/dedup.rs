@@ -128,7 +128,7 @@ fn the_memslot_view_ends_the_run_cleanly_at_its_slot_limit() {
     vmm::signals::install(false).expect("kick handler");
     // Merged pages map scattered frames: far more runs than 64 slots.
     let config = vmm::vm::RunConfig {
-        image: vmm::image::GuestImage::resolve("pagefill").expect("image"),
+        image: vmm::image::GuestImage::resolve("pagefill", 64 << 30).expect("image"),
         mem_bytes: 8 << 20,
         dedup: DedupPolicy::ChangePte,
         view: ViewKind::Memslot,

@@ -99,7 +99,7 @@ pub fn run_with(
 ) -> RunStats {
     vmm::signals::install(false).expect("kick signal handler");
     let config = vmm::vm::RunConfig {
-        image: vmm::image::GuestImage::resolve(image).expect("built-in image"),
+        image: vmm::image::GuestImage::resolve(image, 64 << 30).expect("built-in image"),
         mem_bytes: vmm::size::parse_size(mem).expect("size"),
         dedup,
         view,

@@ -309,7 +309,7 @@ fn run_command(kvm_device: PathBuf, args: RunArgs) -> ExitCode {
         Ok(t) => t,
         Err(e) => return fail(e),
     };
-    let image = match GuestImage::resolve(&args.image) {
+    let image = match GuestImage::resolve(&args.image, mem_bytes) {
         Ok(i) => i,
         Err(e) => return fail(e),
     };
@@ -413,7 +413,7 @@ fn compare_command(kvm_device: PathBuf, args: CompareArgs) -> ExitCode {
         }
         policies.push(p);
     }
-    if let Err(e) = GuestImage::resolve(&args.image).and_then(|i| i.validate(mem_bytes).map(|_| i)) {
+    if let Err(e) = GuestImage::resolve(&args.image, mem_bytes).and_then(|i| i.validate(mem_bytes).map(|_| i)) {
         return fail(e);
     }
     let vmm = match this_vmm() {
@@ -574,7 +574,8 @@ fn bench_fault(kvm_device: PathBuf, args: &BenchArgs) -> ExitCode {
     }
     let view = args.view.unwrap_or(ViewKind::Memslot);
     let make = |image: &'static str| RunConfig {
-        image: GuestImage::resolve(image).unwrap_or_else(|_| GuestImage { name: image.into(), bytes: Vec::new() }),
+        image: GuestImage::resolve(image, mem_bytes)
+            .unwrap_or_else(|_| GuestImage { name: image.into(), bytes: Vec::new() }),
         mem_bytes,
         dedup: DedupPolicy::RangeFlush,
         view,

@@ -13,7 +13,7 @@
 //! use vmm::view::ViewKind;
 //!
 //! let config = RunConfig {
-//!     image: GuestImage::resolve("hello").unwrap(),
+//!     image: GuestImage::resolve("hello", 64 << 20).unwrap(),
 //!     mem_bytes: 64 << 20,
 //!     dedup: DedupPolicy::Off,
 //!     view: ViewKind::Memslot,

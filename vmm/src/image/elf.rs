@@ -10,6 +10,7 @@ pub(super) const PHDR_SIZE: usize = 56;
 pub(super) const ET_EXEC: u16 = 2;
 pub(super) const EM_X86_64: u16 = 62;
 pub(super) const PT_LOAD: u32 = 1;
+const EV_CURRENT: u32 = 1;
 
 /// Why an ELF file is not a usable image, in words.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -26,6 +27,9 @@ pub enum ElfError {
     /// Big-endian.
     #[error("not a little-endian ELF")]
     NotLittleEndian,
+    /// EI_VERSION or e_version is not EV_CURRENT.
+    #[error("ELF version {0}, not EV_CURRENT (1)")]
+    Version(u32),
     /// A header field lies past the end of the file.
     #[error("truncated ELF header")]
     Truncated,
@@ -123,6 +127,12 @@ fn check_header(bytes: &[u8]) -> Result<Header, ElfError> {
     }
     if bytes[5] != 1 {
         return Err(ElfError::NotLittleEndian);
+    }
+    let e_version = u32_at(bytes, 20)?;
+    for version in [u32::from(bytes[6]), e_version] {
+        if version != EV_CURRENT {
+            return Err(ElfError::Version(version));
+        }
     }
     let (e_type, e_machine) = (u16_at(bytes, 16)?, u16_at(bytes, 18)?);
     if e_machine != EM_X86_64 {

@@ -29,6 +29,21 @@ pub enum ImageError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// Not a regular file (a device, a FIFO, a directory...).
+    #[error("image {0} is not a regular file: give an ELF file or a built-in image name")]
+    NotAFile(PathBuf),
+    /// Larger than the guest's RAM: it cannot be an image that fits.
+    #[error(
+        "image {path} is {size} bytes, more than the {ram} bytes of guest RAM it would have to fit in: it was not read"
+    )]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// Guest RAM.
+        ram: u64,
+    },
     /// The bytes are not a loadable ELF64 x86-64 executable per ABI v1.
     #[error("image {name} is not usable")]
     Invalid {
@@ -79,19 +94,22 @@ pub struct ElfInfo {
 }
 
 impl GuestImage {
-    /// Resolves `spec`: a built-in image name, or (when it names no built-in
-    /// image or contains a `/`) a path to an ELF file.
-    pub fn resolve(spec: &str) -> Result<Self, ImageError> {
+    /// Resolves `spec` for a guest of `ram_bytes`: a built-in image name,
+    /// or (when it names no built-in image or contains a `/`) a path to an
+    /// ELF file. Only a regular file is read, and only if it is no larger
+    /// than guest RAM (an image must fit in it): a device, a FIFO or a huge
+    /// file is refused before a byte is read.
+    pub fn resolve(spec: &str, ram_bytes: u64) -> Result<Self, ImageError> {
         if !spec.contains('/') {
             if let Some(image) = guest_images::find(spec) {
                 return Ok(Self { name: image.name.to_string(), bytes: image.elf.to_vec() });
             }
         }
         let path = Path::new(spec);
-        if !path.exists() {
+        if std::fs::symlink_metadata(path).is_err() {
             return Err(ImageError::NotFound(spec.to_string()));
         }
-        let bytes = std::fs::read(path).map_err(|source| ImageError::Read { path: path.to_path_buf(), source })?;
+        let bytes = read_bounded(path, ram_bytes)?;
         Ok(Self { name: spec.to_string(), bytes })
     }
 
@@ -109,6 +127,30 @@ impl GuestImage {
             .map_err(|reason| ImageError::Load { name: self.name.clone(), reason })?;
         Ok(info)
     }
+}
+
+/// Reads the regular file at `path`, at most `limit` bytes. It is opened
+/// non-blocking, so a FIFO is refused at once instead of waiting for a
+/// writer, and its size is checked before anything is read.
+fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, ImageError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let read_err = |source| ImageError::Read { path: path.to_path_buf(), source };
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(ImageError::NotAFile(path.to_path_buf()));
+    }
+    if meta.len() > limit {
+        return Err(ImageError::TooLarge { path: path.to_path_buf(), size: meta.len(), ram: limit });
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    // A file that grows while it is read is still read no further than the limit.
+    let read = file.take(limit.saturating_add(1)).read_to_end(&mut bytes).map_err(read_err)?;
+    if read as u64 > limit {
+        return Err(ImageError::TooLarge { path: path.to_path_buf(), size: read as u64, ram: limit });
+    }
+    Ok(bytes)
 }
 
 #[cfg(test)]
@@ -176,6 +218,12 @@ mod tests {
         b[5] = 2;
         assert!(reason(&b).contains("little-endian"));
         let mut b = good.clone();
+        b[6] = 0; // EI_VERSION: EV_NONE
+        assert!(reason(&b).contains("ELF version 0"));
+        let mut b = good.clone();
+        b[20..24].copy_from_slice(&2u32.to_le_bytes());
+        assert!(reason(&b).contains("ELF version 2"));
+        let mut b = good.clone();
         b[18..20].copy_from_slice(&183u16.to_le_bytes()); // aarch64
         assert!(reason(&b).contains("not x86-64"));
         let mut b = good.clone();
@@ -197,7 +245,38 @@ mod tests {
 
     #[test]
     fn resolve_reports_missing_images() {
-        let err = GuestImage::resolve("/nonexistent/guest.elf").expect_err("missing");
+        let err = GuestImage::resolve("/nonexistent/guest.elf", RAM).expect_err("missing");
         assert!(err.to_string().contains("no image"));
+    }
+
+    #[test]
+    fn resolve_reads_only_regular_files_no_larger_than_guest_ram() {
+        // Devices would be read without end.
+        for dev in ["/dev/zero", "/dev/urandom"] {
+            let err = GuestImage::resolve(dev, RAM).expect_err("a device");
+            assert!(matches!(err, ImageError::NotAFile(_)), "{dev}: {err}");
+        }
+        let dir = std::env::temp_dir().join(format!("vmm-image-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        // A FIFO with no writer would block the open and the read forever.
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: mkfifo reads a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+        let err = GuestImage::resolve(fifo.to_str().expect("utf-8"), RAM).expect_err("a FIFO");
+        assert!(matches!(err, ImageError::NotAFile(_)), "{err}");
+        // A sparse file with a valid header, larger than RAM: refused unread.
+        let big = dir.join("big.elf");
+        let mut bytes = elf(0x10_0000, &[0xf4], 0x1000);
+        bytes.resize(4096, 0);
+        std::fs::write(&big, &bytes).expect("write");
+        std::fs::OpenOptions::new().write(true).open(&big).expect("open").set_len(1 << 30).expect("grow");
+        let err = GuestImage::resolve(big.to_str().expect("utf-8"), RAM).expect_err("too large");
+        assert!(matches!(err, ImageError::TooLarge { size, ram: RAM, .. } if size == 1 << 30), "{err}");
+        // The same file cut to its header is read.
+        std::fs::OpenOptions::new().write(true).open(&big).expect("open").set_len(4096).expect("cut");
+        let image = GuestImage::resolve(big.to_str().expect("utf-8"), RAM).expect("read");
+        assert_eq!(image.bytes.len(), 4096);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
