@@ -30,8 +30,8 @@ pub enum RunEnd {
     TripleFault,
     /// --timeout expired.
     Timeout,
-    /// SIGINT or SIGTERM.
-    Interrupted,
+    /// One of the signals that end a run cleanly (`signals::ENDING_SIGNALS`).
+    Interrupted(libc::c_int),
     /// KVM_EXIT_INTERNAL_ERROR; suberror filled in by the loop.
     InternalError,
     /// VM entry failed.
@@ -224,7 +224,7 @@ pub fn handle_run_error(err: &kvm_ioctls::Error, exits: &mut ExitCounts, watchdo
             exits.record(ExitKind::Intr);
             match watchdog.stop_request() {
                 StopRequest::Timeout => Outcome::End(RunEnd::Timeout),
-                StopRequest::Interrupted => Outcome::End(RunEnd::Interrupted),
+                StopRequest::Interrupted(sig) => Outcome::End(RunEnd::Interrupted(sig)),
                 StopRequest::VmmFailure => Outcome::VmmThreadFailed,
                 StopRequest::None => Outcome::Continue,
             }

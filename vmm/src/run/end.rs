@@ -122,7 +122,9 @@ pub(super) fn end_record(end: &RunEnd, rip: Option<u64>) -> EndRecord {
         RunEnd::Hlt => ("hlt", "the guest halted with interrupts disabled".to_string()),
         RunEnd::TripleFault => ("triple_fault", "the guest triple-faulted (an exception with no IDT)".to_string()),
         RunEnd::Timeout => ("timeout", "the guest was still running when --timeout expired".to_string()),
-        RunEnd::Interrupted => ("interrupted", "the run was interrupted (SIGINT or SIGTERM)".to_string()),
+        RunEnd::Interrupted(sig) => {
+            ("interrupted", format!("the run was interrupted by {}", crate::signals::name(*sig)))
+        }
         RunEnd::InternalError => ("internal_error", "KVM reported an internal error".to_string()),
         RunEnd::FailEntry(r) => ("fail_entry", format!("VM entry failed, hardware reason {r:#x}")),
         RunEnd::Unexpected(what) => ("unexpected_exit", what.clone()),

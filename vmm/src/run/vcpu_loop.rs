@@ -9,6 +9,7 @@ use shadow_mmu::Access;
 use super::RunError;
 use crate::config::{HookPoint, MmHook};
 use crate::control::ControlState;
+use crate::dedup::{DedupError, HostKsmError};
 use crate::guest_ram::{GuestRam, GuestRamError};
 use crate::phases::PhaseTracker;
 use crate::signals::{StopRequest, Watchdog};
@@ -77,7 +78,7 @@ impl<'a> VcpuLoop<'a> {
             Outcome::Continue => Ok(None),
             Outcome::NextPhase(n) => self.next_phase(n),
             // The vCPU waits while the deduplicator serves the request.
-            Outcome::Dedup(value) => self.dedup_request(value).map(|()| None),
+            Outcome::Dedup(value) => self.dedup_request(value),
             Outcome::EmulationFailure => self.emulation_failure(),
             Outcome::VmmThreadFailed => Ok(Some(self.thread_failure())),
             Outcome::End(end) => Ok(Some(end)),
@@ -99,11 +100,26 @@ impl<'a> VcpuLoop<'a> {
         self.call_hook(HookPoint::PhaseStart(n)).map(|()| None)
     }
 
-    fn dedup_request(&mut self, value: u32) -> Result<(), RunError> {
+    /// A request on port 0x501. A pass of the host's ksmd polls the
+    /// watchdog: cancelled by a timeout or a signal, the run ends as that.
+    fn dedup_request(&mut self, value: u32) -> Result<Option<RunEnd>, RunError> {
         let watchdog = &self.watchdog;
-        lock(&self.vm.dedup).request(value, &|| watchdog.stop_request() != StopRequest::None)?;
+        let served = lock(&self.vm.dedup).request(value, &|| watchdog.stop_request() != StopRequest::None);
+        match served {
+            Err(DedupError::HostPass(HostKsmError::Cancelled)) => return Ok(Some(self.stopped())),
+            other => other?,
+        }
         view_error(self.vm)?;
-        self.call_hook(HookPoint::DedupRequest(value))
+        self.call_hook(HookPoint::DedupRequest(value)).map(|()| None)
+    }
+
+    /// How the run ends when the watchdog stopped the work under way.
+    fn stopped(&mut self) -> RunEnd {
+        match self.watchdog.stop_request() {
+            StopRequest::Timeout => RunEnd::Timeout,
+            StopRequest::Interrupted(sig) => RunEnd::Interrupted(sig),
+            StopRequest::VmmFailure | StopRequest::None => self.thread_failure(),
+        }
     }
 
     /// KVM could not emulate an instruction: a fetch from a page the

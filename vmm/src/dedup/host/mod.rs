@@ -43,9 +43,10 @@ pub use sysfs::{HostKsmPaths, KSM_SYSFS, STATE_DIR};
 const PASS_PAGES_TO_SCAN: u32 = 4096;
 /// The longest a pass waits for ksmd to complete its next scan.
 const PASS_STALL: Duration = Duration::from_secs(60);
-/// Complete scans after which a pass that still merges gives up (a guest
-/// that waits on its pass does not write, so this is never reached).
-const MAX_PASS_SCANS: i64 = 64;
+/// Looks at ksmd's progress (each after at least one complete scan) after
+/// which a pass that still merges gives up (a guest that waits on its pass
+/// does not write, so this is never reached).
+const MAX_PASS_ROUNDS: u32 = 64;
 /// The longest a run waits, at its end, for ksmd to forget its pages.
 const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 /// How often a pass looks at ksmd's progress.
@@ -97,6 +98,14 @@ pub enum HostKsmError {
     /// madvise on guest RAM failed.
     #[error(transparent)]
     Madvise(#[from] shadow_mmu::FramePoolError),
+    /// The record a killed run left is not one this VMM wrote.
+    #[error("{path} is not a record of host KSM knobs ({why}): check the host's knobs by hand, then delete it")]
+    BadLeftover {
+        /// The saved file.
+        path: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// A killed run left knobs changed that cannot be restored now.
     #[error(
         "a previous run left the host KSM knobs changed and {failed} cannot be restored now: restore them by hand \
@@ -152,30 +161,24 @@ impl HostKsm {
     ) -> Result<Self, HostKsmError> {
         paths.check_available()?;
         let lock = take_lock(&paths)?;
-        let saved_path = paths.saved_file();
-        if let Ok(text) = std::fs::read_to_string(&saved_path) {
-            let left = SavedKnobs::parse(&text);
-            let failed = left.restore(&paths);
-            if !failed.is_empty() {
-                // The saved file stays: it is the only record of the values.
-                return Err(HostKsmError::Leftover {
-                    path: saved_path.display().to_string(),
-                    failed: failed.join(", "),
-                });
-            }
-            eprintln!(
-                "vmm: restored the host KSM knobs a previous run left changed ({})",
-                text.trim().replace('\n', ", ")
-            );
-        }
+        let leftover = SavedKnobs::leftover(&paths)?;
         // max_page_sharing is never written: the kernel refuses a change
         // (EBUSY) while any KSM page exists, and ksmd, run at full speed in
         // a pass, may merge other processes' mergeable memory too, which
-        // would leave the run unable to put the host's value back.
-        let current = paths.read("max_page_sharing")?;
+        // would leave the run unable to put the host's value back. It is
+        // checked against the host's own value (the leftover's, if a killed
+        // run left one) before anything is written.
+        let current = match leftover.as_ref().and_then(|l| l.get("max_page_sharing")) {
+            Some(v) => v.to_string(),
+            None => paths.read("max_page_sharing")?,
+        };
         if current != knobs.max_page_sharing.to_string() {
             return Err(HostKsmError::MaxPageSharingFixed { current, wanted: knobs.max_page_sharing });
         }
+        if let Some(left) = leftover {
+            left.restore_leftover(&paths)?;
+        }
+        let saved_path = paths.saved_file();
         let saved = SavedKnobs::read(&paths)?;
         write_durably(&saved_path, &saved.to_text())?;
         let mut this = Self {
@@ -284,10 +287,7 @@ impl HostKsm {
                 source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
             })
         };
-        // The scan that is under way when the pass starts is partial.
-        let mut last = scans()?;
-        let mut complete = -1i64;
-        let mut merged = merging_pages();
+        let mut fixpoint = Fixpoint::new(scans()?, merging_pages());
         let mut progress = Instant::now();
         loop {
             if cancelled() {
@@ -295,28 +295,24 @@ impl HostKsm {
             }
             std::thread::sleep(PASS_POLL);
             let now = scans()?;
-            if now <= last {
+            match fixpoint.observe(now, merging_pages()) {
+                Verdict::Reached => return Ok(()),
+                Verdict::NotReached => {
+                    return Err(HostKsmError::Stalled(format!(
+                        "no fixpoint after {MAX_PASS_ROUNDS} observations of a complete scan"
+                    )))
+                }
+                Verdict::Scanned => progress = Instant::now(),
                 // ksmd is stopped or stuck (someone wrote run=0?): give up
                 // rather than wait forever.
-                if progress.elapsed() > PASS_STALL {
+                Verdict::NoScan if progress.elapsed() > PASS_STALL => {
                     return Err(HostKsmError::Stalled(format!(
                         "full_scans stayed at {now} for {} s",
                         PASS_STALL.as_secs()
-                    )));
+                    )))
                 }
-                continue;
+                Verdict::NoScan => {}
             }
-            progress = Instant::now();
-            complete += i64::try_from(now - last).unwrap_or(i64::MAX);
-            last = now;
-            let m = merging_pages();
-            if complete >= 2 && m == merged {
-                return Ok(());
-            }
-            if complete > MAX_PASS_SCANS {
-                return Err(HostKsmError::Stalled(format!("no fixpoint after {MAX_PASS_SCANS} complete scans")));
-            }
-            merged = m;
         }
     }
 
@@ -408,6 +404,57 @@ impl Drop for HostKsm {
         if let Err(e) = self.release() {
             eprintln!("vmm: {}", crate::error_chain(&e));
         }
+    }
+}
+
+/// When a pass driven through the host's ksmd is done: a complete scan
+/// merged nothing more, after at least two complete scans (a page's
+/// checksum must hold for a scan before it is merged). ksmd may finish many
+/// scans between two looks (a small guest takes microseconds a scan), so
+/// the looks are counted, not the scans.
+#[derive(Debug)]
+struct Fixpoint {
+    full_scans: u64,
+    /// Complete scans seen: the one under way at the start is partial.
+    complete: i64,
+    merging: u64,
+    rounds: u32,
+}
+
+/// What one look at ksmd's progress says.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// No scan completed since the last look.
+    NoScan,
+    /// Scans completed, and the pass goes on.
+    Scanned,
+    /// The fixpoint.
+    Reached,
+    /// [`MAX_PASS_ROUNDS`] looks, each after a complete scan, and still merging.
+    NotReached,
+}
+
+impl Fixpoint {
+    fn new(full_scans: u64, merging: u64) -> Self {
+        Self { full_scans, complete: -1, merging, rounds: 0 }
+    }
+
+    /// Looks at `full_scans` and this guest's `ksm_merging_pages` now.
+    fn observe(&mut self, full_scans: u64, merging: u64) -> Verdict {
+        if full_scans <= self.full_scans {
+            return Verdict::NoScan;
+        }
+        self.complete = self.complete.saturating_add(i64::try_from(full_scans - self.full_scans).unwrap_or(i64::MAX));
+        self.full_scans = full_scans;
+        self.rounds += 1;
+        if self.complete >= 2 && merging == self.merging {
+            return Verdict::Reached;
+        }
+        self.merging = merging;
+        if self.rounds >= MAX_PASS_ROUNDS {
+            return Verdict::NotReached;
+        }
+        Verdict::Scanned
     }
 }
 

@@ -110,14 +110,64 @@ impl SavedKnobs {
         self.0.iter().map(|(k, v)| format!("{k}={v}\n")).collect()
     }
 
-    pub(super) fn parse(text: &str) -> Self {
-        Self(
-            text.lines()
-                .filter_map(|l| l.split_once('='))
-                .filter(|(k, _)| KNOBS.contains(k))
-                .map(|(k, v)| (k.to_string(), v.trim().to_string()))
-                .collect(),
-        )
+    /// Parses a record written by [`Self::to_text`]: every line a known
+    /// knob and a value it can hold; anything else is refused whole, so
+    /// that nothing is written to the host from a file this VMM did not
+    /// write.
+    pub(super) fn parse(text: &str) -> Result<Self, String> {
+        let mut knobs = Vec::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let (name, value) = line.split_once('=').ok_or_else(|| format!("line '{line}' is not knob=value"))?;
+            let value = value.trim();
+            if !KNOBS.contains(&name) {
+                return Err(format!("'{name}' is not a knob a run changes"));
+            }
+            let legal = match name {
+                "advisor_mode" => matches!(value, "none" | "scan-time"),
+                "run" => matches!(value, "0" | "1" | "2"),
+                _ => value.parse::<u64>().is_ok(),
+            };
+            if !legal || knobs.iter().any(|(k, _): &(String, String)| k == name) {
+                return Err(format!("'{line}' is not a value {name} held"));
+            }
+            knobs.push((name.to_string(), value.to_string()));
+        }
+        Ok(Self(knobs))
+    }
+
+    /// The value saved for `name`.
+    pub(super) fn get(&self, name: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// What a killed run left in the state directory, if anything: the
+    /// record must be a file this VMM wrote.
+    pub(super) fn leftover(paths: &HostKsmPaths) -> Result<Option<Self>, HostKsmError> {
+        let path = paths.saved_file();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(HostKsmError::State { path: path.display().to_string(), source }),
+        };
+        let bad = |why| HostKsmError::BadLeftover { path: path.display().to_string(), why };
+        Self::parse(&text).map(Some).map_err(bad)
+    }
+
+    /// Restores what a killed run left. The record stays when a knob
+    /// cannot be restored: it is the only record of the values.
+    pub(super) fn restore_leftover(&self, paths: &HostKsmPaths) -> Result<(), HostKsmError> {
+        let failed = self.restore(paths);
+        if !failed.is_empty() {
+            return Err(HostKsmError::Leftover {
+                path: paths.saved_file().display().to_string(),
+                failed: failed.join(", "),
+            });
+        }
+        eprintln!(
+            "vmm: restored the host KSM knobs a previous run left changed ({})",
+            self.to_text().trim().replace('\n', ", ")
+        );
+        Ok(())
     }
 
     /// Writes every saved value back, ksmd stopped meanwhile, in the order
@@ -161,12 +211,18 @@ pub(super) fn take_lock(paths: &HostKsmPaths) -> Result<File, HostKsmError> {
     Ok(file)
 }
 
-/// Writes `text` to `path` atomically (a temporary file, synced, renamed).
+/// Writes `text` to `path` atomically (a temporary file, synced, renamed);
+/// on failure the temporary file is removed.
 pub(super) fn write_durably(path: &Path, text: &str) -> Result<(), HostKsmError> {
     let err = |source| HostKsmError::State { path: path.display().to_string(), source };
     let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).map_err(err)?;
-    f.write_all(text.as_bytes()).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    let written = File::create(&tmp).and_then(|mut f| {
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(err)
 }

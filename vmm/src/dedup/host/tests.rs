@@ -144,3 +144,63 @@ fn without_ksm_or_permission_the_policy_is_refused_with_a_reason() {
     let e = HostKsm::new(paths, KsmKnobs::default(), pool(), 1, 8).expect_err("no ksm");
     assert!(e.to_string().contains("CONFIG_KSM"), "{e}");
 }
+
+#[test]
+fn a_pass_reaches_its_fixpoint_however_many_scans_ksmd_makes_between_looks() {
+    // A guest of a few pages: ksmd makes ~100 scans a millisecond, so the
+    // first look already sees many scans and the merges they made.
+    let mut f = Fixpoint::new(1_000, 0);
+    assert_eq!(f.observe(1_000, 0), Verdict::NoScan);
+    assert_eq!(f.observe(1_100, 6), Verdict::Scanned);
+    assert_eq!(f.observe(1_200, 6), Verdict::Reached);
+    // A large guest: one scan a look; the partial first scan does not count.
+    let mut f = Fixpoint::new(7, 0);
+    assert_eq!(f.observe(8, 0), Verdict::Scanned);
+    assert_eq!(f.observe(9, 100), Verdict::Scanned);
+    assert_eq!(f.observe(10, 200), Verdict::Scanned);
+    assert_eq!(f.observe(11, 200), Verdict::Reached);
+    // Nothing mergeable: done after two complete scans.
+    let mut f = Fixpoint::new(0, 0);
+    assert_eq!(f.observe(1, 0), Verdict::Scanned);
+    assert_eq!(f.observe(3, 0), Verdict::Reached);
+    // Still merging at every look: the pass gives up after its rounds.
+    let mut f = Fixpoint::new(0, 0);
+    let verdicts: Vec<Verdict> = (1..=u64::from(MAX_PASS_ROUNDS)).map(|r| f.observe(r * 10, r)).collect();
+    assert_eq!(verdicts.last(), Some(&Verdict::NotReached));
+    assert!(verdicts[..verdicts.len() - 1].iter().all(|v| *v == Verdict::Scanned));
+}
+
+#[test]
+fn a_saved_file_that_is_a_directory_refuses_the_run_and_leaves_nothing_behind() {
+    let host = FakeHost::new("savedir");
+    let before = host.knobs();
+    std::fs::create_dir_all(host.paths.saved_file()).expect("a directory where the record goes");
+    let e = HostKsm::new(host.paths.clone(), KsmKnobs::default(), pool(), 1, 8).expect_err("refused");
+    assert!(matches!(e, HostKsmError::State { .. }), "{e}");
+    assert_eq!(host.knobs(), before, "nothing written to the host");
+    let names: Vec<_> =
+        std::fs::read_dir(&host.paths.state).expect("state dir").flatten().map(|e| e.file_name()).collect();
+    assert!(!names.iter().any(|n| n.to_string_lossy().ends_with(".tmp")), "a temporary file was left: {names:?}");
+}
+
+#[test]
+fn a_leftover_is_checked_before_anything_is_written_to_the_host() {
+    // The host's own max_page_sharing (the leftover's) is not the run's:
+    // refused, and the leftover's run=1 is not written first.
+    let host = FakeHost::new("leftover-mps");
+    std::fs::create_dir_all(&host.paths.state).expect("state dir");
+    let left = "run=1\nmax_page_sharing=256\n";
+    write_durably(&host.paths.saved_file(), left).expect("save");
+    let knobs = KsmKnobs { max_page_sharing: 512, ..KsmKnobs::default() };
+    let e = HostKsm::new(host.paths.clone(), knobs, pool(), 1, 8).expect_err("refused");
+    assert!(matches!(e, HostKsmError::MaxPageSharingFixed { .. }), "{e}");
+    assert_eq!(host.paths.read("run").expect("read"), "0", "the leftover was written before the refusal");
+    // A record this VMM did not write is not restored at all.
+    for bad in ["run=1\nrm -rf=/\n", "run=7\n", "pages_to_scan=many\n", "run=1\nrun=0\n", "garbage\n"] {
+        write_durably(&host.paths.saved_file(), bad).expect("save");
+        let e = HostKsm::new(host.paths.clone(), KsmKnobs::default(), pool(), 1, 8).expect_err("refused");
+        assert!(matches!(e, HostKsmError::BadLeftover { .. }), "{bad:?}: {e}");
+        assert_eq!(host.paths.read("run").expect("read"), "0", "{bad:?} was written to the host");
+        assert_eq!(std::fs::read_to_string(host.paths.saved_file()).expect("kept"), bad);
+    }
+}
