@@ -100,7 +100,7 @@ impl ControlServer {
     /// Listens on `path` (a stale socket file left by a dead run is
     /// replaced; a live one is refused).
     pub fn start(path: &Path, state: Arc<ControlState>) -> Result<Self, ControlError> {
-        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        use std::os::unix::fs::FileTypeExt;
         let shown = path.display().to_string();
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             if !meta.file_type().is_socket() {
@@ -112,10 +112,7 @@ impl ControlServer {
             // A socket nobody listens on: left by a run that was killed.
             let _ = std::fs::remove_file(path);
         }
-        let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind { path: shown.clone(), source })?;
-        // Only this user may switch the deduplicator (for `kernel`, the host's).
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|source| ControlError::Bind { path: shown.clone(), source })?;
+        let listener = bind_private(path).map_err(|source| ControlError::Bind { path: shown.clone(), source })?;
         listener.set_nonblocking(true).map_err(|source| ControlError::Bind { path: shown.clone(), source })?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
@@ -123,9 +120,10 @@ impl ControlServer {
             .name("vmm-control".into())
             .spawn(move || {
                 let active = Arc::new(AtomicUsize::new(0));
+                let waiting = Arc::new(Waiting::default());
                 while !flag.load(Ordering::SeqCst) {
                     match listener.accept() {
-                        Ok((stream, _)) => serve_on_own_thread(stream, &state, &active),
+                        Ok((stream, _)) => serve_on_own_thread(stream, &state, &active, &waiting),
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
                         Err(_) => std::thread::sleep(POLL),
                     }
@@ -146,19 +144,78 @@ impl Drop for ControlServer {
     }
 }
 
+/// Binds the socket at `path` with mode 0600 from its first instant: it is
+/// bound inside a fresh directory only this user can enter, made 0600
+/// there, then renamed into place (a rename is atomic, and nobody could
+/// reach it before), so the umask never shows.
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let private = parent.join(format!(".vmm-control-{}", std::process::id()));
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let inner = private.join("socket");
+    let bound = UnixListener::bind(&inner).and_then(|listener| {
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&inner, path)?;
+        Ok(listener)
+    });
+    let _ = std::fs::remove_file(&inner);
+    let _ = std::fs::remove_dir(&private);
+    bound
+}
+
+/// Connections that have not sent their request line yet, oldest first:
+/// when [`MAX_CONNECTIONS`] are open, the oldest of them is closed to make
+/// room, so idle clients never lock the others out.
+#[derive(Debug, Default)]
+struct Waiting {
+    streams: Mutex<(u64, std::collections::VecDeque<(u64, UnixStream)>)>,
+}
+
+impl Waiting {
+    /// Records a connection waiting for its request line; returns its id.
+    fn add(&self, stream: &UnixStream) -> Option<u64> {
+        let clone = stream.try_clone().ok()?;
+        let mut w = lock(&self.streams);
+        w.0 += 1;
+        let id = w.0;
+        w.1.push_back((id, clone));
+        Some(id)
+    }
+
+    /// The connection has its request line (or is gone).
+    fn remove(&self, id: Option<u64>) {
+        lock(&self.streams).1.retain(|(i, _)| Some(*i) != id);
+    }
+
+    /// Closes the oldest waiting connection (its thread then ends); false
+    /// when every open connection is being answered.
+    fn evict_oldest(&self) -> bool {
+        let oldest = lock(&self.streams).1.pop_front();
+        oldest.is_some_and(|(_, s)| s.shutdown(std::net::Shutdown::Both).is_ok())
+    }
+}
+
 /// Serves one connection on a thread of its own, so that a client that
 /// connects and sends nothing holds up neither other clients nor the end of
 /// the run (the thread is not joined; after the run it only replies that the
-/// run is ending). At most [`MAX_CONNECTIONS`] at once.
-fn serve_on_own_thread(stream: UnixStream, state: &Arc<ControlState>, active: &Arc<AtomicUsize>) {
-    if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+/// run is ending). At most [`MAX_CONNECTIONS`] at once: past that, the
+/// oldest connection that has not sent its request yet is closed.
+fn serve_on_own_thread(
+    stream: UnixStream,
+    state: &Arc<ControlState>,
+    active: &Arc<AtomicUsize>,
+    waiting: &Arc<Waiting>,
+) {
+    if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS && !waiting.evict_oldest() {
         active.fetch_sub(1, Ordering::SeqCst);
-        let _ = writeln!(&stream, "error: {MAX_CONNECTIONS} control connections are open already; try again");
+        let _ = writeln!(&stream, "error: {MAX_CONNECTIONS} control requests are being answered; try again");
         return;
     }
-    let (state, done) = (state.clone(), active.clone());
+    let id = waiting.add(&stream);
+    let (state, done, waiting) = (state.clone(), active.clone(), waiting.clone());
     let spawned = std::thread::Builder::new().name("vmm-control-conn".into()).spawn(move || {
-        serve(stream, &state);
+        serve(stream, &state, || waiting.remove(id));
         done.fetch_sub(1, Ordering::SeqCst);
     });
     if spawned.is_err() {
@@ -166,15 +223,22 @@ fn serve_on_own_thread(stream: UnixStream, state: &Arc<ControlState>, active: &A
     }
 }
 
-fn serve(stream: UnixStream, state: &ControlState) {
+/// Reads one request line (at most [`MAX_LINE`] bytes) and replies; `read`
+/// is called once the line is in.
+fn serve(stream: UnixStream, state: &ControlState, read: impl FnOnce()) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
-    let mut line = String::new();
-    let Ok(reader) = stream.try_clone() else { return };
-    if BufReader::new(reader.take(MAX_LINE)).read_line(&mut line).is_err() {
+    let mut line = Vec::new();
+    let Ok(reader) = stream.try_clone() else { return read() };
+    let got = BufReader::new(reader.take(MAX_LINE)).read_until(b'\n', &mut line);
+    read();
+    if got.is_err() || line.is_empty() {
         return;
     }
-    let reply = answer(line.trim(), state);
+    let reply = match std::str::from_utf8(&line) {
+        Ok(text) => answer(text.trim(), state),
+        Err(_) => "error: the request is not UTF-8 text: use `run 0|1|2` or `status`".to_string(),
+    };
     let mut stream = stream;
     let _ = writeln!(stream, "{reply}");
 }
@@ -252,6 +316,54 @@ mod tests {
             policy: "off".into(),
             closed: AtomicBool::new(false),
         })
+    }
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vmm-control-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        dir
+    }
+
+    #[test]
+    fn idle_connections_never_lock_a_client_out() {
+        let dir = scratch("idle");
+        let path = dir.join("ctl.sock");
+        let server = ControlServer::start(&path, state()).expect("start");
+        let idle: Vec<UnixStream> =
+            (0..2 * MAX_CONNECTIONS).map(|_| UnixStream::connect(&path).expect("connect")).collect();
+        let reply = request(&path, "status").expect("a reply");
+        assert!(reply.contains("\"phase\":3"), "a client was locked out by idle ones: {reply}");
+        drop((idle, server));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_request_that_is_not_utf8_gets_an_error_reply() {
+        let dir = scratch("utf8");
+        let path = dir.join("ctl.sock");
+        let server = ControlServer::start(&path, state()).expect("start");
+        let mut stream = UnixStream::connect(&path).expect("connect");
+        stream.write_all(b"run \xff\xfe\n").expect("send");
+        let mut reply = String::new();
+        BufReader::new(stream).read_line(&mut reply).expect("reply");
+        assert!(reply.starts_with("error: the request is not UTF-8"), "{reply:?}");
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_socket_is_only_this_users_and_no_private_directory_is_left() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("mode");
+        let path = dir.join("ctl.sock");
+        let server = ControlServer::start(&path, state()).expect("start");
+        let mode = std::fs::symlink_metadata(&path).expect("socket").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let names: Vec<_> = std::fs::read_dir(&dir).expect("dir").flatten().map(|e| e.file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("ctl.sock")]);
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
