@@ -9,6 +9,8 @@ use crate::phases::PhaseTracker;
 use crate::stats::{EndRecord, Figures, PhaseStats, RunStats};
 use crate::vcpu::RunEnd;
 use crate::vm::{lock, Vm};
+use crate::x86::layout::GUEST_BASE;
+use crate::x86::MAX_INSN_LEN;
 
 /// HLT's opcode, looked for at RIP when a CPL-3 guest's HLT surfaces as a
 /// fault (HLT is privileged; with no IDT the #GP becomes a triple fault).
@@ -97,22 +99,36 @@ fn halted_at(vm: &Vm, rip: Option<u64>) -> bool {
     rip.is_some_and(|rip| vm.read_guest(rip, &mut op) && op[0] == HLT_OPCODE)
 }
 
-/// KVM_EXIT_INTERNAL_ERROR, with its suberror and, for an emulation
-/// failure, why it happens here.
+/// KVM_EXIT_INTERNAL_ERROR, with its suberror and what it means here.
 fn explain_internal_error(vm: &mut Vm) -> RunEnd {
     // SAFETY: reading the `internal` member of the kvm_run union is what
     // KVM_EXIT_INTERNAL_ERROR documents; it is plain data.
     let suberror = unsafe { vm.vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
-    // Under the memslot view the emulator performs every access to a page
-    // the secondary MMU unmapped or write-protected; AVX is the known case
-    // it cannot do (guest-images/README.md).
-    let what = if suberror == KVM_INTERNAL_ERROR_EMULATION {
+    let what = if suberror != KVM_INTERNAL_ERROR_EMULATION {
+        String::new()
+    } else if let Some(rip) = fetch_outside_ram(vm) {
+        format!(
+            " (instruction emulation failed: the instruction at RIP {rip:#x} lies, at least partly, outside guest RAM)"
+        )
+    } else if lock(&vm.dedup).is_active() {
+        // Under the memslot view the emulator performs every access to a
+        // page the secondary MMU unmapped or write-protected; AVX is the
+        // known case it cannot do (guest-images/README.md).
         " (instruction emulation failed: KVM's emulator cannot perform this access to a page the secondary MMU \
          unmapped or write-protected; AVX is such an access, --view uffd needs no emulation)"
+            .to_string()
     } else {
-        ""
+        " (instruction emulation failed)".to_string()
     };
     RunEnd::Unexpected(format!("KVM internal error, suberror {suberror}{what}"))
+}
+
+/// RIP, when the longest instruction that starts there would reach past
+/// guest RAM (the guest's page tables are the identity map).
+fn fetch_outside_ram(vm: &Vm) -> Option<u64> {
+    let rip = vm.vcpu.get_regs().ok()?.rip;
+    let last = rip.checked_add(MAX_INSN_LEN - 1);
+    (rip < GUEST_BASE || last.is_none_or(|l| l >= vm.mem_bytes)).then_some(rip)
 }
 
 /// The record of how a run ended.

@@ -16,9 +16,7 @@ use crate::signals::{StopRequest, Watchdog};
 use crate::stats::ExitKind;
 use crate::vcpu::{handle_exit, handle_run_error, Devices, Outcome, RunEnd, MAX_PHASES};
 use crate::vm::{lock, Vm};
-
-/// The longest x86 instruction, for fetches that straddle a page boundary.
-const MAX_INSN_LEN: u64 = 15;
+use crate::x86::MAX_INSN_LEN;
 
 /// The state of a running vCPU loop.
 pub(super) struct VcpuLoop<'a> {

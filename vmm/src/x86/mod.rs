@@ -8,3 +8,6 @@ pub mod cpu;
 pub mod gdt;
 pub mod layout;
 pub mod page_tables;
+
+/// The longest x86 instruction, in bytes: how far a fetch may reach past RIP.
+pub const MAX_INSN_LEN: u64 = 15;
