@@ -142,6 +142,8 @@ pub struct HostKsm {
     knobs: KsmKnobs,
     /// Whether ksmd runs for this guest (`run` 1) outside passes.
     running: bool,
+    /// Whether guest RAM is MADV_MERGEABLE (not since an unmerge).
+    mergeable: bool,
     ksmd_pid: Option<u32>,
     pass_ns: u64,
     restored: bool,
@@ -190,13 +192,14 @@ impl HostKsm {
             pages,
             knobs,
             running: false,
+            mergeable: false,
             ksmd_pid: find_ksmd(),
             pass_ns: 0,
             restored: false,
         };
         // From here on, Drop restores whatever was changed.
         this.apply_knobs()?;
-        this.pool.madvise(first, pages, libc::MADV_MERGEABLE, "MADV_MERGEABLE")?;
+        this.set_mergeable()?;
         Ok(this)
     }
 
@@ -235,9 +238,15 @@ impl HostKsm {
             return Err(HostKsmError::Released);
         }
         match run {
-            0 | 1 => {
-                self.paths.write("run", &run.to_string())?;
-                self.running = run == 1;
+            0 => {
+                self.paths.write("run", "0")?;
+                self.running = false;
+                Ok(())
+            }
+            1 => {
+                self.set_mergeable()?;
+                self.paths.write("run", "1")?;
+                self.running = true;
                 Ok(())
             }
             _ => {
@@ -247,13 +256,25 @@ impl HostKsm {
         }
     }
 
-    /// Breaks every merged page of this guest (each gets its own frame again).
+    /// Breaks every merged page of this guest (each gets its own frame
+    /// again) and leaves guest RAM unmergeable, so that nothing is merged
+    /// again until the guest asks for a pass or for ksmd (as sysfs `run` =
+    /// 2 leaves ksmd stopped).
     pub fn unmerge(&mut self) -> Result<(), HostKsmError> {
         if self.restored {
             return Err(HostKsmError::Released);
         }
         self.pool.madvise(self.first, self.pages, libc::MADV_UNMERGEABLE, "MADV_UNMERGEABLE")?;
-        self.pool.madvise(self.first, self.pages, libc::MADV_MERGEABLE, "MADV_MERGEABLE")?;
+        self.mergeable = false;
+        Ok(())
+    }
+
+    /// Marks guest RAM mergeable again after an unmerge.
+    fn set_mergeable(&mut self) -> Result<(), HostKsmError> {
+        if !self.mergeable {
+            self.pool.madvise(self.first, self.pages, libc::MADV_MERGEABLE, "MADV_MERGEABLE")?;
+            self.mergeable = true;
+        }
         Ok(())
     }
 
@@ -267,6 +288,7 @@ impl HostKsm {
         if self.restored {
             return Err(HostKsmError::Released);
         }
+        self.set_mergeable()?;
         let start = Instant::now();
         let result = self.drive_pass(cancelled);
         let back = self.set_scan_rate(self.knobs.pages_to_scan, self.knobs.sleep_millisecs).and_then(|()| {

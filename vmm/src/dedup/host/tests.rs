@@ -204,3 +204,37 @@ fn a_leftover_is_checked_before_anything_is_written_to_the_host() {
         assert_eq!(std::fs::read_to_string(host.paths.saved_file()).expect("kept"), bad);
     }
 }
+
+/// Whether the mapping at `addr` is MADV_MERGEABLE (VmFlags `mg` in
+/// /proc/self/smaps).
+fn is_mergeable(addr: usize) -> bool {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ').filter(|(r, _)| r.contains('-') && !r.ends_with(':')) {
+            let (a, b) = range.split_once('-').expect("range");
+            let (a, b) = (usize::from_str_radix(a, 16).unwrap_or(0), usize::from_str_radix(b, 16).unwrap_or(0));
+            inside = (a..b).contains(&addr);
+        } else if inside && line.starts_with("VmFlags:") {
+            return line.split_whitespace().any(|f| f == "mg");
+        }
+    }
+    false
+}
+
+#[test]
+fn an_unmerge_leaves_guest_ram_unmergeable_until_a_pass_or_ksmd_is_asked_for() {
+    let host = FakeHost::new("unmerge");
+    let pool = pool();
+    let addr = pool.frame_hva(1).expect("frame") as usize;
+    let mut k = HostKsm::new(host.paths.clone(), KsmKnobs::default(), pool, 1, 8).expect("take");
+    assert!(is_mergeable(addr), "guest RAM is mergeable for the run");
+    k.set_run(2).expect("unmerge");
+    assert!(!is_mergeable(addr), "an unmerged guest must not be merged again by a running ksmd");
+    assert_eq!(host.paths.read("run").expect("read"), "0");
+    k.set_run(0).expect("stop");
+    assert!(!is_mergeable(addr), "stopping ksmd does not make it mergeable");
+    k.set_run(1).expect("start");
+    assert!(is_mergeable(addr), "asking for ksmd makes it mergeable again");
+    k.release().expect("release");
+}
