@@ -51,6 +51,7 @@ pub enum KsmError {
 /// The deduplicator of one guest.
 #[derive(Debug)]
 pub struct Ksm {
+    /// The knobs, checked.
     pub(crate) knobs: KsmKnobs,
     /// The guest page of rmap item 0.
     pub(crate) first_gfn: Gfn,
@@ -58,16 +59,19 @@ pub struct Ksm {
     pub(crate) rmap: Vec<RmapItem>,
     /// The unstable tree: items are guest page indices.
     pub(crate) unstable: ContentTree,
+    /// The stable tree, its entries and stable nodes.
     pub(crate) stable: StableTree,
     /// `ZERO_PAGE(0)`: a frame of the pool.
     pub(crate) zero_pfn: Pfn,
     /// `zero_checksum`.
     pub(crate) zero_checksum: u32,
+    /// Where the scanner is.
     pub(crate) ksm_scan: KsmScan,
     /// Checksums recorded (pages found changed since their last visit).
     pub(crate) checksum_updates: u64,
     /// Rmap items that left a KSM page (copy-on-write or a stale node).
     pub(crate) departures: u64,
+    /// The counters; [`Ksm::stats`] adds the levels.
     pub(crate) stats: KsmStats,
     /// The page being compared: a copy read once per visit.
     pub(crate) buf: Box<PageBuf>,

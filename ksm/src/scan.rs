@@ -145,18 +145,22 @@ impl Ksm {
     /// `scan_get_next_rmap_item` for guest page `idx`, and the top of
     /// `cmp_and_merge_page`: the frame to compare, or None when the page is
     /// passed. A page still mapping its KSM page or the zero page is passed
-    /// without a look; one that left it leaves that tree. A page that never
-    /// held memory has no rmap item (Linux: no pte). Smart scan may skip it.
+    /// without a look; one that left it, or is in the unstable tree, leaves
+    /// its tree. A page that never held memory has no rmap item (Linux: no
+    /// pte). Smart scan may skip it.
     fn scan_get_next_rmap_item(&mut self, h: &mut PrimaryMmu, idx: usize) -> Result<Option<Pfn>, KsmError> {
         let pte = h.pte(self.gfn(idx))?;
         let item = self.rmap[idx];
-        match item.state {
-            RmapState::Stable if self.stable.node_valid(item.node, h) && self.stable.kpfn(item.node) == pte.pfn => {
-                return Ok(None)
-            }
-            RmapState::Zero if pte.pfn == self.zero_pfn => return Ok(None),
-            RmapState::Stable | RmapState::Zero | RmapState::Unstable => self.remove_rmap_item_from_tree(idx, h),
-            RmapState::Absent | RmapState::NoTree => {}
+        let still_merged = match item.state {
+            RmapState::Stable => self.stable.node_valid(item.node, h) && self.stable.kpfn(item.node) == pte.pfn,
+            RmapState::Zero => pte.pfn == self.zero_pfn,
+            RmapState::Absent | RmapState::NoTree | RmapState::Unstable => false,
+        };
+        if still_merged {
+            return Ok(None);
+        }
+        if matches!(item.state, RmapState::Stable | RmapState::Zero | RmapState::Unstable) {
+            self.remove_rmap_item_from_tree(idx, h);
         }
         if !self.ksm_scan.resident.get(pte.pfn as usize).copied().unwrap_or(false) {
             return Ok(None); // never touched: Linux has no pte here
