@@ -3,11 +3,9 @@
 //! search compares the probe page with a node's page as it walks down
 //! (`memcmp_pages`), so the order is whatever the pages hold now.
 //!
-//! Deliberate difference: a treap (random priorities, expected O(log n)
-//! depth) in an arena, instead of the kernel's red-black tree. It keeps
-//! parent links so a node can be erased without searching for it again,
-//! which matters for the unstable tree, whose pages may have changed since
-//! they were inserted.
+//! A treap (random priorities, expected O(log n) depth) in an arena, with
+//! parent links, instead of the kernel's red-black tree: see "Deliberate
+//! differences from mm/ksm.c" in the crate docs.
 
 use std::cmp::Ordering;
 
@@ -38,7 +36,7 @@ pub enum Search {
 }
 
 /// The tree: an arena of nodes, free slots reused.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ContentTree {
     nodes: Vec<Node>,
     free: Vec<u32>,
@@ -53,6 +51,13 @@ fn priority(id: u32) -> u32 {
     x = (x ^ (x >> 16)).wrapping_mul(0x85EB_CA6B);
     x = (x ^ (x >> 13)).wrapping_mul(0xC2B2_AE35);
     x ^ (x >> 16)
+}
+
+impl Default for ContentTree {
+    /// An empty tree (the root is NIL, not node 0).
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl ContentTree {

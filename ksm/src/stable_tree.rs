@@ -1,0 +1,257 @@
+//! The stable tree, after mm/ksm.c's `root_stable_tree`: KSM pages ordered
+//! by content, each a `struct ksm_stable_node` with the rmap items mapping
+//! it. Once `max_page_sharing` pages map one KSM page, the next page of that
+//! content starts a duplicate in the same entry (`stable_node_chain`,
+//! `stable_node_dup`).
+//!
+//! `stable_tree_search`, `stable_tree_insert`, `stable_tree_append`,
+//! `stable_node_dup_del`, `remove_node_from_stable_tree`, and
+//! `get_ksm_page`'s test (`StableTree::node_valid`). A stable node tags its
+//! KSM frame with its id instead of `page->mapping` (see the crate docs).
+
+use std::cell::Cell;
+use std::cmp::Ordering;
+
+use shadow_mmu::{Pfn, PrimaryMmu};
+
+use crate::ksm::Ksm;
+use crate::page::{cmp_with_frame, read_page};
+use crate::rmap::{RmapState, NIL};
+use crate::tree::{ContentTree, Search};
+
+/// `struct ksm_stable_node` (a plain node or a `stable_node_dup`): one KSM
+/// page and the pages mapping it.
+#[derive(Debug, Clone)]
+struct StableNode {
+    kpfn: Pfn,
+    /// The entry it belongs to.
+    entry: u32,
+    /// The guest pages mapping it (`hlist` of rmap items).
+    sharers: Vec<u32>,
+}
+
+impl StableNode {
+    const FREE: Self = Self { kpfn: 0, entry: NIL, sharers: Vec::new() };
+}
+
+/// A stable tree entry: one KSM page, or a chain of duplicates of the same
+/// content once `max_page_sharing` was reached (`stable_node_chain`).
+#[derive(Debug, Clone, Default)]
+struct StableEntry {
+    tree_node: u32,
+    /// Its stable nodes, oldest first.
+    dups: Vec<u32>,
+}
+
+/// The tag stable node `id` puts on its KSM frame (`ksm_owner`, the analog
+/// of `page->mapping`); 0 is no owner.
+fn owner_tag(id: u32) -> u32 {
+    id + 1
+}
+
+/// `get_ksm_page`'s test: whether stable node `id` still owns frame `kpfn`
+/// (its KSM page was neither freed nor reused by another node).
+fn owns_frame(host: &PrimaryMmu, id: u32, kpfn: Pfn) -> bool {
+    let f = host.frame(kpfn);
+    f.refcount > 0 && f.ksm && f.ksm_owner == owner_tag(id)
+}
+
+/// The stable tree with its entries and stable nodes, in arenas whose free
+/// slots are reused.
+#[derive(Debug, Default)]
+pub(crate) struct StableTree {
+    tree: ContentTree,
+    entries: Vec<StableEntry>,
+    free_entries: Vec<u32>,
+    nodes: Vec<StableNode>,
+    free_nodes: Vec<u32>,
+}
+
+impl StableTree {
+    /// The KSM page of stable node `id`.
+    pub(crate) fn kpfn(&self, id: u32) -> Pfn {
+        self.nodes[id as usize].kpfn
+    }
+
+    /// `get_ksm_page`: whether stable node `id` still owns its KSM frame.
+    pub(crate) fn node_valid(&self, id: u32, host: &PrimaryMmu) -> bool {
+        owns_frame(host, id, self.kpfn(id))
+    }
+
+    /// (`stable_node_chains`, `stable_node_dups`): entries holding more than
+    /// one KSM page, and the KSM pages in them.
+    pub(crate) fn chains(&self) -> (u64, u64) {
+        let chains = self.entries.iter().filter(|e| e.dups.len() > 1);
+        (chains.clone().count() as u64, chains.map(|e| e.dups.len() as u64).sum())
+    }
+
+    /// Bytes of memory held: the tree, entries, stable nodes.
+    pub(crate) fn metadata_bytes(&self) -> usize {
+        let nodes: usize = self.nodes.iter().map(|n| n.sharers.capacity() * 4).sum::<usize>()
+            + self.nodes.capacity() * std::mem::size_of::<StableNode>();
+        let entries: usize = self.entries.iter().map(|e| e.dups.capacity() * 4).sum::<usize>()
+            + self.entries.capacity() * std::mem::size_of::<StableEntry>();
+        nodes + entries + self.tree.metadata_bytes()
+    }
+
+    /// Page `idx` no longer maps stable node `id` (the `hlist_del` of
+    /// `remove_rmap_item_from_tree`). Returns whether no page maps it now.
+    pub(crate) fn remove_sharer(&mut self, id: u32, idx: usize) -> bool {
+        let node = &mut self.nodes[id as usize];
+        if let Some(pos) = node.sharers.iter().position(|&s| s as usize == idx) {
+            node.sharers.swap_remove(pos);
+        }
+        node.sharers.is_empty()
+    }
+
+    /// `stable_node_dup_del` then `free_stable_node`, for stable node `id`
+    /// with no sharers left (its last one left, or it went stale). Beyond
+    /// those two: when `id` was its entry's last KSM page, the entry leaves
+    /// the tree too (`free_stable_node_chain`, or the rb_erase of a plain
+    /// node); and if `id` still owns its frame, the frame's KSM tag is
+    /// cleared (`folio_set_stable_node(folio, NULL)`, as `remove_stable_node`
+    /// does; Linux otherwise leaves that to the freeing of the page: crate
+    /// docs, "Deliberate differences from mm/ksm.c").
+    pub(crate) fn stable_node_dup_del(&mut self, id: u32, host: &mut PrimaryMmu) {
+        if self.node_valid(id, host) {
+            host.set_ksm_owner(self.kpfn(id), false, 0);
+        }
+        let entry = self.nodes[id as usize].entry;
+        let e = &mut self.entries[entry as usize];
+        e.dups.retain(|&d| d != id);
+        if e.dups.is_empty() {
+            let tree_node = e.tree_node;
+            self.tree.erase(tree_node);
+            self.free_entries.push(entry);
+        }
+        self.nodes[id as usize] = StableNode::FREE;
+        self.free_nodes.push(id);
+    }
+
+    /// `alloc_stable_node`: a free stable node's id.
+    fn alloc_stable_node(&mut self) -> u32 {
+        self.free_nodes.pop().unwrap_or_else(|| {
+            self.nodes.push(StableNode::FREE);
+            (self.nodes.len() - 1) as u32
+        })
+    }
+
+    /// A free entry's id.
+    fn alloc_entry(&mut self) -> u32 {
+        self.free_entries.pop().unwrap_or_else(|| {
+            self.entries.push(StableEntry::default());
+            (self.entries.len() - 1) as u32
+        })
+    }
+}
+
+impl Ksm {
+    /// `remove_node_from_stable_tree`: a stale node (its KSM frame was freed)
+    /// lets go of every rmap item still pointing at it.
+    pub(crate) fn remove_node_from_stable_tree(&mut self, id: u32, host: &mut PrimaryMmu) {
+        let sharers = std::mem::take(&mut self.stable.nodes[id as usize].sharers);
+        if !sharers.is_empty() {
+            self.stats.pages_shared -= 1;
+            self.stats.pages_sharing -= sharers.len() as u64 - 1;
+        }
+        for s in sharers {
+            self.rmap[s as usize].state = RmapState::NoTree;
+            self.rmap[s as usize].node = NIL;
+        }
+        self.stable.stable_node_dup_del(id, host);
+    }
+
+    /// Searches the stable tree for the content in `self.buf`. Stale nodes
+    /// met on the way (their KSM frame was freed, maybe reused with other
+    /// content: `get_ksm_page` fails) are removed and the search starts
+    /// again, so a search never orders by a frame that left the tree.
+    fn stable_search_pruned(&mut self, host: &mut PrimaryMmu) -> Search {
+        loop {
+            let stale = Cell::new(None);
+            let search = {
+                let (stable, buf) = (&self.stable, &self.buf);
+                let h: &PrimaryMmu = host;
+                stable.tree.search(|entry| {
+                    // Once a stale node is met the search is thrown away, so
+                    // the rest of it reads no frame. A stale node's frame is
+                    // never read: it may be free and punched, and reading a
+                    // hole would make the host allocate it again.
+                    if stale.get().is_some() {
+                        return Ordering::Less;
+                    }
+                    let Some(&first) = stable.entries[entry as usize].dups.first() else { return Ordering::Less };
+                    let kpfn = stable.kpfn(first);
+                    if !owns_frame(h, first, kpfn) {
+                        stale.set(Some(first));
+                        return Ordering::Less;
+                    }
+                    cmp_with_frame(h.pool(), buf, kpfn)
+                })
+            };
+            match stale.get() {
+                Some(id) => self.remove_node_from_stable_tree(id, host),
+                None => return search,
+            }
+        }
+    }
+
+    /// `stable_tree_search`: a KSM page with the content in `self.buf` that
+    /// has room for one more sharer (the first such `stable_node_dup`).
+    pub(crate) fn stable_tree_search(&mut self, host: &mut PrimaryMmu) -> Option<u32> {
+        let Search::Found(tree_node) = self.stable_search_pruned(host) else { return None };
+        let entry = self.stable.tree.item(tree_node);
+        let max = self.knobs.max_page_sharing as usize;
+        let dups = self.stable.entries[entry as usize].dups.clone();
+        for id in dups {
+            if !self.stable.node_valid(id, host) {
+                self.remove_node_from_stable_tree(id, host);
+                continue;
+            }
+            if self.stable.nodes[id as usize].sharers.len() < max {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// `stable_tree_insert`: makes frame `kpfn` a KSM page: a new entry, or
+    /// one more duplicate in the entry of that content.
+    pub(crate) fn stable_tree_insert(&mut self, host: &mut PrimaryMmu, kpfn: Pfn) -> u32 {
+        // The frame is write-protected now: key the tree by what it holds,
+        // not by the copy read before write protection (the guest may have
+        // written in between).
+        read_page(host.pool(), kpfn, &mut self.buf);
+        let id = self.stable.alloc_stable_node();
+        // Search (pruning stale nodes) before the new node is tagged, so the
+        // node id taken is not mistaken for a stale one.
+        let search = self.stable_search_pruned(host);
+        host.set_ksm_owner(kpfn, true, owner_tag(id));
+        let stable = &mut self.stable;
+        let entry = match search {
+            Search::Found(tree_node) => stable.tree.item(tree_node),
+            Search::Vacant(at) => {
+                let entry = stable.alloc_entry();
+                let tree_node = stable.tree.insert(at, entry);
+                stable.entries[entry as usize] = StableEntry { tree_node, dups: Vec::new() };
+                entry
+            }
+        };
+        stable.entries[entry as usize].dups.push(id);
+        stable.nodes[id as usize] = StableNode { kpfn, entry, sharers: Vec::new() };
+        id
+    }
+
+    /// `stable_tree_append`: page `idx` now maps stable node `id`'s KSM page.
+    pub(crate) fn stable_tree_append(&mut self, idx: usize, id: u32) {
+        let node = &mut self.stable.nodes[id as usize];
+        if node.sharers.is_empty() {
+            self.stats.pages_shared += 1;
+        } else {
+            self.stats.pages_sharing += 1;
+        }
+        node.sharers.push(idx as u32);
+        let r = &mut self.rmap[idx];
+        r.state = RmapState::Stable;
+        r.node = id;
+    }
+}
