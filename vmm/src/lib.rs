@@ -28,13 +28,13 @@
 //! };
 //! let stats = vmm::run::run(config).unwrap();
 //! assert_eq!(stats.guest.exit_code, Some(0));
-//! println!("{}", vmm::stats::render_table(&stats));
+//! println!("{}", serde_json::to_string_pretty(&stats).unwrap());
 //! ```
+//!
+//! The command line, comparisons, benches, charts and the end-of-run table
+//! are the laboratory's: the `vmm-lab` crate (`vmm/lab/`), which uses only
+//! this crate's public API.
 
-pub mod bench;
-pub mod chart;
-pub mod cli;
-pub mod compare;
 pub mod control;
 pub mod dedup;
 pub mod host_ksm;

@@ -85,15 +85,19 @@ pub struct ChartData {
 /// Errors while drawing.
 #[derive(Debug, thiserror::Error)]
 pub enum ChartError {
-    /// plotters failed.
-    #[error("cannot draw {path}: {reason}")]
+    /// plotters failed, or the file could not be written.
+    #[error("cannot draw {path}")]
     Draw {
         /// The SVG file.
         path: String,
         /// What plotters reported.
-        reason: String,
+        #[source]
+        source: DrawingAreaErrorKind<std::io::Error>,
     },
 }
+
+/// What drawing on a `DB` gives: plotters' error for that backend.
+type Drawn<T, DB> = Result<T, DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
 
 /// Writes the comparison's charts into one SVG file: exits per phase per
 /// policy (grouped bars, median with a min-max whisker), and wall time per
@@ -109,10 +113,10 @@ pub enum ChartError {
 /// [`ChartError::Draw`] when plotters cannot draw or the file cannot be
 /// written.
 pub fn write_svg(path: &Path, data: &ChartData) -> Result<(), ChartError> {
-    let fail = |reason: String| ChartError::Draw { path: path.display().to_string(), reason };
+    let fail = |source| ChartError::Draw { path: path.display().to_string(), source };
     let root = SVGBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
     draw_all(&root, data).map_err(fail)?;
-    root.present().map_err(|e| fail(e.to_string()))
+    root.present().map_err(fail)
 }
 
 /// Size of the SVG picture, in pixels.
@@ -157,10 +161,10 @@ fn colour(index: usize) -> RGBColor {
 /// Which figures of a series a chart shows.
 type Pick = fn(&PolicySeries) -> &[Spread];
 
-/// Draws everything on `root`; errors are plotters' messages.
-fn draw_all<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, data: &ChartData) -> Result<(), String> {
-    root.fill(&WHITE).map_err(|e| e.to_string())?;
-    let body = root.titled(&data.title, (FONT, 28)).map_err(|e| e.to_string())?;
+/// Draws everything on `root`.
+fn draw_all<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, data: &ChartData) -> Drawn<(), DB> {
+    root.fill(&WHITE)?;
+    let body = root.titled(&data.title, (FONT, 28))?;
     let body = draw_legend(&body, &data.series)?;
     let halves = body.split_evenly((2, 1));
     let panels: [(&str, &str, Pick); 2] = [
@@ -179,7 +183,7 @@ fn draw_all<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, data: &ChartData)
 fn draw_legend<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     series: &[PolicySeries],
-) -> Result<DrawingArea<DB, Shift>, String> {
+) -> Drawn<DrawingArea<DB, Shift>, DB> {
     if series.is_empty() {
         return Ok(area.clone());
     }
@@ -194,7 +198,7 @@ fn draw_legend<DB: DrawingBackend>(
     let mut placed = Vec::with_capacity(series.len());
     let (mut x, mut row) = (0, 0);
     for (i, s) in series.iter().enumerate() {
-        let text_w = area.estimate_text_size(&s.policy, &style).map_err(|e| e.to_string())?.0;
+        let text_w = area.estimate_text_size(&s.policy, &style)?.0;
         let entry_w = SWATCH + 6 + i32::try_from(text_w).unwrap_or(i32::MAX / 2);
         if x > 0 && x + entry_w > width {
             x = 0;
@@ -212,7 +216,7 @@ fn draw_legend<DB: DrawingBackend>(
         let Some(last) = in_row.last() else { continue };
         let last_w = {
             let name = &series[last.0].policy;
-            let w = strip.estimate_text_size(name, &style).map_err(|e| e.to_string())?.0;
+            let w = strip.estimate_text_size(name, &style)?.0;
             SWATCH + 6 + i32::try_from(w).unwrap_or(0)
         };
         let row_w = last.1 + last_w;
@@ -220,10 +224,8 @@ fn draw_legend<DB: DrawingBackend>(
         for &&(i, x, _) in &in_row {
             let y = r * ROW + ROW / 2;
             let x = left + x;
-            strip
-                .draw(&Rectangle::new([(x, y - SWATCH / 2), (x + SWATCH, y + SWATCH / 2)], colour(i).filled()))
-                .map_err(|e| e.to_string())?;
-            strip.draw_text(&series[i].policy, &style, (x + SWATCH + 6, y)).map_err(|e| e.to_string())?;
+            strip.draw(&Rectangle::new([(x, y - SWATCH / 2), (x + SWATCH, y + SWATCH / 2)], colour(i).filled()))?;
+            strip.draw_text(&series[i].policy, &style, (x + SWATCH + 6, y))?;
         }
     }
     Ok(rest)
@@ -316,8 +318,7 @@ fn draw_panel<DB: DrawingBackend>(
     y_desc: &str,
     phases: &[u32],
     series: &[&[Spread]],
-) -> Result<(), String> {
-    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+) -> Drawn<(), DB> {
     if phases.is_empty() || series.is_empty() {
         return draw_no_data(area, title);
     }
@@ -337,8 +338,7 @@ fn draw_panel<DB: DrawingBackend>(
         .build_cartesian_2d(
             (x_at(-0.5)..x_at(n as f64 - 0.5)).with_key_points(x_ticks),
             (floor..top).log_scale().with_key_points(y_ticks(floor, top)),
-        )
-        .map_err(err)?;
+        )?;
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -352,63 +352,78 @@ fn draw_panel<DB: DrawingBackend>(
         .y_label_formatter(&|y| tick_label(*y))
         .label_style((FONT, 16))
         .axis_desc_style((FONT, 16))
-        .draw()
-        .map_err(err)?;
+        .draw()?;
 
     let slot = GROUP_WIDTH / series.len() as f64;
+    let plot = chart.plotting_area();
+    for (j, per_phase) in bars.iter().enumerate() {
+        for (i, bar) in per_phase.iter().enumerate() {
+            let place = BarPlace { left: i as f64 - GROUP_WIDTH / 2.0 + j as f64 * slot, slot, floor, top };
+            draw_bar(plot, &place, bar.as_ref(), colour(j))?;
+        }
+    }
+    Ok(())
+}
+
+/// Where a bar goes: its left edge and width (in phases) and the y axis's range.
+struct BarPlace {
+    left: f64,
+    slot: f64,
+    floor: f64,
+    top: f64,
+}
+
+/// Draws one bar: the median as a filled bar, a whisker from min to max, a
+/// "0" for a median of 0 and "n/a" for a missing one.
+///
+/// `plot` is a chart's plotting area: x in [`SLOT`] units, y the figure.
+fn draw_bar<DB, CT>(plot: &DrawingArea<DB, CT>, at: &BarPlace, bar: Option<&Spread>, colour: RGBColor) -> Drawn<(), DB>
+where
+    DB: DrawingBackend,
+    CT: CoordTranslate<From = (i64, f64)>,
+{
+    let (floor, slot) = (at.floor, at.slot);
     let gap = slot * 0.08;
     let cap = x_at(slot * 0.18);
-    let clip = |v: f64| v.clamp(floor, top);
+    let centre = x_at(at.left + slot / 2.0);
+    let clip = |v: f64| v.clamp(floor, at.top);
     let mark = TextStyle::from((FONT, 15).into_font()).color(&BLACK).pos(Pos::new(HPos::Center, VPos::Bottom));
-    // A "0" beside a whisker rather than under it.
-    let side_mark = mark.pos(Pos::new(HPos::Left, VPos::Bottom));
-    for (j, per_phase) in bars.iter().enumerate() {
-        let fill = colour(j).filled();
-        for (i, bar) in per_phase.iter().enumerate() {
-            let left = i as f64 - GROUP_WIDTH / 2.0 + j as f64 * slot;
-            let centre = x_at(left + slot / 2.0);
-            let Some(s) = bar else {
-                chart.plotting_area().draw(&Text::new("n/a", (centre, floor), mark.clone())).map_err(err)?;
-                continue;
-            };
-            if s.median > 0.0 {
-                chart
-                    .plotting_area()
-                    .draw(&Rectangle::new([(x_at(left + gap), floor), (x_at(left + slot - gap), clip(s.median))], fill))
-                    .map_err(err)?;
-            }
-            let (lo, hi) = (clip(s.min), clip(s.max));
-            if s.median <= 0.0 {
-                let zero = if hi > lo {
-                    Text::new("0", (centre + cap, floor), side_mark.clone())
-                } else {
-                    Text::new("0", (centre, floor), mark.clone())
-                };
-                chart.plotting_area().draw(&zero).map_err(err)?;
-            }
-            if hi > lo {
-                let whisker = BLACK.stroke_width(1);
-                let area = chart.plotting_area();
-                area.draw(&PathElement::new(vec![(centre, lo), (centre, hi)], whisker)).map_err(err)?;
-                for y in [lo, hi] {
-                    area.draw(&PathElement::new(vec![(centre - cap, y), (centre + cap, y)], whisker)).map_err(err)?;
-                }
-            }
+    let Some(s) = bar else {
+        return plot.draw(&Text::new("n/a", (centre, floor), mark));
+    };
+    if s.median > 0.0 {
+        let corners = [(x_at(at.left + gap), floor), (x_at(at.left + slot - gap), clip(s.median))];
+        plot.draw(&Rectangle::new(corners, colour.filled()))?;
+    }
+    let (lo, hi) = (clip(s.min), clip(s.max));
+    if s.median <= 0.0 {
+        // A "0" beside a whisker rather than under it.
+        let zero = if hi > lo {
+            Text::new("0", (centre + cap, floor), mark.pos(Pos::new(HPos::Left, VPos::Bottom)))
+        } else {
+            Text::new("0", (centre, floor), mark)
+        };
+        plot.draw(&zero)?;
+    }
+    if hi > lo {
+        let whisker = BLACK.stroke_width(1);
+        plot.draw(&PathElement::new(vec![(centre, lo), (centre, hi)], whisker))?;
+        for y in [lo, hi] {
+            plot.draw(&PathElement::new(vec![(centre - cap, y), (centre + cap, y)], whisker))?;
         }
     }
     Ok(())
 }
 
 /// A chart without data: its title, an empty frame and "no data".
-fn draw_no_data<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, title: &str) -> Result<(), String> {
-    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+fn draw_no_data<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, title: &str) -> Drawn<(), DB> {
     let inner = area.margin(10, 10, 10, 10);
-    let inner = inner.titled(title, (FONT, 22)).map_err(err)?;
+    let inner = inner.titled(title, (FONT, 22))?;
     let (w, h) = inner.dim_in_pixel();
     let (w, h) = (i32::try_from(w).unwrap_or(i32::MAX), i32::try_from(h).unwrap_or(i32::MAX));
-    inner.draw(&Rectangle::new([(0, 0), (w - 1, h - 1)], BLACK.stroke_width(1))).map_err(err)?;
+    inner.draw(&Rectangle::new([(0, 0), (w - 1, h - 1)], BLACK.stroke_width(1)))?;
     let style = TextStyle::from((FONT, 20).into_font()).color(&BLACK).pos(Pos::new(HPos::Center, VPos::Center));
-    inner.draw_text("no data", &style, (w / 2, h / 2)).map_err(err)
+    inner.draw_text("no data", &style, (w / 2, h / 2))
 }
 
 #[cfg(test)]
