@@ -165,6 +165,8 @@ fn create_dir(dir: &Path) -> Result<(), CompareError> {
     std::fs::create_dir_all(dir).map_err(|source| CompareError::Write { path: dir.display().to_string(), source })
 }
 
+/// Runs every policy `config.repeat` times, repeat by repeat, and writes
+/// the document and the charts.
 fn run_all(
     config: &CompareConfig,
     kvm_levels: &BTreeSet<String>,
@@ -172,10 +174,11 @@ fn run_all(
 ) -> Result<CompareReport, CompareError> {
     create_dir(&config.out)?;
     let setup = host_setup(config);
-    let mut tally = Tally::new(config, progress);
+    let (policies, skipped) = runnable_policies(&config.policies, progress);
+    let mut tally = Tally::new(config, policies.len() as u32 * config.repeat, skipped);
     create_dir(&tally.runs_dir)?;
     for repeat in 0..config.repeat {
-        for &policy in &tally.policies.clone() {
+        for &policy in &policies {
             if tally.is_skipped(policy) {
                 continue;
             }
@@ -184,8 +187,7 @@ fn run_all(
         }
     }
     tally.check_interrupted(progress)?;
-    let ran: Vec<String> =
-        tally.policies.iter().filter(|&&p| !tally.is_skipped(p)).map(|p| p.name().to_string()).collect();
+    let ran: Vec<String> = policies.iter().filter(|&&p| !tally.is_skipped(p)).map(|p| p.name().to_string()).collect();
     if ran.is_empty() {
         let why: Vec<String> = tally.skipped.iter().map(|s| format!("{}: {}", s.policy, s.reason)).collect();
         return Err(CompareError::Nothing(why.join("; ")));
@@ -193,6 +195,24 @@ fn run_all(
     let report = build_report(setup, ran, tally.skipped, tally.runs, tally.failures, kvm_levels);
     write_outputs(&config.out, &report)?;
     Ok(report)
+}
+
+/// The policies to run, in order, and those skipped up front: `kernel`
+/// when the host's KSM is not available.
+fn runnable_policies(policies: &[DedupPolicy], progress: &mut dyn FnMut(&str)) -> (Vec<DedupPolicy>, Vec<Skipped>) {
+    let mut skipped = Vec::new();
+    let mut runnable = Vec::new();
+    for &p in policies {
+        if p == DedupPolicy::Kernel {
+            if let Err(e) = HostKsmPaths::default().check_available() {
+                progress(&format!("kernel policy skipped: {e}"));
+                skipped.push(Skipped { policy: p.name().into(), reason: e.to_string() });
+                continue;
+            }
+        }
+        runnable.push(p);
+    }
+    (runnable, skipped)
 }
 
 /// DIR/compare.json and DIR/compare.svg.
@@ -208,9 +228,6 @@ fn write_outputs(out: &Path, report: &CompareReport) -> Result<(), CompareError>
 /// The runs of a comparison so far: what each gave, and which policies
 /// were skipped and why.
 struct Tally {
-    /// The policies to run, in order (`kernel` left out when the host's KSM
-    /// is not available).
-    policies: Vec<DedupPolicy>,
     /// Where each run's statistics go.
     runs_dir: PathBuf,
     runs: Vec<RunRecord>,
@@ -222,23 +239,9 @@ struct Tally {
 }
 
 impl Tally {
-    /// Checks up front whether the `kernel` policy can run at all.
-    fn new(config: &CompareConfig, progress: &mut dyn FnMut(&str)) -> Self {
-        let mut skipped = Vec::new();
-        let mut policies = Vec::new();
-        for &p in &config.policies {
-            if p == DedupPolicy::Kernel {
-                if let Err(e) = HostKsmPaths::default().check_available() {
-                    progress(&format!("kernel policy skipped: {e}"));
-                    skipped.push(Skipped { policy: p.name().into(), reason: e.to_string() });
-                    continue;
-                }
-            }
-            policies.push(p);
-        }
-        let total = policies.len() as u32 * config.repeat;
+    fn new(config: &CompareConfig, total: u32, skipped: Vec<Skipped>) -> Self {
         let runs_dir = config.out.join("runs");
-        Self { policies, runs_dir, runs: Vec::new(), failures: Vec::new(), skipped, done: 0, total }
+        Self { runs_dir, runs: Vec::new(), failures: Vec::new(), skipped, done: 0, total }
     }
 
     fn is_skipped(&self, policy: DedupPolicy) -> bool {
