@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --release -p vmm --quiet
+cargo build --release -p vmm-lab --quiet
 sizes=("${@:-17M 65M 129M 257M}")
 # shellcheck disable=SC2206
 sizes=(${sizes[*]})

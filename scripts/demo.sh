@@ -8,5 +8,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --release -p vmm --quiet
+cargo build --release -p vmm-lab --quiet
 exec target/release/vmm compare pagefill --mem 16M --repeat 3 --out demo-out "$@"

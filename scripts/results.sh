@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 command -v python3 >/dev/null || { echo "results.sh: python3 is needed to write the README section" >&2; exit 2; }
-cargo build --release -p vmm --quiet
+cargo build --release -p vmm-lab --quiet
 vmm=target/release/vmm
 out=docs/results
 repeat=${REPEAT:-3}

@@ -14,8 +14,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::{require_kvm, scratch, vmm};
-use vmm::compare::summary::CompareReport;
 use vmm::dedup::HostKsmPaths;
+use vmm_lab::compare::summary::CompareReport;
 
 /// Serialises the tests that take the host's KSM.
 static HOST_KSM: Mutex<()> = Mutex::new(());

@@ -28,14 +28,14 @@
 //! };
 //! let stats = vmm::run::run(config).unwrap();
 //! assert_eq!(stats.guest.exit_code, Some(0));
-//! println!("{}", vmm::stats::render_table(&stats));
+//! println!("{}", serde_json::to_string_pretty(&stats).unwrap());
 //! ```
+//!
+//! The command line, comparisons, benches, charts and the end-of-run table
+//! are the laboratory's: the `vmm-lab` crate (`vmm/lab/`), which uses only
+//! this crate's public API.
 
-pub mod bench;
 pub mod builder;
-pub mod chart;
-pub mod cli;
-pub mod compare;
 pub mod config;
 pub mod control;
 pub mod dedup;
@@ -57,14 +57,39 @@ pub mod vm;
 pub mod x86;
 
 /// An error and its chain of causes on one line, as people read it:
-/// "what failed: why: why that".
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        line.push_str(": ");
-        line.push_str(&c.to_string());
-        cause = c.source();
+/// "what failed: why: why that". A cause whose text the line already
+/// holds is not repeated (errors of other crates sometimes quote their
+/// cause in their own message).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut line = err.to_string();
+    let mut cause = err.source();
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = e.source();
     }
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot write {0}")]
+    struct Outer(&'static str, #[source] std::io::Error);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("quoting: {0}")]
+    struct Quoting(#[source] std::io::Error);
+
+    #[test]
+    fn causes_are_joined_once() {
+        let io = || std::io::Error::other("disk full");
+        assert_eq!(error_chain(&Outer("out/compare.json", io())), "cannot write out/compare.json: disk full");
+        assert_eq!(error_chain(&Quoting(io())), "quoting: disk full");
+    }
 }

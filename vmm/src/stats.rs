@@ -210,81 +210,6 @@ pub fn is_gauge(name: &str) -> bool {
     GAUGES.contains(&name)
 }
 
-pub(crate) fn fmt_ns(ns: u64) -> String {
-    match ns {
-        0..=999 => format!("{ns} ns"),
-        1_000..=999_999 => format!("{:.1} us", ns as f64 / 1e3),
-        1_000_000..=999_999_999 => format!("{:.1} ms", ns as f64 / 1e6),
-        _ => format!("{:.2} s", ns as f64 / 1e9),
-    }
-}
-
-/// Renders the per-phase report printed at the end of a run (in the spirit of
-/// `perf kvm stat report`): exits by reason per phase, then every other
-/// figure that is non-zero in some phase.
-pub fn render_table(stats: &RunStats) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let rows: Vec<(String, &Figures)> = stats
-        .phases
-        .iter()
-        .map(|p| (format!("phase {}", p.phase), &p.figures))
-        .chain(std::iter::once(("total".to_string(), &stats.total)))
-        .collect();
-
-    let columns: Vec<&str> = stats
-        .total
-        .exits
-        .columns()
-        .iter()
-        .filter(|(name, v)| *v != 0 || matches!(*name, "io" | "mmio" | "ept_read" | "ept_write" | "total"))
-        .map(|(name, _)| *name)
-        .collect();
-    let _ = writeln!(out, "VM exits by reason ({} policy, {} view)", stats.config.dedup, stats.config.view);
-    let _ = write!(out, "{:<12}", "");
-    for c in &columns {
-        let _ = write!(out, "{c:>10}");
-    }
-    let _ = writeln!(out, "{:>12}", "wall");
-    for (label, f) in &rows {
-        let _ = write!(out, "{label:<12}");
-        for c in &columns {
-            let v = f.exits.columns().iter().find(|(n, _)| n == c).map_or(0, |(_, v)| *v);
-            let _ = write!(out, "{v:>10}");
-        }
-        let _ = writeln!(out, "{:>12}", fmt_ns(f.wall_ns));
-    }
-
-    type Section = (&'static str, fn(&Figures) -> &BTreeMap<String, u64>);
-    let sections: [Section; 3] =
-        [("secondary MMU", |f| &f.shadow_mmu), ("ksm", |f| &f.ksm), ("host KVM (binary stats)", |f| &f.kvm)];
-    for (title, get) in sections {
-        let mut names: Vec<&String> =
-            rows.iter().flat_map(|(_, f)| get(f).iter().filter(|(_, v)| **v != 0).map(|(n, _)| n)).collect();
-        names.sort();
-        names.dedup();
-        if names.is_empty() {
-            continue;
-        }
-        let _ = writeln!(out, "\n{title}");
-        let _ = write!(out, "{:<28}", "");
-        for (label, _) in &rows {
-            let _ = write!(out, "{label:>12}");
-        }
-        let _ = writeln!(out);
-        for name in names {
-            let _ = write!(out, "{name:<28}");
-            for (_, f) in &rows {
-                let _ = write!(out, "{:>12}", get(f).get(name).copied().unwrap_or(0));
-            }
-            let _ = writeln!(out);
-        }
-    }
-    let end = &stats.guest.end;
-    let _ = writeln!(out, "\nrun ended: {} ({})", end.reason, end.detail);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,14 +287,5 @@ mod tests {
         assert!(v["total"]["phase"].is_null());
         let back: RunStats = serde_json::from_value(v).expect("round trip");
         assert_eq!(back, sample());
-    }
-
-    #[test]
-    fn table_shows_phases_total_and_moved_stats() {
-        let t = render_table(&sample());
-        assert!(t.contains("phase 0") && t.contains("phase 7") && t.contains("total"));
-        assert!(t.contains("pf_fixed"));
-        assert!(t.contains("installed"));
-        assert!(!t.contains("\nksm\n"), "an all-zero section is left out");
     }
 }

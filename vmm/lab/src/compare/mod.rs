@@ -5,29 +5,35 @@
 //! state carries over, and the `kernel` policy's /proc/self/ksm_stat is the
 //! run's own). Runs are interleaved, repeat by repeat (off, change-pte, ...,
 //! off, change-pte, ...), so that a drift of the machine spreads over every
-//! policy. The result is a table on standard output, DIR/compare.json
-//! ([`summary::CompareReport`]) and DIR/compare.svg ([`crate::chart`]).
+//! policy. The result is a table on standard output ([`table`]),
+//! DIR/compare.json ([`summary::CompareReport`], folded from the runs by
+//! [`fold`]) and DIR/compare.svg ([`crate::chart`]).
 //!
 //! A child never outlives `vmm compare`, and SIGINT or SIGTERM sent to it is
 //! passed on to the running child (see `child`).
 
 mod child;
+mod child_run;
+pub mod fold;
+mod levels;
 pub mod summary;
 pub mod table;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use vmm::dedup::HostKsmPaths;
+use vmm::view::ViewKind;
+use vmm::vm::DedupPolicy;
+
 use crate::chart::{ChartData, PolicySeries, Spread};
-use crate::dedup::HostKsmPaths;
-use crate::kvm_stats::KvmStats;
-use crate::stats::RunStats;
-use crate::view::ViewKind;
-use crate::vm::DedupPolicy;
-use summary::{build_report, CompareReport, FailedRun, RunRecord, Setup, Skipped};
+pub use child_run::{run_once, RunError};
+use fold::build_report;
+pub use levels::{kvm_level_stats, LevelsError};
+use summary::{CompareReport, FailedRun, RunRecord, Setup, Skipped};
+use vmm::error_chain;
 
 /// One comparison at a time per process: the signal forwarding is global.
 static ACTIVE: Mutex<()> = Mutex::new(());
@@ -36,16 +42,21 @@ static ACTIVE: Mutex<()> = Mutex::new(());
 #[derive(Debug, thiserror::Error)]
 pub enum CompareError {
     /// The output directory or a file in it could not be written.
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Write {
         /// The file or directory.
         path: String,
         /// The OS error.
+        #[source]
         source: std::io::Error,
     },
-    /// A child `vmm run` could not be started or its statistics read.
-    #[error("{0}")]
-    Run(String),
+    /// The host KVM's level statistics could not be read.
+    #[error(transparent)]
+    Levels(#[from] LevelsError),
+    /// The handlers that pass SIGINT and SIGTERM on to the child could not
+    /// be installed.
+    #[error("cannot install the signal handlers")]
+    Signals(#[source] std::io::Error),
     /// No policy could run.
     #[error("no policy could run: {0}")]
     Nothing(String),
@@ -60,6 +71,9 @@ pub enum CompareError {
         /// Runs planned.
         total: u32,
     },
+    /// compare.json could not be encoded.
+    #[error("cannot encode compare.json")]
+    Json(#[source] serde_json::Error),
     /// The charts could not be drawn.
     #[error(transparent)]
     Chart(#[from] crate::chart::ChartError),
@@ -119,65 +133,6 @@ fn host_setup(config: &CompareConfig) -> Setup {
     }
 }
 
-/// Runs one child `vmm run` of `config.image` under `policy` and reads its
-/// statistics: (exit status, statistics), or why there are none (exit status
-/// or signal, and the last line of the child's standard error).
-///
-/// The child ends when this process dies (PR_SET_PDEATHSIG), and gets the
-/// SIGINT or SIGTERM this process receives while [`compare`] runs.
-pub fn run_once(config: &CompareConfig, policy: DedupPolicy, stats_path: &Path) -> Result<(i32, RunStats), String> {
-    let k = &config.knobs;
-    let mut cmd = Command::new(&config.vmm);
-    cmd.arg("--kvm")
-        .arg(&config.kvm_device)
-        .arg("run")
-        .arg(&config.image)
-        .args(["--mem", &config.mem_bytes.to_string()])
-        .args(["--dedup", policy.name(), "--view", config.view.name()])
-        .args(["--timeout", &config.timeout_secs.to_string()])
-        .args(["--ksm-run", &k.run.to_string(), "--pages-to-scan", &k.pages_to_scan.to_string()])
-        .args(["--sleep-millisecs", &k.sleep_millisecs.to_string()])
-        .args(["--max-page-sharing", &k.max_page_sharing.to_string()])
-        .args(["--use-zero-pages", &u8::from(k.use_zero_pages).to_string()])
-        .args(["--smart-scan", &u8::from(k.smart_scan).to_string()])
-        .arg("--no-table")
-        .arg("--stats-json")
-        .arg(stats_path);
-    // A file an earlier comparison left there is not this run's statistics.
-    let _ = std::fs::remove_file(stats_path);
-    let ended = child::run(cmd).map_err(|e| format!("cannot start {}: {e}", config.vmm.display()))?;
-    let last = ended.last_line();
-    let said = if last.is_empty() { String::new() } else { format!(": {last}") };
-    // 0 and 1: the guest ran and ended; 3: it ended abnormally, with statistics.
-    let status = match ended.status.code() {
-        Some(s @ (0 | 1 | 3)) => s,
-        _ => return Err(format!("{}{said}", child::describe(ended.status))),
-    };
-    let text = std::fs::read_to_string(stats_path)
-        .map_err(|e| format!("exit status {status} but no statistics ({e}){said}"))?;
-    let stats: RunStats = serde_json::from_str(&text).map_err(|e| format!("unreadable statistics: {e}"))?;
-    Ok((status, stats))
-}
-
-/// The host KVM's scalar statistics that are levels (KVM_STATS_TYPE_INSTANT
-/// or _PEAK: a run reports their value, and only when they changed) rather
-/// than cumulative counters, under the names a run's `kvm` section uses
-/// (a vCPU statistic also as `vcpu.<name>`, the name a run gives it when a
-/// VM statistic has the same name). Read from a throwaway VM and vCPU.
-pub fn kvm_level_stats(kvm_device: &Path) -> Result<BTreeSet<String>, String> {
-    let what = |e: &dyn std::fmt::Display| format!("cannot read the host KVM's statistics descriptors: {e}");
-    let kvm = crate::vm::open_kvm(kvm_device).map_err(|e| e.to_string())?;
-    let vm = kvm.create_vm().map_err(|e| what(&format!("KVM_CREATE_VM: {e}")))?;
-    let vcpu = vm.create_vcpu(0).map_err(|e| what(&format!("KVM_CREATE_VCPU: {e}")))?;
-    let levels_of = |stats: KvmStats| -> Vec<String> { stats.level_names().map(str::to_string).collect() };
-    let mut levels: BTreeSet<String> = levels_of(KvmStats::open(&vm).map_err(|e| what(&e))?).into_iter().collect();
-    for name in levels_of(KvmStats::open(&vcpu).map_err(|e| what(&e))?) {
-        levels.insert(format!("vcpu.{name}"));
-        levels.insert(name);
-    }
-    Ok(levels)
-}
-
 /// Runs the comparison; `progress` gets one line per run.
 ///
 /// A run that fails after the first repeat of its policy (even without
@@ -186,7 +141,7 @@ pub fn kvm_level_stats(kvm_device: &Path) -> Result<BTreeSet<String>, String> {
 /// SIGTERM is passed on to the running child; once it has ended, the
 /// comparison stops and the signal is raised again.
 pub fn compare(config: &CompareConfig, progress: &mut dyn FnMut(&str)) -> Result<CompareReport, CompareError> {
-    let kvm_levels = kvm_level_stats(&config.kvm_device).map_err(CompareError::Run)?;
+    let kvm_levels = kvm_level_stats(&config.kvm_device)?;
     compare_with(config, &kvm_levels, progress)
 }
 
@@ -197,8 +152,7 @@ fn compare_with(
     progress: &mut dyn FnMut(&str),
 ) -> Result<CompareReport, CompareError> {
     let _one = ACTIVE.lock().unwrap_or_else(PoisonError::into_inner);
-    let forwarding = child::Forwarding::install()
-        .map_err(|e| CompareError::Run(format!("cannot install the signal handlers: {e}")))?;
+    let forwarding = child::Forwarding::install().map_err(CompareError::Signals)?;
     let result = run_all(config, kvm_levels, progress);
     if let Some(sig) = forwarding.finish() {
         child::raise(sig);
@@ -206,20 +160,49 @@ fn compare_with(
     result
 }
 
+/// Creates `dir` and its parents.
+fn create_dir(dir: &Path) -> Result<(), CompareError> {
+    std::fs::create_dir_all(dir).map_err(|source| CompareError::Write { path: dir.display().to_string(), source })
+}
+
+/// Runs every policy `config.repeat` times, repeat by repeat, and writes
+/// the document and the charts.
 fn run_all(
     config: &CompareConfig,
     kvm_levels: &BTreeSet<String>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<CompareReport, CompareError> {
-    let write_err = |path: &Path| {
-        let path = path.display().to_string();
-        move |source| CompareError::Write { path, source }
-    };
-    std::fs::create_dir_all(&config.out).map_err(write_err(&config.out))?;
+    create_dir(&config.out)?;
     let setup = host_setup(config);
+    let (policies, skipped) = runnable_policies(&config.policies, progress);
+    let mut tally = Tally::new(config, policies.len() as u32 * config.repeat, skipped);
+    create_dir(&tally.runs_dir)?;
+    for repeat in 0..config.repeat {
+        for &policy in &policies {
+            if tally.is_skipped(policy) {
+                continue;
+            }
+            tally.check_interrupted(progress)?;
+            tally.run(config, policy, repeat, progress);
+        }
+    }
+    tally.check_interrupted(progress)?;
+    let ran: Vec<String> = policies.iter().filter(|&&p| !tally.is_skipped(p)).map(|p| p.name().to_string()).collect();
+    if ran.is_empty() {
+        let why: Vec<String> = tally.skipped.iter().map(|s| format!("{}: {}", s.policy, s.reason)).collect();
+        return Err(CompareError::Nothing(why.join("; ")));
+    }
+    let report = build_report(setup, ran, tally.skipped, tally.runs, tally.failures, kvm_levels);
+    write_outputs(&config.out, &report)?;
+    Ok(report)
+}
+
+/// The policies to run, in order, and those skipped up front: `kernel`
+/// when the host's KSM is not available.
+fn runnable_policies(policies: &[DedupPolicy], progress: &mut dyn FnMut(&str)) -> (Vec<DedupPolicy>, Vec<Skipped>) {
     let mut skipped = Vec::new();
-    let mut policies = Vec::new();
-    for &p in &config.policies {
+    let mut runnable = Vec::new();
+    for &p in policies {
         if p == DedupPolicy::Kernel {
             if let Err(e) = HostKsmPaths::default().check_available() {
                 progress(&format!("kernel policy skipped: {e}"));
@@ -227,107 +210,121 @@ fn run_all(
                 continue;
             }
         }
-        policies.push(p);
+        runnable.push(p);
     }
-    let runs_dir = config.out.join("runs");
-    std::fs::create_dir_all(&runs_dir).map_err(write_err(&runs_dir))?;
-    let mut runs = Vec::new();
-    let mut failures = Vec::new();
-    let total = policies.len() as u32 * config.repeat;
-    let mut n = 0;
-    let interrupted = |done: u32, progress: &mut dyn FnMut(&str)| {
-        let signal = child::name_of(child::pending()?);
+    (runnable, skipped)
+}
+
+/// DIR/compare.json and DIR/compare.svg.
+fn write_outputs(out: &Path, report: &CompareReport) -> Result<(), CompareError> {
+    let json_path = out.join("compare.json");
+    let json = serde_json::to_vec_pretty(report).map_err(CompareError::Json)?;
+    std::fs::write(&json_path, json)
+        .map_err(|source| CompareError::Write { path: json_path.display().to_string(), source })?;
+    crate::chart::write_svg(&out.join("compare.svg"), &chart_data(report))?;
+    Ok(())
+}
+
+/// The runs of a comparison so far: what each gave, and which policies
+/// were skipped and why.
+struct Tally {
+    /// Where each run's statistics go.
+    runs_dir: PathBuf,
+    runs: Vec<RunRecord>,
+    failures: Vec<FailedRun>,
+    skipped: Vec<Skipped>,
+    /// Runs made, and runs planned.
+    done: u32,
+    total: u32,
+}
+
+impl Tally {
+    fn new(config: &CompareConfig, total: u32, skipped: Vec<Skipped>) -> Self {
+        let runs_dir = config.out.join("runs");
+        Self { runs_dir, runs: Vec::new(), failures: Vec::new(), skipped, done: 0, total }
+    }
+
+    fn is_skipped(&self, policy: DedupPolicy) -> bool {
+        self.skipped.iter().any(|s| s.policy == policy.name())
+    }
+
+    /// An error once SIGINT or SIGTERM came (the running child got it too).
+    fn check_interrupted(&self, progress: &mut dyn FnMut(&str)) -> Result<(), CompareError> {
+        let Some(sig) = child::pending() else {
+            return Ok(());
+        };
+        let (signal, done, total) = (child::name_of(sig), self.done, self.total);
         progress(&format!(
             "interrupted by {signal} after {done} of {total} runs; their statistics are in {}",
-            runs_dir.display()
+            self.runs_dir.display()
         ));
-        Some(CompareError::Interrupted { signal, done, total })
-    };
-    for repeat in 0..config.repeat {
-        for &policy in &policies {
-            if skipped.iter().any(|s| s.policy == policy.name()) {
-                continue;
+        Err(CompareError::Interrupted { signal, done, total })
+    }
+
+    /// Makes one run and records what it gave.
+    fn run(&mut self, config: &CompareConfig, policy: DedupPolicy, repeat: u32, progress: &mut dyn FnMut(&str)) {
+        self.done += 1;
+        let path = self.runs_dir.join(format!("{}-{repeat}.json", policy.name()));
+        let start = Instant::now();
+        let (name, n, total) = (policy.name(), self.done, self.total);
+        let line = format!("run {n}/{total}: {name:<11} repeat {}/{}", repeat + 1, config.repeat);
+        match run_once(config, policy, &path) {
+            Ok((status, stats)) => {
+                let took = start.elapsed().as_secs_f64();
+                progress(&format!("{line}: {} in {took:.2} s", stats.guest.end.reason));
+                self.runs.push(RunRecord { policy: name.into(), repeat, status, stats });
             }
-            if let Some(e) = interrupted(n, progress) {
-                return Err(e);
+            Err(e) if repeat == 0 => {
+                // A policy that cannot run at all is skipped, the others go on.
+                let reason = error_chain(&e);
+                progress(&format!("{name} skipped: {reason}"));
+                self.skipped.push(Skipped { policy: name.into(), reason });
             }
-            n += 1;
-            let path = runs_dir.join(format!("{}-{repeat}.json", policy.name()));
-            let start = Instant::now();
-            let line = format!("run {n}/{total}: {:<11} repeat {}/{}", policy.name(), repeat + 1, config.repeat);
-            match run_once(config, policy, &path) {
-                Ok((status, stats)) => {
-                    let took = start.elapsed().as_secs_f64();
-                    progress(&format!("{line}: {} in {took:.2} s", stats.guest.end.reason));
-                    runs.push(RunRecord { policy: policy.name().into(), repeat, status, stats });
-                }
-                Err(e) if repeat == 0 => {
-                    // A policy that cannot run at all is skipped, the others go on.
-                    progress(&format!("{} skipped: {e}", policy.name()));
-                    skipped.push(Skipped { policy: policy.name().into(), reason: e });
-                }
-                Err(detail) => {
-                    // It ran before: a failure of this run, listed and not counted.
-                    progress(&format!("{line}: failed: {detail}"));
-                    failures.push(FailedRun { policy: policy.name().into(), repeat, detail });
-                }
+            Err(e) => {
+                // It ran before: a failure of this run, listed and not counted.
+                let detail = error_chain(&e);
+                progress(&format!("{line}: failed: {detail}"));
+                self.failures.push(FailedRun { policy: name.into(), repeat, detail });
             }
         }
     }
-    if let Some(e) = interrupted(n, progress) {
-        return Err(e);
-    }
-    let ran: Vec<String> =
-        policies.iter().map(|p| p.name().to_string()).filter(|p| !skipped.iter().any(|s| &s.policy == p)).collect();
-    if ran.is_empty() {
-        let why = skipped.iter().map(|s| format!("{}: {}", s.policy, s.reason)).collect::<Vec<_>>().join("; ");
-        return Err(CompareError::Nothing(why));
-    }
-    let report = build_report(setup, ran, skipped, runs, failures, kvm_levels);
-    let json_path = config.out.join("compare.json");
-    let json = serde_json::to_vec_pretty(&report).map_err(|e| CompareError::Run(e.to_string()))?;
-    std::fs::write(&json_path, json).map_err(write_err(&json_path))?;
-    crate::chart::write_svg(&config.out.join("compare.svg"), &chart_data(&report))?;
-    Ok(report)
 }
 
 /// The charts' figures: exits and wall time per phase per policy.
 pub fn chart_data(report: &CompareReport) -> ChartData {
-    let spread = |p: &summary::PhaseSummary, name: &str, policy: &str, scale: f64| {
+    let s = &report.setup;
+    ChartData {
+        title: format!(
+            "{}, {} RAM, {} view, median of {} run(s) per policy; exits as the host KVM counts them",
+            s.image,
+            vmm::size::format_size(s.mem_bytes),
+            s.view,
+            s.repeat
+        ),
+        phases: report.phases.iter().map(|p| p.phase.unwrap_or(0)).collect(),
+        series: report.policies.iter().map(|policy| policy_series(report, policy)).collect(),
+    }
+}
+
+/// One policy's bars: exits and wall time (ms) per phase.
+fn policy_series(report: &CompareReport, policy: &str) -> PolicySeries {
+    let spread = |p: &summary::PhaseSummary, name: &str, scale: f64| {
         p.figures.get(name).and_then(|by| by.get(policy)).map_or(Spread::default(), |s| Spread {
             median: s.median / scale,
             min: s.min as f64 / scale,
             max: s.max as f64 / scale,
         })
     };
-    let s = &report.setup;
-    ChartData {
-        title: format!(
-            "{}, {} RAM, {} view, median of {} run(s) per policy; exits as the host KVM counts them",
-            s.image,
-            crate::size::format_size(s.mem_bytes),
-            s.view,
-            s.repeat
-        ),
-        phases: report.phases.iter().map(|p| p.phase.unwrap_or(0)).collect(),
-        series: report
-            .policies
-            .iter()
-            .map(|policy| PolicySeries {
-                policy: policy.clone(),
-                exits: report
-                    .phases
-                    .iter()
-                    .map(|p| {
-                        // The host KVM counts every exit, also those it serves
-                        // itself (all of the kernel policy's faults).
-                        let name = if p.figures.contains_key("kvm.exits") { "kvm.exits" } else { "exits.total" };
-                        spread(p, name, policy, 1.0)
-                    })
-                    .collect(),
-                wall_ms: report.phases.iter().map(|p| spread(p, "wall_ns", policy, 1e6)).collect(),
-            })
-            .collect(),
+    // The host KVM counts every exit, also those it serves itself (all of
+    // the kernel policy's faults).
+    let exits = |p: &summary::PhaseSummary| {
+        let name = if p.figures.contains_key("kvm.exits") { "kvm.exits" } else { "exits.total" };
+        spread(p, name, 1.0)
+    };
+    PolicySeries {
+        policy: policy.to_string(),
+        exits: report.phases.iter().map(exits).collect(),
+        wall_ms: report.phases.iter().map(|p| spread(p, "wall_ns", 1e6)).collect(),
     }
 }
 
@@ -370,7 +367,7 @@ cp "{d}/stats.json" "$out"
         let dir = std::env::temp_dir().join(format!("vmm-compare-unit-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("out/runs")).expect("mkdir");
-        let canned = summary::tests::run("off", 0, 1, vec![7]).stats;
+        let canned = fold::tests::run("off", 0, 1, vec![7]).stats;
         let canned = serde_json::to_string(&canned).expect("json");
         std::fs::write(dir.join("stats.json"), &canned).expect("write");
         // What an earlier comparison left: not the statistics of this one's run.

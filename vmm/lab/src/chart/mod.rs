@@ -43,11 +43,15 @@
 //! title and, for each chart, its frame with its title and the note
 //! "no data".
 
+mod axis;
+
 use std::path::Path;
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
+
+use axis::{tick_label, y_range, y_ticks};
 
 /// A median and its spread over the repeats of one figure.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -85,15 +89,19 @@ pub struct ChartData {
 /// Errors while drawing.
 #[derive(Debug, thiserror::Error)]
 pub enum ChartError {
-    /// plotters failed.
-    #[error("cannot draw {path}: {reason}")]
+    /// plotters failed, or the file could not be written.
+    #[error("cannot draw {path}")]
     Draw {
         /// The SVG file.
         path: String,
         /// What plotters reported.
-        reason: String,
+        #[source]
+        source: DrawingAreaErrorKind<std::io::Error>,
     },
 }
+
+/// What drawing on a `DB` gives: plotters' error for that backend.
+type Drawn<T, DB> = Result<T, DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
 
 /// Writes the comparison's charts into one SVG file: exits per phase per
 /// policy (grouped bars, median with a min-max whisker), and wall time per
@@ -109,18 +117,15 @@ pub enum ChartError {
 /// [`ChartError::Draw`] when plotters cannot draw or the file cannot be
 /// written.
 pub fn write_svg(path: &Path, data: &ChartData) -> Result<(), ChartError> {
-    let fail = |reason: String| ChartError::Draw { path: path.display().to_string(), reason };
+    let fail = |source| ChartError::Draw { path: path.display().to_string(), source };
     let root = SVGBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
     draw_all(&root, data).map_err(fail)?;
-    root.present().map_err(|e| fail(e.to_string()))
+    root.present().map_err(fail)
 }
 
 /// Size of the SVG picture, in pixels.
 const WIDTH: u32 = 1000;
 const HEIGHT: u32 = 900;
-
-/// Most decades a y axis spans (see the module documentation).
-const MAX_DECADES: i32 = 12;
 
 /// Fraction of a phase's slot the group of bars takes.
 const GROUP_WIDTH: f64 = 0.8;
@@ -157,10 +162,10 @@ fn colour(index: usize) -> RGBColor {
 /// Which figures of a series a chart shows.
 type Pick = fn(&PolicySeries) -> &[Spread];
 
-/// Draws everything on `root`; errors are plotters' messages.
-fn draw_all<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, data: &ChartData) -> Result<(), String> {
-    root.fill(&WHITE).map_err(|e| e.to_string())?;
-    let body = root.titled(&data.title, (FONT, 28)).map_err(|e| e.to_string())?;
+/// Draws everything on `root`.
+fn draw_all<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, data: &ChartData) -> Drawn<(), DB> {
+    root.fill(&WHITE)?;
+    let body = root.titled(&data.title, (FONT, 28))?;
     let body = draw_legend(&body, &data.series)?;
     let halves = body.split_evenly((2, 1));
     let panels: [(&str, &str, Pick); 2] = [
@@ -179,7 +184,7 @@ fn draw_all<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, data: &ChartData)
 fn draw_legend<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     series: &[PolicySeries],
-) -> Result<DrawingArea<DB, Shift>, String> {
+) -> Drawn<DrawingArea<DB, Shift>, DB> {
     if series.is_empty() {
         return Ok(area.clone());
     }
@@ -194,7 +199,7 @@ fn draw_legend<DB: DrawingBackend>(
     let mut placed = Vec::with_capacity(series.len());
     let (mut x, mut row) = (0, 0);
     for (i, s) in series.iter().enumerate() {
-        let text_w = area.estimate_text_size(&s.policy, &style).map_err(|e| e.to_string())?.0;
+        let text_w = area.estimate_text_size(&s.policy, &style)?.0;
         let entry_w = SWATCH + 6 + i32::try_from(text_w).unwrap_or(i32::MAX / 2);
         if x > 0 && x + entry_w > width {
             x = 0;
@@ -212,7 +217,7 @@ fn draw_legend<DB: DrawingBackend>(
         let Some(last) = in_row.last() else { continue };
         let last_w = {
             let name = &series[last.0].policy;
-            let w = strip.estimate_text_size(name, &style).map_err(|e| e.to_string())?.0;
+            let w = strip.estimate_text_size(name, &style)?.0;
             SWATCH + 6 + i32::try_from(w).unwrap_or(0)
         };
         let row_w = last.1 + last_w;
@@ -220,10 +225,8 @@ fn draw_legend<DB: DrawingBackend>(
         for &&(i, x, _) in &in_row {
             let y = r * ROW + ROW / 2;
             let x = left + x;
-            strip
-                .draw(&Rectangle::new([(x, y - SWATCH / 2), (x + SWATCH, y + SWATCH / 2)], colour(i).filled()))
-                .map_err(|e| e.to_string())?;
-            strip.draw_text(&series[i].policy, &style, (x + SWATCH + 6, y)).map_err(|e| e.to_string())?;
+            strip.draw(&Rectangle::new([(x, y - SWATCH / 2), (x + SWATCH, y + SWATCH / 2)], colour(i).filled()))?;
+            strip.draw_text(&series[i].policy, &style, (x + SWATCH + 6, y))?;
         }
     }
     Ok(rest)
@@ -242,72 +245,6 @@ fn clean(spread: Option<&Spread>) -> Option<Spread> {
     Some(Spread { median, min, max })
 }
 
-/// The y range `(floor, top)` of a log axis for these bars (see the module
-/// documentation).
-fn y_range(bars: &[Vec<Option<Spread>>]) -> (f64, f64) {
-    let values = bars.iter().flatten().flatten().flat_map(|s| [s.min, s.median, s.max]);
-    let (mut smallest, mut largest) = (f64::INFINITY, 0.0_f64);
-    for v in values.filter(|v| *v > 0.0) {
-        smallest = smallest.min(v);
-        largest = largest.max(v);
-    }
-    if largest <= 0.0 {
-        return (0.5, 10.0);
-    }
-    // Capped so the axis stays finite; anything above is clipped to the top.
-    let top_exp = (decade_of(largest * 1.25) + 1).min(300);
-    let floor_exp = decade_of(smallest).clamp(top_exp - MAX_DECADES, top_exp - 1);
-    (0.5 * pow10(floor_exp), pow10(top_exp))
-}
-
-/// The exponent of the power of ten at or below `v` (> 0), within
-/// -400..=400 (infinity gives 400).
-fn decade_of(v: f64) -> i32 {
-    let e = v.log10().floor().clamp(-400.0, 400.0) as i32;
-    // Guard against log10 rounding just under an exact power of ten.
-    if e < 400 && pow10(e + 1) <= v {
-        e + 1
-    } else {
-        e
-    }
-}
-
-fn pow10(exp: i32) -> f64 {
-    // Parsing "1e<exp>" gives the closest f64, unlike powi's repeated products.
-    format!("1e{exp}").parse().unwrap_or(f64::NAN)
-}
-
-/// Tick values of a log axis from `floor` to `top`: powers of ten, and 2 and
-/// 5 times them when at most three powers of ten fall on the axis.
-fn y_ticks(floor: f64, top: f64) -> Vec<f64> {
-    let (lo, hi) = (decade_of(floor), decade_of(top));
-    let dense = hi - lo <= 3;
-    let mut ticks = Vec::new();
-    for e in lo..=hi {
-        let p = pow10(e);
-        let mults: &[f64] = if dense { &[1.0, 2.0, 5.0] } else { &[1.0] };
-        ticks.extend(mults.iter().map(|m| m * p).filter(|t| *t > floor * 1.0001 && *t <= top * 1.0001));
-    }
-    ticks
-}
-
-/// A tick label: plain digits, or k / M / G for thousands and above;
-/// `5e-6`-style below 0.001 and from 10^12 on.
-fn tick_label(v: f64) -> String {
-    if v > 0.0 && !(1e-3..1e12).contains(&v) {
-        let e = decade_of(v);
-        return format!("{}e{e}", (v / pow10(e)).round());
-    }
-    let (scaled, suffix) = match v {
-        v if v >= 1e9 => (v / 1e9, "G"),
-        v if v >= 1e6 => (v / 1e6, "M"),
-        v if v >= 1e3 => (v / 1e3, "k"),
-        v => (v, ""),
-    };
-    let decimals = if scaled >= 1.0 || scaled <= 0.0 { 0 } else { (-decade_of(scaled)).clamp(0, 12) as usize };
-    format!("{scaled:.decimals$}{suffix}")
-}
-
 /// Draws one chart: grouped bars with whiskers, or the frame and
 /// "no data" when there is nothing to show.
 fn draw_panel<DB: DrawingBackend>(
@@ -316,8 +253,7 @@ fn draw_panel<DB: DrawingBackend>(
     y_desc: &str,
     phases: &[u32],
     series: &[&[Spread]],
-) -> Result<(), String> {
-    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+) -> Drawn<(), DB> {
     if phases.is_empty() || series.is_empty() {
         return draw_no_data(area, title);
     }
@@ -337,8 +273,7 @@ fn draw_panel<DB: DrawingBackend>(
         .build_cartesian_2d(
             (x_at(-0.5)..x_at(n as f64 - 0.5)).with_key_points(x_ticks),
             (floor..top).log_scale().with_key_points(y_ticks(floor, top)),
-        )
-        .map_err(err)?;
+        )?;
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -352,63 +287,78 @@ fn draw_panel<DB: DrawingBackend>(
         .y_label_formatter(&|y| tick_label(*y))
         .label_style((FONT, 16))
         .axis_desc_style((FONT, 16))
-        .draw()
-        .map_err(err)?;
+        .draw()?;
 
     let slot = GROUP_WIDTH / series.len() as f64;
+    let plot = chart.plotting_area();
+    for (j, per_phase) in bars.iter().enumerate() {
+        for (i, bar) in per_phase.iter().enumerate() {
+            let place = BarPlace { left: i as f64 - GROUP_WIDTH / 2.0 + j as f64 * slot, slot, floor, top };
+            draw_bar(plot, &place, bar.as_ref(), colour(j))?;
+        }
+    }
+    Ok(())
+}
+
+/// Where a bar goes: its left edge and width (in phases) and the y axis's range.
+struct BarPlace {
+    left: f64,
+    slot: f64,
+    floor: f64,
+    top: f64,
+}
+
+/// Draws one bar: the median as a filled bar, a whisker from min to max, a
+/// "0" for a median of 0 and "n/a" for a missing one.
+///
+/// `plot` is a chart's plotting area: x in [`SLOT`] units, y the figure.
+fn draw_bar<DB, CT>(plot: &DrawingArea<DB, CT>, at: &BarPlace, bar: Option<&Spread>, colour: RGBColor) -> Drawn<(), DB>
+where
+    DB: DrawingBackend,
+    CT: CoordTranslate<From = (i64, f64)>,
+{
+    let (floor, slot) = (at.floor, at.slot);
     let gap = slot * 0.08;
     let cap = x_at(slot * 0.18);
-    let clip = |v: f64| v.clamp(floor, top);
+    let centre = x_at(at.left + slot / 2.0);
+    let clip = |v: f64| v.clamp(floor, at.top);
     let mark = TextStyle::from((FONT, 15).into_font()).color(&BLACK).pos(Pos::new(HPos::Center, VPos::Bottom));
-    // A "0" beside a whisker rather than under it.
-    let side_mark = mark.pos(Pos::new(HPos::Left, VPos::Bottom));
-    for (j, per_phase) in bars.iter().enumerate() {
-        let fill = colour(j).filled();
-        for (i, bar) in per_phase.iter().enumerate() {
-            let left = i as f64 - GROUP_WIDTH / 2.0 + j as f64 * slot;
-            let centre = x_at(left + slot / 2.0);
-            let Some(s) = bar else {
-                chart.plotting_area().draw(&Text::new("n/a", (centre, floor), mark.clone())).map_err(err)?;
-                continue;
-            };
-            if s.median > 0.0 {
-                chart
-                    .plotting_area()
-                    .draw(&Rectangle::new([(x_at(left + gap), floor), (x_at(left + slot - gap), clip(s.median))], fill))
-                    .map_err(err)?;
-            }
-            let (lo, hi) = (clip(s.min), clip(s.max));
-            if s.median <= 0.0 {
-                let zero = if hi > lo {
-                    Text::new("0", (centre + cap, floor), side_mark.clone())
-                } else {
-                    Text::new("0", (centre, floor), mark.clone())
-                };
-                chart.plotting_area().draw(&zero).map_err(err)?;
-            }
-            if hi > lo {
-                let whisker = BLACK.stroke_width(1);
-                let area = chart.plotting_area();
-                area.draw(&PathElement::new(vec![(centre, lo), (centre, hi)], whisker)).map_err(err)?;
-                for y in [lo, hi] {
-                    area.draw(&PathElement::new(vec![(centre - cap, y), (centre + cap, y)], whisker)).map_err(err)?;
-                }
-            }
+    let Some(s) = bar else {
+        return plot.draw(&Text::new("n/a", (centre, floor), mark));
+    };
+    if s.median > 0.0 {
+        let corners = [(x_at(at.left + gap), floor), (x_at(at.left + slot - gap), clip(s.median))];
+        plot.draw(&Rectangle::new(corners, colour.filled()))?;
+    }
+    let (lo, hi) = (clip(s.min), clip(s.max));
+    if s.median <= 0.0 {
+        // A "0" beside a whisker rather than under it.
+        let zero = if hi > lo {
+            Text::new("0", (centre + cap, floor), mark.pos(Pos::new(HPos::Left, VPos::Bottom)))
+        } else {
+            Text::new("0", (centre, floor), mark)
+        };
+        plot.draw(&zero)?;
+    }
+    if hi > lo {
+        let whisker = BLACK.stroke_width(1);
+        plot.draw(&PathElement::new(vec![(centre, lo), (centre, hi)], whisker))?;
+        for y in [lo, hi] {
+            plot.draw(&PathElement::new(vec![(centre - cap, y), (centre + cap, y)], whisker))?;
         }
     }
     Ok(())
 }
 
 /// A chart without data: its title, an empty frame and "no data".
-fn draw_no_data<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, title: &str) -> Result<(), String> {
-    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+fn draw_no_data<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, title: &str) -> Drawn<(), DB> {
     let inner = area.margin(10, 10, 10, 10);
-    let inner = inner.titled(title, (FONT, 22)).map_err(err)?;
+    let inner = inner.titled(title, (FONT, 22))?;
     let (w, h) = inner.dim_in_pixel();
     let (w, h) = (i32::try_from(w).unwrap_or(i32::MAX), i32::try_from(h).unwrap_or(i32::MAX));
-    inner.draw(&Rectangle::new([(0, 0), (w - 1, h - 1)], BLACK.stroke_width(1))).map_err(err)?;
+    inner.draw(&Rectangle::new([(0, 0), (w - 1, h - 1)], BLACK.stroke_width(1)))?;
     let style = TextStyle::from((FONT, 20).into_font()).color(&BLACK).pos(Pos::new(HPos::Center, VPos::Center));
-    inner.draw_text("no data", &style, (w / 2, h / 2)).map_err(err)
+    inner.draw_text("no data", &style, (w / 2, h / 2))
 }
 
 #[cfg(test)]
@@ -558,23 +508,5 @@ mod tests {
         let err = write_svg(&path, &three_by_three()).expect_err("no directory");
         assert!(matches!(err, ChartError::Draw { .. }));
         assert!(err.to_string().contains("c.svg"));
-    }
-
-    #[test]
-    fn log_axis_range_and_ticks() {
-        let bars = vec![vec![Some(spread(1.0, 1.0, 1.0)), Some(spread(100_000.0, 0.0, 100_000.0))]];
-        assert_eq!(y_range(&bars), (0.5, 1e6));
-        assert_eq!(y_ticks(0.5, 1e6), vec![1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6]);
-        assert_eq!(y_range(&[vec![None, Some(Spread::default())]]), (0.5, 10.0));
-        assert_eq!(y_ticks(0.5, 10.0), vec![1.0, 2.0, 5.0, 10.0]);
-        let (floor, top) = y_range(&[vec![Some(spread(1e-30, 1e-30, 1e-30)), Some(spread(10.0, 10.0, 10.0))]]);
-        assert_eq!(top, 100.0);
-        assert_eq!(floor, 0.5 * pow10(2 - MAX_DECADES));
-        assert_eq!(tick_label(0.01), "0.01");
-        assert_eq!(tick_label(0.5), "0.5");
-        assert_eq!(tick_label(20_000.0), "20k");
-        assert_eq!(tick_label(1e6), "1M");
-        assert_eq!(tick_label(2e-5), "2e-5");
-        assert_eq!(tick_label(1e15), "1e15");
     }
 }

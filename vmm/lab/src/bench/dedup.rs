@@ -24,14 +24,63 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::compare::summary::median;
-use crate::compare::{run_once, CompareConfig};
-use crate::dedup::HostKsmPaths;
-use crate::stats::RunStats;
-use crate::vm::DedupPolicy;
+use vmm::dedup::HostKsmPaths;
+use vmm::stats::RunStats;
+use vmm::vm::DedupPolicy;
+
+use crate::compare::fold::median;
+use crate::compare::{run_once, CompareConfig, RunError};
 
 /// The guest phase in which `unique` and `converge` make their pass.
 const PASS_PHASE: u32 = 2;
+
+/// Errors of the benchmark.
+#[derive(Debug, thiserror::Error)]
+pub enum DedupBenchError {
+    /// The directory for the runs' statistics could not be created.
+    #[error("cannot create {path}")]
+    CreateDir {
+        /// The directory.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A child run gave no statistics.
+    #[error(transparent)]
+    Run(#[from] RunError),
+    /// A guest did not succeed.
+    #[error("{image} under {policy}: {detail}")]
+    Guest {
+        /// The guest.
+        image: &'static str,
+        /// The policy.
+        policy: &'static str,
+        /// How the run ended.
+        detail: String,
+    },
+    /// A run has no phase in which the pass was made.
+    #[error("{image}: no phase {PASS_PHASE} (the pass)")]
+    NoPass {
+        /// The image the run names.
+        image: String,
+    },
+    /// The pass scanned nothing, or merged nothing where everything merges.
+    #[error(
+        "{image} under {policy}: the deduplicator reported {scanned} pages scanned and {merged} merged: no \
+         per-page cost can be computed (does this kernel expose pages_scanned and /proc/self/ksm_stat?)"
+    )]
+    NothingCounted {
+        /// The guest.
+        image: &'static str,
+        /// The policy.
+        policy: &'static str,
+        /// Pages scanned in the pass.
+        scanned: u64,
+        /// Pages merged in the pass.
+        merged: u64,
+    },
+}
 
 /// One pass, as measured.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
@@ -46,12 +95,12 @@ pub struct Pass {
     pub pages_merged: u64,
 }
 
-fn pass_of(stats: &RunStats) -> Result<Pass, String> {
+fn pass_of(stats: &RunStats) -> Result<Pass, DedupBenchError> {
     let phase = stats
         .phases
         .iter()
         .find(|p| p.phase == PASS_PHASE)
-        .ok_or_else(|| format!("{}: no phase {PASS_PHASE} (the pass)", stats.config.image))?;
+        .ok_or_else(|| DedupBenchError::NoPass { image: stats.config.image.clone() })?;
     let k = &phase.figures.ksm;
     let get = |n: &str| k.get(n).copied().unwrap_or(0);
     // The built-in deduplicator counts merges; the kernel reports the pages
@@ -152,8 +201,12 @@ fn result(unique: Vec<Pass>, converge: Vec<Pass>) -> PolicyResult {
 }
 
 /// Runs the benchmark; `progress` gets one line per run.
-pub fn bench_dedup(config: &DedupBenchConfig, progress: &mut dyn FnMut(&str)) -> Result<DedupBenchReport, String> {
-    std::fs::create_dir_all(&config.out).map_err(|e| format!("cannot create {}: {e}", config.out.display()))?;
+pub fn bench_dedup(
+    config: &DedupBenchConfig,
+    progress: &mut dyn FnMut(&str),
+) -> Result<DedupBenchReport, DedupBenchError> {
+    std::fs::create_dir_all(&config.out)
+        .map_err(|source| DedupBenchError::CreateDir { path: config.out.display().to_string(), source })?;
     let mut policies = config.policies.clone();
     let kernel_skipped = match HostKsmPaths::default().check_available() {
         Ok(()) => {
@@ -169,42 +222,66 @@ pub fn bench_dedup(config: &DedupBenchConfig, progress: &mut dyn FnMut(&str)) ->
     for repeat in 0..config.repeat {
         for image in ["unique", "converge"] {
             for &policy in &policies {
-                let run = CompareConfig {
-                    image: image.into(),
-                    mem_bytes: config.mem_bytes,
-                    policies: vec![policy],
-                    ..config.base.clone()
-                };
-                let path = config.out.join(format!("{image}-{}-{repeat}.json", policy.name()));
-                let (status, stats) = run_once(&run, policy, &path)?;
-                if status != 0 {
-                    return Err(format!("{image} under {}: {}", policy.name(), stats.guest.end.detail));
-                }
-                let pass = pass_of(&stats)?;
-                // A per-page cost over nothing would be a made-up figure.
-                if pass.pages_scanned == 0 || (image == "converge" && pass.pages_merged == 0) {
-                    return Err(format!(
-                        "{image} under {}: the deduplicator reported {} pages scanned and {} merged: no per-page \
-                         cost can be computed (does this kernel expose pages_scanned and /proc/self/ksm_stat?)",
-                        policy.name(),
-                        pass.pages_scanned,
-                        pass.pages_merged
-                    ));
-                }
-                progress(&format!(
-                    "{image} {} repeat {}/{}: pass {:.3} s, CPU {:.3} s, {} pages scanned, {} merged",
-                    policy.name(),
-                    repeat + 1,
-                    config.repeat,
-                    pass.wall_ns as f64 / 1e9,
-                    pass.cpu_ns as f64 / 1e9,
-                    pass.pages_scanned,
-                    pass.pages_merged
-                ));
+                let pass = measure_pass(config, image, policy, repeat, progress)?;
                 passes.entry((policy.name(), image)).or_default().push(pass);
             }
         }
     }
+    Ok(DedupBenchReport {
+        bench: "dedup",
+        mem_bytes: config.mem_bytes,
+        view: config.base.view.name().to_string(),
+        repeat: config.repeat,
+        kernel_skipped,
+        policies: results(&policies, &passes),
+    })
+}
+
+/// Runs `image` under `policy` once and returns its pass.
+fn measure_pass(
+    config: &DedupBenchConfig,
+    image: &'static str,
+    policy: DedupPolicy,
+    repeat: u32,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Pass, DedupBenchError> {
+    let run = CompareConfig {
+        image: image.into(),
+        mem_bytes: config.mem_bytes,
+        policies: vec![policy],
+        ..config.base.clone()
+    };
+    let path = config.out.join(format!("{image}-{}-{repeat}.json", policy.name()));
+    let (status, stats) = run_once(&run, policy, &path)?;
+    if status != 0 {
+        return Err(DedupBenchError::Guest { image, policy: policy.name(), detail: stats.guest.end.detail });
+    }
+    let pass = pass_of(&stats)?;
+    // A per-page cost over nothing would be a made-up figure.
+    if pass.pages_scanned == 0 || (image == "converge" && pass.pages_merged == 0) {
+        return Err(DedupBenchError::NothingCounted {
+            image,
+            policy: policy.name(),
+            scanned: pass.pages_scanned,
+            merged: pass.pages_merged,
+        });
+    }
+    progress(&format!(
+        "{image} {} repeat {}/{}: pass {:.3} s, CPU {:.3} s, {} pages scanned, {} merged",
+        policy.name(),
+        repeat + 1,
+        config.repeat,
+        pass.wall_ns as f64 / 1e9,
+        pass.cpu_ns as f64 / 1e9,
+        pass.pages_scanned,
+        pass.pages_merged
+    ));
+    Ok(pass)
+}
+
+/// Each policy's figures from its passes, with its ratios to the kernel's
+/// when the kernel ran.
+fn results(policies: &[DedupPolicy], passes: &BTreeMap<(&str, &str), Vec<Pass>>) -> BTreeMap<String, PolicyResult> {
     let mut results: BTreeMap<String, PolicyResult> = policies
         .iter()
         .map(|p| {
@@ -213,8 +290,7 @@ pub fn bench_dedup(config: &DedupBenchConfig, progress: &mut dyn FnMut(&str)) ->
         })
         .collect();
     if let Some(kernel) = results.get("kernel").cloned() {
-        for (name, r) in results.iter_mut().filter(|(n, _)| n.as_str() != "kernel") {
-            let _ = name;
+        for (_, r) in results.iter_mut().filter(|(n, _)| n.as_str() != "kernel") {
             let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
             r.ratio_to_kernel = Some(BTreeMap::from([
                 ("scan_ns_per_page", ratio(r.scan_ns_per_page, kernel.scan_ns_per_page)),
@@ -224,14 +300,7 @@ pub fn bench_dedup(config: &DedupBenchConfig, progress: &mut dyn FnMut(&str)) ->
             ]));
         }
     }
-    Ok(DedupBenchReport {
-        bench: "dedup",
-        mem_bytes: config.mem_bytes,
-        view: config.base.view.name().to_string(),
-        repeat: config.repeat,
-        kernel_skipped,
-        policies: results,
-    })
+    results
 }
 
 #[cfg(test)]

@@ -1,153 +1,15 @@
-//! The comparison document: every run's statistics, and per phase each
-//! figure's median and spread over the repeats, per policy, with its
-//! difference from `off` (schema [`COMPARE_SCHEMA`] version
-//! [`COMPARE_VERSION`], documented in README.md).
+//! How the runs of a comparison fold into its document
+//! ([`CompareReport`]): flat figure names, per phase and per policy the
+//! median and spread over the repeats, the difference from `off`, and the
+//! runs that read something else, took other phases or did not succeed.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::{Deserialize, Serialize};
+use vmm::stats::{Figures, RunStats};
 
-use crate::stats::{Figures, RunStats};
-
-/// Name of the comparison schema.
-pub const COMPARE_SCHEMA: &str = "vmm-compare";
-/// Version of the comparison schema.
-pub const COMPARE_VERSION: u32 = 1;
-
-/// A figure over the repeats of one policy.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Summary {
-    /// Median (the mean of the middle two for an even count).
-    pub median: f64,
-    /// Smallest value.
-    pub min: u64,
-    /// Largest value.
-    pub max: u64,
-    /// Every value, in repeat order (of the runs that have one).
-    pub values: Vec<u64>,
-    /// Repeats (0-based) of counted runs that have no value: a host KVM
-    /// level statistic the run never reported up to the end of the stretch
-    /// (KVM reports a level only when it changed), so its value is unknown.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub absent: Vec<u32>,
-    /// `median` minus `off`'s median; None for `off` itself, without `off`,
-    /// or when either has `absent` repeats.
-    pub diff_from_off: Option<f64>,
-}
-
-/// One phase (or the whole run): figure name -> policy -> summary.
-///
-/// Figure names are `exits.<reason>`, `shadow_mmu.<name>`, `ksm.<name>`,
-/// `kvm.<name>` and `wall_ns`. A policy without a value in any counted run
-/// (a level it never reported) has no entry.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PhaseSummary {
-    /// The guest's phase number (a label: phases are matched by their
-    /// position in the run, and a number may repeat); None for the whole run.
-    pub phase: Option<u32>,
-    /// The figures.
-    pub figures: BTreeMap<String, BTreeMap<String, Summary>>,
-}
-
-/// A policy that did not run, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Skipped {
-    /// The policy.
-    pub policy: String,
-    /// Why (one line).
-    pub reason: String,
-}
-
-/// A child run that ended without statistics (after the first repeat of its
-/// policy: a first run that fails skips the policy).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FailedRun {
-    /// The policy.
-    pub policy: String,
-    /// The repeat (0-based).
-    pub repeat: u32,
-    /// How it ended: exit status or signal, and the last line of its standard error.
-    pub detail: String,
-}
-
-/// One run of the comparison.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RunRecord {
-    /// The policy.
-    pub policy: String,
-    /// The repeat (0-based); runs were made repeat by repeat, policies interleaved.
-    pub repeat: u32,
-    /// `vmm run`'s exit status.
-    pub status: i32,
-    /// Its statistics (schema 1).
-    pub stats: RunStats,
-}
-
-/// Where and how the comparison ran.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Setup {
-    /// Image name or path.
-    pub image: String,
-    /// Guest RAM in bytes.
-    pub mem_bytes: u64,
-    /// The view of the built-in policies (`kernel` always uses one memslot).
-    pub view: String,
-    /// Runs per policy.
-    pub repeat: u32,
-    /// The deduplicator knobs, by their sysfs names.
-    pub knobs: BTreeMap<String, u64>,
-    /// `uname -r` of the host.
-    pub kernel: String,
-    /// The host's name.
-    pub host: String,
-    /// Logical CPUs online.
-    pub cpus: usize,
-    /// When the comparison started (seconds since the Unix epoch, UTC).
-    pub started_unix: u64,
-}
-
-/// The document `vmm compare` writes to DIR/compare.json.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CompareReport {
-    /// [`COMPARE_SCHEMA`].
-    pub schema: String,
-    /// [`COMPARE_VERSION`].
-    pub version: u32,
-    /// How it ran.
-    pub setup: Setup,
-    /// The policies that ran, in the order given.
-    pub policies: Vec<String>,
-    /// Policies that could not run.
-    pub skipped: Vec<Skipped>,
-    /// Whether every run of every policy reported what the first run of
-    /// the reference policy (`off` if it ran) reported.
-    pub reports_identical: bool,
-    /// Runs whose reports differ from the reference, as "policy #repeat".
-    pub report_mismatches: Vec<String>,
-    /// Runs that did not end with the guest's exit code 0, or ended without
-    /// statistics, as "policy #repeat: detail".
-    pub failed_runs: Vec<String>,
-    /// The phase numbers of the reference run (the first counted run of the
-    /// reference policy), in the order it took them.
-    #[serde(default)]
-    pub phase_sequence: Vec<u32>,
-    /// Counted runs whose phase numbers differ from `phase_sequence`, as
-    /// "policy #repeat: 0 1 2"; when there are any, `phases` covers only the
-    /// leading phases that every counted run shares.
-    #[serde(default)]
-    pub phase_mismatches: Vec<String>,
-    /// The host KVM statistics that are levels (instant or peak values, not
-    /// cumulative counters), by their names in a run's `kvm` section.
-    #[serde(default)]
-    pub kvm_levels: Vec<String>,
-    /// Per phase, by position in the run: the reference run's phases, or
-    /// the leading ones every counted run shares (see `phase_mismatches`).
-    pub phases: Vec<PhaseSummary>,
-    /// The whole run.
-    pub total: PhaseSummary,
-    /// Every run, raw.
-    pub runs: Vec<RunRecord>,
-}
+use super::summary::{
+    CompareReport, FailedRun, PhaseSummary, RunRecord, Setup, Skipped, Summary, COMPARE_SCHEMA, COMPARE_VERSION,
+};
 
 /// Every figure of `f` under its flat name.
 pub fn flatten(f: &Figures) -> BTreeMap<String, u64> {
@@ -287,64 +149,15 @@ pub fn build_report(
     failures: Vec<FailedRun>,
     kvm_levels: &BTreeSet<String>,
 ) -> CompareReport {
-    let reference_policy = if policies.iter().any(|p| p == "off") { "off" } else { policies.first().map_or("", |p| p) };
-    // Reports are compared between runs the guest ended itself (through
-    // port 0xF4 or HLT, whatever its code): a run cut short by a timeout, a
-    // signal or a VMM error has reported only part of its list, and is in
-    // `failed_runs` already.
-    let guest_ended = |r: &&RunRecord| r.stats.guest.exit_code.is_some();
-    let reference = runs.iter().filter(guest_ended).find(|r| r.policy == reference_policy);
-    let reference = reference.or_else(|| runs.iter().find(guest_ended));
-    let report_mismatches: Vec<String> = match reference {
-        Some(reference) => runs
-            .iter()
-            .filter(guest_ended)
-            .filter(|r| r.stats.guest.reports != reference.stats.guest.reports)
-            .map(run_name)
-            .collect(),
-        None => Vec::new(),
-    };
-    let mut failed: Vec<(u32, usize, String)> = runs
-        .iter()
-        .filter(|r| r.stats.guest.exit_code != Some(0))
-        .map(|r| (r.repeat, &r.policy, r.stats.guest.end.detail.clone()))
-        .chain(failures.iter().map(|f| (f.repeat, &f.policy, f.detail.clone())))
-        .map(|(repeat, policy, detail)| {
-            let order = policies.iter().position(|p| p == policy).unwrap_or(usize::MAX);
-            (repeat, order, format!("{policy} #{repeat}: {detail}"))
-        })
-        .collect();
-    failed.sort();
-    let failed_runs = failed.into_iter().map(|(_, _, f)| f).collect();
-
+    let reference_policy = reference_policy(&policies);
+    let report_mismatches = report_mismatches(&runs, reference_policy);
+    let failed_runs = failed_runs(&policies, &runs, &failures);
     // A run that did not end well (timeout, interrupt, error) is listed in
     // `failed_runs`, not counted.
     let counted: Vec<FlatRun<'_>> =
         runs.iter().filter(|r| r.stats.guest.exit_code == Some(0)).map(|r| FlatRun::new(r, kvm_levels)).collect();
-    let phase_reference = counted.iter().find(|r| r.record.policy == reference_policy).or(counted.first());
-    let phase_sequence = phase_reference.map(|r| phase_numbers(&r.record.stats)).unwrap_or_default();
-    let mut phase_mismatches = Vec::new();
-    let mut shared = phase_sequence.len();
-    for r in &counted {
-        let numbers = phase_numbers(&r.record.stats);
-        if numbers != phase_sequence {
-            let common = numbers.iter().zip(&phase_sequence).take_while(|(a, b)| a == b).count();
-            shared = shared.min(common);
-            let shown: Vec<String> = numbers.iter().map(u32::to_string).collect();
-            phase_mismatches.push(format!("{}: {}", run_name(r.record), shown.join(" ")));
-        }
-    }
-    let phases = phase_sequence[..shared]
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| {
-            let stretch: Vec<_> = counted
-                .iter()
-                .filter_map(|r| r.phases.get(i).map(|m| (r.record.policy.as_str(), r.record.repeat, m)))
-                .collect();
-            summarise(&policies, &stretch, Some(n), kvm_levels)
-        })
-        .collect();
+    let sequences = PhaseSequences::of(&counted, reference_policy);
+    let phases = phase_summaries(&policies, &counted, &sequences.reference[..sequences.shared], kvm_levels);
     let stretch: Vec<_> = counted.iter().map(|r| (r.record.policy.as_str(), r.record.repeat, &r.total)).collect();
     let total = summarise(&policies, &stretch, None, kvm_levels);
     CompareReport {
@@ -356,8 +169,8 @@ pub fn build_report(
         reports_identical: report_mismatches.is_empty(),
         report_mismatches,
         failed_runs,
-        phase_sequence,
-        phase_mismatches,
+        phase_sequence: sequences.reference,
+        phase_mismatches: sequences.mismatches,
         kvm_levels: kvm_levels.iter().cloned().collect(),
         phases,
         total,
@@ -365,10 +178,105 @@ pub fn build_report(
     }
 }
 
+/// The policy every other is compared with: `off` when it ran, else the first.
+fn reference_policy(policies: &[String]) -> &str {
+    if policies.iter().any(|p| p == "off") {
+        "off"
+    } else {
+        policies.first().map_or("", |p| p)
+    }
+}
+
+/// The runs whose reports differ from the reference run's (the first run of
+/// the reference policy that the guest ended itself).
+fn report_mismatches(runs: &[RunRecord], reference_policy: &str) -> Vec<String> {
+    // Reports are compared between runs the guest ended itself (through
+    // port 0xF4 or HLT, whatever its code): a run cut short by a timeout, a
+    // signal or a VMM error has reported only part of its list, and is in
+    // `failed_runs` already.
+    let guest_ended = |r: &&RunRecord| r.stats.guest.exit_code.is_some();
+    let reference = runs.iter().filter(guest_ended).find(|r| r.policy == reference_policy);
+    let Some(reference) = reference.or_else(|| runs.iter().find(guest_ended)) else {
+        return Vec::new();
+    };
+    runs.iter()
+        .filter(guest_ended)
+        .filter(|r| r.stats.guest.reports != reference.stats.guest.reports)
+        .map(run_name)
+        .collect()
+}
+
+/// Runs whose guest did not exit with code 0, and runs that ended without
+/// statistics, as "policy #repeat: detail", in the order they were run.
+fn failed_runs(policies: &[String], runs: &[RunRecord], failures: &[FailedRun]) -> Vec<String> {
+    let mut failed: Vec<(u32, usize, String)> = runs
+        .iter()
+        .filter(|r| r.stats.guest.exit_code != Some(0))
+        .map(|r| (r.repeat, &r.policy, r.stats.guest.end.detail.clone()))
+        .chain(failures.iter().map(|f| (f.repeat, &f.policy, f.detail.clone())))
+        .map(|(repeat, policy, detail)| {
+            let order = policies.iter().position(|p| p == policy).unwrap_or(usize::MAX);
+            (repeat, order, format!("{policy} #{repeat}: {detail}"))
+        })
+        .collect();
+    failed.sort();
+    failed.into_iter().map(|(_, _, f)| f).collect()
+}
+
+/// The phase numbers of the counted runs against the reference run's.
+struct PhaseSequences {
+    /// The reference run's phase numbers (the first counted run of the
+    /// reference policy, else the first counted run).
+    reference: Vec<u32>,
+    /// The runs that took other phases, as "policy #repeat: 0 1 2".
+    mismatches: Vec<String>,
+    /// How many leading phases every counted run shares with the reference.
+    shared: usize,
+}
+
+impl PhaseSequences {
+    fn of(counted: &[FlatRun<'_>], reference_policy: &str) -> Self {
+        let reference = counted.iter().find(|r| r.record.policy == reference_policy).or(counted.first());
+        let reference = reference.map(|r| phase_numbers(&r.record.stats)).unwrap_or_default();
+        let mut mismatches = Vec::new();
+        let mut shared = reference.len();
+        for r in counted {
+            let numbers = phase_numbers(&r.record.stats);
+            if numbers != reference {
+                let common = numbers.iter().zip(&reference).take_while(|(a, b)| a == b).count();
+                shared = shared.min(common);
+                let shown: Vec<String> = numbers.iter().map(u32::to_string).collect();
+                mismatches.push(format!("{}: {}", run_name(r.record), shown.join(" ")));
+            }
+        }
+        Self { reference, mismatches, shared }
+    }
+}
+
+/// One summary per phase position, labelled with the numbers in `sequence`.
+fn phase_summaries(
+    policies: &[String],
+    counted: &[FlatRun<'_>],
+    sequence: &[u32],
+    kvm_levels: &BTreeSet<String>,
+) -> Vec<PhaseSummary> {
+    sequence
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let stretch: Vec<_> = counted
+                .iter()
+                .filter_map(|r| r.phases.get(i).map(|m| (r.record.policy.as_str(), r.record.repeat, m)))
+                .collect();
+            summarise(policies, &stretch, Some(n), kvm_levels)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::stats::{ConfigRecord, EndRecord, ExitKind, GuestRecord, PhaseStats, SCHEMA_VERSION};
+    use vmm::stats::{ConfigRecord, EndRecord, ExitKind, GuestRecord, PhaseStats, SCHEMA_VERSION};
 
     /// A successful run with these phases; the whole run is their sum (a
     /// test stand-in: levels are not summed by a real run).
@@ -590,28 +498,5 @@ pub(crate) mod tests {
         wrong.stats.guest.exit_code = Some(1);
         let runs = vec![run("off", 0, 0, vec![7, 8]), wrong];
         assert_eq!(report(&["off", "change-pte"], runs).report_mismatches, vec!["change-pte #1".to_string()]);
-    }
-
-    #[test]
-    fn the_document_round_trips_through_json() {
-        let runs = vec![run("off", 0, 0, vec![7]), run("legacy", 0, 5, vec![7])];
-        let r = report(&["off", "legacy"], runs);
-        let json = serde_json::to_string(&r).expect("json");
-        let back: CompareReport = serde_json::from_str(&json).expect("parse");
-        assert_eq!(back, r);
-        let v: serde_json::Value = serde_json::from_str(&json).expect("value");
-        assert_eq!(v["schema"], COMPARE_SCHEMA);
-        assert_eq!(v["version"], COMPARE_VERSION);
-    }
-
-    #[test]
-    fn a_version_1_document_without_the_new_keys_still_reads() {
-        let r = report(&["off"], vec![run("off", 0, 0, vec![7])]);
-        let mut v = serde_json::to_value(&r).expect("value");
-        for key in ["phase_sequence", "phase_mismatches", "kvm_levels"] {
-            v.as_object_mut().expect("object").remove(key);
-        }
-        let back: CompareReport = serde_json::from_value(v).expect("parse");
-        assert!(back.phase_mismatches.is_empty() && back.phases == r.phases);
     }
 }

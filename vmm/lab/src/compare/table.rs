@@ -7,7 +7,7 @@
 use std::fmt::Write;
 
 use super::summary::{CompareReport, PhaseSummary, Summary};
-use crate::stats::fmt_ns;
+use crate::run_table::fmt_ns;
 
 const NAME_WIDTH: usize = 30;
 
@@ -84,7 +84,7 @@ fn render_phase(out: &mut String, title: &str, p: &PhaseSummary, policies: &[Str
         }
         if prefix == "exits." {
             // The per-run table's order, total last.
-            let order = crate::stats::ExitCounts::default().columns().map(|(n, _)| n);
+            let order = vmm::stats::ExitCounts::default().columns().map(|(n, _)| n);
             figures.sort_by_key(|(name, _)| order.iter().position(|o| name.strip_prefix(prefix) == Some(o)));
         }
         rows.push((format!("  {section}"), Vec::new()));
@@ -129,7 +129,7 @@ pub fn render(report: &CompareReport) -> String {
         out,
         "vmm compare: {} with {} of RAM, {} view, {} repeat(s) per policy, interleaved",
         s.image,
-        crate::size::format_size(s.mem_bytes),
+        vmm::size::format_size(s.mem_bytes),
         s.view,
         s.repeat
     );
@@ -202,8 +202,8 @@ pub fn render(report: &CompareReport) -> String {
 mod tests {
     use std::collections::BTreeSet;
 
-    use super::super::summary::build_report;
-    use super::super::summary::tests::{phase, report, run, run_with, setup};
+    use super::super::fold::build_report;
+    use super::super::fold::tests::{phase, report, run, run_with, setup};
     use super::*;
 
     #[test]

@@ -1,0 +1,92 @@
+//! `vmm compare`: one guest under several policies, side by side.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use vmm::image::GuestImage;
+use vmm::view::ViewKind;
+use vmm::vm::DedupPolicy;
+
+use super::args::{check_repeat, guest_mem, parse_timeout, this_vmm, KsmArgs};
+use super::CliError;
+use crate::compare::{compare, table, CompareConfig};
+
+pub(super) const AFTER_HELP: &str = "\
+Each run is a child `vmm run --stats-json`; runs go repeat by repeat, every policy in turn.
+Cells are the median over the repeats, ± half the min-max range, and (in parentheses) the
+difference from `off`. The `kernel` policy (the host's own KSM) needs root; without it, it is
+skipped with the reason and the other policies still run. Exit status: 0 when every run
+succeeded and every guest read the same as under the first policy (off if given), 1 otherwise,
+2 for bad input.
+
+Examples:
+  vmm compare pagefill --mem 16M --repeat 3 --out results/pagefill
+  vmm compare converge --mem 257M --policies range-flush,change-pte,kernel --view uffd --repeat 1";
+
+#[derive(Debug, clap::Args)]
+pub(super) struct CompareArgs {
+    /// Built-in image name or path to an ELF64 x86-64 executable.
+    image: String,
+    /// The policies, comma-separated, in the order of the table's columns.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "off,change-pte,range-flush,legacy,kernel")]
+    policies: Vec<DedupPolicy>,
+    /// Runs per policy.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    repeat: u32,
+    /// Where compare.json, compare.svg and each run's statistics (runs/) go.
+    #[arg(long, default_value = "compare-out", value_name = "DIR")]
+    out: PathBuf,
+    /// Guest RAM: bytes, or a number with a K, M or G suffix.
+    #[arg(long, default_value = "16M", value_name = "SIZE")]
+    mem: String,
+    /// The view of the built-in policies (`kernel` uses one plain memslot).
+    #[arg(long, value_enum, default_value = "memslot")]
+    view: ViewKind,
+    /// End a run (with its statistics, counted as failed) after SECS seconds.
+    #[arg(long, default_value = "600", value_name = "SECS")]
+    timeout: String,
+    #[command(flatten)]
+    ksm: KsmArgs,
+}
+
+/// Runs the comparison and prints its table: status 0 when every run
+/// succeeded and every guest read the same, 1 otherwise.
+pub(super) fn compare_command(kvm_device: PathBuf, args: CompareArgs) -> Result<ExitCode, CliError> {
+    let config = config(kvm_device, args)?;
+    let report = compare(&config, &mut |line| eprintln!("vmm compare: {line}"))?;
+    print!("{}", table::render(&report));
+    println!("wrote {} and {}", config.out.join("compare.json").display(), config.out.join("compare.svg").display());
+    if report.reports_identical && report.failed_runs.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Ok(ExitCode::from(1))
+    }
+}
+
+/// The arguments, checked before anything runs.
+fn config(kvm_device: PathBuf, args: CompareArgs) -> Result<CompareConfig, CliError> {
+    let mem_bytes = guest_mem(&args.mem)?;
+    let knobs = args.ksm.knobs()?;
+    let timeout = parse_timeout(&args.timeout)?;
+    check_repeat(args.repeat)?;
+    let mut policies = Vec::new();
+    for p in args.policies {
+        if policies.contains(&p) {
+            return Err(CliError::DuplicatePolicy(p.name()));
+        }
+        policies.push(p);
+    }
+    GuestImage::resolve(&args.image, mem_bytes)?.validate(mem_bytes)?;
+    Ok(CompareConfig {
+        image: args.image,
+        mem_bytes,
+        policies,
+        repeat: args.repeat,
+        out: args.out,
+        view: args.view,
+        timeout_secs: timeout.as_secs_f64(),
+        knobs,
+        kvm_device,
+        vmm: this_vmm()?,
+    })
+}

@@ -1,0 +1,111 @@
+//! `vmm run`: one guest, its console, the exit table and the statistics.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use vmm::image::GuestImage;
+use vmm::run::{exit_status, run};
+use vmm::stats::RunStats;
+use vmm::view::ViewKind;
+use vmm::vm::{DedupPolicy, RunConfig};
+
+use super::args::{guest_mem, parse_timeout, KsmArgs};
+use super::{report, CliError, STATUS_BAD_INPUT};
+use crate::run_table::render_table;
+
+pub(super) const AFTER_HELP: &str = "\
+IMAGE is the name of a built-in guest (see `vmm images`) or a path to an ELF file
+(a name containing '/' is always a path). The guest's console goes to standard output,
+followed by the table; --stats-json writes the statistics document (schema 1, README.md).";
+
+#[derive(Debug, clap::Args)]
+pub(super) struct RunArgs {
+    /// Built-in image name or path to an ELF64 x86-64 executable.
+    image: String,
+    /// Guest RAM: bytes, or a number with a K, M or G suffix (at least 2M, a multiple of 4K).
+    #[arg(long, default_value = "64M", value_name = "SIZE")]
+    mem: String,
+    /// Write the run's statistics as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    stats_json: Option<PathBuf>,
+    /// End the run (with its statistics, exit status 3) after SECS seconds.
+    #[arg(long, value_name = "SECS", allow_hyphen_values = true)]
+    timeout: Option<String>,
+    /// Deduplication policy.
+    #[arg(long, value_enum, default_value = "off")]
+    dedup: DedupPolicy,
+    /// How the secondary MMU's table is made real for KVM.
+    #[arg(long, value_enum, default_value = "memslot")]
+    view: ViewKind,
+    /// Do not print the exit table (the console and --stats-json are unaffected).
+    #[arg(long)]
+    no_table: bool,
+    /// Listen on this Unix socket for `vmm ctl` (switch ksmd's run state while the guest runs).
+    #[arg(long, value_name = "SOCKET")]
+    control: Option<PathBuf>,
+    #[command(flatten)]
+    ksm: KsmArgs,
+}
+
+/// Runs the guest; the status is the guest's (see `vmm --help`), or 2 when
+/// the statistics could not be written.
+pub(super) fn run_command(kvm_device: PathBuf, args: RunArgs) -> Result<ExitCode, CliError> {
+    let mem_bytes = guest_mem(&args.mem)?;
+    let config = RunConfig {
+        mem_bytes,
+        ksm: args.ksm.knobs()?,
+        timeout: args.timeout.as_deref().map(parse_timeout).transpose()?,
+        image: GuestImage::resolve(&args.image, mem_bytes)?,
+        dedup: args.dedup,
+        view: args.view,
+        console: Box::new(std::io::stdout()),
+        kvm_device,
+        mm_hook: None,
+        builtin_ksm: true,
+        memslot_limit: None,
+        control: args.control.clone(),
+    };
+    // Open the statistics file first: a path that cannot be written is bad
+    // input, refused before the guest runs. It is emptied only when the
+    // statistics are written, so a run that fails to start keeps what an
+    // earlier run left there.
+    let stats_file = args.stats_json.as_ref().map(|p| open_stats_file(p).map(|f| (f, p))).transpose()?;
+    vmm::signals::install(true).map_err(CliError::Signals)?;
+    let stats = run(config)?;
+    if !args.no_table {
+        println!("\n{}", render_table(&stats));
+    }
+    let status = exit_status(&stats);
+    if let Some((file, path)) = stats_file {
+        if let Err(e) = write_stats(file, path, &stats) {
+            report(&e);
+            return Ok(ExitCode::from(STATUS_BAD_INPUT.max(status)));
+        }
+    }
+    if status != 0 {
+        eprintln!("vmm: guest {}: {}", stats.config.image, stats.guest.end.detail);
+    }
+    Ok(ExitCode::from(status))
+}
+
+/// Opens (without emptying) the --stats-json file.
+fn open_stats_file(path: &Path) -> Result<File, CliError> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|source| CliError::StatsFile { path: path.display().to_string(), source })
+}
+
+/// Replaces the file's contents with the statistics document.
+fn write_stats(mut file: File, path: &Path, stats: &RunStats) -> Result<(), CliError> {
+    let written = serde_json::to_vec_pretty(stats).map_err(std::io::Error::other).and_then(|json| {
+        file.set_len(0)?;
+        file.write_all(&json)?;
+        file.write_all(b"\n")
+    });
+    written.map_err(|source| CliError::WriteStats { path: path.display().to_string(), source })
+}

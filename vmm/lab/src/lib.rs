@@ -1,0 +1,57 @@
+//! The laboratory around the VMM core: the experiments, comparisons, benches
+//! and charts that measure what page deduplication costs a running guest,
+//! and the `vmm` command that runs them.
+//!
+//! The VMM itself (KVM objects, boot state, EPT views, the vCPU and its run
+//! loop, the statistics a run counts) is the `vmm` crate; this crate uses
+//! only its public API, and the core depends on nothing here (neither on
+//! plotters nor on the command line).
+//!
+//! # Modules
+//!
+//! | module | job |
+//! | --- | --- |
+//! | [`cli`] | the `vmm` command: `run`, `images`, `compare`, `ctl`, `bench`; one module per subcommand; argument checks that give one-line errors |
+//! | [`run_table`] | the per-phase table `vmm run` prints at the end of a run |
+//! | [`compare`] | `vmm compare`: child `vmm run`s interleaved, the compare.json document and how runs fold into it, the side-by-side table |
+//! | [`chart`] | compare.svg with plotters: exits and wall time per phase per policy |
+//! | [`mod@bench`] | `vmm bench`: the exit floor, the secondary-MMU fault against its bare mechanism, the deduplicator against the host's KSM |
+//!
+//! # Example
+//!
+//! Run a built-in guest on the core and print the table `vmm run` prints:
+//!
+//! ```no_run
+//! use vmm::image::GuestImage;
+//! use vmm::view::ViewKind;
+//! use vmm::vm::{DedupPolicy, RunConfig};
+//!
+//! let config = RunConfig {
+//!     image: GuestImage::resolve("pagefill", 64 << 20).unwrap(),
+//!     mem_bytes: 16 << 20,
+//!     dedup: DedupPolicy::ChangePte,
+//!     view: ViewKind::Memslot,
+//!     timeout: None,
+//!     console: Box::new(std::io::sink()),
+//!     kvm_device: "/dev/kvm".into(),
+//!     mm_hook: None,
+//!     ksm: Default::default(),
+//!     builtin_ksm: true,
+//!     memslot_limit: None,
+//!     control: None,
+//! };
+//! let stats = vmm::run::run(config).unwrap();
+//! println!("{}", vmm_lab::run_table::render_table(&stats));
+//! ```
+//!
+//! Or the whole command line, as the `vmm` binary does:
+//!
+//! ```no_run
+//! let status = vmm_lab::cli::main_with_args(["vmm", "compare", "pagefill", "--repeat", "1"].map(Into::into));
+//! ```
+
+pub mod bench;
+pub mod chart;
+pub mod cli;
+pub mod compare;
+pub mod run_table;
