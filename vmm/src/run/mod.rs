@@ -1,7 +1,7 @@
 //! One run of a guest, from a [`RunConfig`] to its [`RunStats`]: build the
 //! VM, open the control socket, run the vCPU until the run ends
-//! ([`vcpu_loop`]), then settle the end of the run (stop the VMM's helper
-//! threads, take the last readings, give the host's KSM back: [`end`]).
+//! (`vcpu_loop`), then settle the end of the run (stop the VMM's helper
+//! threads, take the last readings, give the host's KSM back: `end`).
 
 mod end;
 mod vcpu_loop;
