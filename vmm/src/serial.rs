@@ -24,6 +24,8 @@ impl Trigger for NoInterruptLine {
 /// The guest's console.
 pub struct Console {
     uart: Serial<NoInterruptLine, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+    /// The first error writing the output (the rest of it is lost).
+    lost: Option<std::io::Error>,
 }
 
 impl std::fmt::Debug for Console {
@@ -35,7 +37,7 @@ impl std::fmt::Debug for Console {
 impl Console {
     /// A UART whose transmitted bytes go to `out`.
     pub fn new(out: Box<dyn Write + Send>) -> Self {
-        Self { uart: Serial::new(NoInterruptLine, out) }
+        Self { uart: Serial::new(NoInterruptLine, out), lost: None }
     }
 
     /// Whether `port` belongs to COM1.
@@ -43,11 +45,12 @@ impl Console {
         (COM1_BASE..COM1_BASE + COM1_PORTS).contains(&port)
     }
 
-    /// A guest `out` to a COM1 port.
+    /// A guest `out` to a COM1 port. A console that cannot be written
+    /// does not stop the guest; the first error is kept ([`Self::lost`]).
     pub fn write(&mut self, port: u16, value: u8) {
-        // The only error is the output's; a console that cannot be written
-        // must not stop the guest.
-        let _ = self.uart.write((port - COM1_BASE) as u8, value);
+        if let Err(vm_superio::serial::Error::IOError(e)) = self.uart.write((port - COM1_BASE) as u8, value) {
+            self.lost.get_or_insert(e);
+        }
     }
 
     /// A guest `in` from a COM1 port.
@@ -57,6 +60,14 @@ impl Console {
 
     /// Flushes what the guest printed.
     pub fn flush(&mut self) {
-        let _ = self.uart.writer_mut().flush();
+        if let Err(e) = self.uart.writer_mut().flush() {
+            self.lost.get_or_insert(e);
+        }
+    }
+
+    /// Why some of the guest's console output could not be written, if it
+    /// could not.
+    pub fn lost(&self) -> Option<&std::io::Error> {
+        self.lost.as_ref()
     }
 }

@@ -78,6 +78,9 @@ pub fn run(config: RunConfig) -> Result<RunStats, VmError> {
     };
     drop(server);
     devices.console.flush();
+    if let Some(e) = devices.console.lost() {
+        eprintln!("vmm: the guest's console output could not all be written: {e}");
+    }
     Ok(RunStats {
         schema: SCHEMA_VERSION,
         config: record,

@@ -90,7 +90,7 @@ fn bench_floor(kvm_device: PathBuf, args: &BenchArgs) -> Result<(), CliError> {
     let mem_bytes = 16 << 20;
     let image = GuestImage { name: flood.name.to_string(), bytes: flood.elf.to_vec() };
     let report = exit_floor(bench_config(kvm_device, image, mem_bytes), args.warmup, args.exits)?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
+    super::print_out(serde_json::to_string_pretty(&report)?)?;
     eprintln!(
         "vmm: exit floor: median {:.1} us through the VMM, {:.1} us bare KVM_RUN ({:.3}x), {} exits each ({} guest \
          RAM)",
@@ -119,7 +119,7 @@ fn bench_fault(kvm_device: PathBuf, args: &BenchArgs) -> Result<(), CliError> {
         )
     };
     let report = fault_cost(make)?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
+    super::print_out(serde_json::to_string_pretty(&report)?)?;
     eprintln!(
         "vmm: {} view: a secondary-MMU fault costs {:.1} us, the bare mechanism {:.1} us ({:.2}x)",
         report.view,
@@ -157,7 +157,7 @@ fn bench_dedup_command(kvm_device: PathBuf, args: &BenchArgs) -> Result<(), CliE
         },
     };
     let report = bench_dedup(&config, &mut |l| eprintln!("vmm bench dedup: {l}"))?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
+    super::print_out(serde_json::to_string_pretty(&report)?)?;
     print_dedup_summary(&report);
     if args.out.is_none() {
         let _ = std::fs::remove_dir_all(&out);

@@ -54,8 +54,12 @@ pub(super) struct CompareArgs {
 pub(super) fn compare_command(kvm_device: PathBuf, args: CompareArgs) -> Result<ExitCode, CliError> {
     let config = config(kvm_device, args)?;
     let report = compare(&config, &mut |line| eprintln!("vmm compare: {line}"))?;
-    print!("{}", table::render(&report));
-    println!("wrote {} and {}", config.out.join("compare.json").display(), config.out.join("compare.svg").display());
+    super::print_out(format_args!(
+        "{}wrote {} and {}",
+        table::render(&report),
+        config.out.join("compare.json").display(),
+        config.out.join("compare.svg").display()
+    ))?;
     if report.reports_identical && report.failed_runs.is_empty() {
         Ok(ExitCode::SUCCESS)
     } else {

@@ -33,9 +33,6 @@ pub(super) fn ctl_command(args: &CtlArgs) -> Result<ExitCode, CliError> {
             eprintln!("vmm ctl: {why}");
             Ok(ExitCode::from(1))
         }
-        None => {
-            println!("{reply}");
-            Ok(ExitCode::SUCCESS)
-        }
+        None => super::print_out(reply).map(|()| ExitCode::SUCCESS),
     }
 }

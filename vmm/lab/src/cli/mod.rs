@@ -9,6 +9,7 @@ mod bench;
 mod compare;
 mod ctl;
 mod run;
+mod stats_file;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -109,6 +110,12 @@ enum CliError {
         #[source]
         source: std::io::Error,
     },
+    /// The --stats-json path is a FIFO nobody reads.
+    #[error("--stats-json {0} is a FIFO with no reader: nothing would read the statistics")]
+    StatsNoReader(String),
+    /// Standard output cannot be written (a closed pipe, a full disk).
+    #[error("cannot write to standard output")]
+    Stdout(#[source] std::io::Error),
     /// The signal handlers of a run could not be installed.
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
@@ -144,6 +151,14 @@ enum CliError {
 /// Status for bad input and setup failures.
 const STATUS_BAD_INPUT: u8 = 2;
 
+/// Writes `text` and a newline to standard output: a closed pipe or a full
+/// disk is an error of the command (one line, non-zero status), not a panic.
+fn print_out(text: impl std::fmt::Display) -> Result<(), CliError> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}").and_then(|()| out.flush()).map_err(CliError::Stdout)
+}
+
 /// Prints `err` and its causes on one line of standard error.
 fn report(err: &CliError) {
     eprintln!("vmm: error: {}", vmm::error_chain(err));
@@ -165,10 +180,9 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Exi
     };
     let done = match cli.command {
         Command::Images => {
-            for image in guest_images::IMAGES {
-                println!("{:<24} {}", image.name, image.summary);
-            }
-            Ok(ExitCode::SUCCESS)
+            let list: Vec<String> =
+                guest_images::IMAGES.iter().map(|image| format!("{:<24} {}", image.name, image.summary)).collect();
+            print_out(list.join("\n")).map(|()| ExitCode::SUCCESS)
         }
         Command::Run(args) => run::run_command(cli.kvm, args),
         Command::Compare(args) => compare::compare_command(cli.kvm, args),

@@ -1,18 +1,16 @@
 //! `vmm run`: one guest, its console, the exit table and the statistics.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use vmm::image::GuestImage;
 use vmm::run::{exit_status, run};
-use vmm::stats::RunStats;
 use vmm::view::ViewKind;
 use vmm::vm::{DedupPolicy, RunConfig};
 
 use super::args::{guest_mem, parse_timeout, KsmArgs};
-use super::{report, CliError, STATUS_BAD_INPUT};
+use super::stats_file::StatsFile;
+use super::{print_out, report, CliError, STATUS_BAD_INPUT};
 use crate::run_table::render_table;
 
 pub(super) const AFTER_HELP: &str = "\
@@ -67,19 +65,30 @@ pub(super) fn run_command(kvm_device: PathBuf, args: RunArgs) -> Result<ExitCode
         memslot_limit: None,
         control: args.control.clone(),
     };
-    // Open the statistics file first: a path that cannot be written is bad
-    // input, refused before the guest runs. It is emptied only when the
-    // statistics are written, so a run that fails to start keeps what an
-    // earlier run left there.
-    let stats_file = args.stats_json.as_ref().map(|p| open_stats_file(p).map(|f| (f, p))).transpose()?;
+    // Opened first: a path that cannot be written is bad input, refused
+    // before the guest runs (see `stats_file`).
+    let stats_file = args.stats_json.as_deref().map(StatsFile::open).transpose()?;
     vmm::signals::install(true).map_err(CliError::Signals)?;
-    let stats = run(config)?;
-    if !args.no_table {
-        println!("\n{}", render_table(&stats));
-    }
+    let stats = match run(config) {
+        Ok(stats) => stats,
+        Err(e) => {
+            if let Some(file) = stats_file {
+                file.abandon();
+            }
+            return Err(e.into());
+        }
+    };
     let status = exit_status(&stats);
-    if let Some((file, path)) = stats_file {
-        if let Err(e) = write_stats(file, path, &stats) {
+    // The statistics first: a table that cannot be printed (a closed pipe)
+    // must not cost them.
+    if let Some(file) = stats_file {
+        if let Err(e) = file.write(&stats) {
+            report(&e);
+            return Ok(ExitCode::from(STATUS_BAD_INPUT.max(status)));
+        }
+    }
+    if !args.no_table {
+        if let Err(e) = print_out(format_args!("\n{}", render_table(&stats))) {
             report(&e);
             return Ok(ExitCode::from(STATUS_BAD_INPUT.max(status)));
         }
@@ -88,24 +97,4 @@ pub(super) fn run_command(kvm_device: PathBuf, args: RunArgs) -> Result<ExitCode
         eprintln!("vmm: guest {}: {}", stats.config.image, stats.guest.end.detail);
     }
     Ok(ExitCode::from(status))
-}
-
-/// Opens (without emptying) the --stats-json file.
-fn open_stats_file(path: &Path) -> Result<File, CliError> {
-    OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(|source| CliError::StatsFile { path: path.display().to_string(), source })
-}
-
-/// Replaces the file's contents with the statistics document.
-fn write_stats(mut file: File, path: &Path, stats: &RunStats) -> Result<(), CliError> {
-    let written = serde_json::to_vec_pretty(stats).map_err(std::io::Error::other).and_then(|json| {
-        file.set_len(0)?;
-        file.write_all(&json)?;
-        file.write_all(b"\n")
-    });
-    written.map_err(|source| CliError::WriteStats { path: path.display().to_string(), source })
 }
