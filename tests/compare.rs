@@ -46,10 +46,9 @@ fn figure(r: &CompareReport, phase: u32, name: &str, policy: &str) -> f64 {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn compare_runs_each_policy_side_by_side_and_writes_its_documents() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let kernel = require_host_ksm();
     let _host = HOST_KSM.lock().unwrap_or_else(|e| e.into_inner());
     let out = scratch("compare-pagefill");
@@ -127,8 +126,10 @@ fn compare_refuses_bad_input_in_one_line() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn the_kernel_policy_restores_every_knob_of_the_hosts_ksm() {
-    if !require_kvm() || !require_host_ksm() {
+    require_kvm();
+    if !require_host_ksm() {
         return;
     }
     let _host = HOST_KSM.lock().unwrap_or_else(|e| e.into_inner());
@@ -231,10 +232,9 @@ impl Background {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn vmm_ctl_switches_ksmd_while_the_guest_runs() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let bg = Background::start(
         "misbehave-spin",
         &["--mem", "8M", "--dedup", "range-flush", "--pages-to-scan", "1000", "--sleep-millisecs", "1"],
@@ -276,10 +276,9 @@ fn vmm_ctl_without_a_run_says_so_in_one_line() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn a_control_path_that_is_not_a_socket_is_refused_and_left_alone() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let path = scratch("precious.txt");
     std::fs::write(&path, "precious").expect("write");
     let out = vmm().args(["run", "hello", "--control"]).arg(&path).output().expect("spawn");
@@ -290,10 +289,9 @@ fn a_control_path_that_is_not_a_socket_is_refused_and_left_alone() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn bench_dedup_reports_scan_and_merge_costs_against_the_kernel_as_json() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let kernel = require_host_ksm();
     let _host = HOST_KSM.lock().unwrap_or_else(|e| e.into_inner());
     let out = vmm().args(["bench", "dedup", "--mem", "8M", "--repeat", "1"]).output().expect("spawn");
@@ -372,10 +370,9 @@ fn phase_reuse_guest() -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn compare_matches_phases_by_position_when_the_guest_reuses_a_number() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let image = scratch("phase-reuse.elf");
     std::fs::write(&image, phase_reuse_guest()).expect("write the guest");
     let image = image.to_str().expect("utf-8 path");
@@ -403,10 +400,9 @@ fn compare_matches_phases_by_position_when_the_guest_reuses_a_number() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn compare_never_reads_an_unreported_kvm_level_as_zero() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let report = compare_json(
         &["pagefill", "--mem", "8M", "--repeat", "1", "--policies", "off,range-flush"],
         &scratch("compare-lvl"),
@@ -495,10 +491,9 @@ fn interrupted_stats(out: &Path) -> vmm::stats::RunStats {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn a_killed_compare_takes_its_child_with_it() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let out = scratch("compare-killed");
     let (mut compare, child) = compare_with_a_running_child(&out);
     signal(compare.id(), libc::SIGKILL);
@@ -516,10 +511,9 @@ fn a_killed_compare_takes_its_child_with_it() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn sigint_and_sigterm_to_compare_reach_its_child_before_compare_ends() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     for (sig, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM")] {
         let out = scratch(&format!("compare-{name}"));
         let (compare, child) = compare_with_a_running_child(&out);
