@@ -74,7 +74,7 @@ fn the_models_hold_when_groups_outgrow_a_ksm_page() {
     // chain of 9 KSM pages of 7, and its last page finds no partner and
     // stays unmerged (private and writable: it never faults).
     let knobs = KsmKnobs { max_page_sharing: 7, ..KsmKnobs::default() };
-    assert_eq!(common::workloads::pass_merges(64, 7), (63, 9));
+    assert_eq!(common::phase_model::pass_merges(64, 7), (63, 9));
     for policy in [DedupPolicy::ChangePte, DedupPolicy::RangeFlush, DedupPolicy::Legacy] {
         let view = ViewKind::Uffd;
         exact("cowstorm", policy, view, knobs, |s| cowstorm_deviations(s, MEM_BYTES, policy, view, 7));

@@ -8,7 +8,13 @@ use std::process::{Command, Output};
 
 use vmm::stats::RunStats;
 
+pub mod control;
+pub mod guests;
+pub mod host_ksm;
 pub mod pagefill;
+pub mod phase_model;
+pub mod processes;
+pub mod workloads;
 
 /// Fails the test unless /dev/kvm can be opened read-write. Every test that
 /// calls it is `#[ignore]`d, so that `cargo test` lists it as not run where
@@ -113,5 +119,3 @@ pub fn run_with(
     };
     vmm::run::run(config).expect("the VM builds")
 }
-
-pub mod workloads;
