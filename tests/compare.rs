@@ -10,13 +10,13 @@ mod common;
 
 use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::control::Background;
 use common::guests::phase_reuse_guest;
 use common::host_ksm::{host_knobs, require_host_ksm, HOST_KSM};
 use common::processes::{alive, children_of, has_thread, signal};
-use common::{require_kvm, scratch, vmm};
+use common::{poll_until, require_kvm, scratch, vmm};
 use vmm::compare::summary::CompareReport;
 
 fn figure(r: &CompareReport, phase: u32, name: &str, policy: &str) -> f64 {
@@ -170,11 +170,8 @@ fn vmm_ctl_switches_ksmd_while_the_guest_runs() {
     assert_eq!(s["ksm"]["full_scans"], 0);
     assert_eq!(bg.ctl(&["run", "1"]), (0, "ok run=1".to_string(), String::new()));
     // ksmd scans now: its full scans show in the status within seconds.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while bg.status()["ksm"]["full_scans"].as_u64().unwrap_or(0) < 2 {
-        assert!(Instant::now() < deadline, "ksmd never scanned after `run 1`");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let scanned = || bg.status()["ksm"]["full_scans"].as_u64().unwrap_or(0) >= 2;
+    assert!(poll_until(Duration::from_secs(30), scanned), "ksmd never scanned after `run 1`");
     assert_eq!(bg.ctl(&["run", "0"]).0, 0);
     let stopped = bg.status()["ksm"]["full_scans"].as_u64();
     std::thread::sleep(Duration::from_millis(50));
@@ -325,18 +322,16 @@ fn compare_with_a_running_child(out: &Path) -> (std::process::Child, u32) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn vmm compare");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let child = loop {
-        if let Some(&child) = children_of(compare.id()).iter().find(|&&c| has_thread(c, "vmm-watchdog")) {
-            break child;
-        }
-        if Instant::now() > deadline {
-            // Its child ends with it (that is what the callers test).
-            let _ = compare.kill();
-            let _ = compare.wait();
-            panic!("the child vmm run never started its guest");
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    let mut child = None;
+    poll_until(Duration::from_secs(30), || {
+        child = children_of(compare.id()).into_iter().find(|&c| has_thread(c, "vmm-watchdog"));
+        child.is_some()
+    });
+    let Some(child) = child else {
+        // Its child ends with it (that is what the callers test).
+        let _ = compare.kill();
+        let _ = compare.wait();
+        panic!("the child vmm run never started its guest");
     };
     (compare, child)
 }
@@ -354,13 +349,9 @@ fn a_killed_compare_takes_its_child_with_it() {
     let (mut compare, child) = compare_with_a_running_child(&out);
     signal(compare.id(), libc::SIGKILL);
     compare.wait().expect("wait");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while alive(child) {
-        if Instant::now() > deadline {
-            signal(child, libc::SIGKILL);
-            panic!("the child vmm run outlived vmm compare");
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    if !poll_until(Duration::from_secs(20), || !alive(child)) {
+        signal(child, libc::SIGKILL);
+        panic!("the child vmm run outlived vmm compare");
     }
     // SIGTERM, not SIGKILL: the run ended cleanly, with its statistics.
     assert_eq!(interrupted_stats(&out).guest.end.reason, "interrupted");

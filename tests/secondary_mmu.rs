@@ -63,7 +63,10 @@ fn merge_groups_hook() -> MmHook {
     })
 }
 
+/// Runs pagefill under `policy` and `view` with the merging hook and checks
+/// its exits against the model.
 fn check_policy(policy: DedupPolicy, view: ViewKind) {
+    require_kvm();
     let s = run_in_process("pagefill", MEM, policy, view, Some(merge_groups_hook()));
     check_pagefill_exits(&s, policy, view);
 }
@@ -71,21 +74,18 @@ fn check_policy(policy: DedupPolicy, view: ViewKind) {
 #[test]
 #[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn memslot_view_change_pte_takes_no_read_exit_after_in_place_updates() {
-    require_kvm();
     check_policy(DedupPolicy::ChangePte, ViewKind::Memslot);
 }
 
 #[test]
 #[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn memslot_view_range_flush_takes_one_read_exit_per_zapped_page() {
-    require_kvm();
     check_policy(DedupPolicy::RangeFlush, ViewKind::Memslot);
 }
 
 #[test]
 #[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn memslot_view_legacy_takes_the_same_exits_and_misses_every_change_pte() {
-    require_kvm();
     check_policy(DedupPolicy::Legacy, ViewKind::Memslot);
 }
 
@@ -102,21 +102,18 @@ fn dedup_off_reports_the_same_checksums_with_no_faults() {
 #[test]
 #[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn uffd_view_change_pte_takes_no_read_fault_after_in_place_updates() {
-    require_kvm();
     check_policy(DedupPolicy::ChangePte, ViewKind::Uffd);
 }
 
 #[test]
 #[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn uffd_view_range_flush_takes_one_read_fault_per_zapped_page() {
-    require_kvm();
     check_policy(DedupPolicy::RangeFlush, ViewKind::Uffd);
 }
 
 #[test]
 #[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn uffd_view_legacy_takes_the_same_faults_and_misses_every_change_pte() {
-    require_kvm();
     check_policy(DedupPolicy::Legacy, ViewKind::Uffd);
 }
 

@@ -1,9 +1,9 @@
 //! A `vmm run --control` in the background for the tests of `vmm ctl`.
 
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::{scratch, vmm};
+use super::{poll_until, scratch, vmm};
 
 /// A `vmm run --control` in the background, ended by SIGINT.
 pub struct Background {
@@ -28,11 +28,7 @@ impl Background {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn vmm run");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "the control socket never appeared");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        assert!(poll_until(Duration::from_secs(30), || socket.exists()), "the control socket never appeared");
         Self { child, socket, stats }
     }
 

@@ -42,6 +42,18 @@ pub fn scratch(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// Polls `done` every 10 ms for up to `timeout`; whether it held in time.
+pub fn poll_until(timeout: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while !done() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    true
+}
+
 /// The result of one `vmm run`.
 pub struct Run {
     pub output: Output,
