@@ -8,10 +8,9 @@ use std::time::Duration;
 use common::{require_kvm, run, vmm};
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn hello_prints_its_line_and_takes_exactly_25_io_exits() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let r = run("hello", &[]);
     assert_eq!(r.status(), 0, "stderr: {}", r.stderr());
     assert!(r.stdout().starts_with(guest_images::HELLO_MESSAGE), "stdout: {}", r.stdout());
@@ -28,10 +27,9 @@ fn hello_prints_its_line_and_takes_exactly_25_io_exits() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn every_phase_reports_the_figures_guest_abi_promises_with_or_without_dedup() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     for dedup in ["off", "change-pte"] {
         let r = run("pagefill", &["--mem", "4M", "--dedup", dedup, "--no-table"]);
         assert_eq!(r.status(), 0, "stderr: {}", r.stderr());
@@ -48,10 +46,9 @@ fn every_phase_reports_the_figures_guest_abi_promises_with_or_without_dedup() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn pagefill_reports_the_model_checksums_and_its_fixed_exits_per_phase() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     for mem in ["8M", "64M"] {
         let r = run("pagefill", &["--mem", mem]);
         assert_eq!(r.status(), 0, "stderr: {}", r.stderr());
@@ -66,10 +63,9 @@ fn pagefill_reports_the_model_checksums_and_its_fixed_exits_per_phase() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn beyond_ram_accesses_are_mmio_exits_answered_with_all_ones() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let r = run("misbehave-beyond-ram", &["--mem", "16M"]);
     assert_eq!(r.status(), 0, "stderr: {}", r.stderr());
     assert_eq!(r.stats.guest.reports, vec![0xFFFF_FFFF; 3]);
@@ -78,10 +74,9 @@ fn beyond_ram_accesses_are_mmio_exits_answered_with_all_ones() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn a_nonzero_guest_exit_code_makes_the_vmm_fail() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let r = run("misbehave-exit-code", &[]);
     assert_eq!(r.status(), 1);
     assert_eq!(r.stats.guest.exit_code, Some(guest_images::MISBEHAVE_EXIT_CODE));
@@ -90,10 +85,9 @@ fn a_nonzero_guest_exit_code_makes_the_vmm_fail() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn hlt_ends_the_run_with_exit_code_zero() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let r = run("misbehave-hlt", &[]);
     assert_eq!(r.status(), 0, "stderr: {}", r.stderr());
     assert_eq!(r.stats.guest.end.reason, "hlt");
@@ -103,10 +97,9 @@ fn hlt_ends_the_run_with_exit_code_zero() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn a_triple_fault_ends_cleanly_with_statistics_and_the_rip() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let r = run("misbehave-triple-fault", &[]);
     assert_eq!(r.status(), 3);
     assert!(r.stdout().starts_with(guest_images::TRIPLE_FAULT_MESSAGE));
@@ -119,10 +112,9 @@ fn a_triple_fault_ends_cleanly_with_statistics_and_the_rip() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn a_port_flood_is_counted_exit_by_exit() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let r = run("misbehave-port-flood", &["--no-table"]);
     assert_eq!(r.status(), 0, "stderr: {}", r.stderr());
     assert_eq!(r.stats.total.exits.io, guest_images::PORT_FLOOD_WRITES + 1);
@@ -130,10 +122,9 @@ fn a_port_flood_is_counted_exit_by_exit() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn a_phase_marker_flood_ends_the_run_at_the_phase_limit_with_statistics() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let r = run("misbehave-phase-flood", &["--no-table", "--timeout", "120"]);
     assert_eq!(r.status(), 3, "stderr: {}", r.stderr());
     assert_eq!(r.stats.guest.end.reason, "guest_limit", "{}", r.stats.guest.end.detail);
@@ -144,10 +135,9 @@ fn a_phase_marker_flood_ends_the_run_at_the_phase_limit_with_statistics() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn a_spinning_guest_is_stopped_by_the_timeout_with_statistics() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let r = run("misbehave-spin", &["--timeout", "0.5"]);
     assert_eq!(r.status(), 3);
     assert!(r.stdout().starts_with(guest_images::SPIN_MESSAGE));
@@ -158,10 +148,9 @@ fn a_spinning_guest_is_stopped_by_the_timeout_with_statistics() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn sigint_ends_the_run_cleanly_with_statistics() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let json = common::scratch("sigint.json");
     let child = vmm()
         .args(["run", "misbehave-spin", "--stats-json"])
@@ -193,10 +182,9 @@ fn images_lists_every_built_in_guest_one_per_line() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn bench_prints_the_exit_floor_as_json() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let out = vmm().args(["bench", "--exits", "2000", "--warmup", "100"]).output().expect("spawn");
     assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");

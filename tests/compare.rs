@@ -10,35 +10,14 @@ mod common;
 
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{require_kvm, scratch, vmm};
-use vmm::dedup::HostKsmPaths;
+use common::control::Background;
+use common::guests::phase_reuse_guest;
+use common::host_ksm::{host_knobs, require_host_ksm, HOST_KSM};
+use common::processes::{alive, children_of, has_thread, signal};
+use common::{poll_until, require_kvm, scratch, vmm};
 use vmm_lab::compare::summary::CompareReport;
-
-/// Serialises the tests that take the host's KSM.
-static HOST_KSM: Mutex<()> = Mutex::new(());
-
-/// Whether the host's KSM can be used; fails under CI when it cannot.
-fn require_host_ksm() -> bool {
-    match HostKsmPaths::default().check_available() {
-        Ok(()) => true,
-        Err(e) if std::env::var_os("CI").is_some() => panic!("CI is set but the kernel policy cannot run: {e}"),
-        Err(e) => {
-            eprintln!("skipping: {e}");
-            false
-        }
-    }
-}
-
-const KNOBS: [&str; 6] =
-    ["run", "pages_to_scan", "sleep_millisecs", "max_page_sharing", "use_zero_pages", "smart_scan"];
-
-fn host_knobs() -> Vec<String> {
-    let paths = HostKsmPaths::default();
-    KNOBS.iter().map(|k| format!("{k}={}", paths.read(k).unwrap_or_default())).collect()
-}
 
 fn figure(r: &CompareReport, phase: u32, name: &str, policy: &str) -> f64 {
     let p = r.phases.iter().find(|p| p.phase == Some(phase)).unwrap_or_else(|| panic!("no phase {phase}"));
@@ -46,10 +25,9 @@ fn figure(r: &CompareReport, phase: u32, name: &str, policy: &str) -> f64 {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn compare_runs_each_policy_side_by_side_and_writes_its_documents() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let kernel = require_host_ksm();
     let _host = HOST_KSM.lock().unwrap_or_else(|e| e.into_inner());
     let out = scratch("compare-pagefill");
@@ -127,8 +105,10 @@ fn compare_refuses_bad_input_in_one_line() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn the_kernel_policy_restores_every_knob_of_the_hosts_ksm() {
-    if !require_kvm() || !require_host_ksm() {
+    require_kvm();
+    if !require_host_ksm() {
         return;
     }
     let _host = HOST_KSM.lock().unwrap_or_else(|e| e.into_inner());
@@ -177,64 +157,10 @@ fn the_kernel_policy_is_refused_without_root_and_names_the_fix() {
     assert!(stderr.contains("run as root"), "{stderr}");
 }
 
-/// A `vmm run --control` in the background, ended by SIGINT.
-struct Background {
-    child: std::process::Child,
-    socket: std::path::PathBuf,
-    stats: std::path::PathBuf,
-}
-
-impl Background {
-    fn start(image: &str, extra: &[&str]) -> Self {
-        let socket = scratch(&format!("{image}.sock"));
-        let stats = scratch(&format!("{image}-ctl.json"));
-        let child = vmm()
-            .args(["run", image, "--timeout", "120", "--no-table", "--control"])
-            .arg(&socket)
-            .arg("--stats-json")
-            .arg(&stats)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn vmm run");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "the control socket never appeared");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Self { child, socket, stats }
-    }
-
-    /// `vmm ctl SOCKET words...`: (status, stdout, stderr).
-    fn ctl(&self, words: &[&str]) -> (i32, String, String) {
-        let out = vmm().arg("ctl").arg(&self.socket).args(words).output().expect("spawn vmm ctl");
-        let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_string();
-        (out.status.code().expect("exited"), text(&out.stdout), text(&out.stderr))
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let (code, out, err) = self.ctl(&["status"]);
-        assert_eq!(code, 0, "{err}");
-        serde_json::from_str(&out).expect("status is JSON")
-    }
-
-    fn interrupt(mut self) -> vmm::stats::RunStats {
-        let pid = libc::pid_t::try_from(self.child.id()).expect("pid");
-        // SAFETY: kill with a pid of our own child and a standard signal.
-        unsafe { libc::kill(pid, libc::SIGINT) };
-        let status = self.child.wait().expect("wait");
-        assert_eq!(status.code(), Some(3), "an interrupted run ends with status 3");
-        assert!(!self.socket.exists(), "the socket is removed at the end of the run");
-        serde_json::from_str(&std::fs::read_to_string(&self.stats).expect("stats")).expect("stats parse")
-    }
-}
-
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn vmm_ctl_switches_ksmd_while_the_guest_runs() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let bg = Background::start(
         "misbehave-spin",
         &["--mem", "8M", "--dedup", "range-flush", "--pages-to-scan", "1000", "--sleep-millisecs", "1"],
@@ -244,11 +170,8 @@ fn vmm_ctl_switches_ksmd_while_the_guest_runs() {
     assert_eq!(s["ksm"]["full_scans"], 0);
     assert_eq!(bg.ctl(&["run", "1"]), (0, "ok run=1".to_string(), String::new()));
     // ksmd scans now: its full scans show in the status within seconds.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while bg.status()["ksm"]["full_scans"].as_u64().unwrap_or(0) < 2 {
-        assert!(Instant::now() < deadline, "ksmd never scanned after `run 1`");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let scanned = || bg.status()["ksm"]["full_scans"].as_u64().unwrap_or(0) >= 2;
+    assert!(poll_until(Duration::from_secs(30), scanned), "ksmd never scanned after `run 1`");
     assert_eq!(bg.ctl(&["run", "0"]).0, 0);
     let stopped = bg.status()["ksm"]["full_scans"].as_u64();
     std::thread::sleep(Duration::from_millis(50));
@@ -276,10 +199,9 @@ fn vmm_ctl_without_a_run_says_so_in_one_line() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn a_control_path_that_is_not_a_socket_is_refused_and_left_alone() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let path = scratch("precious.txt");
     std::fs::write(&path, "precious").expect("write");
     let out = vmm().args(["run", "hello", "--control"]).arg(&path).output().expect("spawn");
@@ -290,10 +212,9 @@ fn a_control_path_that_is_not_a_socket_is_refused_and_left_alone() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn bench_dedup_reports_scan_and_merge_costs_against_the_kernel_as_json() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let kernel = require_host_ksm();
     let _host = HOST_KSM.lock().unwrap_or_else(|e| e.into_inner());
     let out = vmm().args(["bench", "dedup", "--mem", "8M", "--repeat", "1"]).output().expect("spawn");
@@ -334,48 +255,10 @@ fn compare_json(args: &[&str], out: &Path) -> CompareReport {
     serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).expect("compare.json")).expect("parses")
 }
 
-/// A minimal ABI-v1 guest that takes phases 0, 1, 2 and 1 again, then exits
-/// 0; the second phase 1 also writes port 0x80, so its figures differ from
-/// the first one's.
-fn phase_reuse_guest() -> Vec<u8> {
-    const LOAD: u64 = 0x10_0000;
-    let mut code = vec![0xBA, 0x00, 0x05, 0x00, 0x00]; // mov edx, 0x500
-    for phase in [1u32, 2, 1] {
-        code.push(0xB8); // mov eax, phase
-        code.extend(phase.to_le_bytes());
-        code.push(0xEF); // out dx, eax
-    }
-    code.extend([0xBA, 0x80, 0x00, 0x00, 0x00]); // mov edx, 0x80
-    code.extend([0xEE, 0xEE, 0xEE]); // out dx, al (three times)
-    code.extend([0xBA, 0xF4, 0x00, 0x00, 0x00]); // mov edx, 0xf4
-    code.extend([0x31, 0xC0, 0xEF, 0xF4]); // xor eax, eax; out dx, eax; hlt
-    let mut elf = b"\x7fELF".to_vec();
-    elf.extend([2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // ELFCLASS64, little-endian, version 1
-    elf.extend(2u16.to_le_bytes()); // ET_EXEC
-    elf.extend(62u16.to_le_bytes()); // EM_X86_64
-    elf.extend(1u32.to_le_bytes());
-    for v in [LOAD, 64, 0] {
-        elf.extend(v.to_le_bytes()); // e_entry, e_phoff, e_shoff
-    }
-    elf.extend(0u32.to_le_bytes()); // e_flags
-    for v in [64u16, 56, 1, 64, 0, 0] {
-        elf.extend(v.to_le_bytes()); // e_ehsize, e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx
-    }
-    elf.extend(1u32.to_le_bytes()); // PT_LOAD
-    elf.extend(5u32.to_le_bytes()); // R+X
-    let len = code.len() as u64;
-    for v in [64 + 56, LOAD, LOAD, len, len, 0x1000] {
-        elf.extend(v.to_le_bytes()); // offset, vaddr, paddr, filesz, memsz, align
-    }
-    elf.extend(code);
-    elf
-}
-
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn compare_matches_phases_by_position_when_the_guest_reuses_a_number() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let image = scratch("phase-reuse.elf");
     std::fs::write(&image, phase_reuse_guest()).expect("write the guest");
     let image = image.to_str().expect("utf-8 path");
@@ -403,10 +286,9 @@ fn compare_matches_phases_by_position_when_the_guest_reuses_a_number() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn compare_never_reads_an_unreported_kvm_level_as_zero() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let report = compare_json(
         &["pagefill", "--mem", "8M", "--repeat", "1", "--policies", "off,range-flush"],
         &scratch("compare-lvl"),
@@ -429,33 +311,6 @@ fn compare_never_reads_an_unreported_kvm_level_as_zero() {
     assert!(carried > 0, "no phase left pages_4k unreported: the test shows nothing");
 }
 
-/// The pids whose parent is `parent`.
-fn children_of(parent: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-        // pid (comm) state ppid ...: comm may hold spaces and parentheses.
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        if after.split_whitespace().nth(1).and_then(|p| p.parse().ok()) == Some(parent) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
-/// Whether `pid` still runs (a zombie has ended).
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
-}
-
-/// Whether `pid` has a thread named `name`.
-fn has_thread(pid: u32, name: &str) -> bool {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
-    tasks.flatten().any(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
-}
-
 /// A `vmm compare` of the spinning guest, and its child `vmm run` once the
 /// guest runs (its signal handlers are in place by then).
 fn compare_with_a_running_child(out: &Path) -> (std::process::Child, u32) {
@@ -467,26 +322,18 @@ fn compare_with_a_running_child(out: &Path) -> (std::process::Child, u32) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn vmm compare");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let child = loop {
-        if let Some(&child) = children_of(compare.id()).iter().find(|&&c| has_thread(c, "vmm-watchdog")) {
-            break child;
-        }
-        if Instant::now() > deadline {
-            // Its child ends with it (that is what the callers test).
-            let _ = compare.kill();
-            let _ = compare.wait();
-            panic!("the child vmm run never started its guest");
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    let mut child = None;
+    poll_until(Duration::from_secs(30), || {
+        child = children_of(compare.id()).into_iter().find(|&c| has_thread(c, "vmm-watchdog"));
+        child.is_some()
+    });
+    let Some(child) = child else {
+        // Its child ends with it (that is what the callers test).
+        let _ = compare.kill();
+        let _ = compare.wait();
+        panic!("the child vmm run never started its guest");
     };
     (compare, child)
-}
-
-fn signal(pid: u32, sig: libc::c_int) {
-    let pid = libc::pid_t::try_from(pid).expect("pid");
-    // SAFETY: kill with a pid of a process this test started and a standard signal.
-    unsafe { libc::kill(pid, sig) };
 }
 
 fn interrupted_stats(out: &Path) -> vmm::stats::RunStats {
@@ -495,31 +342,25 @@ fn interrupted_stats(out: &Path) -> vmm::stats::RunStats {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn a_killed_compare_takes_its_child_with_it() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let out = scratch("compare-killed");
     let (mut compare, child) = compare_with_a_running_child(&out);
     signal(compare.id(), libc::SIGKILL);
     compare.wait().expect("wait");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while alive(child) {
-        if Instant::now() > deadline {
-            signal(child, libc::SIGKILL);
-            panic!("the child vmm run outlived vmm compare");
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    if !poll_until(Duration::from_secs(20), || !alive(child)) {
+        signal(child, libc::SIGKILL);
+        panic!("the child vmm run outlived vmm compare");
     }
     // SIGTERM, not SIGKILL: the run ended cleanly, with its statistics.
     assert_eq!(interrupted_stats(&out).guest.end.reason, "interrupted");
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn sigint_and_sigterm_to_compare_reach_its_child_before_compare_ends() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     for (sig, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM")] {
         let out = scratch(&format!("compare-{name}"));
         let (compare, child) = compare_with_a_running_child(&out);

@@ -24,10 +24,9 @@ fn ksm(s: &RunStats, phase: u32, name: &str) -> u64 {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn pagefill_takes_the_exits_the_model_predicts_from_the_merged_pages() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let mem = 8 << 20;
     let n = guest_images::pagefill_pages(mem);
     let k = guest_images::PAGEFILL_GROUPS;
@@ -57,10 +56,9 @@ const GUESTS: [&str; 6] =
     ["hello", "pagefill", "stress", "misbehave-beyond-ram", "misbehave-exit-code", "misbehave-hlt"];
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn every_guest_reports_the_same_checksums_under_every_policy_as_with_dedup_off() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     // ksmd at Linux's defaults (100 pages every 20 ms) while stress writes.
     let knobs = KsmKnobs::default();
     for image in GUESTS {
@@ -90,10 +88,9 @@ fn every_guest_reports_the_same_checksums_under_every_policy_as_with_dedup_off()
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn stress_under_an_aggressive_ksmd_keeps_every_guest_write() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     // ksmd scanning all of a small guest (256 pages) every 5 ms: merges race
     // with the guest's writes all the time.
     let knobs = KsmKnobs { pages_to_scan: 256, sleep_millisecs: 5, ..KsmKnobs::default() };
@@ -121,10 +118,9 @@ fn stress_under_an_aggressive_ksmd_keeps_every_guest_write() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn the_memslot_view_ends_the_run_cleanly_at_its_slot_limit() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     vmm::signals::install(false).expect("kick handler");
     // Merged pages map scattered frames: far more runs than 64 slots.
     let config = vmm::vm::RunConfig {

@@ -9,6 +9,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::host_ksm::{host_knobs, require_host_ksm, HOST_KSM};
 use common::{require_kvm, scratch, vmm};
 
 /// Runs `cmd` with its standard output a pipe whose reader has gone: the
@@ -65,10 +66,9 @@ fn images_into_a_closed_pipe_is_one_line_and_a_status_not_a_panic() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn a_run_into_a_closed_pipe_still_writes_its_statistics() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let json = scratch("closed-pipe.json");
     let mut cmd = vmm();
     cmd.args(["run", "hello", "--stats-json"]).arg(&json);
@@ -119,10 +119,9 @@ fn a_fifo_nobody_reads_is_refused_as_stats_json() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn statistics_reach_a_pipe_with_a_reader_and_dev_null() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let out = within(Duration::from_secs(60), &["run", "hello", "--no-table", "--stats-json", "/dev/null"]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let fifo = scratch("stats-read.fifo");
@@ -180,36 +179,16 @@ fn an_elf_version_other_than_current_is_refused() {
     refused_in_one_line(&out, "ELF version 2");
 }
 
-/// The host KSM's knobs a run may change, as sysfs shows them now.
-fn host_ksm_knobs() -> Vec<(String, String)> {
-    ["run", "pages_to_scan", "sleep_millisecs", "max_page_sharing", "use_zero_pages", "smart_scan", "advisor_mode"]
-        .iter()
-        .filter_map(|k| std::fs::read_to_string(format!("/sys/kernel/mm/ksm/{k}")).ok().map(|v| (k.to_string(), v)))
-        .collect()
-}
-
-/// The host's KSM is one: the tests that take it run one at a time.
-static HOST_KSM: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// Whether this test process may drive the host's KSM (the kernel policy
-/// needs root); outside CI the tests that need it say so and return.
-fn kernel_policy_available() -> bool {
-    let writable = std::fs::OpenOptions::new().write(true).open("/sys/kernel/mm/ksm/run").is_ok();
-    if !writable {
-        assert!(std::env::var_os("CI").is_none(), "CI runs as root with the host's KSM");
-        eprintln!("skipping: the kernel policy needs root and /sys/kernel/mm/ksm");
-    }
-    writable
-}
-
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn every_ending_signal_ends_a_kernel_run_cleanly_with_the_host_ksm_given_back() {
-    if !require_kvm() || !kernel_policy_available() {
+    require_kvm();
+    if !require_host_ksm() {
         return;
     }
     let _host_ksm = HOST_KSM.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     for (sig, name) in [(libc::SIGHUP, "SIGHUP"), (libc::SIGQUIT, "SIGQUIT"), (libc::SIGTERM, "SIGTERM")] {
-        let before = host_ksm_knobs();
+        let before = host_knobs();
         let json = scratch(&format!("signal-{name}.json"));
         let mut child = vmm()
             .args(["run", "misbehave-spin", "--mem", "8M", "--dedup", "kernel", "--ksm-run", "1", "--stats-json"])
@@ -227,13 +206,15 @@ fn every_ending_signal_ends_a_kernel_run_cleanly_with_the_host_ksm_given_back() 
             serde_json::from_str(&std::fs::read_to_string(&json).expect("stats")).expect("schema 1");
         assert_eq!(stats.guest.end.reason, "interrupted", "{name}");
         assert!(stats.guest.end.detail.contains(name), "{name}: {}", stats.guest.end.detail);
-        assert_eq!(host_ksm_knobs(), before, "{name} left the host's KSM changed");
+        assert_eq!(host_knobs(), before, "{name} left the host's KSM changed");
     }
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn a_kernel_pass_over_a_few_pages_reaches_its_fixpoint() {
-    if !require_kvm() || !kernel_policy_available() {
+    require_kvm();
+    if !require_host_ksm() {
         return;
     }
     let _host_ksm = HOST_KSM.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -243,12 +224,14 @@ fn a_kernel_pass_over_a_few_pages_reaches_its_fixpoint() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn a_signal_during_a_kernel_pass_ends_the_run_as_interrupted() {
-    if !require_kvm() || !kernel_policy_available() {
+    require_kvm();
+    if !require_host_ksm() {
         return;
     }
     let _host_ksm = HOST_KSM.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let before = host_ksm_knobs();
+    let before = host_knobs();
     let json = scratch("signal-in-pass.json");
     // converge fills 256 MiB with ksmd stopped (run 0), then asks for a
     // pass, which runs ksmd (run 1) for a few hundred milliseconds.
@@ -272,5 +255,5 @@ fn a_signal_during_a_kernel_pass_ends_the_run_as_interrupted() {
         serde_json::from_str(&std::fs::read_to_string(&json).expect("stats")).expect("schema 1");
     assert_eq!(status.code(), Some(3));
     assert_eq!(stats.guest.end.reason, "interrupted", "{}", stats.guest.end.detail);
-    assert_eq!(host_ksm_knobs(), before, "the host's KSM was not given back");
+    assert_eq!(host_knobs(), before, "the host's KSM was not given back");
 }

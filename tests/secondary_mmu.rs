@@ -63,37 +63,36 @@ fn merge_groups_hook() -> MmHook {
     })
 }
 
+/// Runs pagefill under `policy` and `view` with the merging hook and checks
+/// its exits against the model.
 fn check_policy(policy: DedupPolicy, view: ViewKind) {
+    require_kvm();
     let s = run_in_process("pagefill", MEM, policy, view, Some(merge_groups_hook()));
     check_pagefill_exits(&s, policy, view);
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn memslot_view_change_pte_takes_no_read_exit_after_in_place_updates() {
-    if require_kvm() {
-        check_policy(DedupPolicy::ChangePte, ViewKind::Memslot);
-    }
+    check_policy(DedupPolicy::ChangePte, ViewKind::Memslot);
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn memslot_view_range_flush_takes_one_read_exit_per_zapped_page() {
-    if require_kvm() {
-        check_policy(DedupPolicy::RangeFlush, ViewKind::Memslot);
-    }
+    check_policy(DedupPolicy::RangeFlush, ViewKind::Memslot);
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn memslot_view_legacy_takes_the_same_exits_and_misses_every_change_pte() {
-    if require_kvm() {
-        check_policy(DedupPolicy::Legacy, ViewKind::Memslot);
-    }
+    check_policy(DedupPolicy::Legacy, ViewKind::Memslot);
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn dedup_off_reports_the_same_checksums_with_no_faults() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let s = run_in_process("pagefill", MEM, DedupPolicy::Off, ViewKind::Memslot, None);
     assert_eq!(s.guest.reports, guest_images::pagefill_expected_reports(MEM_BYTES));
     let e = &s.total.exits;
@@ -101,24 +100,21 @@ fn dedup_off_reports_the_same_checksums_with_no_faults() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn uffd_view_change_pte_takes_no_read_fault_after_in_place_updates() {
-    if require_kvm() {
-        check_policy(DedupPolicy::ChangePte, ViewKind::Uffd);
-    }
+    check_policy(DedupPolicy::ChangePte, ViewKind::Uffd);
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn uffd_view_range_flush_takes_one_read_fault_per_zapped_page() {
-    if require_kvm() {
-        check_policy(DedupPolicy::RangeFlush, ViewKind::Uffd);
-    }
+    check_policy(DedupPolicy::RangeFlush, ViewKind::Uffd);
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn uffd_view_legacy_takes_the_same_faults_and_misses_every_change_pte() {
-    if require_kvm() {
-        check_policy(DedupPolicy::Legacy, ViewKind::Uffd);
-    }
+    check_policy(DedupPolicy::Legacy, ViewKind::Uffd);
 }
 
 /// Zaps the access guest's pages through the notifier at its dedup request.
@@ -140,10 +136,9 @@ fn zap_access_pages() -> MmHook {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn every_access_size_page_crossings_and_fetches_see_the_right_bytes_through_faults() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let off = run_in_process("access", MEM, DedupPolicy::Off, ViewKind::Memslot, None);
     assert_eq!(off.guest.reports, guest_images::ACCESS_EXPECTED_REPORTS);
     for view in [ViewKind::Memslot, ViewKind::Uffd] {

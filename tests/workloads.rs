@@ -39,10 +39,9 @@ fn exact(
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn cowstorm_takes_one_write_fault_per_page_and_round_under_every_policy() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let knobs = KsmKnobs::default();
     for view in VIEWS {
         for policy in POLICIES {
@@ -54,10 +53,9 @@ fn cowstorm_takes_one_write_fault_per_page_and_round_under_every_policy() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn mixed_refaults_reads_only_without_change_pte_and_breaks_a_group_per_phase() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let knobs = KsmKnobs::default();
     for view in VIEWS {
         for policy in POLICIES {
@@ -69,15 +67,14 @@ fn mixed_refaults_reads_only_without_change_pte_and_breaks_a_group_per_phase() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn the_models_hold_when_groups_outgrow_a_ksm_page() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     // A KSM page for at most 7 pages: each group of 64 pages becomes a
     // chain of 9 KSM pages of 7, and its last page finds no partner and
     // stays unmerged (private and writable: it never faults).
     let knobs = KsmKnobs { max_page_sharing: 7, ..KsmKnobs::default() };
-    assert_eq!(common::workloads::pass_merges(64, 7), (63, 9));
+    assert_eq!(common::phase_model::pass_merges(64, 7), (63, 9));
     for policy in [DedupPolicy::ChangePte, DedupPolicy::RangeFlush, DedupPolicy::Legacy] {
         let view = ViewKind::Uffd;
         exact("cowstorm", policy, view, knobs, |s| cowstorm_deviations(s, MEM_BYTES, policy, view, 7));
@@ -87,10 +84,9 @@ fn the_models_hold_when_groups_outgrow_a_ksm_page() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn volatile_never_merges_and_takes_only_io_exits_while_ksmd_scans() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     // ksmd scanning half of this guest (513 pages) every 5 ms: it revisits
     // every page many times while the guest rewrites it (phase 2 lasts 4,096
     // sweeps, about 0.3 s here).
@@ -118,10 +114,9 @@ fn volatile_never_merges_and_takes_only_io_exits_while_ksmd_scans() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn unique_merges_nothing_and_takes_only_its_io_exits_under_every_policy() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm();
     let expected = guest_images::unique_expected_reports(MEM_BYTES);
     for view in VIEWS {
         for policy in POLICIES {

@@ -2,10 +2,10 @@
 //! Translation Mechanism"): bit 0 read, bit 1 write, bit 2 execute, bits
 //! 5:3 memory type (leaves), bit 7 large page, bits 51:12 the frame.
 //!
-//! Deliberate difference: a non-leaf entry's frame field holds the index of
-//! the next table in this table's arena, where hardware holds the physical
-//! address of the next table. Only 4 KiB leaves are used (as KVM does for
-//! memory it may deduplicate).
+//! Deliberate difference (crate docs): a non-leaf entry's frame field holds
+//! the index of the next table in this table's arena, where hardware holds
+//! the physical address of the next table. Only 4 KiB leaves are used (as
+//! KVM does for memory it may deduplicate).
 
 use crate::frame_pool::Pfn;
 use crate::mmu_notifier::Gfn;

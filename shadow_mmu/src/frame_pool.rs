@@ -16,7 +16,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
 /// Size of a page (and of a frame) in bytes.
 pub const PAGE_SIZE: u64 = 4096;
@@ -33,41 +33,45 @@ pub enum FramePoolError {
     #[error("frame pool size {0} is not a positive multiple of 4 KiB")]
     BadSize(u64),
     /// memfd_create failed.
-    #[error("cannot create the memfd for guest RAM: {0}")]
-    MemfdCreate(std::io::Error),
+    #[error("cannot create the memfd for guest RAM")]
+    MemfdCreate(#[source] std::io::Error),
     /// ftruncate of the memfd failed.
-    #[error("cannot size the memfd for guest RAM to {bytes} bytes: {source}")]
+    #[error("cannot size the memfd for guest RAM to {bytes} bytes")]
     Truncate {
         /// Requested size.
         bytes: u64,
         /// The OS error.
+        #[source]
         source: std::io::Error,
     },
     /// Mapping the memfd failed.
-    #[error("cannot map guest RAM ({bytes} bytes): {reason}")]
+    #[error("cannot map guest RAM ({bytes} bytes)")]
     Map {
         /// Requested size.
         bytes: u64,
         /// What vm-memory reported.
-        reason: String,
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
     },
     /// fallocate(PUNCH_HOLE) failed.
-    #[error("cannot return frame {pfn} to the host: {source}")]
+    #[error("cannot return frame {pfn} to the host")]
     PunchHole {
         /// The frame.
         pfn: Pfn,
         /// The OS error.
+        #[source]
         source: std::io::Error,
     },
     /// fstat or mincore of the memfd failed.
-    #[error("cannot inspect the guest RAM memfd: {0}")]
-    Stat(std::io::Error),
+    #[error("cannot inspect the guest RAM memfd")]
+    Stat(#[source] std::io::Error),
     /// A madvise on the pool's memory failed.
-    #[error("madvise({advice}) on guest RAM failed: {source}")]
+    #[error("madvise({advice}) on guest RAM failed")]
     Madvise {
         /// The advice, by its Linux name.
         advice: &'static str,
         /// The OS error.
+        #[source]
         source: std::io::Error,
     },
 }
@@ -98,10 +102,9 @@ impl FramePool {
         memfd.set_len(bytes).map_err(|source| FramePoolError::Truncate { bytes, source })?;
         let len = usize::try_from(bytes).map_err(|_| FramePoolError::BadSize(bytes))?;
         let file = memfd.try_clone().map_err(FramePoolError::MemfdCreate)?;
-        let region = GuestRegionMmap::from_range(GuestAddress(0), len, Some(FileOffset::new(file, 0)))
-            .map_err(|e| FramePoolError::Map { bytes, reason: e.to_string() })?;
-        let direct_map = GuestMemoryMmap::from_regions(vec![region])
-            .map_err(|e| FramePoolError::Map { bytes, reason: e.to_string() })?;
+        let direct_map =
+            GuestMemoryMmap::from_ranges_with_files([(GuestAddress(0), len, Some(FileOffset::new(file, 0)))])
+                .map_err(|source| FramePoolError::Map { bytes, source })?;
         Ok(Self { memfd: Some(memfd), direct_map, nr_frames: bytes / PAGE_SIZE })
     }
 
@@ -114,10 +117,8 @@ impl FramePool {
             return Err(FramePoolError::BadSize(bytes));
         }
         let len = usize::try_from(bytes).map_err(|_| FramePoolError::BadSize(bytes))?;
-        let region = GuestRegionMmap::from_range(GuestAddress(0), len, None)
-            .map_err(|e| FramePoolError::Map { bytes, reason: e.to_string() })?;
-        let direct_map = GuestMemoryMmap::from_regions(vec![region])
-            .map_err(|e| FramePoolError::Map { bytes, reason: e.to_string() })?;
+        let direct_map = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), len)])
+            .map_err(|source| FramePoolError::Map { bytes, source })?;
         let pool = Self { memfd: None, direct_map, nr_frames: bytes / PAGE_SIZE };
         // 4 KiB pages, like the memfd pool: with THP "always" the host would
         // back it with huge pages, which KVM maps as such and KSM splits.

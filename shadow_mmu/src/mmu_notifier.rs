@@ -4,10 +4,9 @@
 //! the primary MMU; and `change_pte` for one pte changed in between by
 //! `set_pte_at_notify`.
 //!
-//! Deliberate difference: Linux ranges are host virtual addresses of the
-//! VMM's mapping, which KVM turns into gfns through its memslots. Guest RAM
-//! is one linear mapping here, so ranges are given in guest frame numbers
-//! directly, end exclusive.
+//! Deliberate difference (crate docs): ranges are given in guest frame
+//! numbers, end exclusive, not in host virtual addresses of the VMM's
+//! mapping, since guest RAM is one linear mapping here.
 
 use crate::memory::Pte;
 

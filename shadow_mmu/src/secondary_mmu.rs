@@ -194,7 +194,8 @@ impl<V: EptView> SecondaryMmu<V> {
     }
 
     /// `mmu_invalidate_retry`: whether a fault that read `seq` before its
-    /// host lookup must start again.
+    /// host lookup must start again. Any invalidation in progress counts,
+    /// whatever its range (a deliberate difference: crate docs).
     pub fn mmu_invalidate_retry(&self, seq: u64) -> bool {
         self.mmu_invalidate_in_progress > 0 || self.mmu_invalidate_seq != seq
     }
@@ -234,9 +235,9 @@ impl<V: EptView> MmuNotifier for SecondaryMmu<V> {
             self.stats.change_pte_missed += 1;
             return;
         }
-        // Deliberate difference: KVM's change_pte handler never maps a
-        // writable pte (it zaps instead); for the RO -> RW transition of a
-        // copy-on-write break the flag allows the in-place update, so the
+        // Deliberate difference (crate docs): KVM's change_pte handler never
+        // maps a writable pte (it zaps instead); for the RO -> RW transition
+        // of a copy-on-write break the flag allows the in-place update, so the
         // entry becomes writable on the new frame here.
         self.ept.map(gfn, pte.pfn, pte.writable);
         self.stats.change_pte_applied += 1;

@@ -109,7 +109,13 @@ impl<V: EptView + 'static> GuestMmus<V> {
         self.guest_access(gpa, data.len(), Access::Write, |pool, at| pool.direct_map().write_slice(data, at))
     }
 
-    fn guest_access(
+    /// A guest `access` of `len` bytes at `gpa`, within one page, as a vCPU
+    /// performs it: `through` runs on the frame's address in the direct map
+    /// under the secondary MMU's lock, once the EPT entry allows the access
+    /// (faulting it in first if needed), so no invalidation overlaps it. A
+    /// read and a write done together (what [`GuestMmus::guest_read`] and
+    /// [`GuestMmus::guest_write`] do alone) see the same frame.
+    pub fn guest_access(
         &self,
         gpa: u64,
         len: usize,

@@ -1,161 +1,15 @@
 //! The exit models of the comparison workloads `cowstorm`, `mixed` and
 //! `volatile` (guest-images/README.md): per phase, the exits, the
 //! secondary- and primary-MMU events and the merges each policy must show,
-//! derived from the number of pages the guest touches, and checked against a
-//! run's statistics. Used by tests/workloads.rs.
-//!
-//! The model has three building blocks, all derived from shadow_mmu and
-//! ksm (and verified on KVM by the tests):
-//!
-//! * a synchronous pass over groups of identical pages merges M of them into
-//!   K KSM pages ([`pass_merges`]: all of them, one KSM page per group, when
-//!   each group holds 2 to `max_page_sharing` pages): M write-protections
-//!   (RW -> RO, same frame) and M - K replaces (RO -> RO, the KSM frame),
-//!   each one notifier range with one `change_pte`; M - K frames freed;
-//!   three full scans (checksums, merges, a quiet one).
-//!   change-pte updates every entry in place; range-flush and legacy zap
-//!   each page's entry at its write-protection (the replace then finds
-//!   nothing to zap), and legacy's `change_pte` always finds no entry.
-//! * a guest write to a merged page is one `ept_write` fault and one
-//!   copy-on-write break (`wp_page_copy`: a frame allocated, one range, one
-//!   `change_pte`); the break ends its range, so the fault handler's
-//!   sequence check retries once, then installs the writable entry. A KSM
-//!   frame is freed when its last page copies away. Under range-flush and
-//!   legacy the break zaps the page's entry if one is there (a read
-//!   installed it), and legacy's `change_pte` finds nothing.
-//! * a guest read of a zapped page is one `ept_read` fault that installs a
-//!   read-only entry.
+//! derived from the number of pages the guest touches with the building
+//! blocks of tests/common/phase_model.rs, and checked against a run's
+//! statistics. Used by tests/workloads.rs.
 
-use vmm::stats::{Figures, RunStats};
+use vmm::stats::RunStats;
 use vmm::view::ViewKind;
 use vmm::vm::DedupPolicy;
 
-/// What the model predicts for one phase (and what a run measured).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PhaseModel {
-    /// Io exits.
-    pub io: u64,
-    /// Read faults (`ept_read`).
-    pub ept_read: u64,
-    /// Write faults (`ept_write`).
-    pub ept_write: u64,
-    /// Entries the fault handler installed.
-    pub installed: u64,
-    /// Entries range zaps removed.
-    pub zapped: u64,
-    /// Range zaps that removed something.
-    pub flushes: u64,
-    /// `change_pte` calls that updated an entry.
-    pub change_pte_applied: u64,
-    /// `change_pte` calls that found no entry.
-    pub change_pte_missed: u64,
-    /// `change_pte` notifications the primary MMU sent.
-    pub change_pte_calls: u64,
-    /// Notifier ranges the primary MMU opened.
-    pub notifier_ranges: u64,
-    /// Copy-on-write breaks by copying.
-    pub cow_copies: u64,
-    /// Faults retried because an invalidation ended meanwhile.
-    pub fault_retries: u64,
-    /// Frames returned to the host.
-    pub frames_freed: u64,
-    /// Frames taken from the free list.
-    pub frames_allocated: u64,
-    /// Successful merges.
-    pub merges: u64,
-    /// Full scans of the deduplicator.
-    pub full_scans: u64,
-}
-
-impl PhaseModel {
-    fn io(io: u64) -> Self {
-        Self { io, ..Self::default() }
-    }
-
-    /// Adds a synchronous pass that merges `n` pages into `k` KSM pages,
-    /// every page with an entry in the secondary MMU at its start.
-    fn pass(mut self, policy: DedupPolicy, n: u64, k: u64) -> Self {
-        let changes = 2 * n - k;
-        self.change_pte_calls += changes;
-        self.notifier_ranges += changes;
-        match policy {
-            DedupPolicy::ChangePte => self.change_pte_applied += changes,
-            DedupPolicy::RangeFlush => {}
-            DedupPolicy::Legacy => self.change_pte_missed += changes,
-            other => panic!("the model is the built-in deduplicator's; no pass under {}", other.name()),
-        }
-        if policy != DedupPolicy::ChangePte {
-            self.zapped += n;
-            self.flushes += n;
-        }
-        self.frames_freed += n - k;
-        self.merges += n;
-        self.full_scans += 3;
-        self
-    }
-
-    /// Adds `w` guest writes to merged pages, `present` of which have an
-    /// entry in the secondary MMU (under change-pte all of them do),
-    /// freeing `ksm_freed` KSM frames.
-    fn cow(mut self, policy: DedupPolicy, w: u64, present: u64, ksm_freed: u64) -> Self {
-        self.ept_write += w;
-        self.installed += w;
-        self.fault_retries += w;
-        self.cow_copies += w;
-        self.frames_allocated += w;
-        self.notifier_ranges += w;
-        self.change_pte_calls += w;
-        match policy {
-            DedupPolicy::ChangePte => self.change_pte_applied += w,
-            DedupPolicy::RangeFlush => {}
-            DedupPolicy::Legacy => self.change_pte_missed += w,
-            other => panic!("the model is the built-in deduplicator's; no merge under {}", other.name()),
-        }
-        if policy != DedupPolicy::ChangePte {
-            self.zapped += present;
-            self.flushes += present;
-        }
-        self.frames_freed += ksm_freed;
-        self
-    }
-
-    /// Adds `r` guest reads of zapped pages.
-    fn refault(mut self, r: u64) -> Self {
-        self.ept_read += r;
-        self.installed += r;
-        self
-    }
-
-    /// What a phase of a run measured, in the model's terms. With dedup
-    /// off there is no deduplicator and its figures are absent (zero).
-    pub fn measured(f: &Figures, policy: DedupPolicy) -> Self {
-        let shadow = |name: &str| {
-            f.shadow_mmu.get(name).copied().unwrap_or_else(|| panic!("no shadow_mmu figure {name}: {:?}", f.shadow_mmu))
-        };
-        let ksm = |name: &str| match policy {
-            DedupPolicy::Off => f.ksm.get(name).copied().unwrap_or(0),
-            _ => f.ksm.get(name).copied().unwrap_or_else(|| panic!("no ksm figure {name}: {:?}", f.ksm)),
-        };
-        Self {
-            io: f.exits.io,
-            ept_read: f.exits.ept_read,
-            ept_write: f.exits.ept_write,
-            installed: shadow("installed"),
-            zapped: shadow("zapped"),
-            flushes: shadow("flushes"),
-            change_pte_applied: shadow("change_pte_applied"),
-            change_pte_missed: shadow("change_pte_missed"),
-            change_pte_calls: shadow("change_pte_calls"),
-            notifier_ranges: shadow("notifier_ranges"),
-            cow_copies: shadow("cow_copies"),
-            fault_retries: shadow("fault_retries"),
-            frames_freed: shadow("frames_freed"),
-            frames_allocated: shadow("frames_allocated"),
-            merges: ksm("merges"),
-            full_scans: ksm("full_scans"),
-        }
-    }
-}
+use super::phase_model::{groups_merged, PhaseModel};
 
 fn ctx(image: &str, policy: DedupPolicy, view: ViewKind) -> String {
     format!("{image}: {} / {}", policy.name(), view.name())
@@ -199,24 +53,6 @@ fn check_no_other_exits(s: &RunStats, ctx: &str) {
         assert_eq!((e.mmio, e.ept_fetch, e.hlt, e.shutdown, e.other), (0, 0, 0, 0, 0), "{ctx}: phase {}", p.phase);
         assert_eq!(e.total, e.io + e.ept_read + e.ept_write, "{ctx}: phase {}", p.phase);
     }
-}
-
-/// What one synchronous pass makes of a group of `n` identical pages when
-/// a KSM page takes at most `max_sharing` pages (`max_page_sharing`):
-/// `(merged pages, KSM pages)`. Scanning in order, the first page of each
-/// run of `max_sharing` waits in the unstable tree, the second merges with
-/// it into a new KSM page (a duplicate in the stable entry's chain once the
-/// first is full), the rest are appended; a last run of a single page finds
-/// no partner and stays unmerged, as does a group of one page.
-pub fn pass_merges(n: u64, max_sharing: u64) -> (u64, u64) {
-    let rest = n % max_sharing;
-    (n - u64::from(rest == 1), n / max_sharing + u64::from(rest >= 2))
-}
-
-/// [`pass_merges`] of every group of `pages` pages in `groups` groups
-/// (page `i` in group `i % groups`), by group.
-fn groups_merged(pages: u64, groups: u64, max_sharing: u32) -> Vec<(u64, u64)> {
-    (0..groups).map(|g| pass_merges(pages / groups + u64::from(g < pages % groups), u64::from(max_sharing))).collect()
 }
 
 /// The model of a `cowstorm` run of `mem_bytes` with `max_page_sharing`

@@ -1,0 +1,270 @@
+//! The primary MMU: the host page table over guest RAM, after mm/memory.c.
+//!
+//! Each guest page has a host pte (frame, writable); each frame has a map
+//! count (ptes that map it) and a reference count (maps plus pins). Every
+//! change of a pte happens inside an mmu notifier range and, for a single
+//! pte, through [`PrimaryMmu::set_pte_at_notify`], so every registered
+//! secondary MMU hears of it. A frame whose last reference goes is returned
+//! to the host (a hole punched in the frame pool's memfd).
+//!
+//! | module | job | in Linux |
+//! | --- | --- | --- |
+//! | this one | the page table, the notifier chain, `set_pte_at_notify` | mm/memory.c, mm/mmu_notifier.c |
+//! | `frames` | frame accounting: references, maps, KSM marks, free frames given back to the host | `struct page`, mm/page_alloc.c |
+//! | `cow` | write faults: `get_user_page`, `do_wp_page`, `wp_page_copy` | mm/memory.c, mm/gup.c |
+//! | `ksm_pte` | KSM's pte primitives `write_protect_page`, `replace_page` | mm/ksm.c |
+//! | `guest_access` | the VMM's reads and writes of guest memory as the ptes map it | - |
+//!
+//! Deliberate differences from Linux (the crate documentation lists them
+//! all): one "vma", no swap or migration, one lock, a fixed frame pool,
+//! freed frames given back to the host in batches.
+
+mod cow;
+mod frames;
+mod guest_access;
+mod ksm_pte;
+#[cfg(test)]
+mod tests;
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::frame_pool::{FramePool, FramePoolError, Pfn};
+use crate::mmu_notifier::{
+    check_change_pte, Gfn, IllegalChangePte, MmuNotifier, MmuNotifierRange, MmuNotifyEvent, RangeFlags,
+};
+
+pub use frames::FrameInfo;
+
+/// A host pte of guest RAM (always present).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pte {
+    /// The frame it maps.
+    pub pfn: Pfn,
+    /// Whether writes are allowed.
+    pub writable: bool,
+}
+
+/// Counters of the primary MMU since it was created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HostStats {
+    /// Write faults on read-only ptes served by copying (`wp_page_copy`).
+    pub cow_copies: u64,
+    /// Write faults on read-only ptes served by reusing the frame (`wp_page_reuse`).
+    pub cow_reuses: u64,
+    /// Frames returned to the host.
+    pub frames_freed: u64,
+    /// Frames allocated from the free list.
+    pub frames_allocated: u64,
+    /// Notifier ranges opened.
+    pub notifier_ranges: u64,
+    /// `change_pte` notifications sent.
+    pub change_pte_calls: u64,
+}
+
+/// Errors of the primary MMU.
+#[derive(Debug, thiserror::Error)]
+pub enum PrimaryMmuError {
+    /// The gfn is not guest RAM managed by this page table.
+    #[error("gfn {0:#x} is not guest RAM")]
+    NotGuestRam(Gfn),
+    /// A pte was changed outside the range announced for it.
+    #[error("set_pte_at_notify for gfn {gfn:#x} outside its notifier range [{start:#x}, {end:#x})")]
+    OutsideRange {
+        /// The page.
+        gfn: Gfn,
+        /// Range start.
+        start: Gfn,
+        /// Range end.
+        end: Gfn,
+    },
+    /// USE_CHANGE_PTE on a transition it does not cover.
+    #[error(transparent)]
+    IllegalChangePte(#[from] IllegalChangePte),
+    /// A pte would map a frame that is free or outside the pool.
+    #[error("frame {0} is not allocated")]
+    BadFrame(Pfn),
+    /// No free frame for a copy-on-write break.
+    #[error("no free frame left for a copy-on-write break")]
+    OutOfFrames,
+    /// The frame pool failed.
+    #[error(transparent)]
+    Pool(#[from] FramePoolError),
+    /// A guest memory access through the direct map failed.
+    #[error("guest memory access at {gpa:#x} failed")]
+    Access {
+        /// Guest-physical address.
+        gpa: u64,
+        /// What failed.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// A frame could not be copied through the direct map.
+    #[error("copying frame {from:#x} to frame {to:#x} through the direct map failed")]
+    CopyFrame {
+        /// The frame copied.
+        from: Pfn,
+        /// The frame written.
+        to: Pfn,
+        /// What failed.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// The VMM wrote to a page whose pte is read-only.
+    #[error("write to gfn {0:#x} whose host pte is read-only")]
+    ReadOnly(Gfn),
+}
+
+/// A registered secondary MMU.
+pub type Subscriber = Arc<Mutex<dyn MmuNotifier>>;
+
+/// The host page table of guest RAM and its notifier chain (`struct mm_struct`).
+pub struct PrimaryMmu {
+    pool: Arc<FramePool>,
+    first_gfn: Gfn,
+    ptes: Vec<Pte>,
+    frames: Vec<FrameInfo>,
+    free_frames: Vec<Pfn>,
+    /// Freed frames whose holes are not punched yet (see [`PrimaryMmu::flush_holes`]).
+    pending_holes: Vec<Pfn>,
+    subscribers: Vec<Subscriber>,
+    stats: HostStats,
+}
+
+impl std::fmt::Debug for PrimaryMmu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrimaryMmu")
+            .field("first_gfn", &self.first_gfn)
+            .field("pages", &self.ptes.len())
+            .field("free_frames", &self.free_frames.len())
+            .field("subscribers", &self.subscribers.len())
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+/// A one-page CLEAR range whose pte change goes through `change_pte` and is
+/// one of the three legal USE_CHANGE_PTE transitions: the range KSM's merge
+/// steps and the copy-on-write break open.
+fn change_pte_range(gfn: Gfn) -> MmuNotifierRange {
+    MmuNotifierRange::page(gfn, MmuNotifyEvent::Clear, RangeFlags::BLOCKABLE | RangeFlags::USE_CHANGE_PTE)
+}
+
+impl PrimaryMmu {
+    /// Maps guest pages [first_gfn, end_gfn) one to one onto the same
+    /// frames, writable. Frames below `first_gfn` are the VMM's own (boot
+    /// memory): referenced once, never mapped here, never freed. Frames from
+    /// `end_gfn` to the end of the pool start free.
+    ///
+    /// Deliberate difference (crate docs): the pool is fixed, where Linux
+    /// allocates a page for every copy-on-write break. Guest pages map at
+    /// most as many distinct frames as there are guest pages, so one spare
+    /// frame past `end_gfn` guarantees that a copy always finds a free
+    /// frame, even when every other frame is mapped (a KSM page mapped once
+    /// is copied, not reused).
+    pub fn new(pool: Arc<FramePool>, first_gfn: Gfn, end_gfn: Gfn) -> Self {
+        let nr_frames = pool.nr_frames();
+        let end_gfn = end_gfn.min(nr_frames);
+        let ptes = (first_gfn..end_gfn).map(|gfn| Pte { pfn: gfn, writable: true }).collect();
+        Self {
+            pool,
+            first_gfn,
+            ptes,
+            frames: frames::initial_frames(nr_frames, first_gfn, end_gfn),
+            free_frames: (end_gfn..nr_frames).rev().collect(),
+            pending_holes: Vec::new(),
+            subscribers: Vec::new(),
+            stats: HostStats::default(),
+        }
+    }
+
+    /// `mmu_notifier_register`: `sub` hears of every later change.
+    pub fn mmu_notifier_register(&mut self, sub: Subscriber) {
+        self.subscribers.push(sub);
+    }
+
+    /// The frame pool.
+    pub fn pool(&self) -> &Arc<FramePool> {
+        &self.pool
+    }
+
+    /// Guest RAM managed here: [first, end) in gfns.
+    pub fn guest_range(&self) -> (Gfn, Gfn) {
+        (self.first_gfn, self.first_gfn + self.ptes.len() as u64)
+    }
+
+    fn index(&self, gfn: Gfn) -> Result<usize, PrimaryMmuError> {
+        gfn.checked_sub(self.first_gfn)
+            .map(|i| i as usize)
+            .filter(|&i| i < self.ptes.len())
+            .ok_or(PrimaryMmuError::NotGuestRam(gfn))
+    }
+
+    /// The pte of `gfn`.
+    pub fn pte(&self, gfn: Gfn) -> Result<Pte, PrimaryMmuError> {
+        Ok(self.ptes[self.index(gfn)?])
+    }
+
+    /// Counters since creation.
+    pub fn stats(&self) -> HostStats {
+        self.stats
+    }
+
+    fn notify(&self, mut call: impl FnMut(&mut dyn MmuNotifier)) {
+        for sub in &self.subscribers {
+            // Poisoning ignored as in `crate::lock`: a panic ends the run.
+            let mut guard = sub.lock().unwrap_or_else(PoisonError::into_inner);
+            call(&mut *guard);
+        }
+    }
+
+    /// `mmu_notifier_invalidate_range_start`.
+    pub fn invalidate_range_start(&mut self, range: &MmuNotifierRange) {
+        self.stats.notifier_ranges += 1;
+        self.notify(|s| s.invalidate_range_start(range));
+    }
+
+    /// `mmu_notifier_invalidate_range_end`.
+    pub fn invalidate_range_end(&mut self, range: &MmuNotifierRange) {
+        self.notify(|s| s.invalidate_range_end(range));
+    }
+
+    /// Runs `change` between `invalidate_range_start` and
+    /// `invalidate_range_end` of `range`; the range ends whether the change
+    /// succeeded or not.
+    fn within_range<T>(
+        &mut self,
+        range: &MmuNotifierRange,
+        change: impl FnOnce(&mut Self) -> Result<T, PrimaryMmuError>,
+    ) -> Result<T, PrimaryMmuError> {
+        self.invalidate_range_start(range);
+        let result = change(self);
+        self.invalidate_range_end(range);
+        result
+    }
+
+    /// `set_pte_at_notify`: inside `range`, tells every secondary MMU that
+    /// `gfn`'s pte becomes `new` (`change_pte`), then sets it and moves the
+    /// frame references. With USE_CHANGE_PTE on the range, only the three
+    /// legal transitions are accepted, in every build.
+    pub fn set_pte_at_notify(&mut self, range: &MmuNotifierRange, gfn: Gfn, new: Pte) -> Result<Pte, PrimaryMmuError> {
+        let i = self.index(gfn)?;
+        if !range.contains(gfn) {
+            return Err(PrimaryMmuError::OutsideRange { gfn, start: range.start, end: range.end });
+        }
+        let old = self.ptes[i];
+        if range.use_change_pte() {
+            check_change_pte(gfn, old, new)?;
+        }
+        if self.frame(new.pfn).refcount == 0 {
+            return Err(PrimaryMmuError::BadFrame(new.pfn));
+        }
+        self.stats.change_pte_calls += 1;
+        self.notify(|s| s.change_pte(gfn, new));
+        self.ptes[i] = new;
+        if new.pfn != old.pfn {
+            self.map_frame(new.pfn);
+            self.unmap_frame(old.pfn)?;
+        }
+        Ok(old)
+    }
+}
