@@ -18,5 +18,5 @@ if ! command -v as >/dev/null 2>&1 || ! command -v ld >/dev/null 2>&1; then
 fi
 if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
     echo "setup: warning: /dev/kvm is missing or not read-writable for $(id -un): guests cannot run" >&2
-    echo "setup: (run as root, or add the user to the kvm group); KVM tests will skip outside CI" >&2
+    echo "setup: (run as root, or add the user to the kvm group); scripts/test.sh will not run the KVM tests outside CI" >&2
 fi
