@@ -10,6 +10,8 @@ use linux_loader::loader::{Elf, KernelLoader};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 mod elf;
+#[cfg(test)]
+mod fuzz;
 
 pub use elf::{validate_elf, ElfError};
 
