@@ -20,10 +20,11 @@ use crate::view::ViewError;
 /// Why a fault handler could not resolve a fault: any error, with its causes.
 pub type FaultHandlerError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The handler of guest faults: resolves `gfn` for `access` by updating the
-/// secondary MMU (which calls [`super::UffdView::map`]), or says why it
-/// cannot. `E` is anything that converts into a [`FaultHandlerError`]: the
-/// VMM's own error types, or a message.
+/// The handler of guest faults: resolves `gfn` for `access` by updating
+/// the secondary MMU (which calls the view's
+/// [`map`](shadow_mmu::EptView::map)), or says why it cannot. `E` is
+/// anything that converts into a [`FaultHandlerError`]: the VMM's own error
+/// types (the cause is kept), or a message.
 pub type UffdFaultHandler<E = FaultHandlerError> = Box<dyn FnMut(Gfn, Access) -> Result<(), E> + Send>;
 
 /// Why the fault thread stopped serving.
@@ -40,7 +41,7 @@ pub enum FaultThreadError {
         #[source]
         source: FaultHandlerError,
     },
-    /// Waking the vCPU after the handler failed.
+    /// Waking the vCPU once its fault was served failed.
     #[error("UFFDIO_WAKE of gfn {gfn:#x}")]
     Wake {
         /// The faulting page.
@@ -114,9 +115,9 @@ impl UffdFaultThread {
     /// comes from this view.
     ///
     /// The handler resolves the fault by updating the secondary MMU, which
-    /// calls [`super::UffdView::map`] on the same view; while the thread
-    /// serves the page, the view's CONTINUE or unprotection does not wake
-    /// the faulting vCPU: the thread does, with UFFDIO_WAKE, once the
+    /// calls [`map`](shadow_mmu::EptView::map) on the same view; while the
+    /// thread serves the page, the view's CONTINUE or unprotection does not
+    /// wake the faulting vCPU: the thread does, with UFFDIO_WAKE, once the
     /// handler has returned (also when it resolved nothing because the entry
     /// was already right: the vCPU then retries its access). If the handler
     /// returns Err, the thread keeps the error, calls `on_error` (the VMM
@@ -254,4 +255,19 @@ fn serve_one(source: &UffdFaultSource, msg: &UffdMsg, handler: Handler<'_>) -> R
     let range = UffdioRange { start: address & !(PAGE_SIZE - 1), len: PAGE_SIZE };
     source.uffd.wake(range).map_err(|source| FaultThreadError::Wake { gfn, source })?;
     handled.map_err(|source| FaultThreadError::Handler { gfn, access, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handler_error_keeps_the_vmm_error_as_its_cause() {
+        let mut handler: UffdFaultHandler<ViewError> = Box::new(|gfn, _| Err(ViewError::OutOfRange(gfn)));
+        let source = handler(0x123, Access::Write).map_err(Into::into).expect_err("the handler fails");
+        let err = FaultThreadError::Handler { gfn: 0x123, access: Access::Write, source };
+        assert_eq!(err.to_string(), "serving a write fault on gfn 0x123");
+        let cause = std::error::Error::source(&err).expect("a cause");
+        assert!(matches!(cause.downcast_ref::<ViewError>(), Some(ViewError::OutOfRange(0x123))));
+    }
 }

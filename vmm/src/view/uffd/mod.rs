@@ -34,7 +34,7 @@
 //!
 //! The fault thread ([`UffdFaultThread`]) reads the events and calls the
 //! VMM's EPT-violation handler, which updates the secondary MMU, which calls
-//! [`UffdView::map`] on the same view.
+//! [`map`](shadow_mmu::EptView::map) on the same view.
 //!
 //! # The deferred wake
 //!

@@ -29,6 +29,9 @@ const FEATURES_REQUIRED: u64 = UFFD_FEATURE_MINOR_SHMEM | UFFD_FEATURE_WP_HUGETL
 /// Features requested when the kernel offers them (MISSING_SHMEM is a probe
 /// bit only: MISSING faults on shmem need no enabling).
 const FEATURES_OPTIONAL: u64 = UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_WP_UNPOPULATED;
+/// What a CONTINUE that keeps write protection needs when it fails with
+/// EINVAL (older kernels reject the mode bit).
+const CONTINUE_WP: &str = "UFFDIO_CONTINUE with UFFDIO_CONTINUE_MODE_WP (needs Linux 6.6 or later)";
 /// How every page of W is registered.
 const REGISTER_MODE: u64 = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR | UFFDIO_REGISTER_MODE_WP;
 
@@ -210,17 +213,14 @@ impl UffdView {
         let mut populated = false;
         let mut again = 0;
         loop {
-            let err = match self.uffd.continue_(self.window.range(i, 1), mode) {
-                Ok(()) => {
-                    self.continues += 1;
-                    self.pages[i].present = true;
-                    self.pages[i].wp = wp;
-                    if !dontwake {
-                        self.shared.woke(i);
-                    }
-                    return Ok(());
+            let Err(err) = self.uffd.continue_(self.window.range(i, 1), mode) else {
+                self.continues += 1;
+                self.pages[i].present = true;
+                self.pages[i].wp = wp;
+                if !dontwake {
+                    self.shared.woke(i);
                 }
-                Err(err) => err,
+                return Ok(());
             };
             match err.raw_os_error() {
                 Some(libc::EEXIST) => {
@@ -245,11 +245,7 @@ impl UffdView {
                 }
                 // The mm is changing under a non-cooperative event: retry.
                 Some(libc::EAGAIN) if again < 16 => again += 1,
-                Some(libc::EINVAL) if wp => {
-                    return Err(uffd_err("UFFDIO_CONTINUE with UFFDIO_CONTINUE_MODE_WP (needs Linux 6.6 or later)")(
-                        err,
-                    ))
-                }
+                Some(libc::EINVAL) if wp => return Err(uffd_err(CONTINUE_WP)(err)),
                 _ => return Err(uffd_err("UFFDIO_CONTINUE")(err)),
             }
         }
