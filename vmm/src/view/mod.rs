@@ -22,7 +22,7 @@ use shadow_mmu::{EptView, Gfn, Pfn};
 #[derive(Debug, thiserror::Error)]
 pub enum ViewError {
     /// KVM refused a memslot change.
-    #[error("KVM_SET_USER_MEMORY_REGION for slot {slot} ([{gpa:#x}, +{size:#x})) failed: {source}")]
+    #[error("KVM_SET_USER_MEMORY_REGION for slot {slot} ([{gpa:#x}, +{size:#x})) failed")]
     SetMemslot {
         /// Slot id.
         slot: u32,
@@ -31,6 +31,7 @@ pub enum ViewError {
         /// Size in bytes.
         size: u64,
         /// The KVM error.
+        #[source]
         source: kvm_ioctls::Error,
     },
     /// The memslot view needs more slots than KVM offers.
@@ -52,13 +53,34 @@ pub enum ViewError {
     #[error("gfn {0:#x} is outside the guest range the view covers")]
     OutOfRange(Gfn),
     /// A system call of the userfaultfd view failed.
-    #[error("userfaultfd view: {op} failed: {source}")]
+    #[error("userfaultfd view: {op} failed")]
     Uffd {
         /// What was being done.
         op: &'static str,
         /// The OS error.
+        #[source]
         source: std::io::Error,
     },
+    /// The kernel lacks userfaultfd features the userfaultfd view needs.
+    #[error(
+        "the kernel offers userfaultfd features {offered:#x} but the view needs MINOR_SHMEM and \
+         WP_HUGETLBFS_SHMEM ({required:#x}, Linux 6.1 or later)"
+    )]
+    UffdFeatures {
+        /// What UFFDIO_API offered.
+        offered: u64,
+        /// What the view needs.
+        required: u64,
+    },
+    /// The kernel does not offer CONTINUE and WRITEPROTECT on the window.
+    #[error("the kernel offers ioctls {offered:#x} on the window, without CONTINUE and WRITEPROTECT")]
+    UffdRangeIoctls {
+        /// What UFFDIO_REGISTER offered (`uffdio_register.ioctls`).
+        offered: u64,
+    },
+    /// Which frames hold memory could not be read (mincore).
+    #[error("userfaultfd view: cannot tell which frames hold memory")]
+    Residency(#[source] shadow_mmu::FramePoolError),
     /// The userfaultfd view needs more mappings than vm.max_map_count allows.
     #[error(
         "the userfaultfd view needs more memory mappings than vm.max_map_count ({limit}) allows: raise it \

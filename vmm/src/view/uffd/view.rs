@@ -1,0 +1,408 @@
+//! [`UffdView`]: the window's pages, what each maps, and the userfaultfd
+//! operations that make a secondary-table change real (module
+//! documentation of [`super`]).
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use shadow_mmu::{EptView, FramePool, Gfn, Pfn, PAGE_SHIFT, PAGE_SIZE};
+
+use super::abi::{
+    UffdioRange, UFFDIO_CONTINUE_MODE_DONTWAKE, UFFDIO_CONTINUE_MODE_WP, UFFDIO_REGISTER_MODE_MINOR,
+    UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP, UFFDIO_WRITEPROTECT_MODE_DONTWAKE,
+    UFFDIO_WRITEPROTECT_MODE_WP, UFFD_FEATURE_MINOR_SHMEM, UFFD_FEATURE_MISSING_SHMEM, UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+    UFFD_FEATURE_WP_UNPOPULATED, UFFD_RANGE_IOCTLS_NEEDED,
+};
+use super::fault_thread::UffdFaultSource;
+use super::shared::{Shared, HINT_ABSENT, HINT_WP};
+use super::userfaultfd::Userfaultfd;
+use super::window::{vma_err, Window};
+use crate::vcpu_gate::VcpuGate;
+use crate::view::ViewError;
+
+/// Features the view cannot work without.
+const FEATURES_REQUIRED: u64 = UFFD_FEATURE_MINOR_SHMEM | UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+/// Features requested when the kernel offers them (MISSING_SHMEM is a probe
+/// bit only: MISSING faults on shmem need no enabling).
+const FEATURES_OPTIONAL: u64 = UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_WP_UNPOPULATED;
+/// What a CONTINUE that keeps write protection needs when it fails with
+/// EINVAL (older kernels reject the mode bit).
+const CONTINUE_WP: &str = "UFFDIO_CONTINUE with UFFDIO_CONTINUE_MODE_WP (needs Linux 6.6 or later)";
+/// How every page of W is registered.
+const REGISTER_MODE: u64 = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR | UFFDIO_REGISTER_MODE_WP;
+
+fn uffd_err(op: &'static str) -> impl FnOnce(io::Error) -> ViewError {
+    move |source| ViewError::Uffd { op, source }
+}
+
+/// Opens a userfaultfd and enables the features the view needs.
+///
+/// UFFDIO_API can be issued once per descriptor and fails as a whole if one
+/// requested feature is missing, so a first descriptor only asks what the
+/// kernel offers.
+fn open_view_userfaultfd() -> Result<Userfaultfd, ViewError> {
+    let offered = Userfaultfd::open()?.api(0).map_err(uffd_err("UFFDIO_API (probe)"))?.features;
+    if offered & FEATURES_REQUIRED != FEATURES_REQUIRED {
+        return Err(ViewError::UffdFeatures { offered, required: FEATURES_REQUIRED });
+    }
+    let uffd = Userfaultfd::open()?;
+    uffd.api(FEATURES_REQUIRED | (offered & FEATURES_OPTIONAL)).map_err(uffd_err("UFFDIO_API"))?;
+    Ok(uffd)
+}
+
+/// Registers `range` of W with `uffd` (MISSING | MINOR | WP), checking that
+/// the kernel offers CONTINUE and WRITEPROTECT on it.
+fn register(uffd: &Userfaultfd, range: UffdioRange) -> Result<(), ViewError> {
+    let offered = uffd.register(range, REGISTER_MODE).map_err(vma_err("UFFDIO_REGISTER (MISSING | MINOR | WP)"))?;
+    if offered & UFFD_RANGE_IOCTLS_NEEDED != UFFD_RANGE_IOCTLS_NEEDED {
+        return Err(ViewError::UffdRangeIoctls { offered });
+    }
+    Ok(())
+}
+
+/// What one page of W maps now, as far as the view has made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PageState {
+    /// The frame at the page's memfd offset; [`UNKNOWN_PFN`] after a remap
+    /// failed half-way, so that the next `map` starts it again.
+    pfn: Pfn,
+    /// Whether the pte is populated (not zapped).
+    present: bool,
+    /// Whether the present pte is write-protected by userfaultfd.
+    wp: bool,
+}
+
+const UNKNOWN_PFN: Pfn = Pfn::MAX;
+
+/// The userfaultfd backend of the EPT view (see the module documentation).
+#[derive(Debug)]
+pub struct UffdView {
+    // Drop order: the slot is deleted in `drop`, then the userfaultfd closes,
+    // then W is unmapped.
+    vm: Arc<VmFd>,
+    /// Keeps the vCPU out of KVM_RUN while a page of W is replaced.
+    gate: Arc<VcpuGate>,
+    pool: Arc<FramePool>,
+    slot: u32,
+    first_gfn: Gfn,
+    uffd: Userfaultfd,
+    window: Window,
+    pages: Vec<PageState>,
+    shared: Arc<Shared>,
+    remaps: u64,
+    continues: u64,
+    wp_changes: u64,
+    zaps: u64,
+}
+
+impl UffdView {
+    /// Builds W for guest pages [first_gfn, end_gfn), identity-mapped and
+    /// writable, registers it, and installs memslot `slot` over it at gpa
+    /// `first_gfn << 12`.
+    ///
+    /// The frames that hold memory already (the image, anything loaded)
+    /// are populated in W before it is registered, so they never fault.
+    /// Frames that are still memfd holes stay holes: the guest's first touch
+    /// of one is a MISSING fault, which the VMM serves as the host's own
+    /// first-touch fault (the secondary MMU already maps the page), not as a
+    /// secondary-MMU fault; guest RAM is not allocated up front. The slot
+    /// must not overlap another.
+    pub fn new(
+        vm: Arc<VmFd>,
+        gate: Arc<VcpuGate>,
+        pool: Arc<FramePool>,
+        slot: u32,
+        first_gfn: Gfn,
+        end_gfn: Gfn,
+    ) -> Result<Self, ViewError> {
+        if first_gfn >= end_gfn {
+            return Err(ViewError::OutOfRange(first_gfn));
+        }
+        if end_gfn > pool.nr_frames() {
+            return Err(ViewError::NoSuchFrame(end_gfn - 1));
+        }
+        let nr_pages = usize::try_from(end_gfn - first_gfn).map_err(|_| ViewError::OutOfRange(end_gfn))?;
+        let offset = libc::off_t::try_from(first_gfn << PAGE_SHIFT).map_err(|_| ViewError::NoSuchFrame(first_gfn))?;
+        let memfd = pool.memfd().ok_or(ViewError::AnonymousPool)?.as_raw_fd();
+        let uffd = open_view_userfaultfd()?;
+        let window = Window::map(memfd, offset, nr_pages << PAGE_SHIFT)?;
+        let resident = pool.resident(first_gfn, nr_pages as u64).map_err(ViewError::Residency)?;
+        populate_runs(&window, &resident)?;
+        register(&uffd, window.range(0, nr_pages))?;
+        install_slot(&vm, slot, first_gfn, &window, nr_pages)?;
+        let pages =
+            (first_gfn..end_gfn).zip(&resident).map(|(pfn, &present)| PageState { pfn, present, wp: false }).collect();
+        Ok(Self {
+            vm,
+            gate,
+            pool,
+            slot,
+            first_gfn,
+            uffd,
+            window,
+            pages,
+            shared: Arc::new(Shared::new(nr_pages)),
+            remaps: 0,
+            continues: 0,
+            wp_changes: 0,
+            zaps: 0,
+        })
+    }
+
+    /// What the fault thread needs (a dup of the uffd, W's base, first_gfn,
+    /// page count, and the state shared with the view).
+    pub fn fault_source(&self) -> Result<UffdFaultSource, ViewError> {
+        let uffd = self.uffd.try_clone().map_err(uffd_err("dup of the userfaultfd"))?;
+        Ok(UffdFaultSource {
+            uffd,
+            base: self.window.base,
+            first_gfn: self.first_gfn,
+            nr_pages: self.pages.len(),
+            shared: self.shared.clone(),
+        })
+    }
+
+    /// The memslot the view installed.
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    fn index(&self, start: Gfn, end: Gfn) -> Result<usize, ViewError> {
+        let end_gfn = self.first_gfn + self.pages.len() as u64;
+        if start < self.first_gfn || end > end_gfn || start >= end {
+            return Err(ViewError::OutOfRange(start));
+        }
+        usize::try_from(start - self.first_gfn).map_err(|_| ViewError::OutOfRange(start))
+    }
+
+    /// Wakes the waiters of page `i`, unless the fault thread is serving it
+    /// (it wakes the page itself once the handler has returned).
+    fn wake(&self, i: usize) -> Result<(), ViewError> {
+        if !self.shared.serving(i) {
+            self.uffd.wake(self.window.range(i, 1)).map_err(uffd_err("UFFDIO_WAKE"))?;
+        }
+        self.shared.woke(i);
+        Ok(())
+    }
+
+    /// Sets (`wp`) or clears the write protection of present page `i`;
+    /// clearing wakes a vCPU blocked on a write to it.
+    fn write_protect(&mut self, i: usize, wp: bool) -> Result<(), ViewError> {
+        let dontwake = if self.shared.serving(i) { UFFDIO_WRITEPROTECT_MODE_DONTWAKE } else { 0 };
+        let mode = if wp { UFFDIO_WRITEPROTECT_MODE_WP } else { dontwake };
+        self.uffd.writeprotect(self.window.range(i, 1), mode).map_err(uffd_err("UFFDIO_WRITEPROTECT"))?;
+        self.wp_changes += 1;
+        self.pages[i].wp = wp;
+        if !wp {
+            self.shared.woke(i);
+        }
+        Ok(())
+    }
+
+    /// Populates the pte of page `i` from the page cache (UFFDIO_CONTINUE),
+    /// write-protected if `wp`, and wakes its waiters unless `dontwake`.
+    fn continue_page(&mut self, i: usize, wp: bool, dontwake: bool) -> Result<(), ViewError> {
+        let mut mode = if wp { UFFDIO_CONTINUE_MODE_WP } else { 0 };
+        if dontwake || self.shared.serving(i) {
+            mode |= UFFDIO_CONTINUE_MODE_DONTWAKE;
+        }
+        let mut populated = false;
+        let mut again = 0;
+        loop {
+            let Err(err) = self.uffd.continue_(self.window.range(i, 1), mode) else {
+                self.continues += 1;
+                self.pages[i].present = true;
+                self.pages[i].wp = wp;
+                if !dontwake {
+                    self.shared.woke(i);
+                }
+                return Ok(());
+            };
+            match err.raw_os_error() {
+                Some(libc::EEXIST) => {
+                    // Already populated (a vCPU touched a fresh mapping before
+                    // it was registered, or the bookkeeping was stale): the
+                    // protection is unknown, so set it explicitly, then wake
+                    // (CONTINUE did not).
+                    self.pages[i].present = true;
+                    self.write_protect(i, wp)?;
+                    if !dontwake && wp {
+                        self.wake(i)?;
+                    }
+                    return Ok(());
+                }
+                Some(libc::EFAULT) if !populated => {
+                    // The frame is a hole in the memfd (never written, or
+                    // returned to the host): CONTINUE maps only pages in the
+                    // page cache. Allocate it (as zeroes) through the
+                    // unregistered direct map and try again.
+                    self.populate_frame(self.pages[i].pfn)?;
+                    populated = true;
+                }
+                // The mm is changing under a non-cooperative event: retry.
+                Some(libc::EAGAIN) if again < 16 => again += 1,
+                Some(libc::EINVAL) if wp => return Err(uffd_err(CONTINUE_WP)(err)),
+                _ => return Err(uffd_err("UFFDIO_CONTINUE")(err)),
+            }
+        }
+    }
+
+    /// Allocates frame `pfn` in the memfd if it is a hole, through the direct map.
+    fn populate_frame(&self, pfn: Pfn) -> Result<(), ViewError> {
+        let hva = self.pool.frame_hva(pfn).ok_or(ViewError::NoSuchFrame(pfn))?;
+        // SAFETY: one page of the pool's direct map, which the pool keeps
+        // mapped; POPULATE_WRITE faults it in without changing its data.
+        if unsafe { libc::madvise(hva.cast(), PAGE_SIZE as usize, libc::MADV_POPULATE_WRITE) } != 0 {
+            return Err(uffd_err("madvise(MADV_POPULATE_WRITE) of a frame")(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Points page `i` of W at frame `pfn`: a fresh mapping, registered,
+    /// populated, with the access asked for; wakes the page's waiters.
+    fn remap(&mut self, i: usize, pfn: Pfn, writable: bool) -> Result<(), ViewError> {
+        let offset = libc::off_t::try_from(pfn << PAGE_SHIFT).map_err(|_| ViewError::NoSuchFrame(pfn))?;
+        let memfd = self.pool.memfd().ok_or(ViewError::AnonymousPool)?.as_raw_fd();
+        // A read-only frame is mapped PROT_READ until userfaultfd protects
+        // it (module documentation). On failure the state is unchanged.
+        self.window.map_frame(i, memfd, offset, writable)?;
+        self.remaps += 1;
+        // Until the sequence completes, the next map() must start it again.
+        self.pages[i] = PageState { pfn: UNKNOWN_PFN, present: false, wp: false };
+        register(&self.uffd, self.window.range(i, 1))?;
+        self.pages[i].pfn = pfn;
+        if writable {
+            return self.continue_page(i, false, false);
+        }
+        // Read-only: populate write-protected without waking (a woken
+        // vCPU's write would still meet PROT_READ and fail KVM_RUN), lift
+        // PROT_READ (the uffd-wp bit keeps the pte read-only), then wake.
+        self.continue_page(i, true, true)?;
+        if let Err(e) = self.window.make_writable(i) {
+            self.pages[i].pfn = UNKNOWN_PFN;
+            return Err(e);
+        }
+        self.wake(i)
+    }
+}
+
+/// Populates the runs of `resident` pages of `window` (before it is
+/// registered: this faults nothing to userspace and allocates nothing).
+fn populate_runs(window: &Window, resident: &[bool]) -> Result<(), ViewError> {
+    let mut i = 0;
+    while i < resident.len() {
+        let run = resident[i..].iter().take_while(|&&r| r).count();
+        if run == 0 {
+            i += 1;
+            continue;
+        }
+        window.populate(i, run)?;
+        i += run;
+    }
+    Ok(())
+}
+
+/// Installs memslot `slot` over the `nr_pages` pages of `window` at gpa
+/// `first_gfn << 12`.
+fn install_slot(vm: &VmFd, slot: u32, first_gfn: Gfn, window: &Window, nr_pages: usize) -> Result<(), ViewError> {
+    let region = kvm_userspace_memory_region {
+        slot,
+        flags: 0,
+        guest_phys_addr: first_gfn << PAGE_SHIFT,
+        memory_size: (nr_pages as u64) << PAGE_SHIFT,
+        userspace_addr: window.base as u64,
+    };
+    // SAFETY: [userspace_addr, + memory_size) is W, owned by the view being
+    // built; the view deletes the slot in its Drop before W is unmapped (and
+    // leaks W if the deletion fails), so KVM never points at memory that is
+    // gone or reused.
+    unsafe { vm.set_user_memory_region(region) }.map_err(|source| ViewError::SetMemslot {
+        slot,
+        gpa: region.guest_phys_addr,
+        size: region.memory_size,
+        source,
+    })
+}
+
+impl EptView for UffdView {
+    type Error = ViewError;
+
+    /// `MADV_DONTNEED` on the pages' part of W: the memfd keeps the data and
+    /// the next guest access raises a MINOR (or, for a punched frame,
+    /// MISSING) fault.
+    fn zap(&mut self, start: Gfn, end: Gfn) -> Result<(), ViewError> {
+        let i = self.index(start, end)?;
+        let n = (end - start) as usize;
+        self.window.zap(i, n)?;
+        for page in &mut self.pages[i..i + n] {
+            // A uffd-wp pte leaves a marker behind, but the next map()
+            // CONTINUEs with the protection it wants anyway.
+            page.present = false;
+            page.wp = false;
+        }
+        self.zaps += 1;
+        Ok(())
+    }
+
+    fn map(&mut self, gfn: Gfn, pfn: Pfn, writable: bool) -> Result<(), ViewError> {
+        let i = self.index(gfn, gfn.checked_add(1).ok_or(ViewError::OutOfRange(gfn))?)?;
+        if pfn >= self.pool.nr_frames() {
+            return Err(ViewError::NoSuchFrame(pfn));
+        }
+        let hint = self.shared.pages[i].hint.swap(0, Ordering::AcqRel);
+        let page = self.pages[i];
+        if page.pfn != pfn {
+            // Replacing a mapping of W is not atomic for a running vCPU (a
+            // write in the window fails KVM_RUN with EFAULT): keep it out.
+            self.gate.pause();
+            let result = self.remap(i, pfn, writable);
+            self.gate.resume();
+            return result;
+        }
+        if !page.present || hint & HINT_ABSENT != 0 {
+            return self.continue_page(i, !writable, false);
+        }
+        if page.wp == writable || (writable && hint & HINT_WP != 0) {
+            return self.write_protect(i, !writable);
+        }
+        Ok(())
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("view_remaps", self.remaps),
+            ("view_continues", self.continues),
+            ("view_wp_changes", self.wp_changes),
+            ("view_zaps", self.zaps),
+            ("view_faults", self.shared.faults.load(Ordering::Relaxed)),
+            ("view_fault_wakes", self.shared.fault_wakes.load(Ordering::Relaxed)),
+            ("view_slots", 1),
+        ]
+    }
+}
+
+impl Drop for UffdView {
+    fn drop(&mut self) {
+        let region = kvm_userspace_memory_region {
+            slot: self.slot,
+            flags: 0,
+            guest_phys_addr: self.first_gfn << PAGE_SHIFT,
+            memory_size: 0,
+            userspace_addr: 0,
+        };
+        // SAFETY: deleting the view's own slot (size 0) passes no memory.
+        if unsafe { self.vm.set_user_memory_region(region) }.is_err() {
+            // KVM may still point at W: keep it mapped rather than let the
+            // range be reused under the guest.
+            self.window.leak();
+            return;
+        }
+        // Unregistering wakes any thread still blocked on W (there should be
+        // none: the vCPUs are gone); errors do not matter, munmap follows.
+        let _ = self.uffd.unregister(self.window.range(0, self.pages.len()));
+    }
+}
