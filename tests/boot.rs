@@ -140,9 +140,13 @@ fn a_spinning_guest_is_stopped_by_the_timeout_with_statistics() {
     require_kvm();
     let r = run("misbehave-spin", &["--timeout", "0.5"]);
     assert_eq!(r.status(), 3);
-    assert!(r.stdout().starts_with(guest_images::SPIN_MESSAGE));
     assert_eq!(r.stats.guest.end.reason, "timeout");
-    assert_eq!(r.stats.total.exits.io, guest_images::SPIN_MESSAGE.len() as u64);
+    // On a loaded machine the timeout may come before the whole message:
+    // the console holds a prefix of it, one io exit a byte.
+    let message = guest_images::SPIN_MESSAGE;
+    let io = usize::try_from(r.stats.total.exits.io).expect("io exits");
+    assert!(io <= message.len(), "{io} io exits");
+    assert!(r.stdout().starts_with(&message[..io]), "{}", r.stdout());
     assert!(r.stats.total.exits.intr >= 1);
     assert!(r.stats.total.wall_ns >= 500_000_000);
 }

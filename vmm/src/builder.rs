@@ -133,9 +133,7 @@ fn spawn_fault_thread(
     let failed = faults.clone();
     UffdFaultThread::spawn(
         source,
-        Box::new(move |gfn, access| {
-            serving_vcpu_fault(|| ram.serve_view_fault(&faults, gfn, access).map_err(|e| crate::error_chain(&e)))
-        }),
+        Box::new(move |gfn, access| serving_vcpu_fault(|| ram.serve_view_fault(&faults, gfn, access))),
         Box::new(move || failed.set_failed()),
     )
 }

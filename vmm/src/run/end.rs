@@ -51,7 +51,7 @@ impl RunEnd {
 pub(super) fn settle(mut vm: Vm, mut end: RunEnd, mut phases: PhaseTracker, control: &ControlState) -> Settled {
     if let Some(thread) = vm.fault_thread.take() {
         if let Some(e) = thread.stop() {
-            end = RunEnd::VmmError(format!("userfaultfd fault thread: {e}"));
+            end = RunEnd::VmmError(format!("userfaultfd fault thread: {}", crate::error_chain(&e)));
         }
     }
     let shut = {

@@ -38,6 +38,9 @@ impl<'a> VcpuLoop<'a> {
         control: &'a ControlState,
         timeout: Option<Duration>,
     ) -> Self {
+        // Phase 0 starts before the deadline is set: a run ended by its
+        // timeout always spans at least the timeout.
+        let phases = PhaseTracker::start(vm);
         let faults = vm.view_faults.clone();
         let ksmd_failed = lock(&vm.dedup).ksmd_failure_flag();
         // A view that could not follow a change made off the vCPU thread (by
@@ -46,7 +49,6 @@ impl<'a> VcpuLoop<'a> {
         let failed = move || faults.failed() || ksmd_failed.load(Ordering::SeqCst) || lock(&mmu).has_view_error();
         let watchdog = Watchdog::start(timeout, Box::new(failed));
         vm.gate.register_vcpu_thread();
-        let phases = PhaseTracker::start(vm);
         Self { vm, devices, hook, control, watchdog, phases }
     }
 
