@@ -26,8 +26,8 @@
 # costs no extra read fault). No other phase faults: the final reads find
 # the private, writable copies the last storm installed.
         .include "abi.inc"
+        .include "workload.inc"
 
-        .set    COWSTORM_START,  0x200000
         .set    COWSTORM_GROUPS, 8              # a power of two
         .set    COWSTORM_ROUNDS, 4
 
@@ -39,11 +39,7 @@
         .text
         .globl  _start
 _start:
-        mov     r15, COWSTORM_START
-        mov     r14, rdi
-        and     r14, -PAGE_SIZE         # round RAM size down to a page
-        cmp     r14, r15
-        cmovb   r14, r15                # RAM below 2 MiB: empty region
+        workload_region
         movabs  r13, 0x9E3779B97F4A7C15
         movabs  r12, 0x100000001B3
 
@@ -83,14 +79,5 @@ _start:
 
 # ---- phase 10: checksum of every word
         phase   2*COWSTORM_ROUNDS+2
-        xor     ebp, ebp
-        mov     rbx, r15
-.Lsum:
-        cmp     rbx, r14
-        jae     .Lsum_done
-        add     rbp, [rbx]
-        add     rbx, 8
-        jmp     .Lsum
-.Lsum_done:
-        report64 rbp                    # 2 io
+        report_checksum 8               # 2 io
         exit    0

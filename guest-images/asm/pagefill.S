@@ -19,8 +19,8 @@
 #
 # Exits with dedup off: 6 phase + 2 dedup + 6 report + 1 exit = 15 io.
         .include "abi.inc"
+        .include "workload.inc"
 
-        .set    PAGEFILL_START,  0x200000
         .set    PAGEFILL_GROUPS, 16             # a power of two
         .set    WORDS_PER_PAGE,  PAGE_SIZE / 8
 
@@ -32,11 +32,7 @@
         .text
         .globl  _start
 _start:
-        mov     r15, PAGEFILL_START
-        mov     r14, rdi
-        and     r14, -PAGE_SIZE         # round RAM size down to a page
-        cmp     r14, r15
-        cmovb   r14, r15                # RAM below 2 MiB: empty region
+        workload_region
         movabs  r13, 0x9E3779B97F4A7C15
         movabs  r12, 0x100000001B3
 
@@ -50,16 +46,7 @@ _start:
 
 # ---- phase 3: checksum of word 0 of every page
         phase   3
-        xor     ebp, ebp
-        mov     rbx, r15
-.Lsum0:
-        cmp     rbx, r14
-        jae     .Lsum0_done
-        add     rbp, [rbx]
-        add     rbx, PAGE_SIZE
-        jmp     .Lsum0
-.Lsum0_done:
-        report64 rbp                    # 2 io
+        report_checksum PAGE_SIZE       # 2 io
 
 # ---- phase 4: word 1 of every page := pattern(g, 1) + 1
         phase   4
@@ -86,26 +73,7 @@ _start:
 
 # ---- phase 6: checksum of word 1 of every page, then of every word
         phase   6
-        xor     ebp, ebp
-        mov     rbx, r15
-.Lsum1:
-        cmp     rbx, r14
-        jae     .Lsum1_done
-        add     rbp, [rbx + 8]
-        add     rbx, PAGE_SIZE
-        jmp     .Lsum1
-.Lsum1_done:
-        report64 rbp                    # 2 io
-
-        xor     ebp, ebp
-        mov     rbx, r15
-.Lsum_all:
-        cmp     rbx, r14
-        jae     .Lsum_all_done
-        add     rbp, [rbx]
-        add     rbx, 8
-        jmp     .Lsum_all
-.Lsum_all_done:
-        report64 rbp                    # 2 io
+        report_checksum PAGE_SIZE, 8    # 2 io
+        report_checksum 8               # 2 io
 
         exit    0
