@@ -22,19 +22,14 @@
         .include "workload.inc"
 
         .set    PAGEFILL_GROUPS, 16             # a power of two
-        .set    WORDS_PER_PAGE,  PAGE_SIZE / 8
 
-# Registers kept across the whole program (the macros clobber rax, rdx, rsi):
-#   r15 = region start, r14 = region end, r13 = group multiplier,
-#   r12 = word multiplier; loops use rbx (pointer), rcx (page index),
-#   r8-r11 (temporaries), rdi (word index), rbp (checksum).
+# Registers kept across the whole program: r15 = region start, r14 = region
+# end (the macros clobber rax, rdx and their own scratch registers).
 
         .text
         .globl  _start
 _start:
         workload_region
-        movabs  r13, 0x9E3779B97F4A7C15
-        movabs  r12, 0x100000001B3
 
 # ---- phase 1: fill every word of every page with pattern(g, w)
         phase   1
@@ -50,22 +45,7 @@ _start:
 
 # ---- phase 4: word 1 of every page := pattern(g, 1) + 1
         phase   4
-        mov     rbx, r15
-        xor     ecx, ecx
-.Lpoke:
-        cmp     rbx, r14
-        jae     .Lpoke_done
-        mov     r8, rcx
-        and     r8, PAGEFILL_GROUPS - 1
-        inc     r8
-        imul    r8, r13
-        xor     r8, r12                 # pattern(g, 1)
-        inc     r8
-        mov     [rbx + 8], r8
-        add     rbx, PAGE_SIZE
-        inc     rcx
-        jmp     .Lpoke
-.Lpoke_done:
+        rewrite_word1 PAGEFILL_GROUPS, 1
 
 # ---- phase 5: dedup again
         phase   5
