@@ -1,36 +1,67 @@
-//! Build script: assembles every `asm/<name>.S` with GNU `as` and links it
-//! with `ld -T link.ld` into the static ELF64 executable
-//! `$OUT_DIR/<name>.elf` (plus a link map `$OUT_DIR/<name>.map`), which
-//! `src/lib.rs` embeds with `include_bytes!`. No binary is checked in.
+//! Build script: writes the ABI's numbers for the assembler and the linker,
+//! then assembles every `asm/<name>.S` with GNU `as` and links it with
+//! `ld -T link.ld` into the static ELF64 executable `$OUT_DIR/<name>.elf`
+//! (plus a link map `$OUT_DIR/<name>.map`), which `src/images.rs` embeds
+//! with `include_bytes!`. No binary is checked in.
 //!
-//! The sources are plain GNU as (Intel syntax, no C preprocessor) and share
-//! `asm/abi.inc`. The tools can be overridden with the environment variables
-//! `GUEST_IMAGES_AS` and `GUEST_IMAGES_LD` (e.g. `x86_64-linux-gnu-as` on a
-//! non-x86 host).
+//! The numbers come from `src/abi/numbers.rs`, the one place they are
+//! defined (the crate's `abi` module includes the same file):
+//! `$OUT_DIR/abi-numbers.inc` holds one `.set` line each, and
+//! `$OUT_DIR/abi-numbers.ld` the image base for `link.ld`. The sources are
+//! plain GNU as (Intel syntax, no C preprocessor); they include the
+//! hand-written `asm/abi.inc` (which includes `abi-numbers.inc`) and, for the
+//! workloads, `asm/workload.inc`. The tools can be overridden with the
+//! environment variables `GUEST_IMAGES_AS` and `GUEST_IMAGES_LD` (e.g.
+//! `x86_64-linux-gnu-as` on a non-x86 host).
 
 use std::env;
 use std::ffi::OsStr;
+use std::fmt::Write as _;
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+/// The ABI's numbers, from the file the crate's `abi` module includes too.
+#[allow(dead_code, unreachable_pub)]
+mod abi {
+    include!("src/abi/numbers.rs");
+}
+
+/// Where build.rs reads and writes.
+struct Paths {
+    asm_dir: PathBuf,
+    link_script: PathBuf,
+    out_dir: PathBuf,
+}
+
+/// The assembler and the linker, and what the linker supports.
+struct Tools {
+    assembler: String,
+    linker: String,
+    /// ld >= 2.39 warns about our single RWX segment; older ld lacks the switch.
+    quiet_rwx: bool,
+}
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let asm_dir = manifest_dir.join("asm");
-    let link_script = manifest_dir.join("link.ld");
+    let paths = Paths {
+        asm_dir: manifest_dir.join("asm"),
+        link_script: manifest_dir.join("link.ld"),
+        out_dir: PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")),
+    };
 
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed={}", link_script.display());
-    println!("cargo:rerun-if-changed={}", asm_dir.display());
+    println!("cargo:rerun-if-changed={}", manifest_dir.join("src/abi/numbers.rs").display());
+    println!("cargo:rerun-if-changed={}", paths.link_script.display());
+    println!("cargo:rerun-if-changed={}", paths.asm_dir.display());
     println!("cargo:rerun-if-env-changed=GUEST_IMAGES_AS");
     println!("cargo:rerun-if-env-changed=GUEST_IMAGES_LD");
 
-    let assembler = env::var("GUEST_IMAGES_AS").unwrap_or_else(|_| "as".to_owned());
-    let linker = env::var("GUEST_IMAGES_LD").unwrap_or_else(|_| "ld".to_owned());
+    write_file(&paths.out_dir.join("abi-numbers.inc"), &asm_numbers());
+    write_file(&paths.out_dir.join("abi-numbers.ld"), &ld_numbers());
 
-    let mut entries: Vec<PathBuf> = fs::read_dir(&asm_dir)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", asm_dir.display()))
+    let mut entries: Vec<PathBuf> = fs::read_dir(&paths.asm_dir)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", paths.asm_dir.display()))
         .map(|entry| entry.expect("readable asm/ directory entry").path())
         .collect();
     entries.sort();
@@ -39,28 +70,71 @@ fn main() {
         println!("cargo:rerun-if-changed={}", path.display());
     }
 
-    // ld >= 2.39 warns about our single RWX segment; older ld lacks the switch.
+    let assembler = env::var("GUEST_IMAGES_AS").unwrap_or_else(|_| "as".to_owned());
+    let linker = env::var("GUEST_IMAGES_LD").unwrap_or_else(|_| "ld".to_owned());
     let quiet_rwx = linker_supports(&linker, "--no-warn-rwx-segments");
-
-    let sources = entries.iter().filter(|p| p.extension() == Some(OsStr::new("S")));
-    for source in sources {
-        let name = source.file_stem().and_then(OsStr::to_str).expect("asm source names are UTF-8");
-        let object = out_dir.join(format!("{name}.o"));
-        let elf = out_dir.join(format!("{name}.elf"));
-        let map = out_dir.join(format!("{name}.map"));
-
-        let mut assemble = Command::new(&assembler);
-        assemble.arg("--64").arg("--noexecstack").arg("-I").arg(&asm_dir).arg("-o").arg(&object).arg(source);
-        run(&mut assemble, &assembler, name);
-
-        let mut link = Command::new(&linker);
-        link.arg("-T").arg(&link_script).args(["-static", "-nostdlib", "-z", "noexecstack", "--build-id=none"]);
-        if quiet_rwx {
-            link.arg("--no-warn-rwx-segments");
-        }
-        link.arg("-Map").arg(&map).arg("-o").arg(&elf).arg(&object);
-        run(&mut link, &linker, name);
+    let tools = Tools { assembler, linker, quiet_rwx };
+    for source in entries.iter().filter(|p| p.extension() == Some(OsStr::new("S"))) {
+        build_image(&tools, &paths, source);
     }
+}
+
+/// The GNU as include of the ABI's numbers: each doc comment, then its
+/// `.set NAME, VALUE` line.
+fn asm_numbers() -> String {
+    let mut text = format!(
+        "# abi-numbers.inc - the numbers of the tiny-guest ABI, version {}.{}, for GNU as.\n\
+         # Generated by guest-images/build.rs from guest-images/src/abi/numbers.rs\n\
+         # (the Rust crate's guest_images::abi): do not edit. asm/abi.inc includes it.\n",
+        abi::ABI_VERSION_MAJOR,
+        abi::ABI_VERSION_MINOR
+    );
+    for number in abi::NUMBERS {
+        text.push('\n');
+        for line in number.doc.lines() {
+            writeln!(text, "#{line}").expect("writing to a String");
+        }
+        writeln!(text, "        .set {}, {:#x}", number.name, number.value).expect("writing to a String");
+    }
+    text
+}
+
+/// The linker-script fragment `link.ld` includes: where images are linked.
+fn ld_numbers() -> String {
+    format!(
+        "/* abi-numbers.ld - generated by guest-images/build.rs from\n   \
+         guest-images/src/abi/numbers.rs: do not edit. link.ld includes it. */\n\
+         GUEST_BASE = {:#x};\n",
+        abi::GUEST_BASE
+    )
+}
+
+/// Writes `text` to `path`, or panics saying where.
+fn write_file(path: &Path, text: &str) {
+    fs::write(path, text).unwrap_or_else(|e| panic!("guest-images: cannot write {}: {e}", path.display()));
+}
+
+/// Assembles `source` and links it into `$OUT_DIR/<name>.elf`.
+fn build_image(tools: &Tools, paths: &Paths, source: &Path) {
+    let name = source.file_stem().and_then(OsStr::to_str).expect("asm source names are UTF-8");
+    let object = paths.out_dir.join(format!("{name}.o"));
+    let elf = paths.out_dir.join(format!("{name}.elf"));
+    let map = paths.out_dir.join(format!("{name}.map"));
+
+    let mut assemble = Command::new(&tools.assembler);
+    assemble.args(["--64", "--noexecstack"]).arg("-I").arg(&paths.asm_dir).arg("-I").arg(&paths.out_dir);
+    assemble.arg("-o").arg(&object).arg(source);
+    run(&mut assemble, &tools.assembler, name);
+
+    let mut link = Command::new(&tools.linker);
+    // -L first: ld reads the script, and its INCLUDE, as soon as it meets -T.
+    link.arg("-L").arg(&paths.out_dir).arg("-T").arg(&paths.link_script);
+    link.args(["-static", "-nostdlib", "-z", "noexecstack", "--build-id=none"]);
+    if tools.quiet_rwx {
+        link.arg("--no-warn-rwx-segments");
+    }
+    link.arg("-Map").arg(&map).arg("-o").arg(&elf).arg(&object);
+    run(&mut link, &tools.linker, name);
 }
 
 /// Runs `cmd`; panics with a useful message if `tool` is missing or fails.

@@ -11,7 +11,7 @@
 # and B holds (X - A) & 0xFF. C holds `mov eax, 42; ret`.
         .include "abi.inc"
 
-        .set    PAGE_A, 0x200000
+        .set    PAGE_A, WORKLOAD_REGION_START
         .set    PAGE_B, PAGE_A + PAGE_SIZE
         .set    PAGE_C, PAGE_A + 2 * PAGE_SIZE
         .set    PAGE_D, PAGE_A + 3 * PAGE_SIZE

@@ -10,18 +10,14 @@
 # Exits with dedup off: 3 phase + 1 dedup + 2 report + 1 exit = 7 io; after
 # the pass the reads of phase 3 cost what the policy makes them cost.
         .include "abi.inc"
+        .include "workload.inc"
 
-        .set    START,          0x200000
         .set    GROUPS,         64              # a power of two
 
         .text
         .globl  _start
 _start:
-        mov     r15, START
-        mov     r14, rdi
-        and     r14, -PAGE_SIZE
-        cmp     r14, r15
-        cmovb   r14, r15
+        workload_region
 
         phase   1
         fill_groups GROUPS
@@ -30,14 +26,5 @@ _start:
         dedup   DEDUP_PASS
 
         phase   3
-        xor     ebp, ebp
-        mov     rbx, r15
-.Lsum:
-        cmp     rbx, r14
-        jae     .Lsum_done
-        add     rbp, [rbx]
-        add     rbx, PAGE_SIZE
-        jmp     .Lsum
-.Lsum_done:
-        report64 rbp
+        report_checksum PAGE_SIZE
         exit    0

@@ -26,26 +26,19 @@
 # costs no extra read fault). No other phase faults: the final reads find
 # the private, writable copies the last storm installed.
         .include "abi.inc"
+        .include "workload.inc"
 
-        .set    COWSTORM_START,  0x200000
         .set    COWSTORM_GROUPS, 8              # a power of two
         .set    COWSTORM_ROUNDS, 4
 
-# Registers kept across the program (the macros clobber rax, rdx):
-#   r15 = region start, r14 = region end, r13 = group multiplier,
-#   r12 = word multiplier, esi = round; loops use rbx (pointer), rcx (page
-#   index), r8 (value), rbp (checksum).
+# Registers kept across the program (the macros clobber rax, rdx and
+# their own scratch registers): r15 = region start, r14 = region end,
+# esi = round.
 
         .text
         .globl  _start
 _start:
-        mov     r15, COWSTORM_START
-        mov     r14, rdi
-        and     r14, -PAGE_SIZE         # round RAM size down to a page
-        cmp     r14, r15
-        cmovb   r14, r15                # RAM below 2 MiB: empty region
-        movabs  r13, 0x9E3779B97F4A7C15
-        movabs  r12, 0x100000001B3
+        workload_region
 
 # ---- phase 1: pagefill's pattern in 8 groups
         phase   1
@@ -61,36 +54,12 @@ _start:
 # ---- phase 2r+1: word 1 of every page := pattern(g, 1) + r (stores only)
         lea     ecx, [rsi + rsi + 1]
         phase   ecx
-        mov     rbx, r15
-        xor     ecx, ecx
-.Lstorm:
-        cmp     rbx, r14
-        jae     .Lstorm_done
-        mov     r8, rcx
-        and     r8, COWSTORM_GROUPS - 1
-        inc     r8
-        imul    r8, r13
-        xor     r8, r12                 # pattern(g, 1)
-        add     r8, rsi                 # + r
-        mov     [rbx + 8], r8
-        add     rbx, PAGE_SIZE
-        inc     rcx
-        jmp     .Lstorm
-.Lstorm_done:
+        rewrite_word1 COWSTORM_GROUPS, rsi
         inc     esi
         cmp     esi, COWSTORM_ROUNDS
         jbe     .Lround
 
 # ---- phase 10: checksum of every word
         phase   2*COWSTORM_ROUNDS+2
-        xor     ebp, ebp
-        mov     rbx, r15
-.Lsum:
-        cmp     rbx, r14
-        jae     .Lsum_done
-        add     rbp, [rbx]
-        add     rbx, 8
-        jmp     .Lsum
-.Lsum_done:
-        report64 rbp                    # 2 io
+        report_checksum 8               # 2 io
         exit    0

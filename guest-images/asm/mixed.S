@@ -39,8 +39,8 @@
 # If ksmd runs meanwhile (switched on from outside), it merges pages again
 # and later phases fault again: how many depends on its timing.
         .include "abi.inc"
+        .include "workload.inc"
 
-        .set    MIXED_START,  0x200000
         .set    MIXED_GROUPS, 8                 # a power of two
         .set    MIXED_STRIDE, 8                 # a power of two
         .set    MIXED_PHASES, 16
@@ -53,11 +53,7 @@
         .text
         .globl  _start
 _start:
-        mov     r15, MIXED_START
-        mov     r14, rdi
-        and     r14, -PAGE_SIZE         # round RAM size down to a page
-        cmp     r14, r15
-        cmovb   r14, r15                # RAM below 2 MiB: empty region
+        workload_region
 
 # ---- phase 1: pagefill's pattern in 8 groups
         phase   1
@@ -104,14 +100,5 @@ _start:
 # ---- phase 19: the read sum, then a checksum of every word
         phase   MIXED_PHASES+3
         report64 rbp                    # 2 io
-        xor     ebp, ebp
-        mov     rbx, r15
-.Lsum:
-        cmp     rbx, r14
-        jae     .Lsum_done
-        add     rbp, [rbx]
-        add     rbx, 8
-        jmp     .Lsum
-.Lsum_done:
-        report64 rbp                    # 2 io
+        report_checksum 8               # 2 io
         exit    0

@@ -19,26 +19,17 @@
 #
 # Exits with dedup off: 6 phase + 2 dedup + 6 report + 1 exit = 15 io.
         .include "abi.inc"
+        .include "workload.inc"
 
-        .set    PAGEFILL_START,  0x200000
         .set    PAGEFILL_GROUPS, 16             # a power of two
-        .set    WORDS_PER_PAGE,  PAGE_SIZE / 8
 
-# Registers kept across the whole program (the macros clobber rax, rdx, rsi):
-#   r15 = region start, r14 = region end, r13 = group multiplier,
-#   r12 = word multiplier; loops use rbx (pointer), rcx (page index),
-#   r8-r11 (temporaries), rdi (word index), rbp (checksum).
+# Registers kept across the whole program: r15 = region start, r14 = region
+# end (the macros clobber rax, rdx and their own scratch registers).
 
         .text
         .globl  _start
 _start:
-        mov     r15, PAGEFILL_START
-        mov     r14, rdi
-        and     r14, -PAGE_SIZE         # round RAM size down to a page
-        cmp     r14, r15
-        cmovb   r14, r15                # RAM below 2 MiB: empty region
-        movabs  r13, 0x9E3779B97F4A7C15
-        movabs  r12, 0x100000001B3
+        workload_region
 
 # ---- phase 1: fill every word of every page with pattern(g, w)
         phase   1
@@ -50,35 +41,11 @@ _start:
 
 # ---- phase 3: checksum of word 0 of every page
         phase   3
-        xor     ebp, ebp
-        mov     rbx, r15
-.Lsum0:
-        cmp     rbx, r14
-        jae     .Lsum0_done
-        add     rbp, [rbx]
-        add     rbx, PAGE_SIZE
-        jmp     .Lsum0
-.Lsum0_done:
-        report64 rbp                    # 2 io
+        report_checksum PAGE_SIZE       # 2 io
 
 # ---- phase 4: word 1 of every page := pattern(g, 1) + 1
         phase   4
-        mov     rbx, r15
-        xor     ecx, ecx
-.Lpoke:
-        cmp     rbx, r14
-        jae     .Lpoke_done
-        mov     r8, rcx
-        and     r8, PAGEFILL_GROUPS - 1
-        inc     r8
-        imul    r8, r13
-        xor     r8, r12                 # pattern(g, 1)
-        inc     r8
-        mov     [rbx + 8], r8
-        add     rbx, PAGE_SIZE
-        inc     rcx
-        jmp     .Lpoke
-.Lpoke_done:
+        rewrite_word1 PAGEFILL_GROUPS, 1
 
 # ---- phase 5: dedup again
         phase   5
@@ -86,26 +53,7 @@ _start:
 
 # ---- phase 6: checksum of word 1 of every page, then of every word
         phase   6
-        xor     ebp, ebp
-        mov     rbx, r15
-.Lsum1:
-        cmp     rbx, r14
-        jae     .Lsum1_done
-        add     rbp, [rbx + 8]
-        add     rbx, PAGE_SIZE
-        jmp     .Lsum1
-.Lsum1_done:
-        report64 rbp                    # 2 io
-
-        xor     ebp, ebp
-        mov     rbx, r15
-.Lsum_all:
-        cmp     rbx, r14
-        jae     .Lsum_all_done
-        add     rbp, [rbx]
-        add     rbx, 8
-        jmp     .Lsum_all
-.Lsum_all_done:
-        report64 rbp                    # 2 io
+        report_checksum PAGE_SIZE, 8    # 2 io
+        report_checksum 8               # 2 io
 
         exit    0

@@ -22,8 +22,8 @@
 # + 1 exit = 9 io, plus whatever the policy causes (not deterministic: it
 # depends on ksmd's timing).
         .include "abi.inc"
+        .include "workload.inc"
 
-        .set    STRESS_START,      0x200000
         .set    STRESS_GROUPS,     4            # a power of two
         .set    STRESS_ITERATIONS, 100000
         .set    STRESS_DELAY,      1024
@@ -31,11 +31,7 @@
         .text
         .globl  _start
 _start:
-        mov     r15, STRESS_START
-        mov     r14, rdi
-        and     r14, -PAGE_SIZE
-        cmp     r14, r15
-        cmovb   r14, r15                # RAM below 2 MiB: empty region
+        workload_region
         mov     r13, r14
         sub     r13, r15
         shr     r13, 12                 # r13 = N
@@ -77,14 +73,5 @@ _start:
 
 # ---- phase 3: checksum of every word
         phase   3
-        xor     ebp, ebp
-        mov     rbx, r15
-.Lsum:
-        cmp     rbx, r14
-        jae     .Lsum_done
-        add     rbp, [rbx]
-        add     rbx, 8
-        jmp     .Lsum
-.Lsum_done:
-        report64 rbp
+        report_checksum 8
         exit    0

@@ -11,17 +11,12 @@
 # and no secondary-MMU fault (nothing is merged, so nothing is zapped or
 # write-protected).
         .include "abi.inc"
-
-        .set    START,          0x200000
+        .include "workload.inc"
 
         .text
         .globl  _start
 _start:
-        mov     r15, START
-        mov     r14, rdi
-        and     r14, -PAGE_SIZE
-        cmp     r14, r15
-        cmovb   r14, r15
+        workload_region
 
         phase   1
         mov     rbx, r15
@@ -37,14 +32,5 @@ _start:
         dedup   DEDUP_PASS
 
         phase   3
-        xor     ebp, ebp
-        mov     rbx, r15
-.Lsum:
-        cmp     rbx, r14
-        jae     .Lsum_done
-        add     rbp, [rbx]
-        add     rbx, PAGE_SIZE
-        jmp     .Lsum
-.Lsum_done:
-        report64 rbp
+        report_checksum PAGE_SIZE
         exit    0

@@ -24,8 +24,8 @@
 # policy and view, whatever ksmd's timing. What ksmd does meanwhile (pages
 # scanned, checksums that changed, CPU time) depends on its timing.
         .include "abi.inc"
+        .include "workload.inc"
 
-        .set    VOLATILE_START,  0x200000
         .set    VOLATILE_SWEEPS, 4096
 
 # Registers kept across the program (the macros clobber rax, rdx):
@@ -36,11 +36,7 @@
         .text
         .globl  _start
 _start:
-        mov     r15, VOLATILE_START
-        mov     r14, rdi
-        and     r14, -PAGE_SIZE         # round RAM size down to a page
-        cmp     r14, r15
-        cmovb   r14, r15                # RAM below 2 MiB: empty region
+        workload_region
         movabs  r13, 0x9E3779B97F4A7C15
 
 # ---- phase 1: sweep 0 (word 0 := the page's address), then start ksmd
@@ -69,16 +65,7 @@ _start:
 
 # ---- phase 3: checksum of every word
         phase   3
-        xor     ebp, ebp
-        mov     rbx, r15
-.Lsum:
-        cmp     rbx, r14
-        jae     .Lsum_done
-        add     rbp, [rbx]
-        add     rbx, 8
-        jmp     .Lsum
-.Lsum_done:
-        report64 rbp                    # 2 io
+        report_checksum 8               # 2 io
         exit    0
 
 # sweep: words 1 .. 511 of every page of [r15, r14) := their address ^ r12.
