@@ -4,10 +4,8 @@ use std::io::Write;
 
 use vm_superio::{Serial, Trigger};
 
-/// First port of COM1.
-pub const COM1_BASE: u16 = 0x3F8;
-/// Number of COM1 ports.
-pub const COM1_PORTS: u16 = 8;
+/// COM1's ports (guest-abi.md), defined once in `guest_images::abi`.
+pub use guest_images::abi::{COM1_BASE, COM1_PORTS};
 
 /// The guest has no interrupt controller (interrupts stay disabled, ABI v1),
 /// so the UART's interrupt line goes nowhere.

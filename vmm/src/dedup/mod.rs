@@ -18,14 +18,8 @@ pub use host::{HostKsm, HostKsmError, HostKsmPaths};
 
 use crate::stats::Counters;
 
-/// Port 0x501 value: one synchronous full pass.
-pub const DEDUP_PASS: u32 = 1;
-/// Port 0x501 value: start the background scanner.
-pub const DEDUP_START: u32 = 2;
-/// Port 0x501 value: stop the background scanner.
-pub const DEDUP_STOP: u32 = 3;
-/// Port 0x501 value: unmerge every merged page.
-pub const DEDUP_UNMERGE: u32 = 4;
+/// Port 0x501 values (guest-abi.md), defined once in `guest_images::abi`.
+pub use guest_images::abi::{DEDUP_PASS, DEDUP_START, DEDUP_STOP, DEDUP_UNMERGE};
 
 /// The sysfs figures guest-abi.md promises in every phase's `ksm` map; a
 /// run without deduplication reports them as 0.

@@ -37,7 +37,7 @@ pub const STACK_BOTTOM: u64 = 0x7_0000;
 /// Initial RSP: the top of the guest stack.
 pub const STACK_TOP: u64 = 0x8_0000;
 /// First guest-physical address that belongs to the guest (ABI v1).
-pub const GUEST_BASE: u64 = 0x10_0000;
+pub const GUEST_BASE: u64 = guest_images::abi::GUEST_BASE;
 /// Smallest guest RAM the VMM accepts: the low megabyte plus one for the guest.
 pub const MIN_RAM: u64 = 2 << 20;
 /// Largest guest RAM the identity map is built for.
@@ -49,7 +49,10 @@ pub const GIB: u64 = 1 << 30;
 const _: () = {
     assert!(TSS_ADDR >= LOW_PT_ADDR + PAGE_SIZE, "TSS overlaps the low page table");
     assert!(TSS_ADDR + (TSS_LIMIT as u64) < PD_BASE_ADDR, "TSS and its bitmap run into the page directories");
-    assert!(STACK_TOP - STACK_BOTTOM >= 16 << 10, "ABI v1 promises a stack of at least 16 KiB");
+    assert!(
+        STACK_TOP - STACK_BOTTOM >= guest_images::abi::MIN_STACK_BYTES,
+        "ABI v1 promises a stack of at least 16 KiB"
+    );
     assert!(STACK_TOP <= GUEST_BASE, "the stack must stay in the low megabyte");
 };
 
