@@ -174,8 +174,7 @@ impl Lab {
         for gfn in start..end {
             let pte = host.pte(gfn).or_fail("pte")?;
             if pte.writable {
-                host.set_pte_at_notify(&range, gfn, Pte { pfn: pte.pfn, writable: false })
-                    .or_fail("set_pte_at_notify")?;
+                host.set_pte_at_notify(&range, gfn, Pte { writable: false, ..pte }).or_fail("set_pte_at_notify")?;
             }
         }
         host.invalidate_range_end(&range);
