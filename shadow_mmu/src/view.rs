@@ -26,9 +26,11 @@ pub trait EptView: Send {
     ///
     /// The default zaps the range: correct for any backend (every access
     /// faults and the handler maps the page again from the secondary
-    /// table), but not in place, so a backend overrides it; the VMM's will
+    /// table; until then the view is stricter than the table, never
+    /// looser), but not in place, so a backend overrides it; the VMM's will
     /// with a read-only memslot over the range (memslot view) and
-    /// UFFDIO_WRITEPROTECT over it (userfaultfd view).
+    /// UFFDIO_WRITEPROTECT over it (userfaultfd view). A backend that wraps
+    /// others must forward it, or the default zaps on their behalf.
     fn write_protect(&mut self, start: Gfn, end: Gfn) -> Result<(), Self::Error> {
         self.zap(start, end)
     }
