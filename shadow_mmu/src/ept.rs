@@ -159,26 +159,41 @@ impl Ept {
     /// Removes every leaf in [start, end); returns how many were present.
     /// Absent subtrees are skipped whole.
     pub fn unmap_range(&mut self, start: Gfn, end: Gfn) -> u64 {
-        let mut zapped = 0;
-        let mut gfn = start;
-        while gfn < end {
-            match self.leaf_table(gfn) {
-                Some(table) => {
-                    let stop = end.min((gfn | 0x1FF) + 1);
-                    for g in gfn..stop {
-                        let slot = &mut self.tables[table][index_at(g, 0)];
-                        if slot.present() {
-                            *slot = EptEntry::default();
-                            zapped += 1;
-                        }
-                    }
-                    gfn = stop;
-                }
-                None => gfn = (gfn | 0x1FF) + 1, // the whole leaf table is absent
-            }
-        }
+        let zapped = self.update_leaves(start, end, |_| Some(EptEntry::default()));
         self.leaves -= zapped;
         zapped
+    }
+
+    /// Clears the write bit of every writable leaf in [start, end), frames
+    /// and other bits kept; returns how many changed. Absent subtrees are
+    /// skipped whole.
+    pub fn write_protect_range(&mut self, start: Gfn, end: Gfn) -> u64 {
+        self.update_leaves(start, end, |e| e.writable().then_some(EptEntry(e.0 & !EptEntry::WRITE)))
+    }
+
+    /// Replaces each present leaf in [start, end) by what `update` returns
+    /// for it, if anything; returns how many were replaced.
+    fn update_leaves(&mut self, start: Gfn, end: Gfn, mut update: impl FnMut(EptEntry) -> Option<EptEntry>) -> u64 {
+        let mut changed = 0;
+        let mut gfn = start;
+        while gfn < end {
+            let stop = end.min((gfn | 0x1FF) + 1);
+            // An absent leaf table covers the whole stretch.
+            if let Some(table) = self.leaf_table(gfn) {
+                for g in gfn..stop {
+                    let slot = &mut self.tables[table][index_at(g, 0)];
+                    if !slot.present() {
+                        continue;
+                    }
+                    if let Some(new) = update(*slot) {
+                        *slot = new;
+                        changed += 1;
+                    }
+                }
+            }
+            gfn = stop;
+        }
+        changed
     }
 
     /// Every present leaf in gfn order.
@@ -234,5 +249,23 @@ mod tests {
         assert_eq!(ept.unmap_range(0, 0x40000), 1);
         assert_eq!(ept.unmap_range(0, 1 << 30), 1);
         assert!(ept.is_empty());
+    }
+
+    #[test]
+    fn write_protect_range_clears_only_the_write_bit_of_present_leaves() {
+        let mut ept = Ept::new();
+        ept.map(0x1FE, 7, true);
+        ept.map(0x1FF, 8, false);
+        ept.map(0x200, 9, true); // the next leaf table
+        ept.map(0x40000, 10, true); // outside the range
+        assert_eq!(ept.write_protect_range(0x100, 0x30000), 2, "the read-only leaf does not count");
+        assert_eq!(ept.lookup(0x1FE), Some(EptEntry::leaf(7, false)));
+        assert_eq!(ept.lookup(0x1FF), Some(EptEntry::leaf(8, false)));
+        assert_eq!(ept.lookup(0x200), Some(EptEntry::leaf(9, false)));
+        assert_eq!(ept.lookup(0x40000), Some(EptEntry::leaf(10, true)));
+        assert_eq!(ept.lookup(0x1FD), None, "absent leaves stay absent");
+        assert_eq!(ept.len(), 4);
+        assert_eq!(ept.write_protect_range(0, 1 << 30), 1);
+        assert_eq!(ept.write_protect_range(0, 1 << 30), 0);
     }
 }

@@ -3,11 +3,11 @@
 //! | module | job | in Linux |
 //! | --- | --- | --- |
 //! | [`frame_pool`] | host physical memory: a memfd of page frames, its direct map, holes punched for freed frames | the page allocator, the direct map |
-//! | [`memory`] | the primary MMU ([`PrimaryMmu`]): the host page table over guest RAM, frame accounting, the notifier chain, `set_pte_at_notify`, the copy-on-write break (`do_wp_page`, `wp_page_copy`), `get_user_page`, and KSM's pte primitives `write_protect_page`, `replace_page` | mm/memory.c, mm/gup.c, the pte half of mm/ksm.c, `struct mm_struct`, `struct page` |
-//! | [`mmu_notifier`] | ranges (start, end, event, flags), the [`MmuNotifier`] trait, `MMU_NOTIFIER_USE_CHANGE_PTE` and its three legal transitions | include/linux/mmu_notifier.h, with the 2019 series' flag |
+//! | [`memory`] | the primary MMU ([`PrimaryMmu`]): the host page table over guest RAM, frame accounting, the notifier chain, `set_pte_at_notify`, the copy-on-write break (`do_wp_page`, `wp_page_reuse`, `wp_page_copy`), `get_user_page`, KSM's pte primitives `write_protect_page`, `replace_page`, and batch protection: a soft-dirty round ([`PrimaryMmu::clear_refs_soft_dirty`]), [`PrimaryMmu::mprotect`], the soft-dirty bits pagemap reports | mm/memory.c, mm/gup.c, the pte half of mm/ksm.c, fs/proc/task_mmu.c (`clear_refs_write`, `clear_soft_dirty`, pagemap), mm/mprotect.c (`change_protection`, `can_change_pte_writable`), `struct mm_struct`, `struct page` |
+//! | [`mmu_notifier`] | ranges (start, end, event, flags, new protection), the [`MmuNotifier`] trait, `MMU_NOTIFIER_USE_CHANGE_PTE` and its three legal transitions, [`MmuNotifierRange::update_to_read_only`] | include/linux/mmu_notifier.h and mm/mmu_notifier.c, with the 2019 series' flag and its `mmu_notifier_range_update_to_read_only` (Linux 5.2 to 6.2) |
 //! | [`ept`] | a 4-level table in Intel EPT entry format | the EPT paging structures (Intel SDM vol. 3) |
-//! | [`secondary_mmu`] | the secondary MMU ([`SecondaryMmu`]): its policies, the invalidation sequence protocol, [`handle_ept_violation`] | arch/x86/kvm/mmu, virt/kvm/kvm_main.c's notifier callbacks |
-//! | [`view`] | [`EptView`], what makes the secondary table real for a vCPU (the `vmm` crate's memslot and userfaultfd backends); [`RecordingView`] for tests | the CPU walking the EPT |
+//! | [`secondary_mmu`] | the secondary MMU ([`SecondaryMmu`]): its policies (the event-aware one downgrades a range that only loses write permission in place), the invalidation sequence protocol, [`handle_ept_violation`] | arch/x86/kvm/mmu (the in-place downgrade after `kvm_tdp_mmu_wrprot_slot`), virt/kvm/kvm_main.c's notifier callbacks |
+//! | [`view`] | [`EptView`], what makes the secondary table real for a vCPU (the `vmm` crate's memslot and userfaultfd backends), with a whole-range `write_protect`; [`RecordingView`] for tests | the CPU walking the EPT |
 //! | [`stack`] | [`GuestMmus`]: a frame pool with both MMUs wired together, and guest accesses through the secondary MMU, as the VMM and the tests build them | a VM's memory under KVM |
 //!
 //! # Deliberate differences from Linux
@@ -39,8 +39,9 @@
 //! * **`change_pte` may make an entry writable.** KVM's `change_pte`
 //!   handler never maps a writable pte (it zaps instead). For the RO -> RW
 //!   transition of a copy-on-write break the USE_CHANGE_PTE flag allows the
-//!   in-place update, so under the `change-pte` policy the entry becomes
-//!   writable on the new frame: the transition the 2019 series made legal.
+//!   in-place update, so under the `change-pte` and `event-aware` policies
+//!   the entry becomes writable on the new frame: the transition the 2019
+//!   series made legal.
 //! * **A fault retries while any invalidation is in progress.** The
 //!   sequence check is `mmu_invalidate_retry` of include/linux/kvm_host.h,
 //!   not x86's finer `mmu_invalidate_retry_gfn`, which lets a fault outside
@@ -58,6 +59,37 @@
 //!   holds the physical address of the next table; only 4 KiB leaves are
 //!   used (as KVM does for memory it may deduplicate). No CPU walks this
 //!   table: the view makes it real.
+//! * **Protection per page, read-only or read-write.** [`PrimaryMmu::mprotect`]
+//!   keeps the protection of each page (the one vma splits at page
+//!   granularity, where Linux splits and merges vmas), knows no PROT_NONE,
+//!   and changes a range inside one PROTECTION_VMA range (Linux opens one
+//!   per populated PUD-sized chunk). Back to read-write it follows Linux
+//!   6.2's `can_change_pte_writable` for private anonymous memory: a pte is
+//!   made writable again only if its page is exclusive and soft-dirty
+//!   tracking needs no write fault for it; there is no dirty bit. A write
+//!   fault on a page mprotect'ed read-only fails
+//!   ([`PrimaryMmuError::WriteToReadOnlyVma`]), as gup refuses FOLL_WRITE
+//!   there and KVM_RUN fails with EFAULT.
+//! * **Soft-dirty rounds over a range, no VM_SOFTDIRTY.**
+//!   [`PrimaryMmu::clear_refs_soft_dirty`] takes a gfn range where
+//!   `clear_refs` 4 covers the whole mm, skips no pte as DMA-pinned (no guest
+//!   frame is pinned across a round here), and every pte starts soft-dirty,
+//!   which reports what a new vma's VM_SOFTDIRTY does until the first round.
+//! * **A KSM merge keeps the soft-dirty bit.** Linux's `replace_page` builds
+//!   the new pte with `mk_pte(kpage, vma->vm_page_prot)`, which drops it, so
+//!   a page written since the last round and merged before the next reads
+//!   as unwritten in pagemap; here [`PrimaryMmu::replace_page`] keeps it (the
+//!   merge does not change what the page holds).
+//! * **Which ranges "only remove write".** Linux's
+//!   `mmu_notifier_range_update_to_read_only` (5.2 to 6.2, never used) was
+//!   true for any PROTECTION_VMA range whose vma kept VM_READ, an mprotect
+//!   back to read-write included, and never for SOFT_DIRTY;
+//!   [`MmuNotifierRange::update_to_read_only`] is true for SOFT_DIRTY and for
+//!   PROTECTION_VMA to read-only only, from the new protection the range
+//!   carries (Linux passed the `vma`). The event-aware policy also leaves
+//!   its entries alone on an mprotect back to read-write
+//!   ([`MmuNotifierRange::update_adds_write`]), which no Linux secondary MMU
+//!   does (KVM zaps every range, whatever its event).
 //! * **A modelled guest access holds the secondary MMU's lock.**
 //!   [`GuestMmus::guest_read`] and [`GuestMmus::guest_write`] walk the EPT
 //!   and touch the frame under the secondary MMU's lock, as hardware's walk
@@ -86,6 +118,15 @@
 //! // A guest write to page 21 breaks copy-on-write through the handler.
 //! let pte = handle_ept_violation(&host, &mmu, 21, Access::Write).unwrap();
 //! assert!(pte.writable && pte.pfn != 20);
+//!
+//! // A soft-dirty round: one SOFT_DIRTY range, no change_pte; change-pte
+//! // zaps it, as KVM does (event-aware would downgrade in place).
+//! assert_eq!(host.lock().unwrap().clear_refs_soft_dirty(16, 64).unwrap(), 47);
+//! assert_eq!(mmu.lock().unwrap().stats().zapped, 48);
+//! // Page 30's next write reuses its frame and marks it soft-dirty.
+//! let pte = handle_ept_violation(&host, &mmu, 30, Access::Write).unwrap();
+//! assert_eq!((pte.pfn, pte.soft_dirty), (30, true));
+//! assert_eq!(host.lock().unwrap().soft_dirty_pages(16, 64).unwrap(), [30]);
 //! ```
 
 pub mod ept;
@@ -107,7 +148,7 @@ pub fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> 
 
 pub use frame_pool::{FramePool, FramePoolError, Pfn, PAGE_SHIFT, PAGE_SIZE};
 pub use memory::{PrimaryMmu, PrimaryMmuError, Pte};
-pub use mmu_notifier::{Gfn, MmuNotifier, MmuNotifierRange, MmuNotifyEvent, RangeFlags};
+pub use mmu_notifier::{Gfn, MmuNotifier, MmuNotifierRange, MmuNotifyEvent, Protection, RangeFlags};
 pub use secondary_mmu::{handle_ept_violation, Access, FaultError, MmuStats, Policy, SecondaryMmu};
 pub use stack::{GuestAccessError, GuestMmus};
 pub use view::{EptView, RecordingView};

@@ -60,6 +60,18 @@ impl std::ops::BitOr for RangeFlags {
     }
 }
 
+/// The protection a protection-only update leaves on the present ptes of
+/// its range (mprotect's `newprot`, as far as a secondary MMU cares).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protection {
+    /// No access (`PROT_NONE`).
+    None,
+    /// Read and execute, no write.
+    ReadOnly,
+    /// Read, write and execute.
+    ReadWrite,
+}
+
 /// `struct mmu_notifier_range`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MmuNotifierRange {
@@ -71,12 +83,26 @@ pub struct MmuNotifierRange {
     pub event: MmuNotifyEvent,
     /// How.
     pub flags: RangeFlags,
+    /// For an update that changes only the protection of the range's ptes
+    /// (frames unchanged): the protection they have at most afterwards.
+    /// `None` for updates that move or drop frames, or do not say. Linux
+    /// 5.2 to 6.2 passed the `vma` instead, whose new `vm_flags` told the
+    /// same (see [`MmuNotifierRange::update_to_read_only`]).
+    pub new_prot: Option<Protection>,
 }
 
 impl MmuNotifierRange {
-    /// `mmu_notifier_range_init` for [start, end).
+    /// `mmu_notifier_range_init` for [start, end), saying nothing of the
+    /// new protection.
     pub fn new(start: Gfn, end: Gfn, event: MmuNotifyEvent, flags: RangeFlags) -> Self {
-        Self { start, end, event, flags }
+        Self { start, end, event, flags, new_prot: None }
+    }
+
+    /// A blockable range over [start, end) whose update changes only
+    /// protection, to `new_prot`: mprotect (PROTECTION_VMA), a soft-dirty
+    /// round (SOFT_DIRTY, read-only).
+    pub fn protection(start: Gfn, end: Gfn, event: MmuNotifyEvent, new_prot: Protection) -> Self {
+        Self { start, end, event, flags: RangeFlags::BLOCKABLE, new_prot: Some(new_prot) }
     }
 
     /// A one-page range.
@@ -89,9 +115,41 @@ impl MmuNotifierRange {
         (self.start..self.end).contains(&gfn)
     }
 
-    /// Whether `change_pte` may be relied on for this range.
+    /// Whether `change_pte` may be relied on for this range: the flag is
+    /// set and legal. On a batch update that only removes write permission
+    /// the flag is illegal ([`check_change_pte`] refuses it), so a
+    /// subscriber ignores it there and does what the event says.
     pub fn use_change_pte(&self) -> bool {
-        self.flags.contains(RangeFlags::USE_CHANGE_PTE)
+        self.flags.contains(RangeFlags::USE_CHANGE_PTE) && !self.update_to_read_only()
+    }
+
+    /// Whether the update only removes write permission: every frame stays
+    /// where it is and stays readable, so a secondary MMU may downgrade its
+    /// entries to read-only in place instead of zapping them. True for a
+    /// SOFT_DIRTY range (`clear_refs` 4: "still same page and same access
+    /// flags", write-protected) and a PROTECTION_VMA range to read-only.
+    ///
+    /// After `mmu_notifier_range_update_to_read_only` of the 2019 series
+    /// (mm/mmu_notifier.c, Linux 5.2 to 6.2; removed unused in 6.3 by
+    /// 7d4a8be0c4b2), which was true for a PROTECTION_VMA range whose vma
+    /// kept VM_READ. Deliberately narrower and wider: it does not hold for
+    /// an mprotect that adds write (Linux's helper did, as the vma stays
+    /// readable; see [`MmuNotifierRange::update_adds_write`]), and it holds
+    /// for SOFT_DIRTY, which Linux's helper never covered.
+    pub fn update_to_read_only(&self) -> bool {
+        match self.event {
+            MmuNotifyEvent::SoftDirty => true,
+            MmuNotifyEvent::ProtectionVma => self.new_prot == Some(Protection::ReadOnly),
+            _ => false,
+        }
+    }
+
+    /// Whether the update only grants write permission (mprotect back to
+    /// read-write): frames stay, nothing a secondary MMU maps loses a
+    /// permission, so it has nothing to invalidate; its read-only entries
+    /// fault on the next write and take the new pte then.
+    pub fn update_adds_write(&self) -> bool {
+        self.event == MmuNotifyEvent::ProtectionVma && self.new_prot == Some(Protection::ReadWrite)
     }
 }
 
@@ -110,26 +168,50 @@ pub trait MmuNotifier: Send {
 
 /// A `change_pte` notification the range's USE_CHANGE_PTE flag does not allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "USE_CHANGE_PTE on an illegal transition at gfn {gfn:#x}: {old:?} -> {new:?} \
-     (legal: RW->RO same frame, RO->RW any frame, RO->RO other frame)"
-)]
-pub struct IllegalChangePte {
-    /// The page.
-    pub gfn: Gfn,
-    /// The pte before.
-    pub old: Pte,
-    /// The pte after.
-    pub new: Pte,
+pub enum IllegalChangePte {
+    /// The pte change is not one of the three legal transitions.
+    #[error(
+        "USE_CHANGE_PTE on an illegal transition at gfn {gfn:#x}: {old:?} -> {new:?} \
+         (legal: RW->RO same frame, RO->RW any frame, RO->RO other frame)"
+    )]
+    Transition {
+        /// The page.
+        gfn: Gfn,
+        /// The pte before.
+        old: Pte,
+        /// The pte after.
+        new: Pte,
+    },
+    /// The range is a batch update that only removes write permission: it
+    /// is inferred from the range's event, never through `change_pte`.
+    #[error(
+        "USE_CHANGE_PTE on a {event:?} range [{start:#x}, {end:#x}) that only removes write \
+         permission (a batch update: the event says what happens, not change_pte)"
+    )]
+    BatchRange {
+        /// Range start.
+        start: Gfn,
+        /// Range end.
+        end: Gfn,
+        /// The range's event.
+        event: MmuNotifyEvent,
+    },
 }
 
-/// Checks that `old -> new` is one of the three transitions for which
-/// `MMU_NOTIFIER_USE_CHANGE_PTE` may be set (the seed patch):
+/// Checks that USE_CHANGE_PTE may be set on `range` for its change of `gfn`
+/// from `old` to `new` (the seed patch). The range must not be a batch
+/// update that only removes write permission
+/// ([`MmuNotifierRange::update_to_read_only`]: "set_pte_at_notify() should
+/// not be used when updating a significant range"), and the change must be
+/// one of the three legal transitions:
 ///
 /// * read-write -> read-only, same frame (KSM `write_protect_page`);
 /// * read-only -> read-write, frame may change (copy-on-write break);
 /// * read-only -> read-only, another frame (KSM `replace_page`).
-pub fn check_change_pte(gfn: Gfn, old: Pte, new: Pte) -> Result<(), IllegalChangePte> {
+pub fn check_change_pte(range: &MmuNotifierRange, gfn: Gfn, old: Pte, new: Pte) -> Result<(), IllegalChangePte> {
+    if range.update_to_read_only() {
+        return Err(IllegalChangePte::BatchRange { start: range.start, end: range.end, event: range.event });
+    }
     let legal = match (old.writable, new.writable) {
         (true, false) => old.pfn == new.pfn,
         (false, true) => true,
@@ -139,7 +221,7 @@ pub fn check_change_pte(gfn: Gfn, old: Pte, new: Pte) -> Result<(), IllegalChang
     if legal {
         Ok(())
     } else {
-        Err(IllegalChangePte { gfn, old, new })
+        Err(IllegalChangePte::Transition { gfn, old, new })
     }
 }
 
@@ -148,7 +230,14 @@ mod tests {
     use super::*;
 
     fn pte(pfn: u64, writable: bool) -> Pte {
-        Pte { pfn, writable }
+        Pte { pfn, writable, soft_dirty: false }
+    }
+
+    /// The transition check on the one-page range of a KSM step or a
+    /// copy-on-write break, where the flag is set.
+    fn check_change_pte(gfn: Gfn, old: Pte, new: Pte) -> Result<(), IllegalChangePte> {
+        let range = MmuNotifierRange::page(gfn, MmuNotifyEvent::Clear, RangeFlags::USE_CHANGE_PTE);
+        super::check_change_pte(&range, gfn, old, new)
     }
 
     #[test]
@@ -177,5 +266,43 @@ mod tests {
         assert!(!RangeFlags::BLOCKABLE.contains(RangeFlags::USE_CHANGE_PTE));
         let r = MmuNotifierRange::page(7, MmuNotifyEvent::Clear, f);
         assert!(r.use_change_pte() && r.contains(7) && !r.contains(8));
+    }
+
+    #[test]
+    fn only_soft_dirty_and_mprotect_to_read_only_update_to_read_only() {
+        use MmuNotifyEvent::*;
+        let prot = |event, p| MmuNotifierRange::protection(0, 8, event, p);
+        assert!(prot(SoftDirty, Protection::ReadOnly).update_to_read_only());
+        assert!(MmuNotifierRange::new(0, 8, SoftDirty, RangeFlags::BLOCKABLE).update_to_read_only());
+        assert!(prot(ProtectionVma, Protection::ReadOnly).update_to_read_only());
+        assert!(!prot(ProtectionVma, Protection::ReadWrite).update_to_read_only());
+        assert!(!prot(ProtectionVma, Protection::None).update_to_read_only(), "removing read is no downgrade");
+        // A protection change that does not say what it does is no downgrade.
+        assert!(!MmuNotifierRange::new(0, 8, ProtectionVma, RangeFlags::BLOCKABLE).update_to_read_only());
+        for event in [Clear, Unmap, ProtectionPage, Release] {
+            assert!(!MmuNotifierRange::new(0, 8, event, RangeFlags::BLOCKABLE).update_to_read_only(), "{event:?}");
+        }
+        assert!(prot(ProtectionVma, Protection::ReadWrite).update_adds_write());
+        assert!(!prot(ProtectionVma, Protection::ReadOnly).update_adds_write());
+        assert!(!prot(SoftDirty, Protection::ReadOnly).update_adds_write());
+    }
+
+    #[test]
+    fn use_change_pte_is_refused_on_a_range_that_only_removes_write() {
+        for event in [MmuNotifyEvent::SoftDirty, MmuNotifyEvent::ProtectionVma] {
+            let mut range = MmuNotifierRange::protection(4, 12, event, Protection::ReadOnly);
+            range.flags = range.flags | RangeFlags::USE_CHANGE_PTE;
+            // Even the transition such a range makes (RW -> RO, same frame),
+            // legal on a KSM step's range, is refused here.
+            let err = super::check_change_pte(&range, 5, pte(5, true), pte(5, false));
+            assert_eq!(err, Err(IllegalChangePte::BatchRange { start: 4, end: 12, event }));
+            // And a subscriber does not rely on change_pte for it.
+            assert!(!range.use_change_pte() && range.flags.contains(RangeFlags::USE_CHANGE_PTE));
+        }
+        // An mprotect back to read-write is no read-only update: the
+        // transition check alone decides (RO -> RW, same frame, is legal).
+        let mut up = MmuNotifierRange::protection(4, 12, MmuNotifyEvent::ProtectionVma, Protection::ReadWrite);
+        up.flags = up.flags | RangeFlags::USE_CHANGE_PTE;
+        assert!(super::check_change_pte(&up, 5, pte(5, false), pte(5, true)).is_ok());
     }
 }

@@ -1,7 +1,7 @@
 //! The secondary MMU, after arch/x86/kvm/mmu: an EPT table kept in step with
 //! the primary MMU by the mmu notifier, filled by the EPT-violation handler.
 //!
-//! Three policies decide what a notification does ([`Policy`]). The
+//! Four policies decide what a notification does ([`Policy`]). The
 //! invalidation sequence protocol is KVM's: a fault reads
 //! `mmu_invalidate_seq` before it looks up the host pte and installs only if
 //! no invalidation started or ended since (`mmu_invalidate_retry`), so an
@@ -29,6 +29,16 @@ pub enum Policy {
     /// KVM from 2012 until the flag: zaps in `invalidate_range_start`, so the
     /// later `change_pte` finds no entry (counted as missed, no effect).
     Legacy,
+    /// The seed's whole proposal: `ChangePte`, and a batch update inferred
+    /// from the range instead of zapped. A range that only removes write
+    /// permission ([`MmuNotifierRange::update_to_read_only`]: a soft-dirty
+    /// round, mprotect to read-only) downgrades the range's present entries
+    /// to read-only in place, with one view call
+    /// ([`EptView::write_protect`]) and one flush; a range that only grants
+    /// write ([`MmuNotifierRange::update_adds_write`]) needs nothing. Every
+    /// other range (CLEAR, UNMAP, a protection that removes read or does
+    /// not say) zaps.
+    EventAware,
 }
 
 impl Policy {
@@ -38,8 +48,27 @@ impl Policy {
             Policy::ChangePte => "change-pte",
             Policy::RangeFlush => "range-flush",
             Policy::Legacy => "legacy",
+            Policy::EventAware => "event-aware",
         }
     }
+
+    /// Whether `change_pte` updates entries in place (else it is ignored
+    /// or finds the entry zapped).
+    fn honours_change_pte(self) -> bool {
+        matches!(self, Policy::ChangePte | Policy::EventAware)
+    }
+}
+
+/// What `invalidate_range_start` does to the range's entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Invalidation {
+    /// Nothing: `change_pte` will update each entry, or nothing the
+    /// secondary MMU maps loses a permission.
+    Keep,
+    /// Downgrade present entries to read-only in place.
+    WriteProtect,
+    /// Remove every entry.
+    Zap,
 }
 
 /// What a guest access needs from the secondary MMU.
@@ -64,8 +93,13 @@ pub struct MmuStats {
     pub change_pte_applied: u64,
     /// `change_pte` calls that found no entry to update.
     pub change_pte_missed: u64,
-    /// Range zaps that removed something (each a TLB flush on hardware).
+    /// Range updates that changed something (zaps that removed an entry,
+    /// in-place downgrades that changed one): each a TLB flush on hardware.
     pub flushes: u64,
+    /// Ranges downgraded in place that changed an entry (event-aware).
+    pub wrprot_ranges: u64,
+    /// Entries downgraded to read-only in place by those ranges.
+    pub wrprot_entries: u64,
     /// Faults retried because an invalidation raced with them.
     pub fault_retries: u64,
     /// Calls made to the view.
@@ -154,6 +188,8 @@ impl<V: EptView> SecondaryMmu<V> {
             ("change_pte_applied", s.change_pte_applied),
             ("change_pte_missed", s.change_pte_missed),
             ("flushes", s.flushes),
+            ("wrprot_ranges", s.wrprot_ranges),
+            ("wrprot_entries", s.wrprot_entries),
             ("fault_retries", s.fault_retries),
             ("view_updates", s.view_updates),
             ("view_ns", s.view_ns),
@@ -193,6 +229,37 @@ impl<V: EptView> SecondaryMmu<V> {
         }
     }
 
+    /// Downgrades the present writable entries of [start, end) to read-only
+    /// in place: one view call and one flush for the range, if anything
+    /// changed (KVM's own in-place write protection for dirty logging,
+    /// `kvm_tdp_mmu_wrprot_slot`, clears the writable bit of each leaf the
+    /// same way and asks for one flush). The next guest write faults into
+    /// the handler and the primary MMU, which marks the page soft-dirty or
+    /// breaks copy-on-write; no entry keeps a way to become writable again
+    /// without that fault (KVM's fast path would, through its MMU-writable
+    /// bit: it must be cleared too there).
+    fn write_protect(&mut self, start: Gfn, end: Gfn) {
+        let n = self.ept.write_protect_range(start, end);
+        if n > 0 {
+            self.stats.wrprot_entries += n;
+            self.stats.wrprot_ranges += 1;
+            self.stats.flushes += 1;
+            self.view_op(|v| v.write_protect(start, end));
+        }
+    }
+
+    /// What `invalidate_range_start` of `range` does under the policy.
+    fn invalidation(&self, range: &MmuNotifierRange) -> Invalidation {
+        if self.policy.honours_change_pte() && range.use_change_pte() {
+            return Invalidation::Keep; // change_pte will update each entry in place
+        }
+        match self.policy {
+            Policy::EventAware if range.update_to_read_only() => Invalidation::WriteProtect,
+            Policy::EventAware if range.update_adds_write() => Invalidation::Keep,
+            _ => Invalidation::Zap,
+        }
+    }
+
     /// `mmu_invalidate_retry`: whether a fault that read `seq` before its
     /// host lookup must start again. Any invalidation in progress counts,
     /// whatever its range (a deliberate difference: crate docs).
@@ -216,10 +283,11 @@ impl<V: EptView> SecondaryMmu<V> {
 impl<V: EptView> MmuNotifier for SecondaryMmu<V> {
     fn invalidate_range_start(&mut self, range: &MmuNotifierRange) {
         self.mmu_invalidate_in_progress += 1;
-        if self.policy == Policy::ChangePte && range.use_change_pte() {
-            return; // change_pte will update each entry in place
+        match self.invalidation(range) {
+            Invalidation::Keep => {}
+            Invalidation::WriteProtect => self.write_protect(range.start, range.end),
+            Invalidation::Zap => self.zap(range.start, range.end),
         }
-        self.zap(range.start, range.end);
     }
 
     fn invalidate_range_end(&mut self, _range: &MmuNotifierRange) {

@@ -154,7 +154,10 @@ impl GuestMmus<RecordingView> {
         spare_frames: u64,
     ) -> Result<Self, FramePoolError> {
         let pool = Arc::new(FramePool::new((end_gfn + spare_frames) * PAGE_SIZE)?);
-        let view = RecordingView { pages: (first_gfn..end_gfn).map(|gfn| (gfn, (gfn, true))).collect(), calls: (0, 0) };
+        let view = RecordingView {
+            pages: (first_gfn..end_gfn).map(|gfn| (gfn, (gfn, true))).collect(),
+            ..RecordingView::default()
+        };
         Ok(Self::new(pool, first_gfn, end_gfn, policy, view))
     }
 }

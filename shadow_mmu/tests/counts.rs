@@ -43,8 +43,8 @@ fn merge_read_write(policy: Policy) -> (Counts, HostStats, Lab) {
 
     let host = lock(&lab.mmus.mm);
     // The frame freed by the merge (3) is the first one reused: the free list is LIFO.
-    assert_eq!(host.pte(3).expect("pte"), Pte { pfn: 3, writable: true });
-    assert_eq!(host.pte(2).expect("pte"), Pte { pfn: 2, writable: false });
+    assert_eq!(host.pte(3).expect("pte"), Pte { pfn: 3, writable: true, soft_dirty: true });
+    assert_eq!(host.pte(2).expect("pte"), Pte { pfn: 2, writable: false, soft_dirty: true });
     assert!(host.frame(2).ksm);
     let host_stats = host.stats();
     drop(host);
@@ -78,6 +78,9 @@ fn expected_host_stats() -> HostStats {
         notifier_ranges: 4,
         // One set_pte_at_notify in each of those ranges.
         change_pte_calls: 4,
+        // No batch update.
+        soft_dirty_rounds: 0,
+        batch_wrprotected: 0,
     }
 }
 

@@ -3,17 +3,21 @@
 //! Random sequences of guest accesses (made through the secondary MMU, as a
 //! vCPU would: through the EPT entry's frame, faulting when the EPT does not
 //! allow the access), KSM merges, lone write protections, unflagged batch
-//! protections and host-side copy-on-write breaks run under every
-//! [`Policy`]. After every step the EPT, its view, the host page table and
-//! the frame accounting are checked against each other, and every guest
-//! read against a reference of what each guest page holds (one word at
-//! offset 0 of each page).
+//! protections, host-side copy-on-write breaks, soft-dirty rounds and
+//! mprotects (to read-only and back) run under every [`Policy`]. After every
+//! step the EPT, its view, the host page table and the frame accounting are
+//! checked against each other, every guest read against a reference of what
+//! each guest page holds (one word at offset 0 of each page), the host's
+//! soft-dirty bits against the pages written since the last round, and a
+//! write to a page mprotect'ed read-only must be refused.
 //!
 //! The policy-specific proptests also compare counters before and after
-//! each step: in-place updates under change-pte, zaps under range-flush and
-//! legacy, missed `change_pte` calls under legacy. Deterministic tests
-//! (tests/counts.rs) pin the exact counts of one merge, read and write on
-//! two pages per policy; tests/races.rs races guest faults with KSM.
+//! each step: in-place updates under change-pte and event-aware, zaps under
+//! range-flush and legacy (and of batch ranges under change-pte), missed
+//! `change_pte` calls under legacy, in-place downgrades of batch ranges under
+//! event-aware. Deterministic tests (tests/counts.rs, tests/batch.rs) pin
+//! exact counts per policy; tests/races.rs races guest faults with KSM and
+//! soft-dirty rounds.
 
 mod common;
 
@@ -58,6 +62,17 @@ enum Op {
     },
     /// A write fault's copy-on-write break taken on the host side.
     ForceCow(Gfn),
+    /// A soft-dirty round over [start, start + len).
+    SoftDirty {
+        start: Gfn,
+        len: u64,
+    },
+    /// mprotect of [start, start + len) to read-only or back.
+    Mprotect {
+        start: Gfn,
+        len: u64,
+        writable: bool,
+    },
 }
 
 /// The state the policy checks compare across one step.
@@ -67,6 +82,8 @@ struct Snapshot {
     host: HostStats,
     ept: BTreeMap<Gfn, (Pfn, bool)>,
     ptes: BTreeMap<Gfn, Pte>,
+    /// The view's `write_protect` calls.
+    view_write_protects: u64,
 }
 
 impl Snapshot {
@@ -84,6 +101,7 @@ fn snapshot(lab: &Lab) -> Snapshot {
         host: host.stats(),
         ept: ept_pages(&mmu),
         ptes: lab.model.gfns().map(|gfn| (gfn, host.pte(gfn).expect("guest page"))).collect(),
+        view_write_protects: mmu.view().write_protect_calls,
     }
 }
 
@@ -107,19 +125,17 @@ fn apply(lab: &mut Lab, op: &Op) -> Res<Step> {
             lab.guest_read(gfn, Access::Fetch)?;
             Step::Guest { gfn, access: Access::Fetch }
         }
-        Op::GuestWrite(gfn, word) => {
-            lab.guest_write(gfn, word)?;
-            Step::Guest { gfn, access: Access::Write }
-        }
+        Op::GuestWrite(gfn, word) => lab.guest_write_or_refused(gfn, word)?,
         Op::KsmMerge { a, pick, ksm } => ksm_merge(lab, a, pick, ksm)?,
         Op::WriteProtect(gfn) => {
             lock(&lab.mmus.mm).write_protect_page(gfn).or_fail("write_protect_page")?;
             Step::WriteProtect(gfn)
         }
         Op::ProtectRange { start, len } => lab.protect_range(start, (start + len).min(lab.model.gfns().end))?,
-        Op::ForceCow(gfn) => {
-            lock(&lab.mmus.mm).get_user_page(gfn, true).or_fail("get_user_page(write)")?;
-            Step::ForceCow(gfn)
+        Op::ForceCow(gfn) => lab.force_cow(gfn)?,
+        Op::SoftDirty { start, len } => lab.soft_dirty_round(start, (start + len).min(lab.model.gfns().end))?,
+        Op::Mprotect { start, len, writable } => {
+            lab.mprotect(start, (start + len).min(lab.model.gfns().end), writable)?
         }
     })
 }
@@ -131,6 +147,10 @@ struct Delta {
     zapped: u64,
     change_pte_calls: u64,
     ranges: u64,
+    flushes: u64,
+    wrprot_ranges: u64,
+    wrprot_entries: u64,
+    view_write_protects: u64,
 }
 
 impl Delta {
@@ -141,7 +161,21 @@ impl Delta {
             zapped: after.mmu.zapped - before.mmu.zapped,
             change_pte_calls: after.host.change_pte_calls - before.host.change_pte_calls,
             ranges: after.host.notifier_ranges - before.host.notifier_ranges,
+            flushes: after.mmu.flushes - before.mmu.flushes,
+            wrprot_ranges: after.mmu.wrprot_ranges - before.mmu.wrprot_ranges,
+            wrprot_entries: after.mmu.wrprot_entries - before.mmu.wrprot_entries,
+            view_write_protects: after.view_write_protects - before.view_write_protects,
         }
+    }
+}
+
+/// The gfns of a batch step's range, if it is one.
+fn batch_range(step: &Step) -> Option<Range<Gfn>> {
+    match *step {
+        Step::ProtectRange { start, end } | Step::SoftDirty { start, end } | Step::Mprotect { start, end, .. } => {
+            Some(start..end)
+        }
+        _ => None,
     }
 }
 
@@ -152,12 +186,15 @@ fn check_change_pte_step(step: &Step, before: &Snapshot, after: &Snapshot) -> Re
     let d = Delta::new(before, after);
     prop_assert_eq!(d.applied + d.missed, d.change_pte_calls, "every change_pte is applied or missed ({:?})", step);
     match *step {
-        Step::ProtectRange { .. } => {
+        Step::ProtectRange { .. } | Step::SoftDirty { .. } | Step::Mprotect { .. } => {
             prop_assert_eq!(d.applied, 0, "an unflagged range zaps before change_pte");
         }
         _ => prop_assert_eq!(d.zapped, 0, "a flagged range zapped under change-pte ({:?})", step),
     }
-    if matches!(step, Step::Merge { .. } | Step::MergeSkipped | Step::WriteProtect(_) | Step::ForceCow(_)) {
+    if matches!(
+        step,
+        Step::Merge { .. } | Step::MergeSkipped | Step::WriteProtect(_) | Step::ForceCow(_) | Step::WriteRefused(_)
+    ) {
         prop_assert!(before.ept.keys().eq(after.ept.keys()), "{:?} changed which pages are mapped", step);
     }
     if let Step::Merge { a, b, replaced } = *step {
@@ -188,11 +225,13 @@ fn check_zaps_every_range(step: &Step, before: &Snapshot, after: &Snapshot) -> R
             prop_assert_eq!(d.zapped, mapped_before(&[gfn]), "zaps of {:?}", step);
             prop_assert!(!after.mapped(gfn), "{:?} left the page mapped", step);
         }
-        Step::ProtectRange { start, end } => {
+        Step::ProtectRange { start, end } | Step::SoftDirty { start, end } | Step::Mprotect { start, end, .. } => {
             let gfns: Vec<Gfn> = (start..end).collect();
             prop_assert_eq!(d.zapped, mapped_before(&gfns), "zaps of {:?}", step);
             prop_assert!(gfns.iter().all(|&g| !after.mapped(g)), "{:?} left a page mapped", step);
         }
+        // A refused write opens no range.
+        Step::WriteRefused(_) => prop_assert_eq!((d.zapped, d.ranges), (0, 0), "{:?}", step),
         // A range is opened only when the host copies the page.
         Step::ForceCow(gfn) => {
             if d.ranges > 0 {
@@ -209,6 +248,61 @@ fn check_zaps_every_range(step: &Step, before: &Snapshot, after: &Snapshot) -> R
         }
         Step::MergeSkipped => prop_assert_eq!(d.zapped, 0),
     }
+    prop_assert_eq!((d.wrprot_ranges, d.wrprot_entries, d.view_write_protects), (0, 0, 0), "{:?}", step);
+    Ok(())
+}
+
+/// change-pte: besides the in-place updates, batch ranges zap as under
+/// range-flush (a KVM that honours the flag has no other way).
+fn check_change_pte_policy_step(step: &Step, before: &Snapshot, after: &Snapshot) -> Res {
+    check_change_pte_step(step, before, after)?;
+    if let Some(gfns) = batch_range(step) {
+        let d = Delta::new(before, after);
+        let mapped = gfns.clone().filter(|&g| before.mapped(g)).count() as u64;
+        prop_assert_eq!(d.zapped, mapped, "zaps of {:?}", step);
+        prop_assert!(gfns.clone().all(|g| !after.mapped(g)), "{:?} left a page mapped", step);
+    }
+    prop_assert_eq!(after.mmu.wrprot_entries, 0, "in-place downgrade under change-pte ({:?})", step);
+    Ok(())
+}
+
+/// event-aware: change-pte's in-place updates for flagged ranges; a range
+/// that only removes write (a soft-dirty round, mprotect to read-only)
+/// downgrades its writable entries in place, one view call and one flush
+/// if any changed, and keeps every entry mapped on its frame; mprotect back
+/// to read-write changes nothing; an unflagged protection that does not say
+/// what it does zaps.
+fn check_event_aware_step(step: &Step, before: &Snapshot, after: &Snapshot) -> Res {
+    check_change_pte_step(step, before, after)?;
+    let d = Delta::new(before, after);
+    let (gfns, removes_write) = match *step {
+        Step::SoftDirty { start, end } | Step::Mprotect { start, end, writable: false } => (start..end, true),
+        Step::Mprotect { writable: true, .. } => {
+            prop_assert_eq!(&before.ept, &after.ept, "mprotect back to read-write changed the EPT");
+            prop_assert_eq!((d.zapped, d.flushes, d.wrprot_entries), (0, 0, 0), "{:?}", step);
+            return Ok(());
+        }
+        Step::ProtectRange { start, end } => (start..end, false),
+        _ => {
+            prop_assert_eq!((d.wrprot_ranges, d.wrprot_entries, d.view_write_protects), (0, 0, 0), "{:?}", step);
+            return Ok(());
+        }
+    };
+    if !removes_write {
+        let mapped = gfns.clone().filter(|&g| before.mapped(g)).count() as u64;
+        prop_assert_eq!(d.zapped, mapped, "an unflagged range that does not say what it does zaps ({:?})", step);
+        return Ok(());
+    }
+    let writable = gfns.clone().filter(|g| before.ept.get(g).is_some_and(|&(_, w)| w)).count() as u64;
+    prop_assert_eq!(d.zapped, 0, "{:?} zapped under event-aware", step);
+    prop_assert_eq!(d.wrprot_entries, writable, "entries downgraded by {:?}", step);
+    let changed = u64::from(writable > 0);
+    prop_assert_eq!((d.wrprot_ranges, d.flushes, d.view_write_protects), (changed, changed, changed), "{:?}", step);
+    for (gfn, &(pfn, w)) in &before.ept {
+        let expected = if gfns.contains(gfn) { (pfn, false) } else { (pfn, w) };
+        prop_assert_eq!(after.ept.get(gfn), Some(&expected), "gfn {} after {:?}", gfn, step);
+    }
+    prop_assert_eq!(before.ept.len(), after.ept.len(), "{:?} mapped or unmapped a page", step);
     Ok(())
 }
 
@@ -266,7 +360,9 @@ fn op_strategy(gfns: Range<Gfn>) -> impl Strategy<Value = Op> {
         4 => (gfns.clone(), any::<Index>(), any::<bool>()).prop_map(|(a, pick, ksm)| Op::KsmMerge { a, pick, ksm }),
         1 => gfns.clone().prop_map(Op::WriteProtect),
         1 => (gfns.clone(), 1u64..=4).prop_map(|(start, len)| Op::ProtectRange { start, len }),
-        2 => gfns.prop_map(Op::ForceCow),
+        2 => gfns.clone().prop_map(Op::ForceCow),
+        2 => (gfns.clone(), 1u64..=24).prop_map(|(start, len)| Op::SoftDirty { start, len }),
+        2 => (gfns, 1u64..=4, any::<bool>()).prop_map(|(start, len, writable)| Op::Mprotect { start, len, writable }),
     ]
 }
 
@@ -304,7 +400,12 @@ proptest! {
 
     #[test]
     fn change_pte_updates_in_place(case in case_strategy()) {
-        run(Policy::ChangePte, &case, check_change_pte_step)?;
+        run(Policy::ChangePte, &case, check_change_pte_policy_step)?;
+    }
+
+    #[test]
+    fn event_aware_updates_in_place_and_downgrades_batch_ranges(case in case_strategy()) {
+        run(Policy::EventAware, &case, check_event_aware_step)?;
     }
 
     #[test]

@@ -7,7 +7,8 @@ use crate::mmu_notifier::Gfn;
 
 impl PrimaryMmu {
     /// `get_user_pages` of one page for the secondary MMU's fault (the
-    /// "gup"): a write breaks copy-on-write first (FOLL_WRITE).
+    /// "gup"): a write breaks copy-on-write first (FOLL_WRITE), and is
+    /// refused on a page mprotect'ed read-only.
     pub fn get_user_page(&mut self, gfn: Gfn, write: bool) -> Result<Pte, PrimaryMmuError> {
         if write {
             self.do_wp_page(gfn)
@@ -16,33 +17,48 @@ impl PrimaryMmu {
         }
     }
 
-    /// `do_wp_page`: a write fault on a read-only pte. A frame mapped only
-    /// here and not a KSM page is reused (made writable in place, as
-    /// `wp_page_reuse`; no notifier, since secondary MMUs map it read-only
-    /// at most and refault on write); anything else is copied.
+    /// `do_wp_page`: a write fault on a read-only pte. A page whose vma is
+    /// read-only is refused (the vma check of gup's `check_vma_flags` and
+    /// the CPU fault's `access_error`, made here since every write fault
+    /// comes through). A frame mapped only here and not a KSM page is
+    /// reused (made writable in place, as `wp_page_reuse`; no notifier,
+    /// since secondary MMUs map it read-only at most and refault on write):
+    /// the write fault after a soft-dirty round. Anything else is copied.
+    /// Either way the pte becomes soft-dirty (`pte_mkdirty`).
     pub fn do_wp_page(&mut self, gfn: Gfn) -> Result<Pte, PrimaryMmuError> {
         let i = self.index(gfn)?;
         let pte = self.ptes[i];
         if pte.writable {
             return Ok(pte);
         }
-        let f = self.frame(pte.pfn);
-        if !f.ksm && f.mapcount == 1 && f.refcount == 1 {
-            self.ptes[i].writable = true;
+        if !self.vm_write[i] {
+            return Err(PrimaryMmuError::WriteToReadOnlyVma(gfn));
+        }
+        if self.page_exclusive(pte.pfn) {
+            self.ptes[i] = Pte { writable: true, soft_dirty: true, ..pte };
             self.stats.cow_reuses += 1;
             return Ok(self.ptes[i]);
         }
         self.wp_page_copy(gfn)
     }
 
+    /// Whether a write may reuse frame `pfn` in place: mapped by one pte,
+    /// with no other reference, and not a KSM page (`PageAnonExclusive`,
+    /// which a KSM page never is).
+    pub(super) fn page_exclusive(&self, pfn: crate::frame_pool::Pfn) -> bool {
+        let f = self.frame(pfn);
+        !f.ksm && f.mapcount == 1 && f.refcount == 1
+    }
+
     /// `wp_page_copy`: a write to a read-only pte whose frame is shared.
-    /// Copies the frame and maps the copy writable, inside a range that
-    /// carries USE_CHANGE_PTE (read-only -> read-write, new frame).
+    /// Copies the frame and maps the copy writable and soft-dirty, inside a
+    /// range that carries USE_CHANGE_PTE (read-only -> read-write, new
+    /// frame).
     pub fn wp_page_copy(&mut self, gfn: Gfn) -> Result<Pte, PrimaryMmuError> {
         let old = self.pte(gfn)?;
         let new_pfn = self.alloc_page()?;
         self.copy_frame(old.pfn, new_pfn)?;
-        let new = Pte { pfn: new_pfn, writable: true };
+        let new = Pte { pfn: new_pfn, writable: true, soft_dirty: true };
         let range = change_pte_range(gfn);
         let result = self.within_range(&range, |mm| mm.set_pte_at_notify(&range, gfn, new));
         // The allocation's own reference: the pte holds one now.

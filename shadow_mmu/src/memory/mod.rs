@@ -13,16 +13,19 @@
 //! | `frames` | frame accounting: references, maps, KSM marks, free frames given back to the host | `struct page`, mm/page_alloc.c |
 //! | `cow` | write faults: `get_user_page`, `do_wp_page`, `wp_page_copy` | mm/memory.c, mm/gup.c |
 //! | `ksm_pte` | KSM's pte primitives `write_protect_page`, `replace_page` | mm/ksm.c |
+//! | `protect` | batch protection: a soft-dirty round (`clear_refs_soft_dirty`), `mprotect`, the soft-dirty bits pagemap reports | fs/proc/task_mmu.c, mm/mprotect.c |
 //! | `guest_access` | the VMM's reads and writes of guest memory as the ptes map it | - |
 //!
 //! Deliberate differences from Linux (the crate documentation lists them
 //! all): one "vma", no swap or migration, one lock, a fixed frame pool,
-//! freed frames given back to the host in batches.
+//! freed frames given back to the host in batches, protection at page
+//! granularity, a merge that keeps the soft-dirty bit.
 
 mod cow;
 mod frames;
 mod guest_access;
 mod ksm_pte;
+mod protect;
 #[cfg(test)]
 mod tests;
 
@@ -42,6 +45,13 @@ pub struct Pte {
     pub pfn: Pfn,
     /// Whether writes are allowed.
     pub writable: bool,
+    /// Written since the last soft-dirty round (`pte_soft_dirty`,
+    /// /proc/PID/pagemap bit 55). Set by a write fault (as x86's
+    /// `pte_mkdirty` sets it), cleared only by
+    /// [`PrimaryMmu::clear_refs_soft_dirty`]; every pte starts with it set,
+    /// as a new vma reports every page soft-dirty (VM_SOFTDIRTY) until the
+    /// first round. A writable pte is always soft-dirty.
+    pub soft_dirty: bool,
 }
 
 /// Counters of the primary MMU since it was created.
@@ -59,6 +69,11 @@ pub struct HostStats {
     pub notifier_ranges: u64,
     /// `change_pte` notifications sent.
     pub change_pte_calls: u64,
+    /// Soft-dirty rounds ([`PrimaryMmu::clear_refs_soft_dirty`]).
+    pub soft_dirty_rounds: u64,
+    /// Ptes made read-only by batch updates (soft-dirty rounds, mprotect to
+    /// read-only), without `change_pte`.
+    pub batch_wrprotected: u64,
 }
 
 /// Errors of the primary MMU.
@@ -112,6 +127,19 @@ pub enum PrimaryMmuError {
     /// The VMM wrote to a page whose pte is read-only.
     #[error("write to gfn {0:#x} whose host pte is read-only")]
     ReadOnly(Gfn),
+    /// A write fault on a page the host mprotect'ed read-only: gup refuses
+    /// FOLL_WRITE on a vma without VM_WRITE, so KVM gets no writable pfn
+    /// and KVM_RUN fails with EFAULT.
+    #[error("write fault on gfn {0:#x}, which the host mprotect'ed read-only")]
+    WriteToReadOnlyVma(Gfn),
+    /// A range that is not inside guest RAM.
+    #[error("[{start:#x}, {end:#x}) is not a range of guest RAM")]
+    BadRange {
+        /// Range start.
+        start: Gfn,
+        /// Range end.
+        end: Gfn,
+    },
 }
 
 /// A registered secondary MMU.
@@ -122,6 +150,9 @@ pub struct PrimaryMmu {
     pool: Arc<FramePool>,
     first_gfn: Gfn,
     ptes: Vec<Pte>,
+    /// VM_WRITE of the vma each page lies in: mprotect splits the one vma
+    /// at page granularity (see `protect`).
+    vm_write: Vec<bool>,
     frames: Vec<FrameInfo>,
     free_frames: Vec<Pfn>,
     /// Freed frames whose holes are not punched yet (see [`PrimaryMmu::flush_holes`]).
@@ -164,10 +195,12 @@ impl PrimaryMmu {
     pub fn new(pool: Arc<FramePool>, first_gfn: Gfn, end_gfn: Gfn) -> Self {
         let nr_frames = pool.nr_frames();
         let end_gfn = end_gfn.min(nr_frames);
-        let ptes = (first_gfn..end_gfn).map(|gfn| Pte { pfn: gfn, writable: true }).collect();
+        let ptes: Vec<Pte> =
+            (first_gfn..end_gfn).map(|gfn| Pte { pfn: gfn, writable: true, soft_dirty: true }).collect();
         Self {
             pool,
             first_gfn,
+            vm_write: vec![true; ptes.len()],
             ptes,
             frames: frames::initial_frames(nr_frames, first_gfn, end_gfn),
             free_frames: (end_gfn..nr_frames).rev().collect(),
@@ -245,15 +278,16 @@ impl PrimaryMmu {
     /// `set_pte_at_notify`: inside `range`, tells every secondary MMU that
     /// `gfn`'s pte becomes `new` (`change_pte`), then sets it and moves the
     /// frame references. With USE_CHANGE_PTE on the range, only the three
-    /// legal transitions are accepted, in every build.
+    /// legal transitions are accepted, and never on a range that only
+    /// removes write permission, in every build.
     pub fn set_pte_at_notify(&mut self, range: &MmuNotifierRange, gfn: Gfn, new: Pte) -> Result<Pte, PrimaryMmuError> {
         let i = self.index(gfn)?;
         if !range.contains(gfn) {
             return Err(PrimaryMmuError::OutsideRange { gfn, start: range.start, end: range.end });
         }
         let old = self.ptes[i];
-        if range.use_change_pte() {
-            check_change_pte(gfn, old, new)?;
+        if range.flags.contains(RangeFlags::USE_CHANGE_PTE) {
+            check_change_pte(range, gfn, old, new)?;
         }
         if self.frame(new.pfn).refcount == 0 {
             return Err(PrimaryMmuError::BadFrame(new.pfn));

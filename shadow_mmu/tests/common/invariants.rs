@@ -1,6 +1,8 @@
 //! The invariants that hold under every policy between two steps: no stale
 //! or over-permissive EPT entry, the view is the EPT, the host's memory
-//! holds the reference, and every frame is accounted for.
+//! holds the reference, no writable pte where the vma is read-only or the
+//! page is not soft-dirty, every frame is accounted for; and the host's
+//! soft-dirty bits are the reference's.
 
 use std::collections::BTreeMap;
 
@@ -46,6 +48,12 @@ pub(crate) fn check_invariants(host: &PrimaryMmu, mmu: &Mmu, pool: &FramePool, m
             pte.pfn,
             frame
         );
+        // 4. The vma's protection and soft-dirty tracking hold: a writable
+        // pte lies in a writable vma and is soft-dirty (its write reached
+        // the host, or will without another fault).
+        let vma_writable = host.vma_writable(gfn).or_fail("vma_writable")?;
+        prop_assert_eq!(vma_writable, !model.is_read_only(gfn), "VM_WRITE of gfn {}", gfn);
+        prop_assert!(!pte.writable || (vma_writable && pte.soft_dirty), "gfn {}: {:?}", gfn, pte);
     }
 
     // 5. Frame accounting.
@@ -71,5 +79,19 @@ pub(crate) fn check_invariants(host: &PrimaryMmu, mmu: &Mmu, pool: &FramePool, m
         }
     }
     prop_assert_eq!(host.nr_free_frames(), free, "free list length");
+    Ok(())
+}
+
+/// The host's soft-dirty bits (what pagemap reports) are the reference's:
+/// exactly the pages written since the last round.
+pub(crate) fn check_soft_dirty(host: &PrimaryMmu, model: &Model) -> Res {
+    let (start, end) = (model.gfns().start, model.gfns().end);
+    let expected: Vec<Gfn> = model.gfns().filter(|&gfn| model.is_soft_dirty(gfn)).collect();
+    prop_assert_eq!(
+        host.soft_dirty_pages(start, end).or_fail("soft_dirty_pages")?,
+        expected.clone(),
+        "soft-dirty pages"
+    );
+    prop_assert_eq!(host.nr_soft_dirty(start, end).or_fail("nr_soft_dirty")?, expected.len() as u64);
     Ok(())
 }

@@ -1,9 +1,10 @@
 //! What the property, count and race tests of the secondary MMU share: one
 //! guest's MMUs ([`GuestMmus`]: a frame pool, the primary MMU, a pre-faulted
 //! secondary MMU behind a [`RecordingView`]) next to a plain reference of
-//! what each guest page holds (one word at offset 0 of each page), the guest
-//! accesses and KSM steps the tests make, and the invariants checked after
-//! each.
+//! what each guest page holds (one word at offset 0 of each page), whether
+//! it was written since the last soft-dirty round and whether the host
+//! mprotect'ed it read-only; the guest accesses, KSM steps and batch
+//! protections the tests make, and the invariants checked after each.
 
 #![allow(dead_code)] // each test binary uses a subset
 
@@ -14,18 +15,20 @@ use std::ops::Range;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use shadow_mmu::{
-    lock, Access, Gfn, GuestMmus, MmuNotifierRange, MmuNotifyEvent, Pfn, Policy, Pte, RangeFlags, RecordingView,
-    SecondaryMmu, PAGE_SHIFT,
+    lock, Access, FaultError, Gfn, GuestMmus, MmuNotifierRange, MmuNotifyEvent, Pfn, Policy, PrimaryMmuError, Pte,
+    RangeFlags, RecordingView, SecondaryMmu, PAGE_SHIFT,
 };
 use vm_memory::{Bytes, GuestAddress};
 
-use invariants::check_invariants;
+use invariants::{check_invariants, check_soft_dirty};
 
 /// First guest page of the deterministic tests; frames 0 and 1 are the
 /// VMM's boot memory.
 pub(crate) const FIRST_GFN: Gfn = 2;
 /// Every policy, for the tests that run under all of them.
-pub(crate) const POLICIES: [Policy; 3] = [Policy::ChangePte, Policy::RangeFlush, Policy::Legacy];
+pub(crate) const POLICIES: [Policy; 4] = [Policy::ChangePte, Policy::RangeFlush, Policy::Legacy, Policy::EventAware];
+/// The policies that zap a batch range (as their KVMs do).
+pub(crate) const ZAPPING_POLICIES: [Policy; 3] = [Policy::ChangePte, Policy::RangeFlush, Policy::Legacy];
 
 pub(crate) type Mmu = SecondaryMmu<RecordingView>;
 pub(crate) type Res<T = ()> = Result<T, TestCaseError>;
@@ -41,14 +44,37 @@ impl<T, E: std::fmt::Display> OrFail<T> for Result<T, E> {
     }
 }
 
-/// The reference: what the guest must read at offset 0 of each page.
+/// The reference: what the guest must read at offset 0 of each page, which
+/// pages were written since the last soft-dirty round (every page before
+/// the first), and which the host mprotect'ed read-only.
 #[derive(Debug, Clone)]
 pub(crate) struct Model {
     pub(crate) first: Gfn,
     pub(crate) words: Vec<u64>,
+    pub(crate) soft_dirty: Vec<bool>,
+    pub(crate) read_only: Vec<bool>,
 }
 
 impl Model {
+    fn new(first: Gfn, words: &[u64]) -> Self {
+        let n = words.len();
+        Self { first, words: words.to_vec(), soft_dirty: vec![true; n], read_only: vec![false; n] }
+    }
+
+    fn index(&self, gfn: Gfn) -> usize {
+        (gfn - self.first) as usize
+    }
+
+    /// Whether a write to `gfn` must be refused (its vma is read-only).
+    pub(crate) fn is_read_only(&self, gfn: Gfn) -> bool {
+        self.read_only[self.index(gfn)]
+    }
+
+    /// Whether `gfn` was written since the last round.
+    pub(crate) fn is_soft_dirty(&self, gfn: Gfn) -> bool {
+        self.soft_dirty[self.index(gfn)]
+    }
+
     pub(crate) fn gfns(&self) -> Range<Gfn> {
         self.first..self.first + self.words.len() as u64
     }
@@ -58,7 +84,9 @@ impl Model {
     }
 
     fn set(&mut self, gfn: Gfn, word: u64) {
-        self.words[(gfn - self.first) as usize] = word;
+        let i = self.index(gfn);
+        self.words[i] = word;
+        self.soft_dirty[i] = true;
     }
 
     /// The other pages holding the same word as `gfn`: candidates for a merge.
@@ -70,12 +98,34 @@ impl Model {
 /// What an operation turned into once resolved against the state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Step {
-    Guest { gfn: Gfn, access: Access },
-    Merge { a: Gfn, b: Gfn, replaced: bool },
+    Guest {
+        gfn: Gfn,
+        access: Access,
+    },
+    Merge {
+        a: Gfn,
+        b: Gfn,
+        replaced: bool,
+    },
     MergeSkipped,
     WriteProtect(Gfn),
-    ProtectRange { start: Gfn, end: Gfn },
+    ProtectRange {
+        start: Gfn,
+        end: Gfn,
+    },
     ForceCow(Gfn),
+    /// A write (by the guest or a host-side fault) the host refused: the
+    /// page's vma is read-only.
+    WriteRefused(Gfn),
+    SoftDirty {
+        start: Gfn,
+        end: Gfn,
+    },
+    Mprotect {
+        start: Gfn,
+        end: Gfn,
+        writable: bool,
+    },
 }
 
 /// A guest's MMUs and the reference.
@@ -96,7 +146,7 @@ impl Lab {
                 host.write_guest(gfn << PAGE_SHIFT, &word.to_ne_bytes()).expect("initial contents");
             }
         }
-        Self { mmus, model: Model { first, words: words.to_vec() } }
+        Self { mmus, model: Model::new(first, words) }
     }
 
     fn frame_word(&self, pfn: Pfn) -> Res<u64> {
@@ -123,6 +173,67 @@ impl Lab {
         let word = self.frame_word(pfn)?;
         prop_assert_eq!(word, self.model.get(gfn), "guest {:?} of gfn {} (frame {})", access, gfn, pfn);
         Ok(())
+    }
+
+    /// A guest write the host must refuse (the vma is read-only): the
+    /// fault fails with that reason and nothing changes.
+    pub(crate) fn guest_write_refused(&self, gfn: Gfn) -> Res<Step> {
+        let refused = self.mmus.guest_frame(gfn, Access::Write);
+        prop_assert!(
+            matches!(refused, Err(FaultError::Host(PrimaryMmuError::WriteToReadOnlyVma(g))) if g == gfn),
+            "a write to read-only gfn {} gave {:?}",
+            gfn,
+            refused
+        );
+        Ok(Step::WriteRefused(gfn))
+    }
+
+    /// A guest write, or its refusal if the page's vma is read-only.
+    pub(crate) fn guest_write_or_refused(&mut self, gfn: Gfn, word: u64) -> Res<Step> {
+        if self.model.is_read_only(gfn) {
+            return self.guest_write_refused(gfn);
+        }
+        self.guest_write(gfn, word)?;
+        Ok(Step::Guest { gfn, access: Access::Write })
+    }
+
+    /// A write fault's copy-on-write break taken on the host side, or its
+    /// refusal if the page's vma is read-only.
+    pub(crate) fn force_cow(&mut self, gfn: Gfn) -> Res<Step> {
+        let result = lock(&self.mmus.mm).get_user_page(gfn, true);
+        if self.model.is_read_only(gfn) {
+            prop_assert!(
+                matches!(result, Err(PrimaryMmuError::WriteToReadOnlyVma(g)) if g == gfn),
+                "a host write fault on read-only gfn {} gave {:?}",
+                gfn,
+                result
+            );
+            return Ok(Step::WriteRefused(gfn));
+        }
+        result.or_fail("get_user_page(write)")?;
+        let i = self.model.index(gfn);
+        self.model.soft_dirty[i] = true;
+        Ok(Step::ForceCow(gfn))
+    }
+
+    /// A soft-dirty round over [start, end).
+    pub(crate) fn soft_dirty_round(&mut self, start: Gfn, end: Gfn) -> Res<Step> {
+        lock(&self.mmus.mm).clear_refs_soft_dirty(start, end).or_fail("clear_refs_soft_dirty")?;
+        for gfn in start..end {
+            let i = self.model.index(gfn);
+            self.model.soft_dirty[i] = false;
+        }
+        Ok(Step::SoftDirty { start, end })
+    }
+
+    /// mprotect of [start, end) to read-only or back to read-write.
+    pub(crate) fn mprotect(&mut self, start: Gfn, end: Gfn, writable: bool) -> Res<Step> {
+        lock(&self.mmus.mm).mprotect(start, end, writable).or_fail("mprotect")?;
+        for gfn in start..end {
+            let i = self.model.index(gfn);
+            self.model.read_only[i] = !writable;
+        }
+        Ok(Step::Mprotect { start, end, writable })
     }
 
     pub(crate) fn guest_write(&mut self, gfn: Gfn, word: u64) -> Res {
@@ -174,16 +285,23 @@ impl Lab {
         for gfn in start..end {
             let pte = host.pte(gfn).or_fail("pte")?;
             if pte.writable {
-                host.set_pte_at_notify(&range, gfn, Pte { pfn: pte.pfn, writable: false })
-                    .or_fail("set_pte_at_notify")?;
+                host.set_pte_at_notify(&range, gfn, Pte { writable: false, ..pte }).or_fail("set_pte_at_notify")?;
             }
         }
         host.invalidate_range_end(&range);
         Ok(Step::ProtectRange { start, end })
     }
 
-    /// Checks every invariant (after punching the holes of freed frames).
+    /// Checks every invariant (after punching the holes of freed frames),
+    /// the soft-dirty reference included.
     pub(crate) fn check(&self) -> Res {
+        self.check_mmus()?;
+        check_soft_dirty(&lock(&self.mmus.mm), &self.model)
+    }
+
+    /// Checks every invariant but the soft-dirty reference, which guest
+    /// writes made behind the model's back (the race tests') do not keep.
+    pub(crate) fn check_mmus(&self) -> Res {
         // Freed frames go back to the host in batches: flush, then every
         // free frame must be a punched hole.
         let mut host = lock(&self.mmus.mm);
