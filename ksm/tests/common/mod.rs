@@ -369,7 +369,7 @@ pub fn check_merge(policy: Policy, n: u64, m: u64) {
     let merged = shared + sharing;
     let ms = lock(&lab.guest.mmu).stats();
     match policy {
-        Policy::ChangePte => {
+        Policy::ChangePte | Policy::EventAware => {
             assert_eq!((ms.change_pte_applied, ms.change_pte_missed, ms.zapped), (merged + sharing, 0, 0), "{ctx}")
         }
         Policy::RangeFlush => assert_eq!((ms.change_pte_applied, ms.change_pte_missed, ms.zapped), (0, 0, merged)),
@@ -386,7 +386,7 @@ pub fn check_merge(policy: Policy, n: u64, m: u64) {
             let entry = mmu.ept().lookup(gfn);
             match (policy, pte.writable) {
                 (_, true) => assert!(entry.is_some_and(|e| e.writable()), "{ctx}: leftover gfn {gfn:#x}"),
-                (Policy::ChangePte, false) => {
+                (Policy::ChangePte | Policy::EventAware, false) => {
                     assert!(entry.is_some_and(|e| !e.writable() && e.pfn() == pte.pfn), "{ctx}: gfn {gfn:#x}")
                 }
                 (_, false) => assert!(entry.is_none(), "{ctx}: gfn {gfn:#x} should have been zapped"),
