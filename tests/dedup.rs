@@ -11,7 +11,8 @@ use vmm::stats::RunStats;
 use vmm::view::ViewKind;
 use vmm::vm::DedupPolicy;
 
-const POLICIES: [DedupPolicy; 3] = [DedupPolicy::ChangePte, DedupPolicy::RangeFlush, DedupPolicy::Legacy];
+const POLICIES: [DedupPolicy; 4] =
+    [DedupPolicy::ChangePte, DedupPolicy::RangeFlush, DedupPolicy::Legacy, DedupPolicy::EventAware];
 const VIEWS: [ViewKind; 2] = [ViewKind::Memslot, ViewKind::Uffd];
 
 fn run(image: &str, mem: &str, dedup: DedupPolicy, view: ViewKind, knobs: KsmKnobs) -> RunStats {
@@ -136,6 +137,7 @@ fn the_memslot_view_ends_the_run_cleanly_at_its_slot_limit() {
         builtin_ksm: true,
         memslot_limit: Some(64),
         control: None,
+        soft_dirty_interval: None,
     };
     let s = vmm::run::run(config).expect("the VM builds");
     assert_eq!(s.guest.end.reason, "vmm_error", "{}", s.guest.end.detail);

@@ -14,8 +14,8 @@ use vmm::view::ViewKind;
 use vmm::vm::DedupPolicy;
 
 /// Dedup off first (the baseline), then every policy.
-const POLICIES: [DedupPolicy; 4] =
-    [DedupPolicy::Off, DedupPolicy::ChangePte, DedupPolicy::RangeFlush, DedupPolicy::Legacy];
+const POLICIES: [DedupPolicy; 5] =
+    [DedupPolicy::Off, DedupPolicy::ChangePte, DedupPolicy::RangeFlush, DedupPolicy::Legacy, DedupPolicy::EventAware];
 const VIEWS: [ViewKind; 2] = [ViewKind::Memslot, ViewKind::Uffd];
 
 /// 4 MiB of RAM: 512 pages, 64 in each of the 8 groups.
@@ -75,7 +75,7 @@ fn the_models_hold_when_groups_outgrow_a_ksm_page() {
     // stays unmerged (private and writable: it never faults).
     let knobs = KsmKnobs { max_page_sharing: 7, ..KsmKnobs::default() };
     assert_eq!(common::phase_model::pass_merges(64, 7), (63, 9));
-    for policy in [DedupPolicy::ChangePte, DedupPolicy::RangeFlush, DedupPolicy::Legacy] {
+    for policy in [DedupPolicy::ChangePte, DedupPolicy::RangeFlush, DedupPolicy::Legacy, DedupPolicy::EventAware] {
         let view = ViewKind::Uffd;
         exact("cowstorm", policy, view, knobs, |s| cowstorm_deviations(s, MEM_BYTES, policy, view, 7));
     }

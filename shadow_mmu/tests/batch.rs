@@ -215,3 +215,19 @@ fn a_round_changes_no_data_and_only_event_aware_downgrades_in_place() {
     assert_eq!(u64::from_ne_bytes(word), 0x103);
     assert_eq!(lab.mmus.guest_frame(5, Access::Read).expect("frame"), 5);
 }
+
+/// `soft_dirty_pages` counts the pages soft-dirty when a round begins (as
+/// pagemap bit 55 shows them): every page at the first round (a new
+/// mapping is soft-dirty), then the pages written since.
+#[test]
+fn a_round_counts_the_pages_written_since_the_round_before() {
+    for policy in POLICIES {
+        let mut lab = Lab::new(policy, FIRST_GFN, &words());
+        lab.soft_dirty_round(FIRST_GFN, end()).expect("round 1");
+        assert_eq!(lock(&lab.mmus.mm).stats().soft_dirty_pages, PAGES, "{policy:?}");
+        write_some(&mut lab);
+        lab.soft_dirty_round(FIRST_GFN, end()).expect("round 2");
+        let stats = lock(&lab.mmus.mm).stats();
+        assert_eq!((stats.soft_dirty_rounds, stats.soft_dirty_pages), (2, PAGES + WRITTEN.len() as u64), "{policy:?}");
+    }
+}

@@ -80,6 +80,7 @@ fn expected_host_stats() -> HostStats {
         change_pte_calls: 4,
         // No batch update.
         soft_dirty_rounds: 0,
+        soft_dirty_pages: 0,
         batch_wrprotected: 0,
     }
 }

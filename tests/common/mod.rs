@@ -30,6 +30,13 @@ pub fn require_kvm() {
     }
 }
 
+/// Whether the policy updates secondary-MMU entries in place for KSM's
+/// pte changes (USE_CHANGE_PTE): change-pte, and event-aware, which adds
+/// only the batch ranges KSM never makes.
+pub fn updates_in_place(policy: vmm::vm::DedupPolicy) -> bool {
+    matches!(policy, vmm::vm::DedupPolicy::ChangePte | vmm::vm::DedupPolicy::EventAware)
+}
+
 /// The `vmm` binary under test.
 pub fn vmm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vmm"))
@@ -128,6 +135,7 @@ pub fn run_with(
         builtin_ksm,
         memslot_limit: None,
         control: None,
+        soft_dirty_interval: None,
     };
     vmm::run::run(config).expect("the VM builds")
 }

@@ -32,7 +32,7 @@ pub fn check_pagefill_exits(s: &RunStats, policy: DedupPolicy, view: ViewKind) {
     let n = guest_images::pagefill_pages(MEM_BYTES);
     let k = guest_images::PAGEFILL_GROUPS;
     // Faults of each phase: (ept_read, ept_write).
-    let zapped_reads = if policy == DedupPolicy::ChangePte { 0 } else { n };
+    let zapped_reads = if super::updates_in_place(policy) { 0 } else { n };
     let expected = [(0, 0), (0, 0), (0, 0), (zapped_reads, 0), (0, n), (0, 0), (zapped_reads, 0)];
     for (p, &(reads, writes)) in expected.iter().enumerate() {
         let f = phase(s, p as u32);
@@ -44,7 +44,7 @@ pub fn check_pagefill_exits(s: &RunStats, policy: DedupPolicy, view: ViewKind) {
     let t = &s.total;
     let cow = n;
     match policy {
-        DedupPolicy::ChangePte => {
+        DedupPolicy::ChangePte | DedupPolicy::EventAware => {
             assert_eq!(shadow(t, "change_pte_applied"), 2 * pass_changes + cow, "{ctx}");
             assert_eq!(shadow(t, "change_pte_missed"), 0, "{ctx}");
             assert_eq!(shadow(t, "zapped"), 0, "{ctx}");
@@ -59,7 +59,7 @@ pub fn check_pagefill_exits(s: &RunStats, policy: DedupPolicy, view: ViewKind) {
         }
         DedupPolicy::Off | DedupPolicy::Kernel => unreachable!("not a built-in deduplication policy"),
     }
-    if policy != DedupPolicy::ChangePte {
+    if !super::updates_in_place(policy) {
         // Every page is zapped by its first write-protection in each pass (and
         // again by its replace); each phase-4 copy-on-write zaps its entry too.
         assert_eq!(shadow(t, "zapped"), 2 * n + cow, "{ctx}");

@@ -103,12 +103,12 @@ impl PhaseModel {
         self.change_pte_calls += changes;
         self.notifier_ranges += changes;
         match policy {
-            DedupPolicy::ChangePte => self.change_pte_applied += changes,
+            DedupPolicy::ChangePte | DedupPolicy::EventAware => self.change_pte_applied += changes,
             DedupPolicy::RangeFlush => {}
             DedupPolicy::Legacy => self.change_pte_missed += changes,
             other => panic!("the model is the built-in deduplicator's; nothing changes ptes under {}", other.name()),
         }
-        if policy != DedupPolicy::ChangePte {
+        if !super::updates_in_place(policy) {
             self.zapped += present;
             self.flushes += present;
         }

@@ -75,7 +75,7 @@ pub fn cowstorm_model(mem_bytes: u64, policy: DedupPolicy, max_sharing: u32) -> 
                 // and writable already). The pass zapped their entries unless
                 // the policy is change-pte; the last page of each KSM page
                 // frees it.
-                let present = if policy == DedupPolicy::ChangePte { merged } else { 0 };
+                let present = if super::updates_in_place(policy) { merged } else { 0 };
                 phase.cow(policy, merged, present, ksm_pages)
             } else {
                 phase
@@ -111,7 +111,7 @@ pub fn mixed_model(mem_bytes: u64, policy: DedupPolicy, max_sharing: u32) -> Vec
     let groups = groups_merged(guest_images::mixed_pages(mem_bytes), guest_images::MIXED_GROUPS, max_sharing);
     let merged: u64 = groups.iter().map(|g| g.0).sum();
     let ksm_pages: u64 = groups.iter().map(|g| g.1).sum();
-    let zaps = policy != DedupPolicy::ChangePte;
+    let zaps = !super::updates_in_place(policy);
     (0..=guest_images::MIXED_PHASES)
         .map(|p| {
             let mut phase = PhaseModel::io(guest_images::MIXED_PHASE_IO[p as usize]);

@@ -23,6 +23,10 @@ pub enum DedupPolicy {
     RangeFlush,
     /// Zap on every invalidation, then change_pte finds nothing (KVM 2012 until the flag).
     Legacy,
+    /// The seed's whole proposal: change-pte, plus ranges that only remove
+    /// write permission (soft-dirty rounds, mprotect to read-only)
+    /// write-protected in place instead of zapped.
+    EventAware,
     /// The host's own KSM merges guest RAM (MADV_MERGEABLE) and the host
     /// KVM is the secondary MMU (see `host_ksm`); needs root.
     Kernel,
@@ -36,13 +40,20 @@ impl DedupPolicy {
             DedupPolicy::ChangePte => "change-pte",
             DedupPolicy::RangeFlush => "range-flush",
             DedupPolicy::Legacy => "legacy",
+            DedupPolicy::EventAware => "event-aware",
             DedupPolicy::Kernel => "kernel",
         }
     }
 
     /// Every policy, in the order `vmm compare` runs them by default.
-    pub const ALL: [DedupPolicy; 5] =
-        [DedupPolicy::Off, DedupPolicy::ChangePte, DedupPolicy::RangeFlush, DedupPolicy::Legacy, DedupPolicy::Kernel];
+    pub const ALL: [DedupPolicy; 6] = [
+        DedupPolicy::Off,
+        DedupPolicy::ChangePte,
+        DedupPolicy::RangeFlush,
+        DedupPolicy::Legacy,
+        DedupPolicy::EventAware,
+        DedupPolicy::Kernel,
+    ];
 
     /// The view a run of this policy really uses: the `kernel` policy maps
     /// guest RAM with one plain memslot whatever `--view` says.
@@ -60,6 +71,7 @@ impl DedupPolicy {
             DedupPolicy::Off | DedupPolicy::RangeFlush | DedupPolicy::Kernel => Policy::RangeFlush,
             DedupPolicy::ChangePte => Policy::ChangePte,
             DedupPolicy::Legacy => Policy::Legacy,
+            DedupPolicy::EventAware => Policy::EventAware,
         }
     }
 }
@@ -109,6 +121,9 @@ pub struct RunConfig {
     pub memslot_limit: Option<u32>,
     /// Listen for run-state changes on this Unix socket (see `control`).
     pub control: Option<PathBuf>,
+    /// Make a soft-dirty round this often from a thread (`--soft-dirty-ms`),
+    /// as a live migration's pre-copy loop would (see `soft_dirty`).
+    pub soft_dirty_interval: Option<Duration>,
 }
 
 impl std::fmt::Debug for RunConfig {

@@ -25,6 +25,7 @@
 //!     builtin_ksm: true,
 //!     memslot_limit: None,
 //!     control: None,
+//!     soft_dirty_interval: None,
 //! };
 //! let stats = vmm::run::run(config).unwrap();
 //! assert_eq!(stats.guest.exit_code, Some(0));
@@ -49,6 +50,7 @@ pub mod run;
 pub mod serial;
 pub mod signals;
 pub mod size;
+pub mod soft_dirty;
 pub mod stats;
 pub mod vcpu;
 pub mod vcpu_gate;

@@ -49,6 +49,9 @@ fn shadow_mmu_counters(vm: &Vm) -> Counters {
         ("frames_allocated", host.frames_allocated),
         ("notifier_ranges", host.notifier_ranges),
         ("change_pte_calls", host.change_pte_calls),
+        ("soft_dirty_rounds", host.soft_dirty_rounds),
+        ("soft_dirty_pages", host.soft_dirty_pages),
+        ("batch_wrprotected", host.batch_wrprotected),
     ] {
         out.insert(name.to_string(), v);
     }

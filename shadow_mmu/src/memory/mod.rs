@@ -71,6 +71,10 @@ pub struct HostStats {
     pub change_pte_calls: u64,
     /// Soft-dirty rounds ([`PrimaryMmu::clear_refs_soft_dirty`]).
     pub soft_dirty_rounds: u64,
+    /// Pages soft-dirty when a round began (written since the round before,
+    /// as /proc/PID/pagemap bit 55 shows; every page counts in the first
+    /// round, a new mapping being soft-dirty).
+    pub soft_dirty_pages: u64,
     /// Ptes made read-only by batch updates (soft-dirty rounds, mprotect to
     /// read-only), without `change_pte`.
     pub batch_wrprotected: u64,

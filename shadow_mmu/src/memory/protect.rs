@@ -29,11 +29,13 @@ impl PrimaryMmu {
     /// place and soft-dirty (`wp_page_reuse`); a KSM or shared frame is
     /// copied, as any copy-on-write break.
     pub fn clear_refs_soft_dirty(&mut self, start: Gfn, end: Gfn) -> Result<u64, PrimaryMmuError> {
+        let written = self.nr_soft_dirty(start, end)?;
         let pages = self.page_indices(start, end)?;
         let range = MmuNotifierRange::protection(start, end, MmuNotifyEvent::SoftDirty, Protection::ReadOnly);
         let write_protected =
             if pages.is_empty() { 0 } else { self.within_range(&range, |mm| Ok(mm.clear_soft_dirty(pages)))? };
         self.stats.soft_dirty_rounds += 1;
+        self.stats.soft_dirty_pages += written;
         Ok(write_protected)
     }
 

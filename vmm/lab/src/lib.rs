@@ -39,6 +39,7 @@
 //!     builtin_ksm: true,
 //!     memslot_limit: None,
 //!     control: None,
+//!     soft_dirty_interval: None,
 //! };
 //! let stats = vmm::run::run(config).unwrap();
 //! println!("{}", vmm_lab::run_table::render_table(&stats));

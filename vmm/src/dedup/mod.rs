@@ -19,7 +19,7 @@ pub use host::{HostKsm, HostKsmError, HostKsmPaths};
 use crate::stats::Counters;
 
 /// Port 0x501 values (guest-abi.md), defined once in `guest_images::abi`.
-pub use guest_images::abi::{DEDUP_PASS, DEDUP_START, DEDUP_STOP, DEDUP_UNMERGE};
+pub use guest_images::abi::{DEDUP_PASS, DEDUP_SOFT_DIRTY, DEDUP_START, DEDUP_STOP, DEDUP_UNMERGE};
 
 /// The sysfs figures guest-abi.md promises in every phase's `ksm` map; a
 /// run without deduplication reports them as 0.
@@ -44,6 +44,9 @@ pub enum DedupError {
     /// Unmerging failed.
     #[error("unmerge failed")]
     Unmerge(#[source] KsmError),
+    /// A soft-dirty round failed in the primary MMU.
+    #[error("soft-dirty round failed")]
+    SoftDirty(#[source] shadow_mmu::PrimaryMmuError),
     /// A synchronous pass of the host's KSM failed.
     #[error("dedup pass failed")]
     HostPass(#[source] HostKsmError),
@@ -99,6 +102,9 @@ pub enum DedupRequest {
     Stop,
     /// Unmerge every merged page (`run` 2).
     Unmerge,
+    /// One soft-dirty round over guest RAM (ABI 1.1; not a deduplicator
+    /// request, but on the same port: it works with deduplication off).
+    SoftDirty,
 }
 
 impl DedupRequest {
@@ -109,6 +115,7 @@ impl DedupRequest {
             DEDUP_START => Some(DedupRequest::Start),
             DEDUP_STOP => Some(DedupRequest::Stop),
             DEDUP_UNMERGE => Some(DedupRequest::Unmerge),
+            DEDUP_SOFT_DIRTY => Some(DedupRequest::SoftDirty),
             _ => None,
         }
     }
@@ -220,15 +227,19 @@ impl DedupControl {
     /// are refused with a message; they do not end the run. `cancelled` is
     /// polled while a pass waits for the host's ksmd.
     pub fn request(&mut self, value: u32, cancelled: &dyn Fn() -> bool) -> Result<(), DedupError> {
+        let request = DedupRequest::from_port(value);
+        if request == Some(DedupRequest::SoftDirty) {
+            return crate::soft_dirty::soft_dirty_round(&self.mm).map(|_| ()).map_err(DedupError::SoftDirty);
+        }
         if !self.is_active() {
             return Ok(());
         }
-        match DedupRequest::from_port(value) {
+        match request {
             Some(DedupRequest::Pass) => self.dedup.pass(&self.mm, cancelled),
             Some(DedupRequest::Start) => self.set_run(RunState::Run),
             Some(DedupRequest::Stop) => self.set_run(RunState::Stop),
             Some(DedupRequest::Unmerge) => self.set_run(RunState::Unmerge),
-            None => {
+            Some(DedupRequest::SoftDirty) | None => {
                 self.ignore_request(value);
                 Ok(())
             }
@@ -239,7 +250,7 @@ impl DedupControl {
         self.ignored_requests += 1;
         match self.ignored_requests {
             n if n <= WARN_IGNORED_REQUESTS => {
-                eprintln!("vmm: guest wrote {value} to the dedup control port 0x501: not a request (1-4); ignored")
+                eprintln!("vmm: guest wrote {value} to the dedup control port 0x501: not a request (1-5); ignored")
             }
             n if n == WARN_IGNORED_REQUESTS + 1 => {
                 eprintln!("vmm: more values that are not dedup requests; ignored, and no longer printed")
@@ -303,6 +314,7 @@ mod tests {
     fn port_values_map_to_requests() {
         assert_eq!(DedupRequest::from_port(1), Some(DedupRequest::Pass));
         assert_eq!(DedupRequest::from_port(4), Some(DedupRequest::Unmerge));
+        assert_eq!(DedupRequest::from_port(5), Some(DedupRequest::SoftDirty));
         assert_eq!(DedupRequest::from_port(0), None);
         assert_eq!(DedupRequest::from_port(9), None);
     }

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 
 use crate::control::ControlState;
 use crate::phases::PhaseTracker;
+use crate::soft_dirty::SoftDirtyThread;
 use crate::stats::{EndRecord, Figures, PhaseStats, RunStats};
 use crate::vcpu::RunEnd;
 use crate::vm::{lock, Vm};
@@ -48,7 +49,16 @@ impl RunEnd {
 }
 
 /// Settles a run the vCPU loop ended with `end`.
-pub(super) fn settle(mut vm: Vm, mut end: RunEnd, mut phases: PhaseTracker, control: &ControlState) -> Settled {
+pub(super) fn settle(
+    mut vm: Vm,
+    mut end: RunEnd,
+    mut phases: PhaseTracker,
+    control: &ControlState,
+    rounds: Option<SoftDirtyThread>,
+) -> Settled {
+    if let Some(Err(e)) = rounds.map(SoftDirtyThread::stop) {
+        end = RunEnd::vmm_error(&e);
+    }
     if let Some(thread) = vm.fault_thread.take() {
         if let Some(e) = thread.stop() {
             end = RunEnd::VmmError(format!("userfaultfd fault thread: {}", crate::error_chain(&e)));

@@ -8,6 +8,7 @@ mod vcpu_loop;
 
 use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use end::exit_status;
 
@@ -17,6 +18,7 @@ use crate::dedup::{DedupError, RunState};
 use crate::guest_ram::GuestRamError;
 use crate::phases::PhaseTracker;
 use crate::serial::Console;
+use crate::soft_dirty::SoftDirtyThread;
 use crate::stats::{ConfigRecord, GuestRecord, RunStats, SCHEMA_VERSION};
 use crate::vcpu::{Devices, RunEnd};
 use crate::view::ViewError;
@@ -66,15 +68,18 @@ pub fn run(config: RunConfig) -> Result<RunStats, VmError> {
         closed: AtomicBool::new(false),
     });
     let server = config.control.as_deref().map(|p| ControlServer::start(p, control.clone())).transpose()?;
-    let started = RunState::try_from(config.ksm.run).and_then(|state| lock(&vm.dedup).set_run(state));
+    let started = RunState::try_from(config.ksm.run)
+        .and_then(|state| lock(&vm.dedup).set_run(state))
+        .map_err(|e| RunEnd::vmm_error(&e))
+        .and_then(|()| start_soft_dirty(&vm, config.soft_dirty_interval));
     let settled = match started {
-        Ok(()) => {
+        Ok(rounds) => {
             let (end, phases) =
                 vcpu_loop::VcpuLoop::start(&mut vm, &mut devices, config.mm_hook, &control, config.timeout).run();
-            end::settle(vm, end, phases, &control)
+            end::settle(vm, end, phases, &control, rounds)
         }
         // The guest never ran: phase 0 is reported, empty, with every figure.
-        Err(e) => end::never_started(&vm, RunEnd::vmm_error(&e), PhaseTracker::start(&vm)),
+        Err(end) => end::never_started(&vm, end, PhaseTracker::start(&vm)),
     };
     drop(server);
     devices.console.flush();
@@ -92,4 +97,14 @@ pub fn run(config: RunConfig) -> Result<RunStats, VmError> {
         phases: settled.phases,
         total: settled.total,
     })
+}
+
+/// The `--soft-dirty-ms` thread, if asked for. Its failure raises the flag
+/// the watchdog polls for a failed ksmd (either ends the run at once).
+fn start_soft_dirty(vm: &Vm, interval: Option<Duration>) -> Result<Option<SoftDirtyThread>, RunEnd> {
+    let Some(interval) = interval else { return Ok(None) };
+    let failed = lock(&vm.dedup).ksmd_failure_flag();
+    SoftDirtyThread::start(vm.mm.clone(), interval, failed)
+        .map(Some)
+        .map_err(|e| RunEnd::VmmError(format!("cannot start the soft-dirty thread: {e}")))
 }

@@ -209,6 +209,32 @@ impl EptView for MemslotView {
         result
     }
 
+    /// The writable runs of [start, end) become KVM_MEM_READONLY slots over
+    /// the same frames, in one pause of the vCPU: reads go on without a
+    /// fault, the next write exits.
+    fn write_protect(&mut self, start: Gfn, end: Gfn) -> Result<(), ViewError> {
+        self.check_range(start, end)?;
+        let writable: Vec<(Gfn, Run)> = self
+            .runs
+            .range(..end)
+            .rev()
+            .take_while(|(s, r)| **s + r.pages > start)
+            .filter(|(_, r)| r.writable)
+            .map(|(s, r)| (*s, *r))
+            .collect();
+        if writable.is_empty() {
+            return Ok(());
+        }
+        self.gate.pause();
+        let result = writable.into_iter().try_for_each(|(s, run)| {
+            let (a, b) = (s.max(start), (s + run.pages).min(end));
+            self.carve(a, b)?;
+            self.create(a, b - a, run.pfn_at(s, a), false)
+        });
+        self.gate.resume();
+        result
+    }
+
     fn counters(&self) -> Vec<(&'static str, u64)> {
         vec![
             ("view_slots", self.slots()),

@@ -188,6 +188,15 @@ impl EptView for AnyView {
         }
     }
 
+    fn write_protect(&mut self, start: Gfn, end: Gfn) -> Result<(), ViewError> {
+        match self {
+            AnyView::Memslot(v) => v.write_protect(start, end),
+            AnyView::Uffd(v) => v.write_protect(start, end),
+            #[cfg(test)]
+            AnyView::Recording(v) => v.write_protect(start, end).map_err(|never| match never {}),
+        }
+    }
+
     fn counters(&self) -> Vec<(&'static str, u64)> {
         match self {
             AnyView::Memslot(v) => v.counters(),

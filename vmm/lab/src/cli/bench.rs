@@ -77,6 +77,7 @@ fn bench_config(kvm_device: PathBuf, image: GuestImage, mem_bytes: u64) -> RunCo
         builtin_ksm: true,
         memslot_limit: None,
         control: None,
+        soft_dirty_interval: None,
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use vmm::image::GuestImage;
 use vmm::run::{exit_status, run};
@@ -43,6 +44,10 @@ pub(super) struct RunArgs {
     /// Listen on this Unix socket for `vmm ctl` (switch ksmd's run state while the guest runs).
     #[arg(long, value_name = "SOCKET")]
     control: Option<PathBuf>,
+    /// Make a soft-dirty round (clear_refs 4 over guest RAM) every MS
+    /// milliseconds from a VMM thread, as a live migration's pre-copy loop would.
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    soft_dirty_ms: Option<u64>,
     #[command(flatten)]
     ksm: KsmArgs,
 }
@@ -64,6 +69,7 @@ pub(super) fn run_command(kvm_device: PathBuf, args: RunArgs) -> Result<ExitCode
         builtin_ksm: true,
         memslot_limit: None,
         control: args.control.clone(),
+        soft_dirty_interval: args.soft_dirty_ms.map(Duration::from_millis),
     };
     // Opened first: a path that cannot be written is bad input, refused
     // before the guest runs (see `stats_file`).

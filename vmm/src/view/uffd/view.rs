@@ -191,7 +191,7 @@ impl UffdView {
 
     /// Sets (`wp`) or clears the write protection of present page `i`;
     /// clearing wakes a vCPU blocked on a write to it.
-    fn write_protect(&mut self, i: usize, wp: bool) -> Result<(), ViewError> {
+    fn set_wp(&mut self, i: usize, wp: bool) -> Result<(), ViewError> {
         let dontwake = if self.shared.serving(i) { UFFDIO_WRITEPROTECT_MODE_DONTWAKE } else { 0 };
         let mode = if wp { UFFDIO_WRITEPROTECT_MODE_WP } else { dontwake };
         self.uffd.writeprotect(self.window.range(i, 1), mode).map_err(uffd_err("UFFDIO_WRITEPROTECT"))?;
@@ -229,7 +229,7 @@ impl UffdView {
                     // protection is unknown, so set it explicitly, then wake
                     // (CONTINUE did not).
                     self.pages[i].present = true;
-                    self.write_protect(i, wp)?;
+                    self.set_wp(i, wp)?;
                     if !dontwake && wp {
                         self.wake(i)?;
                     }
@@ -367,7 +367,33 @@ impl EptView for UffdView {
             return self.continue_page(i, !writable, false);
         }
         if page.wp == writable || (writable && hint & HINT_WP != 0) {
-            return self.write_protect(i, !writable);
+            return self.set_wp(i, !writable);
+        }
+        Ok(())
+    }
+
+    /// The present, writable pages of [start, end) become write-protected
+    /// (UFFDIO_WRITEPROTECT, one call per contiguous run): reads go on, the
+    /// next write raises a WP fault. Absent pages stay absent.
+    fn write_protect(&mut self, start: Gfn, end: Gfn) -> Result<(), ViewError> {
+        let first = self.index(start, end)?;
+        let n = (end - start) as usize;
+        let mut i = first;
+        while i < first + n {
+            let protectable = |p: &PageState| p.present && !p.wp;
+            if !protectable(&self.pages[i]) {
+                i += 1;
+                continue;
+            }
+            let run = self.pages[i..first + n].iter().take_while(|p| protectable(p)).count();
+            self.uffd
+                .writeprotect(self.window.range(i, run), UFFDIO_WRITEPROTECT_MODE_WP)
+                .map_err(uffd_err("UFFDIO_WRITEPROTECT"))?;
+            self.wp_changes += 1;
+            for page in &mut self.pages[i..i + run] {
+                page.wp = true;
+            }
+            i += run;
         }
         Ok(())
     }
