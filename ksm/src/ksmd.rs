@@ -1,16 +1,21 @@
-//! ksmd: the thread that scans `pages_to_scan` pages, sleeps
-//! `sleep_millisecs`, and again, while the guest runs.
+//! ksmd (`ksm_scan_thread`): the thread that scans a batch of
+//! `pages_to_scan` pages, sleeps `sleep_millisecs`, and again, while the
+//! guest runs. A batch ends early at the end of a full scan, as
+//! `ksm_do_scan` does, and is worked in stretches of at most
+//! [`KSM_SCAN_SLICE`] with the deduplicator's lock let go between them, so
+//! that a stop takes effect within about one stretch whatever the knobs.
 
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use shadow_mmu::PrimaryMmu;
+use shadow_mmu::{lock, PrimaryMmu};
 
 use crate::ksm::{Ksm, KsmError};
+use crate::scan::{ScanStop, KSM_SCAN_SLICE};
 
 /// A running ksmd.
 #[derive(Debug)]
@@ -33,12 +38,7 @@ impl Ksmd {
         let thread = std::thread::Builder::new().name("ksmd".into()).spawn(move || {
             let scan = || -> Result<(), KsmError> {
                 while !flag.load(Ordering::Relaxed) {
-                    let sleep = {
-                        let mut k = shadow_mmu::lock(&ksm);
-                        let knobs = k.knobs();
-                        k.ksm_do_scan(&host, u64::from(knobs.pages_to_scan))?;
-                        knobs.sleep_millisecs
-                    };
+                    let sleep = ksm_do_scan_batch(&ksm, &host, &flag)?;
                     if sleep == 0 {
                         std::thread::yield_now();
                     } else {
@@ -84,6 +84,29 @@ impl Ksmd {
 impl Drop for Ksmd {
     fn drop(&mut self) {
         let _ = self.halt();
+    }
+}
+
+/// One batch of ksmd: `ksm_do_scan(pages_to_scan)` in stretches of at most
+/// [`KSM_SCAN_SLICE`], each under the deduplicator's lock, which is let go
+/// between them (Linux's `cond_resched`); the batch ends when its pages are
+/// looked at, a full scan ends, or `stop` is raised. Returns the
+/// `sleep_millisecs` to sleep before the next batch.
+fn ksm_do_scan_batch(ksm: &Mutex<Ksm>, host: &Mutex<PrimaryMmu>, stop: &AtomicBool) -> Result<u32, KsmError> {
+    let mut left = None;
+    loop {
+        let (sleep, stopped_by) = {
+            let mut k = lock(ksm);
+            let knobs = k.knobs();
+            let budget = *left.get_or_insert(u64::from(knobs.pages_to_scan));
+            let (looked, why) = k.scan_pages(host, budget, Some(Instant::now() + KSM_SCAN_SLICE))?;
+            left = Some(budget - looked);
+            (knobs.sleep_millisecs, why)
+        };
+        if stopped_by != ScanStop::Slice || stop.load(Ordering::Relaxed) {
+            return Ok(sleep);
+        }
+        std::thread::yield_now();
     }
 }
 
