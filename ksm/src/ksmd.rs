@@ -37,10 +37,11 @@ impl Ksmd {
         let flag = stop.clone();
         let thread = std::thread::Builder::new().name("ksmd".into()).spawn(move || {
             let scan = || -> Result<(), KsmError> {
+                let mut pacer = Pacer::default();
                 while !flag.load(Ordering::Relaxed) {
-                    let sleep = ksm_do_scan_batch(&ksm, &host, &flag)?;
+                    let sleep = ksm_do_scan_batch(&ksm, &host, &flag, &mut pacer)?;
                     if sleep == 0 {
-                        std::thread::yield_now();
+                        pacer.breathe();
                     } else {
                         std::thread::park_timeout(Duration::from_millis(u64::from(sleep)));
                     }
@@ -87,12 +88,50 @@ impl Drop for Ksmd {
     }
 }
 
+/// How long ksmd stays off the deduplicator's lock once it has worked for
+/// [`KSM_SCAN_SLICE`] without a pause: long enough for a thread waiting for
+/// the lock (the VMM reading the figures at a phase marker, or asking for a
+/// pass) to be woken and take it, since a `std::sync::Mutex` lets the
+/// thread that just unlocked take it straight back. At most 1% of ksmd's
+/// time.
+const KSMD_PAUSE: Duration = Duration::from_micros(100);
+
+/// Where ksmd gives way between stretches of scanning (`cond_resched`).
+#[derive(Debug)]
+struct Pacer {
+    last_pause: Instant,
+}
+
+impl Default for Pacer {
+    fn default() -> Self {
+        Self { last_pause: Instant::now() }
+    }
+}
+
+impl Pacer {
+    /// Between two stretches: a pause of [`KSMD_PAUSE`] once a slice has
+    /// gone by since the last one, a yield otherwise.
+    fn breathe(&mut self) {
+        if self.last_pause.elapsed() >= KSM_SCAN_SLICE {
+            std::thread::sleep(KSMD_PAUSE);
+            self.last_pause = Instant::now();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
+
 /// One batch of ksmd: `ksm_do_scan(pages_to_scan)` in stretches of at most
 /// [`KSM_SCAN_SLICE`], each under the deduplicator's lock, which is let go
-/// between them (Linux's `cond_resched`); the batch ends when its pages are
-/// looked at, a full scan ends, or `stop` is raised. Returns the
-/// `sleep_millisecs` to sleep before the next batch.
-fn ksm_do_scan_batch(ksm: &Mutex<Ksm>, host: &Mutex<PrimaryMmu>, stop: &AtomicBool) -> Result<u32, KsmError> {
+/// between them; the batch ends when its pages are looked at, a full scan
+/// ends, or `stop` is raised. Returns the `sleep_millisecs` to sleep before
+/// the next batch.
+fn ksm_do_scan_batch(
+    ksm: &Mutex<Ksm>,
+    host: &Mutex<PrimaryMmu>,
+    stop: &AtomicBool,
+    pacer: &mut Pacer,
+) -> Result<u32, KsmError> {
     let mut left = None;
     loop {
         let (sleep, stopped_by) = {
@@ -106,7 +145,7 @@ fn ksm_do_scan_batch(ksm: &Mutex<Ksm>, host: &Mutex<PrimaryMmu>, stop: &AtomicBo
         if stopped_by != ScanStop::Slice || stop.load(Ordering::Relaxed) {
             return Ok(sleep);
         }
-        std::thread::yield_now();
+        pacer.breathe();
     }
 }
 

@@ -142,3 +142,53 @@ fn unmerge_all_leaves_no_shared_frame() {
         lab.check_coherent();
     }
 }
+
+// ---------------------------------------------------------------------------
+// run = 2 is mm/ksm.c's unmerge_and_remove_all_rmap_items.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn unmerge_all_frees_every_rmap_item_and_starts_the_scan_over() {
+    // LTP ksm01 (create_same_memory) expects pages_shared, pages_sharing,
+    // pages_unshared and pages_volatile all 0 after run = 2: mm/ksm.c frees
+    // every rmap item (remove_trailing_rmap_items), every stable node
+    // (remove_all_stable_nodes), and sets ksm_scan back to the head of the
+    // list with seqnr 0 (full_scans). Its break_ksm is an unshare fault:
+    // each page gets its own copy, read-only; a later write reuses it.
+    const N: u64 = 96;
+    for policy in POLICIES {
+        let lab = Lab::new(policy, N, knobs_with(|k| k.use_zero_pages = true));
+        for gfn in lab.gfns() {
+            lab.guest.fill(gfn, mixed_word(gfn - FIRST_GFN));
+        }
+        lab.full_pass();
+        lab.scan(40); // ksmd stopped in the middle of a scan
+        let s = lab.stats();
+        assert!(s.rmap_items > 0 && s.pages_unshared > 0 && s.full_scans > 0, "{s:?}");
+        lab.unmerge_all();
+        let s = lab.stats();
+        let levels = (s.pages_shared, s.pages_sharing, s.pages_unshared, s.pages_volatile, s.ksm_zero_pages);
+        assert_eq!(levels, (0, 0, 0, 0, 0), "{policy:?}: {s:?}");
+        assert_eq!((s.rmap_items, s.full_scans, s.general_profit), (0, 0, 0), "{policy:?}: {s:?}");
+        assert_eq!((s.stable_node_chains, s.stable_node_dups), (0, 0), "{policy:?}");
+        assert!(!lab.range_maps_duplicates(lab.gfns()), "{policy:?}");
+        let merged = FIRST_GFN + 1; // a page of group 1
+        {
+            let host = lab.host();
+            let pte = host.pte(merged).expect("pte");
+            let f = host.frame(pte.pfn);
+            assert!(!pte.writable && !f.ksm && f.mapcount == 1, "{policy:?}: {pte:?} {f:?}");
+        }
+        lab.check_coherent();
+        // The unshared copy is the page's own: a write reuses it in place.
+        let before = lab.host().stats();
+        lab.guest.write(merged, 8, &[7]);
+        let after = lab.host().stats();
+        assert_eq!((after.cow_copies, after.cow_reuses), (before.cow_copies, before.cow_reuses + 1), "{policy:?}");
+        lab.check_coherent();
+        // The scan starts over at the first page.
+        assert_eq!(lab.scan(1), 1);
+        let s = lab.stats();
+        assert_eq!((s.rmap_items, s.pages_volatile, s.full_scans), (1, 1, 0), "{policy:?}: {s:?}");
+    }
+}

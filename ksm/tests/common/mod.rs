@@ -23,7 +23,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use ksm::{Ksm, KsmKnobs, KsmStats, KSM_RMAP_ITEM_SIZE};
 use proptest::prelude::*;
-use shadow_mmu::{lock, Gfn, GuestMmus, Pfn, Policy, PrimaryMmu, RecordingView, PAGE_SHIFT, PAGE_SIZE};
+use shadow_mmu::{
+    lock, Gfn, GuestMmus, MmuNotifierRange, MmuNotifyEvent, Pfn, Policy, PrimaryMmu, Pte, RangeFlags, RecordingView,
+    PAGE_SHIFT, PAGE_SIZE,
+};
 
 /// First guest page; the frames below it are the VMM's boot memory.
 pub const FIRST_GFN: Gfn = 16;
@@ -135,6 +138,49 @@ impl Lab {
         let mut knobs = ksm.knobs();
         f(&mut knobs);
         ksm.set_knobs(knobs).expect("knobs in range");
+    }
+
+    /// Stands for fork's `copy_present_pte`: page `gfn` comes to map frame
+    /// `pfn` (mapped elsewhere, a KSM page or the zero page) read-only,
+    /// without KSM's doing; its own frame goes. Inside a CLEAR range
+    /// without USE_CHANGE_PTE, so every policy zaps the old entry.
+    pub fn fork_map(&self, gfn: Gfn, pfn: Pfn) {
+        let mut host = self.host();
+        let range = MmuNotifierRange::page(gfn, MmuNotifyEvent::Clear, RangeFlags::BLOCKABLE);
+        host.invalidate_range_start(&range);
+        host.set_pte_at_notify(&range, gfn, Pte { pfn, writable: false }).expect("map the frame");
+        host.invalidate_range_end(&range);
+        host.flush_holes().expect("flush_holes");
+    }
+
+    /// Stands for MADV_DONTNEED on page `gfn`: its mapping goes (an UNMAP
+    /// range), and the page is a never-touched one again: a fresh frame
+    /// that is a hole in the memfd (reads zero, holds no memory), writable.
+    pub fn discard(&self, gfn: Gfn) {
+        let mut host = self.host();
+        let fresh = host.alloc_page().expect("a free frame");
+        let range = MmuNotifierRange::page(gfn, MmuNotifyEvent::Unmap, RangeFlags::BLOCKABLE);
+        host.invalidate_range_start(&range);
+        host.set_pte_at_notify(&range, gfn, Pte { pfn: fresh, writable: true }).expect("map the fresh frame");
+        host.invalidate_range_end(&range);
+        host.put_page(fresh).expect("put_page");
+        host.flush_holes().expect("flush_holes");
+        assert!(!host.pool().resident(fresh, 1).expect("mincore")[0], "a free frame is a hole");
+    }
+
+    /// ksm_functional_tests.c `range_maps_duplicates`: whether two guest
+    /// pages in `gfns` map the same frame (pages that hold no memory, as
+    /// pagemap's non-present ones, are left out).
+    pub fn range_maps_duplicates(&self, gfns: std::ops::Range<Gfn>) -> bool {
+        let host = self.host();
+        let mut seen = BTreeSet::new();
+        for gfn in gfns {
+            let pfn = host.pte(gfn).expect("pte").pfn;
+            if host.pool().resident(pfn, 1).expect("mincore")[0] && !seen.insert(pfn) {
+                return true;
+            }
+        }
+        false
     }
 
     pub fn unmerge_all(&self) {
