@@ -4,7 +4,7 @@
 //!
 //! There is one mm and one vma, so rmap items sit in an array indexed by
 //! guest page rather than on an mm_slot's list (see "Deliberate differences
-//! from mm/ksm.c" in the crate docs): a slot in state [`RmapState::Absent`]
+//! from mm/ksm.c" in the crate docs): a slot in state `RmapState::Absent`
 //! is a page without an rmap item.
 
 use shadow_mmu::PrimaryMmu;
