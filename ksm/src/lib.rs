@@ -109,6 +109,9 @@
 //!     refused, tests/bad_input.rs), and a run = 1 that never scans is a
 //!     mistake, not an experiment.
 //! 13. **Knobs and figures.** Only the knobs in [`KsmKnobs`] exist.
+//!     `full_scans` counts every full scan since the deduplicator was made:
+//!     Linux shows `ksm_scan.seqnr`, which run = 2 sets back to 0, but the
+//!     VMM reports this figure per phase as a count.
 //!     [`KsmStats`] adds cost figures Linux does not have (`merges`,
 //!     `bytes_returned`, `memfd_resident_bytes`, `metadata_bytes`,
 //!     `scan_ns`, `cpu_ns`); frames freed by the scanner go back to the host

@@ -220,7 +220,9 @@ impl Ksm {
     fn stable_search_pruned(&mut self, host: &mut PrimaryMmu) -> Search {
         loop {
             let stale = Cell::new(None);
-            let visited = RefCell::new(Vec::new());
+            // Chains met with one duplicate left (rare: nothing is
+            // allocated for an ordinary search).
+            let collapse = RefCell::new(Vec::new());
             let search = {
                 let (stable, buf) = (&self.stable, &self.buf);
                 let h: &PrimaryMmu = host;
@@ -237,7 +239,9 @@ impl Ksm {
                         stale.set(Some(id));
                         return Ordering::Less;
                     }
-                    visited.borrow_mut().push(entry);
+                    if dups.len() == 1 && stable.entries[entry as usize].chain {
+                        collapse.borrow_mut().push(entry);
+                    }
                     let Some(&first) = dups.first() else { return Ordering::Less };
                     cmp_with_frame(h.pool(), buf, stable.kpfn(first))
                 })
@@ -246,9 +250,8 @@ impl Ksm {
                 self.remove_node_from_stable_tree(id, host);
                 continue;
             }
-            for entry in visited.into_inner() {
-                let e = &mut self.stable.entries[entry as usize];
-                e.chain &= e.dups.len() > 1;
+            for entry in collapse.into_inner() {
+                self.stable.entries[entry as usize].chain = false;
             }
             return search;
         }

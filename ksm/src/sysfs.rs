@@ -72,8 +72,9 @@ pub struct KsmStats {
     /// Pages with an rmap item in neither tree: changing too fast to be in
     /// one (`rmap_items - pages_shared - pages_sharing - pages_unshared`).
     pub pages_volatile: u64,
-    /// Completed full scans: Linux shows `ksm_scan.seqnr`, which an unmerge
-    /// (run = 2) sets back to 0, and so does this.
+    /// Completed full scans. Linux shows `ksm_scan.seqnr`, which an unmerge
+    /// (run = 2) sets back to 0; this keeps counting (crate docs,
+    /// "Deliberate differences from mm/ksm.c").
     pub full_scans: u64,
     /// Pages looked at (`ksm_pages_scanned`): every page the scanner
     /// returns, KSM pages included; never-touched pages, pages mapping the

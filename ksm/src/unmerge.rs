@@ -83,8 +83,7 @@ impl Ksm {
     /// `rmap_items`, `pages_shared`, `pages_sharing`, `pages_unshared` and
     /// `pages_volatile` read 0, and checksums and smart scan ages are
     /// forgotten), every stable node goes (`remove_all_stable_nodes`), and
-    /// the scan starts again from its first page with a fresh `ksm_scan`
-    /// (`full_scans`, Linux's `ksm_scan.seqnr`, reads 0).
+    /// the scan starts again from its first page with a fresh `ksm_scan`.
     pub fn unmerge_all(&mut self, host: &Mutex<PrimaryMmu>) -> Result<(), KsmError> {
         self.unmerge_all_cancellable(host, &|| false)
     }
@@ -109,8 +108,9 @@ impl Ksm {
         debug_assert_eq!(listed, 0, "every rmap item left its stable node");
         debug_assert_eq!((self.stats.pages_shared, self.stats.pages_sharing, self.stats.rmap_items), (0, 0, 0));
         self.unstable.clear();
+        // A fresh ksm_scan: the head of the list, seqnr 0. `full_scans`
+        // keeps counting (crate docs, "Deliberate differences from mm/ksm.c").
         self.ksm_scan = KsmScan::default();
-        self.stats.full_scans = 0;
         h.flush_holes()?;
         Ok(())
     }
