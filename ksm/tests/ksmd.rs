@@ -95,35 +95,30 @@ fn ksmd_with_the_largest_pages_to_scan_stops_promptly() {
 
 #[test]
 fn a_cancelled_full_pass_stops_promptly_and_leaves_a_coherent_state() {
+    // The pass asks before every stretch of scanning, so at least once per
+    // full scan: a pass of three scans asks at least three times, and one
+    // that is told to stop at the third question has not finished.
     let lab = busy_lab(Policy::ChangePte, 100, 20);
-    let cancel = Arc::new(AtomicBool::new(false));
-    let asked = Arc::new(AtomicU64::new(0));
-    let (ksm, mm) = (lab.ksm.clone(), lab.guest.mm.clone());
-    let pass = {
-        let (cancel, asked) = (cancel.clone(), asked.clone());
-        std::thread::spawn(move || {
-            let cancelled = || {
-                asked.fetch_add(1, Ordering::Relaxed);
-                cancel.load(Ordering::Relaxed)
-            };
-            let t = Instant::now();
-            let result = lock(&ksm).full_pass_cancellable(&mm, &cancelled);
-            (result, t)
-        })
+    let polls = std::cell::RefCell::new(Vec::new());
+    let cancelled = || {
+        let mut p = polls.borrow_mut();
+        p.push(Instant::now());
+        p.len() >= 3
     };
-    // Cancel once the pass is under way (it asks before every slice).
-    while asked.load(Ordering::Relaxed) < 3 {
-        std::thread::yield_now();
-    }
     let t = Instant::now();
-    cancel.store(true, Ordering::Relaxed);
-    let ((result, _), _) = within(GENEROUS, "the cancelled pass", move || pass.join().expect("the pass panicked"));
-    let latency = t.elapsed();
+    let result = lock(&lab.ksm).full_pass_cancellable(&lab.guest.mm, &cancelled);
+    let returned = t.elapsed();
+    let polls = polls.into_inner();
+    let longest_gap = polls.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
     eprintln!(
-        "full_pass_cancellable: cancelled after {} polls, returned {latency:?} after the cancel (slice {KSM_SCAN_SLICE:?})",
-        asked.load(Ordering::Relaxed)
+        "full_pass_cancellable: {} polls, the longest gap between two {longest_gap:?} (slice {KSM_SCAN_SLICE:?}); \
+         returned {:?} after the poll that cancelled it",
+        polls.len(),
+        t + returned - polls[polls.len() - 1]
     );
     assert!(matches!(result, Err(KsmError::Cancelled)), "{result:?}");
+    assert_eq!(polls.len(), 3);
+    assert!(longest_gap < GENEROUS, "{longest_gap:?}");
     lab.check_coherent();
     // Nothing is lost: a later pass reaches the usual end state.
     lab.full_pass();
