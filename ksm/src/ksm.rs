@@ -13,7 +13,7 @@ use crate::sysfs::{KsmKnobs, KsmStats};
 use crate::tree::ContentTree;
 
 /// The KSM tag of the zero page's frame: no stable node's.
-const ZERO_OWNER: u32 = u32::MAX;
+pub(crate) const ZERO_OWNER: u32 = u32::MAX;
 
 /// Errors of the deduplicator.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +46,11 @@ pub enum KsmError {
     /// panic's message.
     #[error("ksmd panicked: {0}")]
     Panicked(String),
+    /// A pass or an unmerge was cancelled by its caller before it was done
+    /// (as Linux's unmerge returns -ERESTARTSYS on a pending signal); what
+    /// was done so far is consistent.
+    #[error("the deduplication work was cancelled before it was done")]
+    Cancelled,
 }
 
 /// The deduplicator of one guest.

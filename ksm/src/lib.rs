@@ -4,65 +4,76 @@
 //!
 //! # Map
 //!
-//! The modules follow mm/ksm.c; each one's counterparts:
+//! The modules follow mm/ksm.c (Linux 6.12); each one's counterparts:
 //!
 //! | module | mm/ksm.c |
 //! | --- | --- |
 //! | [`ksm`] | the global state ([`Ksm`]: `ksm_scan`, `root_stable_tree`, `root_unstable_tree`, the zero page, the counters), `ksm_init`; [`KsmError`] |
-//! | [`rmap`] | `struct ksm_rmap_item` and its flags, `remove_rmap_item_from_tree`; [`KSM_RMAP_ITEM_SIZE`] |
-//! | [`stable_tree`] | `struct ksm_stable_node`, `stable_node_chain` / `stable_node_dup`, `get_ksm_page`, `stable_tree_search`, `stable_tree_insert`, `stable_tree_append`, `stable_node_dup_del`, `remove_node_from_stable_tree` |
+//! | [`rmap`] | `struct ksm_rmap_item` and its flags, `alloc_rmap_item` / `get_next_rmap_item`, `free_rmap_item`, `remove_rmap_item_from_tree`; [`KSM_RMAP_ITEM_SIZE`] |
+//! | [`stable_tree`] | `struct ksm_stable_node`, `stable_node_chain` / `stable_node_dup` / `chain_prune`, `ksm_get_folio`, `page_stable_node`, `stable_tree_search`, `stable_tree_insert`, `stable_tree_append`, `stable_node_dup_del`, `remove_node_from_stable_tree`, `remove_all_stable_nodes` |
 //! | [`unstable_tree`] | `unstable_tree_search_insert` |
 //! | [`merge`] | `try_to_merge_one_page`, `try_to_merge_with_ksm_page`, `try_to_merge_with_zero_page`, `try_to_merge_two_pages` (their pte work, `write_protect_page` and `replace_page`, is the primary MMU's, in `shadow_mmu`) |
-//! | [`scan`] | `struct ksm_scan`, `ksm_do_scan`, `scan_get_next_rmap_item`, `cmp_and_merge_page`, smart scan (`should_skip_rmap_item`, `skip_age`); and [`Ksm::full_pass`], the synchronous pass |
-//! | [`unmerge`] | `unmerge_and_remove_all_rmap_items`, `break_cow` |
-//! | [`sysfs`] | `ksm_attrs`: the knobs' `*_store` checks ([`KsmKnobs`]), the figures' `*_show` ([`KsmStats`], [`Ksm::counters`]), `general_profit_show` |
+//! | [`scan`] | `struct ksm_scan`, `ksm_do_scan`, `scan_get_next_rmap_item`, `cmp_and_merge_page`, smart scan (`should_skip_rmap_item`, `skip_age`); [`KSM_SCAN_SLICE`] |
+//! | [`pass`] | none: [`Ksm::full_pass`], the synchronous pass, and its cancellable form |
+//! | [`unmerge`] | `unmerge_ksm_pages`, `break_ksm`, `unmerge_and_remove_all_rmap_items` |
+//! | [`sysfs`] | `ksm_attrs`: the knobs' `*_store` checks ([`KsmKnobs`]), the figures' `*_show` ([`KsmStats`], [`Ksm::counters`], [`Ksm::signed_counters`]), `general_profit_show` |
 //! | [`ksmd`] | `ksm_scan_thread` ([`Ksmd`]) |
 //! | [`page`] | `calc_checksum`, `memcmp_pages`, `pages_identical` |
 //! | [`tree`] | the rbtrees the stable and unstable trees are made of |
 //!
 //! # Deliberate differences from mm/ksm.c
 //!
-//! Each is marked at the code with a comment pointing here.
+//! Each is marked at the code with a comment pointing here. NUMA
+//! (`merge_across_nodes`, the migrate_nodes list), huge pages (THP
+//! splitting), swap, migration, memory hotplug and the advisor
+//! (`advisor_mode`) have no counterpart: one node, 4 KiB frames, no swap.
 //!
 //! 1. **One mm, one vma.** Rmap items sit in an array indexed by guest page
 //!    ([`rmap`]), not on per-mm_slot lists: one guest is one mm with one
-//!    mergeable vma. An rmap item exists once its page has been seen holding
-//!    memory (a never-touched page is a memfd hole, Linux's "no pte"),
-//!    checked with one mincore per full scan rather than a page-table walk.
+//!    mergeable vma, and there is no per-range VM_MERGEABLE
+//!    ([`Ksm::unmerge_ksm_pages`] unmerges a range but does not take it out
+//!    of the scan). Linux's "no anonymous page here" (`folio_walk_start`
+//!    finds none) is a memfd hole (a never-touched page) or the zero page:
+//!    such a page has no rmap item. Holes are known from one mincore of the
+//!    whole pool when a full scan begins; a frame that was a hole then is
+//!    looked at again (one mincore for it and the frames after it) when the
+//!    scanner reaches it, so a page copied into a freed frame, or touched
+//!    for the first time, during the scan is scanned. A guest read of a
+//!    never-touched page allocates it in the memfd, where Linux maps the
+//!    zero page.
 //! 2. **Treaps, not rbtrees** ([`tree`]): random priorities, so O(log n)
 //!    depth is expected where an rbtree guarantees it, in an arena of u32
 //!    ids. Parent links let a node be erased without searching for it
 //!    again, which the unstable tree needs (its pages may have changed since
 //!    they were inserted).
 //! 3. **A frame tag instead of `page->mapping`.** A stable node tags its KSM
-//!    frame with its id (`ksm_owner`, [`stable_tree`]), and `get_ksm_page`
+//!    frame with its id (`ksm_owner`, [`stable_tree`]), and `ksm_get_folio`
 //!    is that tag check: the primary MMU has frames, not `struct page`s.
-//!    Node ids are reused, so a freed stable node that still owns its frame
-//!    clears the tag at once (`stable_node_dup_del`) where Linux leaves it
-//!    to the freeing of the page: no frame keeps the tag of a node id that
-//!    may be handed out again.
+//!    Node ids are reused, so a stable node whose last rmap item leaves is
+//!    freed at once, and clears the tag if it still owns its frame
+//!    (`stable_node_dup_del`); Linux keeps such a node until a search finds
+//!    its page freed. The two differ only while the KSM page outlives its
+//!    rmap items (a page mapping it that KSM did not merge, as after a
+//!    fork): here that page is then an ordinary read-only page.
 //! 4. **The zero page is a frame of the guest's pool** ([`Ksm::new`]), taken
 //!    once and tagged as no stable node's, since the primary MMU maps only
-//!    pool frames; `ksm_zero_pages` is its mapcount (only merges map it, so
-//!    that is Linux's counter, lowered at once by a copy-on-write break).
-//! 5. **A page mapping the zero page keeps its rmap item** (state Zero) until
-//!    the scanner finds it no longer does, where Linux frees that rmap item
-//!    at the next scan (a zero-page pte maps no anonymous page): the array
-//!    slot exists anyway, and its state lets the scanner pass such a page
-//!    without reading it. So `rmap_items` counts such pages, and
-//!    `pages_volatile` also subtracts `ksm_zero_pages` from Linux's
-//!    `rmap_items - pages_shared - pages_sharing - pages_unshared`
-//!    ([`Ksm::stats`]).
+//!    pool frames; `ksm_zero_pages` is its mapcount (only merges and copied
+//!    mappings map it, so that is Linux's counter, lowered at once by a
+//!    copy-on-write break).
+//! 5. **`break_ksm` is built from the primary MMU's primitives**
+//!    ([`unmerge`]): `shadow_mmu` has no unshare fault (FAULT_FLAG_UNSHARE),
+//!    so the copy is allocated, filled and mapped read-only here, inside a
+//!    CLEAR range carrying USE_CHANGE_PTE (read-only to read-only on another
+//!    frame, the `replace_page` transition). It is not counted in the
+//!    primary MMU's `cow_copies`.
 //! 6. **One copy of the page per visit.** The page being visited is read
 //!    once into a buffer (`read_page`), and that copy is checksummed and
 //!    compared in both trees, where Linux reads the live page each time; the
 //!    checksum and every comparison of one visit judge the same bytes, and
-//!    guest memory is only ever read through raw pointers ([`page`]). Since
-//!    a failed merge means the page changed after the copy was read, a
-//!    failed merge with the zero page ends the visit
-//!    (`try_to_merge_with_zero_page`), where Linux goes on to the unstable
-//!    tree with the live page (after a failed merge with a KSM page both
-//!    end the visit).
+//!    guest memory is only ever read through raw pointers ([`page`]). After
+//!    a failed merge with the zero page the page is write-protected, and
+//!    read again before the stable tree search, so the search judges what
+//!    the page holds from then on, as Linux's does.
 //! 7. **No `break_cow` after half a pair.** When the second half of
 //!    `try_to_merge_two_pages` fails, the page that was to become the KSM
 //!    page is left write-protected but not KSM instead of going through
@@ -70,30 +81,87 @@
 //!    breaking.
 //! 8. **No page pins.** `try_to_merge_one_page` does not refuse a page with
 //!    extra references (pinned for I/O): nothing pins guest frames here.
-//! 9. **`full_pass`** (port 0x501, value 1) is this prototype's: full scans
-//!    to a fixpoint that the guest waits for. Smart scan skips nothing during
-//!    it: a skipped page would change nothing, and the pass could end before
-//!    it was compared at all. Skipping is a throughput heuristic for ksmd; a
-//!    pass the guest waits for promises every page that held still its
-//!    chance.
-//! 10. **`pages_to_scan` = 0 is refused** ([`KsmKnobs::check`]). Linux
+//! 9. **Chains are pruned at every search.** There is no
+//!    `stable_node_chains_prune_millisecs`: every `stable_tree_search` walks
+//!    whole chains, prunes their stale duplicates and picks the fullest
+//!    duplicate with room (`stable_node_dup` as `chain_prune` runs it), which
+//!    is Linux with that knob at 0. Linux's default, 2000 ms, prunes a chain
+//!    at most that often and in between takes the first duplicate with room,
+//!    moving it to the head of the chain.
+//! 10. **`full_pass`** (port 0x501, value 1) is this prototype's: full scans
+//!     to a fixpoint that the guest waits for. Smart scan skips nothing
+//!     during it: a skipped page would change nothing, and the pass could
+//!     end before it was compared at all. Skipping is a throughput heuristic
+//!     for ksmd; a pass the guest waits for promises every page that held
+//!     still its chance.
+//! 11. **ksmd lets go between slices.** Linux's ksmd holds
+//!     `ksm_thread_mutex` for a whole batch (rescheduling inside it), so a
+//!     sysfs write waits for the batch. Here a batch is worked in stretches
+//!     of at most [`KSM_SCAN_SLICE`] with the deduplicator's lock let go
+//!     (and, once per slice, a 100 us pause so that a waiting thread gets
+//!     it) and the stop flag checked between them: a stop takes effect
+//!     within about a slice whatever `pages_to_scan` is. A pass and an
+//!     unmerge take a cancellation check polled as often
+//!     ([`Ksm::full_pass_cancellable`], [`Ksm::unmerge_all_cancellable`]).
+//! 12. **`pages_to_scan` = 0 is refused** ([`KsmKnobs::check`]). Linux
 //!     accepts it: ksmd then wakes every `sleep_millisecs` and scans nothing.
 //!     This check is also the command line's (`--pages-to-scan 0` is
 //!     refused, tests/bad_input.rs), and a run = 1 that never scans is a
 //!     mistake, not an experiment.
-//! 11. **Knobs and figures.** Only the knobs in [`KsmKnobs`] exist (one NUMA
-//!     node, no chain pruning interval, no advisor). [`KsmStats`] adds cost
-//!     figures Linux does not have (`merges`, `bytes_returned`,
-//!     `memfd_resident_bytes`, `metadata_bytes`, `rmap_items`, `scan_ns`,
-//!     `cpu_ns`); frames freed by a batch go back to the host (the memfd is
-//!     punched) at the end of each `ksm_do_scan`, which `bytes_returned`
-//!     measures. [`Ksm::counters`] reports `general_profit` clamped at zero,
-//!     as its figures are unsigned (the signed value is in [`KsmStats`]).
+//! 13. **Knobs and figures.** Only the knobs in [`KsmKnobs`] exist.
+//!     `full_scans` counts every full scan since the deduplicator was made:
+//!     Linux shows `ksm_scan.seqnr`, which run = 2 sets back to 0, but the
+//!     VMM reports this figure per phase as a count.
+//!     [`KsmStats`] adds cost figures Linux does not have (`merges`,
+//!     `bytes_returned`, `memfd_resident_bytes`, `metadata_bytes`,
+//!     `scan_ns`, `cpu_ns`); frames freed by the scanner go back to the host
+//!     (the memfd is punched) at the end of each stretch of scanning, which
+//!     `bytes_returned` measures. `general_profit` uses Linux's rmap item
+//!     size ([`KSM_RMAP_ITEM_SIZE`], 64 bytes), not this crate's (12 bytes,
+//!     in `metadata_bytes`), so that it compares with the kernel's.
+//!     [`Ksm::counters`] reports it clamped at zero, as its figures are
+//!     unsigned; the signed value is in [`KsmStats`] and
+//!     [`Ksm::signed_counters`].
+//!
+//! # Linux's KSM selftests here
+//!
+//! Every test function of tools/testing/selftests/mm/ksm_tests.c and
+//! ksm_functional_tests.c, and where it is ported or why it is not. Ports
+//! are in `tests/selftests.rs` unless named otherwise, with the selftest's
+//! figures. Rows marked **VMM** need a concept of the VMM (a second guest,
+//! a per-guest switch, a protection of guest memory) and are covered, or
+//! to be covered, outside this crate.
+//!
+//! | selftest | here |
+//! | --- | --- |
+//! | ksm_tests.c `check_ksm_merge` (`-M`) | `ksm_tests_check_ksm_merge` (10 pages: 1 shared, 9 sharing); its max_page_sharing arithmetic in `tests/stable_tree.rs` |
+//! | ksm_tests.c `check_ksm_unmerge` (`-U`) | `ksm_tests_check_ksm_unmerge` (0, 0 after one scan); `tests/unmerge.rs` `writes_unmerge` |
+//! | ksm_tests.c `check_ksm_zero_page_merge` (`-Z`) | `ksm_tests_check_ksm_zero_page_merge` (`-z 0`: 1, 9; `-z 1`: 0, 0); `tests/zero_pages.rs` |
+//! | ksm_tests.c `check_ksm_numa_merge` (`-N`) | no meaning: one NUMA node, no `merge_across_nodes` |
+//! | ksm_tests.c `ksm_merge_time` (`-P`) | timing: `vmm bench dedup` (the `converge` pass); printed, not asserted, by `tests/full_pass.rs` |
+//! | ksm_tests.c `ksm_merge_hugepages_time` (`-H`) | no meaning: no huge pages (guest RAM is 4 KiB frames); timing goes to `vmm bench` |
+//! | ksm_tests.c `ksm_unmerge_time` (`-D`) | timing: **VMM** (`vmm bench`; the lead will fill in) |
+//! | ksm_tests.c `ksm_cow_time` (`-C`) | timing: **VMM** (`vmm bench`; the lead will fill in); the cost of a write to a merged page is measured there |
+//! | ksm_functional_tests.c `test_unmerge` | `ksm_functional_tests_test_unmerge` |
+//! | ksm_functional_tests.c `test_unmerge_zero_pages` | `ksm_functional_tests_test_unmerge_zero_pages` |
+//! | ksm_functional_tests.c `test_unmerge_discarded` | `ksm_functional_tests_test_unmerge_discarded` (MADV_DONTNEED: the page's frame becomes a hole) |
+//! | ksm_functional_tests.c `test_unmerge_uffd_wp` | **VMM**: the uffd view's write protection (the lead will fill in) |
+//! | ksm_functional_tests.c `test_prot_none` | **VMM**: a PROT_NONE range written through ptrace (the lead will fill in) |
+//! | ksm_functional_tests.c `test_prctl` | **VMM**: a per-guest "merge everything" switch, PR_SET_MEMORY_MERGE (the lead will fill in) |
+//! | ksm_functional_tests.c `test_prctl_fork` | **VMM**: the switch inherited by a second guest (the lead will fill in) |
+//! | ksm_functional_tests.c `test_prctl_fork_exec` | **VMM**: the switch across fork and exec (the lead will fill in) |
+//! | ksm_functional_tests.c `test_prctl_unmerge` | **VMM**: the switch turned off unmerges the guest; the unmerge itself is `test_unmerge`'s port |
+//! | ksm_functional_tests.c `test_fork_ksm_merging_page_count` | the crate's part in `tests/scanner.rs` `a_page_already_on_its_ksm_page_joins_it_without_a_write_protection` (a copied mapping of a KSM page is not counted until scanned); the child's per-process count: **VMM** (the lead will fill in) |
+//! | ksm_functional_tests.c `test_fork_global_ksm_zero_pages_count` | `ksm_functional_tests_test_fork_global_ksm_zero_pages_count` (the global count); the fork itself: **VMM** |
+//!
+//! LTP's testcases/kernel/mem/ksm `create_same_memory` (ksm01) is
+//! `tests/ltp.rs`.
 
 pub mod ksm;
 pub mod ksmd;
 pub mod merge;
 pub mod page;
+pub mod pass;
 pub mod rmap;
 pub mod scan;
 pub mod stable_tree;
@@ -105,4 +173,5 @@ pub mod unstable_tree;
 pub use ksm::{Ksm, KsmError};
 pub use ksmd::Ksmd;
 pub use rmap::KSM_RMAP_ITEM_SIZE;
+pub use scan::KSM_SCAN_SLICE;
 pub use sysfs::{KsmKnobs, KsmStats};

@@ -1,34 +1,80 @@
-//! The scanner, after mm/ksm.c: `ksm_do_scan` walks guest pages in order
-//! (the cursor and sequence number are `struct ksm_scan`'s),
-//! `scan_get_next_rmap_item` decides which page is looked at, and
-//! `cmp_and_merge_page` looks it up in the stable tree, then (if its
-//! checksum held still since the last scan) in the unstable tree, and
-//! merges. Smart scan (`should_skip_rmap_item`) skips pages that keep not
-//! merging. `full_pass`, the synchronous pass the guest asks for, is this
-//! prototype's own.
+//! The scanner, after mm/ksm.c (6.12): `ksm_do_scan` looks at up to a
+//! budget of pages from where the last call stopped (the cursor and
+//! sequence number are `struct ksm_scan`'s) and ends early at the end of a
+//! full scan; `scan_get_next_rmap_item` decides which page is looked at
+//! next; `cmp_and_merge_page` lets a page that changed since its last visit
+//! go (the checksum test), then tries the zero page, the stable tree, and
+//! the unstable tree. Smart scan (`should_skip_rmap_item`) skips pages that
+//! keep not merging.
+//!
+//! The scanner works in stretches of at most [`KSM_SCAN_SLICE`], so that
+//! ksmd ([`crate::Ksmd`]) can let go of the deduplicator between them and a
+//! synchronous pass ([`crate::pass`]) can be cancelled.
 
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use shadow_mmu::{lock, Pfn, PrimaryMmu};
+use shadow_mmu::{lock, Pfn, PrimaryMmu, Pte};
 
 use crate::ksm::{Ksm, KsmError};
 use crate::page::{checksum, read_page};
 use crate::rmap::{RmapState, NIL};
 
-/// The most full scans one `full_pass` does.
-const MAX_PASS_SCANS: u32 = 8;
+/// The longest the scanner works in one go: ksmd holds the deduplicator's
+/// lock for about this long at most (the clock is read every
+/// `PAGES_PER_CLOCK_READ` pages) before it lets go and
+/// looks at its stop flag, and a cancellable pass
+/// ([`Ksm::full_pass_cancellable`]) asks its caller this often whether to go
+/// on. So a stop takes effect within about this long whatever
+/// `pages_to_scan` and `sleep_millisecs` are. Linux's ksmd reschedules
+/// (`cond_resched`) and checks for freezing between any two pages.
+pub const KSM_SCAN_SLICE: Duration = Duration::from_millis(10);
+
+/// Pages looked at between two looks at the clock for [`KSM_SCAN_SLICE`]:
+/// reading it costs about 60 ns here, 6% of scanning a page; a stretch
+/// overruns its slice by at most this many pages.
+const PAGES_PER_CLOCK_READ: u64 = 16;
+
+/// Frames whose residency one mincore reads when a frame looks like a hole.
+const RESIDENT_WINDOW: u64 = 256;
+
+/// Why [`Ksm::scan_pages`] stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ScanStop {
+    /// It looked at as many pages as it was asked to.
+    Budget,
+    /// A full scan ended (`scan_get_next_rmap_item` returned NULL).
+    ScanEnd,
+    /// Its time ran out ([`KSM_SCAN_SLICE`]).
+    Slice,
+}
+
+/// Frames read again by one mincore since the scan began: [start, end),
+/// while the primary MMU had allocated `allocated` frames.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Recheck {
+    start: Pfn,
+    end: Pfn,
+    allocated: u64,
+}
 
 /// `struct ksm_scan`: where the scanner is.
 #[derive(Debug, Default)]
 pub(crate) struct KsmScan {
-    /// The next guest page to look at (`address`); 0 starts a full scan.
+    /// A full scan is under way (Linux: `ksm_scan.mm_slot` is not
+    /// `&ksm_mm_head`); otherwise the next page looked at starts one.
+    pub(crate) in_scan: bool,
+    /// The next guest page to look at in this scan (`address`).
     pub(crate) cursor: usize,
     /// Low bits of the full scans started (`seqnr`).
     pub(crate) seqnr: u8,
-    /// Which frames held memory at the start of this full scan (one
-    /// mincore per full scan, see the crate docs).
+    /// Which frames are known to hold memory: one mincore of the whole pool
+    /// at the start of a full scan (see the crate docs), and frames found
+    /// since. A frame that holds memory keeps it while mapped (the primary
+    /// MMU maps only frames it wrote: a copy).
     pub(crate) resident: Vec<bool>,
+    /// The frames last found to be holes since then.
+    pub(crate) recheck: Option<Recheck>,
     /// A synchronous pass is running: smart scan skips nothing.
     pub(crate) in_full_pass: bool,
 }
@@ -52,27 +98,55 @@ fn skip_age(age: u8) -> u8 {
 }
 
 impl Ksm {
-    /// `ksm_do_scan`: scans `pages` pages from where the last call stopped.
-    pub fn ksm_do_scan(&mut self, host: &Mutex<PrimaryMmu>, pages: u64) -> Result<(), KsmError> {
+    /// `ksm_do_scan`: looks at up to `pages` pages from where the last call
+    /// stopped, fewer if a full scan ends first (the call that finds the end
+    /// of a scan counts it in `full_scans`; the next call starts a new one).
+    /// Pages passed without a look (never touched, mapping the zero page,
+    /// skipped by smart scan) do not count against `pages`. Returns the pages
+    /// looked at (`pages_scanned` grows by as many).
+    pub fn ksm_do_scan(&mut self, host: &Mutex<PrimaryMmu>, pages: u64) -> Result<u64, KsmError> {
+        self.scan_pages(host, pages, None).map(|(looked, _)| looked)
+    }
+
+    /// `ksm_do_scan` that also stops once `until` has passed; returns the
+    /// pages looked at and why it stopped. Frames freed meanwhile go back
+    /// to the host at the end (`bytes_returned`).
+    pub(crate) fn scan_pages(
+        &mut self,
+        host: &Mutex<PrimaryMmu>,
+        pages: u64,
+        until: Option<Instant>,
+    ) -> Result<(u64, ScanStop), KsmError> {
         let t = Instant::now();
         let cpu = thread_cpu_ns();
         let before = lock(host).pool().resident_bytes().unwrap_or(0);
-        let mut result = Ok(());
-        for _ in 0..pages {
-            if self.rmap.is_empty() {
+        let mut looked = 0;
+        let mut result = Ok(ScanStop::Budget);
+        while looked < pages {
+            let step = {
+                let mut h = lock(host);
+                match self.scan_get_next_rmap_item(&mut h) {
+                    Ok(Some((idx, pte))) => self.cmp_and_merge_page(&mut h, idx, pte).map(|()| true),
+                    Ok(None) => Ok(false),
+                    Err(e) => Err(e),
+                }
+            };
+            match step {
+                Ok(true) => {}
+                Ok(false) => {
+                    result = Ok(ScanStop::ScanEnd);
+                    break;
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+            looked += 1;
+            self.stats.pages_scanned += 1;
+            if until.is_some_and(|u| looked % PAGES_PER_CLOCK_READ == 0 && Instant::now() >= u) {
+                result = Ok(ScanStop::Slice);
                 break;
-            }
-            if self.ksm_scan.cursor == 0 {
-                self.start_full_scan(host)?;
-            }
-            if let Err(e) = self.cmp_and_merge_page(host, self.ksm_scan.cursor) {
-                result = Err(e);
-                break;
-            }
-            self.ksm_scan.cursor += 1;
-            if self.ksm_scan.cursor == self.rmap.len() {
-                self.ksm_scan.cursor = 0;
-                self.stats.full_scans += 1;
             }
         }
         let after = {
@@ -85,137 +159,135 @@ impl Ksm {
         self.stats.bytes_returned += before.saturating_sub(after);
         self.stats.scan_ns += u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.stats.cpu_ns += thread_cpu_ns().saturating_sub(cpu);
-        result
-    }
-
-    /// One synchronous full deduplication pass (port 0x501, value 1): full
-    /// scans until one of them changed nothing (no checksum recorded, no
-    /// merge, no page leaving a KSM page), a fixpoint: every page that held
-    /// still has had its chance to merge with everything it can merge with
-    /// (a page is compared in the unstable tree only once its checksum held
-    /// for a scan, and room on a full KSM page can appear late in a scan).
-    /// A quiet guest takes three scans: checksums, merges, the quiet one.
-    /// At most eight scans. Returns the scans done.
-    ///
-    /// Smart scan skips nothing during a pass (crate docs, "Deliberate
-    /// differences from mm/ksm.c").
-    pub fn full_pass(&mut self, host: &Mutex<PrimaryMmu>) -> Result<u32, KsmError> {
-        self.ksm_scan.in_full_pass = true;
-        let result = self.full_pass_scans(host);
-        self.ksm_scan.in_full_pass = false;
-        result
-    }
-
-    /// Events that change what a later scan would find.
-    fn changes(&self) -> u64 {
-        self.checksum_updates + self.stats.merges + self.departures
-    }
-
-    fn full_pass_scans(&mut self, host: &Mutex<PrimaryMmu>) -> Result<u32, KsmError> {
-        let mut scans = 0;
-        // A scan ksmd left half done is finished first; it does not count as
-        // the quiet scan that ends the pass, which must see every page.
-        if self.ksm_scan.cursor != 0 {
-            let left = (self.rmap.len() - self.ksm_scan.cursor) as u64;
-            self.ksm_do_scan(host, left)?;
-            scans += 1;
-        }
-        loop {
-            let before = self.changes();
-            self.ksm_do_scan(host, self.rmap.len() as u64)?;
-            scans += 1;
-            if self.changes() == before || scans >= MAX_PASS_SCANS {
-                return Ok(scans);
-            }
-        }
+        result.map(|stop| (looked, stop))
     }
 
     /// The start of a full scan, as `scan_get_next_rmap_item` does it at
     /// the head of the mm list: a new unstable tree, and which frames hold
     /// memory now.
-    fn start_full_scan(&mut self, host: &Mutex<PrimaryMmu>) -> Result<(), KsmError> {
+    fn start_full_scan(&mut self, h: &PrimaryMmu) -> Result<(), KsmError> {
         // The unstable tree is rebuilt every scan: its pages may have changed.
         self.unstable.clear();
         self.ksm_scan.seqnr = self.ksm_scan.seqnr.wrapping_add(1);
-        let h = lock(host);
         self.ksm_scan.resident = h.pool().resident(0, h.pool().nr_frames())?;
+        self.ksm_scan.recheck = None;
+        self.ksm_scan.cursor = 0;
+        self.ksm_scan.in_scan = true;
         Ok(())
     }
 
-    /// `scan_get_next_rmap_item` for guest page `idx`, and the top of
-    /// `cmp_and_merge_page`: the frame to compare, or None when the page is
-    /// passed. A page still mapping its KSM page or the zero page is passed
-    /// without a look; one that left it, or is in the unstable tree, leaves
-    /// its tree. A page that never held memory has no rmap item (Linux: no
-    /// pte). Smart scan may skip it.
-    fn scan_get_next_rmap_item(&mut self, h: &mut PrimaryMmu, idx: usize) -> Result<Option<Pfn>, KsmError> {
-        let pte = h.pte(self.gfn(idx))?;
-        let item = self.rmap[idx];
-        let still_merged = match item.state {
-            RmapState::Stable => self.stable.node_valid(item.node, h) && self.stable.kpfn(item.node) == pte.pfn,
-            RmapState::Zero => pte.pfn == self.zero_pfn,
-            RmapState::Absent | RmapState::NoTree | RmapState::Unstable => false,
-        };
-        if still_merged {
-            return Ok(None);
+    /// Whether frame `pfn` holds memory (is not a memfd hole). A frame the
+    /// scan began with as a hole is looked at again (one mincore for it and
+    /// the frames after it), so a page copied into a freed frame, or touched
+    /// for the first time, since the scan began is not taken for untouched;
+    /// that answer is reused for the frames after it until the primary MMU
+    /// allocates a frame.
+    fn frame_holds_memory(&mut self, h: &PrimaryMmu, pfn: Pfn) -> Result<bool, KsmError> {
+        if self.ksm_scan.resident.get(pfn as usize).copied().unwrap_or(false) {
+            return Ok(true);
         }
-        if matches!(item.state, RmapState::Stable | RmapState::Zero | RmapState::Unstable) {
-            self.remove_rmap_item_from_tree(idx, h);
+        let allocated = h.stats().frames_allocated;
+        if let Some(r) = self.ksm_scan.recheck {
+            if r.allocated == allocated && (r.start..r.end).contains(&pfn) {
+                return Ok(false);
+            }
         }
-        if !self.ksm_scan.resident.get(pte.pfn as usize).copied().unwrap_or(false) {
-            return Ok(None); // never touched: Linux has no pte here
+        let end = (pfn + RESIDENT_WINDOW).min(h.pool().nr_frames());
+        let now = h.pool().resident(pfn, end - pfn)?;
+        for (i, &r) in now.iter().enumerate() {
+            if let Some(known) = self.ksm_scan.resident.get_mut(pfn as usize + i) {
+                *known |= r;
+            }
         }
-        if self.rmap[idx].state == RmapState::Absent {
-            self.rmap[idx].state = RmapState::NoTree;
-            self.stats.rmap_items += 1;
-        }
-        if self.should_skip_rmap_item(idx, h.frame(pte.pfn).ksm) {
-            return Ok(None);
-        }
-        Ok(Some(pte.pfn))
+        self.ksm_scan.recheck = Some(Recheck { start: pfn, end, allocated });
+        Ok(now.first().copied().unwrap_or(false))
     }
 
-    /// `cmp_and_merge_page` for guest page `idx`.
-    fn cmp_and_merge_page(&mut self, host: &Mutex<PrimaryMmu>, idx: usize) -> Result<(), KsmError> {
-        let mut h = lock(host);
-        let Some(pfn) = self.scan_get_next_rmap_item(&mut h, idx)? else { return Ok(()) };
-        self.stats.pages_scanned += 1;
-        if !read_page(h.pool(), pfn, &mut self.buf) {
-            return Ok(());
+    /// `scan_get_next_rmap_item`: the next page to look at in this scan and
+    /// its pte, a full scan starting first if none is under way; None at the
+    /// end of the scan, which it counts (`full_scans`). A page with no
+    /// anonymous page (`folio_walk_start` finds none: never touched, a memfd
+    /// hole; or mapping the zero page) is passed and loses its rmap item, as
+    /// `get_next_rmap_item` frees those it passes. Smart scan may skip a
+    /// page. None of these count as looked at.
+    fn scan_get_next_rmap_item(&mut self, h: &mut PrimaryMmu) -> Result<Option<(usize, Pte)>, KsmError> {
+        if self.rmap.is_empty() {
+            return Ok(None);
         }
+        if !self.ksm_scan.in_scan {
+            self.start_full_scan(h)?;
+        }
+        while self.ksm_scan.cursor < self.rmap.len() {
+            let idx = self.ksm_scan.cursor;
+            self.ksm_scan.cursor += 1;
+            let pte = h.pte(self.gfn(idx))?;
+            if pte.pfn == self.zero_pfn || !self.frame_holds_memory(h, pte.pfn)? {
+                self.free_rmap_item(idx, h);
+                continue;
+            }
+            self.get_next_rmap_item(idx);
+            if self.should_skip_rmap_item(idx, h.frame(pte.pfn).ksm) {
+                self.remove_rmap_item_from_tree(idx, h);
+                continue;
+            }
+            return Ok(Some((idx, pte)));
+        }
+        self.ksm_scan.in_scan = false;
+        self.ksm_scan.cursor = 0;
+        self.stats.full_scans += 1;
+        Ok(None)
+    }
 
-        // Is there a KSM page with this content already? As in mm/ksm.c the
-        // visit ends here whether or not the merge succeeded: if it failed,
-        // the page changed after `self.buf` was read, so neither its
-        // checksum nor the unstable tree may be judged by that copy.
-        if let Some(node) = self.stable_tree_search(&mut h) {
-            if self.try_to_merge_with_ksm_page(&mut h, idx, node)? {
+    /// `cmp_and_merge_page` for guest page `idx`, which maps `pte.pfn`.
+    fn cmp_and_merge_page(&mut self, h: &mut PrimaryMmu, idx: usize, pte: Pte) -> Result<(), KsmError> {
+        if let Some(node) = self.stable.page_stable_node(h, pte.pfn) {
+            let item = self.rmap[idx];
+            if item.state == RmapState::Stable && item.node == node {
+                return Ok(()); // still maps the KSM page it merged with
+            }
+            // A KSM page this rmap item is not listed on ("ksm page
+            // forked"): `stable_tree_search` finds the page's own KSM page
+            // at once, and the page joins it without a write protection,
+            // past max_page_sharing if need be (max_page_sharing_bypass).
+            self.remove_rmap_item_from_tree(idx, h);
+            if self.try_to_merge_with_ksm_page(h, idx, node)? {
                 self.stable_tree_append(idx, node);
             }
             return Ok(());
         }
-
-        // A page whose content changed since the last scan is too volatile
-        // to be worth a place in the unstable tree this time.
+        self.remove_rmap_item_from_tree(idx, h);
+        if !read_page(h.pool(), pte.pfn, &mut self.buf) {
+            return Ok(());
+        }
+        // A page whose content changed since the last scan is changing too
+        // fast to be worth a search in either tree (Linux 6.11 moved this
+        // test before the stable tree search).
         let sum = checksum(&self.buf);
         if self.rmap[idx].oldchecksum != sum {
             self.rmap[idx].oldchecksum = sum;
             self.checksum_updates += 1;
             return Ok(());
         }
-
-        if self.try_to_merge_with_zero_page(&mut h, idx, sum)? {
+        if self.try_to_merge_with_zero_page(h, idx, sum)? {
             return Ok(());
         }
-
+        // Is there a KSM page with this content already? The visit ends
+        // here whether or not the merge succeeded: if it failed, the page
+        // changed after it was read.
+        if let Some(node) = self.stable_tree_search(h) {
+            if self.try_to_merge_with_ksm_page(h, idx, node)? {
+                self.stable_tree_append(idx, node);
+            }
+            return Ok(());
+        }
         // A pair merged from the unstable tree becomes a new KSM page.
-        if let Some((tree_node, tree_idx)) = self.unstable_tree_search_insert(idx, &h) {
-            if let Some(kpfn) = self.try_to_merge_two_pages(&mut h, idx, tree_idx)? {
+        if let Some((tree_node, tree_idx)) = self.unstable_tree_search_insert(idx, h) {
+            if let Some(kpfn) = self.try_to_merge_two_pages(h, idx, tree_idx)? {
                 self.stats.merges += 2;
                 self.unstable.erase(tree_node);
                 self.rmap[tree_idx].state = RmapState::NoTree;
                 self.rmap[tree_idx].node = NIL;
-                let node = self.stable_tree_insert(&mut h, kpfn);
+                let node = self.stable_tree_insert(h, kpfn);
                 self.stable_tree_append(tree_idx, node);
                 self.stable_tree_append(idx, node);
             }
@@ -224,7 +296,8 @@ impl Ksm {
     }
 
     /// Smart scan (`should_skip_rmap_item`): pages that keep not merging are
-    /// skipped for 1, 2, 4, then 8 scans.
+    /// skipped for 1, 2, 4, then 8 scans. The caller removes a skipped page
+    /// from its tree, as Linux does.
     fn should_skip_rmap_item(&mut self, idx: usize, is_ksm: bool) -> bool {
         if !self.knobs.smart_scan || is_ksm || self.ksm_scan.in_full_pass {
             return false;

@@ -1,20 +1,22 @@
 //! The stable tree, after mm/ksm.c's `root_stable_tree`: KSM pages ordered
 //! by content, each a `struct ksm_stable_node` with the rmap items mapping
 //! it. Once `max_page_sharing` pages map one KSM page, the next page of that
-//! content starts a duplicate in the same entry (`stable_node_chain`,
-//! `stable_node_dup`).
+//! content starts a duplicate in the same entry, which becomes a
+//! `stable_node_chain` of `stable_node_dup`s.
 //!
-//! `stable_tree_search`, `stable_tree_insert`, `stable_tree_append`,
-//! `stable_node_dup_del`, `remove_node_from_stable_tree`, and
-//! `get_ksm_page`'s test (`StableTree::node_valid`). A stable node tags its
-//! KSM frame with its id instead of `page->mapping` (see the crate docs).
+//! `stable_tree_search` (with `stable_node_dup` / `__stable_node_chain` /
+//! `chain_prune`), `stable_tree_insert`, `stable_tree_append`,
+//! `stable_node_dup_del`, `remove_node_from_stable_tree`,
+//! `remove_all_stable_nodes`, `page_stable_node`, and `ksm_get_folio`'s
+//! test (`StableTree::node_valid`). A stable node tags its KSM frame with
+//! its id instead of `page->mapping` (see the crate docs).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::cmp::Ordering;
 
 use shadow_mmu::{Pfn, PrimaryMmu};
 
-use crate::ksm::Ksm;
+use crate::ksm::{Ksm, ZERO_OWNER};
 use crate::page::{cmp_with_frame, read_page};
 use crate::rmap::{RmapState, NIL};
 use crate::tree::{ContentTree, Search};
@@ -34,13 +36,16 @@ impl StableNode {
     const FREE: Self = Self { kpfn: 0, entry: NIL, sharers: Vec::new() };
 }
 
-/// A stable tree entry: one KSM page, or a chain of duplicates of the same
-/// content once `max_page_sharing` was reached (`stable_node_chain`).
+/// A stable tree entry: one KSM page, or a `stable_node_chain` of
+/// duplicates of the same content.
 #[derive(Debug, Clone, Default)]
 struct StableEntry {
     tree_node: u32,
-    /// Its stable nodes, oldest first.
+    /// Its stable nodes, oldest first (Linux's chain lists the newest first).
     dups: Vec<u32>,
+    /// A `stable_node_chain`: it held two KSM pages once, and stays a chain
+    /// until `stable_node_dup` finds only one left and collapses it.
+    chain: bool,
 }
 
 /// The tag stable node `id` puts on its KSM frame (`ksm_owner`, the analog
@@ -49,7 +54,7 @@ fn owner_tag(id: u32) -> u32 {
     id + 1
 }
 
-/// `get_ksm_page`'s test: whether stable node `id` still owns frame `kpfn`
+/// `ksm_get_folio`'s test: whether stable node `id` still owns frame `kpfn`
 /// (its KSM page was neither freed nor reused by another node).
 fn owns_frame(host: &PrimaryMmu, id: u32, kpfn: Pfn) -> bool {
     let f = host.frame(kpfn);
@@ -73,15 +78,32 @@ impl StableTree {
         self.nodes[id as usize].kpfn
     }
 
-    /// `get_ksm_page`: whether stable node `id` still owns its KSM frame.
+    /// How many pages map stable node `id` (`rmap_hlist_len`).
+    pub(crate) fn sharers(&self, id: u32) -> usize {
+        self.nodes[id as usize].sharers.len()
+    }
+
+    /// `ksm_get_folio`: whether stable node `id` still owns its KSM frame.
     pub(crate) fn node_valid(&self, id: u32, host: &PrimaryMmu) -> bool {
         owns_frame(host, id, self.kpfn(id))
     }
 
-    /// (`stable_node_chains`, `stable_node_dups`): entries holding more than
-    /// one KSM page, and the KSM pages in them.
+    /// `page_stable_node`: the stable node whose KSM page frame `pfn` is,
+    /// if any (not the zero page, which belongs to no node).
+    pub(crate) fn page_stable_node(&self, host: &PrimaryMmu, pfn: Pfn) -> Option<u32> {
+        let f = host.frame(pfn);
+        if !f.ksm || f.ksm_owner == 0 || f.ksm_owner == ZERO_OWNER {
+            return None;
+        }
+        let id = f.ksm_owner - 1;
+        let node = self.nodes.get(id as usize)?;
+        (node.entry != NIL && node.kpfn == pfn && owns_frame(host, id, pfn)).then_some(id)
+    }
+
+    /// (`stable_node_chains`, `stable_node_dups`): the chains, and the KSM
+    /// pages in them.
     pub(crate) fn chains(&self) -> (u64, u64) {
-        let chains = self.entries.iter().filter(|e| e.dups.len() > 1);
+        let chains = self.entries.iter().filter(|e| e.chain && !e.dups.is_empty());
         (chains.clone().count() as u64, chains.map(|e| e.dups.len() as u64).sum())
     }
 
@@ -122,10 +144,30 @@ impl StableTree {
         if e.dups.is_empty() {
             let tree_node = e.tree_node;
             self.tree.erase(tree_node);
+            self.entries[entry as usize] = StableEntry::default();
             self.free_entries.push(entry);
         }
         self.nodes[id as usize] = StableNode::FREE;
         self.free_nodes.push(id);
+    }
+
+    /// `remove_all_stable_nodes`, once no page maps a KSM page: every stable
+    /// node goes (a KSM frame still alive loses its tag) and the tree is
+    /// empty. Returns the sharers that were still listed (none when every
+    /// rmap item was removed first).
+    pub(crate) fn remove_all_stable_nodes(&mut self, host: &mut PrimaryMmu) -> usize {
+        let mut listed = 0;
+        for id in 0..self.nodes.len() as u32 {
+            if self.nodes[id as usize].entry == NIL {
+                continue;
+            }
+            listed += self.nodes[id as usize].sharers.len();
+            if self.node_valid(id, host) {
+                host.set_ksm_owner(self.kpfn(id), false, 0);
+            }
+        }
+        *self = Self::default();
+        listed
     }
 
     /// `alloc_stable_node`: a free stable node's id.
@@ -145,6 +187,12 @@ impl StableTree {
     }
 }
 
+/// `is_page_sharing_candidate`: a KSM page mapped at least once and by fewer
+/// than `max_page_sharing` pages.
+fn is_page_sharing_candidate(sharers: usize, max: usize) -> bool {
+    sharers > 0 && sharers < max
+}
+
 impl Ksm {
     /// `remove_node_from_stable_tree`: a stale node (its KSM frame was freed)
     /// lets go of every rmap item still pointing at it.
@@ -153,6 +201,7 @@ impl Ksm {
         if !sharers.is_empty() {
             self.stats.pages_shared -= 1;
             self.stats.pages_sharing -= sharers.len() as u64 - 1;
+            self.departures += sharers.len() as u64;
         }
         for s in sharers {
             self.rmap[s as usize].state = RmapState::NoTree;
@@ -161,13 +210,19 @@ impl Ksm {
         self.stable.stable_node_dup_del(id, host);
     }
 
-    /// Searches the stable tree for the content in `self.buf`. Stale nodes
-    /// met on the way (their KSM frame was freed, maybe reused with other
-    /// content: `get_ksm_page` fails) are removed and the search starts
-    /// again, so a search never orders by a frame that left the tree.
+    /// Searches the stable tree for the content in `self.buf`, as
+    /// `stable_tree_search` and `stable_tree_insert` walk it: at each entry
+    /// on the way `chain_prune` / `chain` (`__stable_node_chain`) removes
+    /// stale duplicates (their KSM frame was freed, maybe reused with other
+    /// content: `ksm_get_folio` fails), after which the search starts again
+    /// (the tree may have changed shape), and collapses a chain left with one
+    /// duplicate. So a search never orders by a frame that left the tree.
     fn stable_search_pruned(&mut self, host: &mut PrimaryMmu) -> Search {
         loop {
             let stale = Cell::new(None);
+            // Chains met with one duplicate left (rare: nothing is
+            // allocated for an ordinary search).
+            let collapse = RefCell::new(Vec::new());
             let search = {
                 let (stable, buf) = (&self.stable, &self.buf);
                 let h: &PrimaryMmu = host;
@@ -179,43 +234,62 @@ impl Ksm {
                     if stale.get().is_some() {
                         return Ordering::Less;
                     }
-                    let Some(&first) = stable.entries[entry as usize].dups.first() else { return Ordering::Less };
-                    let kpfn = stable.kpfn(first);
-                    if !owns_frame(h, first, kpfn) {
-                        stale.set(Some(first));
+                    let dups = &stable.entries[entry as usize].dups;
+                    if let Some(&id) = dups.iter().find(|&&d| !owns_frame(h, d, stable.kpfn(d))) {
+                        stale.set(Some(id));
                         return Ordering::Less;
                     }
-                    cmp_with_frame(h.pool(), buf, kpfn)
+                    if dups.len() == 1 && stable.entries[entry as usize].chain {
+                        collapse.borrow_mut().push(entry);
+                    }
+                    let Some(&first) = dups.first() else { return Ordering::Less };
+                    cmp_with_frame(h.pool(), buf, stable.kpfn(first))
                 })
             };
-            match stale.get() {
-                Some(id) => self.remove_node_from_stable_tree(id, host),
-                None => return search,
-            }
-        }
-    }
-
-    /// `stable_tree_search`: a KSM page with the content in `self.buf` that
-    /// has room for one more sharer (the first such `stable_node_dup`).
-    pub(crate) fn stable_tree_search(&mut self, host: &mut PrimaryMmu) -> Option<u32> {
-        let Search::Found(tree_node) = self.stable_search_pruned(host) else { return None };
-        let entry = self.stable.tree.item(tree_node);
-        let max = self.knobs.max_page_sharing as usize;
-        let dups = self.stable.entries[entry as usize].dups.clone();
-        for id in dups {
-            if !self.stable.node_valid(id, host) {
+            if let Some(id) = stale.get() {
                 self.remove_node_from_stable_tree(id, host);
                 continue;
             }
-            if self.stable.nodes[id as usize].sharers.len() < max {
-                return Some(id);
+            for entry in collapse.into_inner() {
+                self.stable.entries[entry as usize].chain = false;
+            }
+            return search;
+        }
+    }
+
+    /// `stable_node_dup` for entry `entry`, which the search just pruned
+    /// and collapsed (`stable_search_pruned`): the duplicate chosen is the
+    /// fullest that still has room, the newest among equals (Linux lists a
+    /// chain newest first). That is Linux's choice whenever
+    /// `stable_node_chains_prune_millisecs` has passed since the chain was
+    /// last pruned, and here every time (crate docs, "Deliberate differences
+    /// from mm/ksm.c"). Returns None if every duplicate is full.
+    fn stable_node_dup(&self, entry: u32) -> Option<u32> {
+        let max = self.knobs.max_page_sharing as usize;
+        let mut found: Option<(u32, usize)> = None;
+        for &id in self.stable.entries[entry as usize].dups.iter().rev() {
+            let len = self.stable.sharers(id);
+            let better = match found {
+                None => true,
+                Some((_, f)) => is_page_sharing_candidate(len, max) && (!is_page_sharing_candidate(f, max) || len > f),
+            };
+            if better {
+                found = Some((id, len));
             }
         }
-        None
+        found.filter(|&(_, len)| is_page_sharing_candidate(len, max)).map(|(id, _)| id)
+    }
+
+    /// `stable_tree_search`: a KSM page with the content in `self.buf` that
+    /// has room for one more sharer (`stable_node_dup`).
+    pub(crate) fn stable_tree_search(&mut self, host: &mut PrimaryMmu) -> Option<u32> {
+        let Search::Found(tree_node) = self.stable_search_pruned(host) else { return None };
+        self.stable_node_dup(self.stable.tree.item(tree_node))
     }
 
     /// `stable_tree_insert`: makes frame `kpfn` a KSM page: a new entry, or
-    /// one more duplicate in the entry of that content.
+    /// one more duplicate in the entry of that content (which is then a
+    /// chain).
     pub(crate) fn stable_tree_insert(&mut self, host: &mut PrimaryMmu, kpfn: Pfn) -> u32 {
         // The frame is write-protected now: key the tree by what it holds,
         // not by the copy read before write protection (the guest may have
@@ -232,11 +306,13 @@ impl Ksm {
             Search::Vacant(at) => {
                 let entry = stable.alloc_entry();
                 let tree_node = stable.tree.insert(at, entry);
-                stable.entries[entry as usize] = StableEntry { tree_node, dups: Vec::new() };
+                stable.entries[entry as usize] = StableEntry { tree_node, dups: Vec::new(), chain: false };
                 entry
             }
         };
-        stable.entries[entry as usize].dups.push(id);
+        let e = &mut stable.entries[entry as usize];
+        e.dups.push(id);
+        e.chain |= e.dups.len() > 1;
         stable.nodes[id as usize] = StableNode { kpfn, entry, sharers: Vec::new() };
         id
     }

@@ -69,25 +69,32 @@ pub struct KsmStats {
     pub pages_sharing: u64,
     /// Pages in the unstable tree.
     pub pages_unshared: u64,
-    /// Pages changing too fast to be in a tree.
+    /// Pages with an rmap item in neither tree: changing too fast to be in
+    /// one (`rmap_items - pages_shared - pages_sharing - pages_unshared`).
     pub pages_volatile: u64,
-    /// Completed full scans.
+    /// Completed full scans. Linux shows `ksm_scan.seqnr`, which an unmerge
+    /// (run = 2) sets back to 0; this keeps counting (crate docs,
+    /// "Deliberate differences from mm/ksm.c").
     pub full_scans: u64,
-    /// Pages looked at.
+    /// Pages looked at (`ksm_pages_scanned`): every page the scanner
+    /// returns, KSM pages included; never-touched pages, pages mapping the
+    /// zero page and pages smart scan skips are not.
     pub pages_scanned: u64,
     /// Pages smart scan skipped.
     pub pages_skipped: u64,
     /// Pages mapping the zero page now (use_zero_pages); a copy-on-write
     /// break lowers it at once, as in Linux.
     pub ksm_zero_pages: u64,
-    /// Stable entries that hold more than one KSM page.
+    /// Stable node chains: entries that came to hold more than one KSM page
+    /// of one content (max_page_sharing), until a search finds one left.
     pub stable_node_chains: u64,
     /// KSM pages inside such chains.
     pub stable_node_dups: u64,
-    /// As Linux computes it: the bytes saved,
+    /// As Linux computes it (`general_profit_show`): the bytes saved,
     /// `(pages_sharing + ksm_zero_pages) * PAGE_SIZE`, minus
-    /// `rmap_items * KSM_RMAP_ITEM_SIZE` (may be negative). The rest of the
-    /// metadata is in `metadata_bytes` only.
+    /// `rmap_items * KSM_RMAP_ITEM_SIZE`, Linux's rmap item size (64 bytes
+    /// on x86-64); negative while the rmap items cost more than the merges
+    /// save. This crate's own metadata is `metadata_bytes`.
     pub general_profit: i64,
     /// Bytes the frame pool's memfd shrank by while the scanner ran (measured).
     pub bytes_returned: u64,
@@ -95,7 +102,8 @@ pub struct KsmStats {
     pub memfd_resident_bytes: u64,
     /// Bytes of the deduplicator's own metadata.
     pub metadata_bytes: u64,
-    /// Rmap items (pages seen holding memory).
+    /// Rmap items: pages the scanner found holding memory and not mapping
+    /// the zero page at its last visit.
     pub rmap_items: u64,
     /// Pages merged: each page that came to map a KSM page or the zero page.
     /// A pair made into a new KSM page counts two; a pair whose second half
@@ -115,11 +123,8 @@ impl Ksm {
         // Only merges map the zero page, so its mapcount is Linux's
         // ksm_zero_pages: a copy-on-write break lowers it at once.
         s.ksm_zero_pages = u64::from(host.frame(self.zero_pfn).mapcount);
-        // Pages mapping the zero page keep their rmap item here (crate docs,
-        // "Deliberate differences from mm/ksm.c"), so they are not volatile
-        // either.
-        let in_trees = s.pages_shared + s.pages_sharing + s.pages_unshared + s.ksm_zero_pages;
-        s.pages_volatile = s.rmap_items.saturating_sub(in_trees);
+        // pages_volatile_show: clamped at 0, as Linux conceals a negative.
+        s.pages_volatile = s.rmap_items.saturating_sub(s.pages_shared + s.pages_sharing + s.pages_unshared);
         (s.stable_node_chains, s.stable_node_dups) = self.stable.chains();
         s.metadata_bytes = self.metadata_bytes() as u64;
         let saved = (s.pages_sharing + s.ksm_zero_pages) * PAGE_SIZE;
@@ -142,9 +147,8 @@ impl Ksm {
             ("ksm_zero_pages", s.ksm_zero_pages),
             ("stable_node_chains", s.stable_node_chains),
             ("stable_node_dups", s.stable_node_dups),
-            // A level; clamped at zero for the unsigned report (the signed
-            // value is in KsmStats; crate docs, "Deliberate differences from
-            // mm/ksm.c").
+            // Signed in Linux; clamped at zero here because these figures
+            // are unsigned. The signed value: `signed_counters`.
             ("general_profit", s.general_profit.max(0) as u64),
             ("bytes_returned", s.bytes_returned),
             ("memfd_resident_bytes", s.memfd_resident_bytes),
@@ -154,6 +158,13 @@ impl Ksm {
             ("scan_ns", s.scan_ns),
             ("cpu_ns", s.cpu_ns),
         ]
+    }
+
+    /// The figures that are signed in Linux, with their sysfs names:
+    /// `general_profit` (negative while the rmap items cost more than the
+    /// merges save).
+    pub fn signed_counters(&self, host: &PrimaryMmu) -> Vec<(&'static str, i64)> {
+        vec![("general_profit", self.stats(host).general_profit)]
     }
 
     fn unstable_items(&self) -> u64 {

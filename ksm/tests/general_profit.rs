@@ -36,7 +36,7 @@ fn general_profit_of_a_fresh_guest_is_zero() {
     let s = lab.stats();
     assert_eq!((s.rmap_items, s.pages_sharing), (16, 0), "{s:?}");
     assert_eq!(s.general_profit, -16 * KSM_RMAP_ITEM_SIZE as i64, "{s:?}");
-    assert_eq!(KSM_RMAP_ITEM_SIZE, 12, "the rmap item's documented size");
+    assert_eq!(KSM_RMAP_ITEM_SIZE, 64, "sizeof(struct ksm_rmap_item) on x86-64");
 }
 
 #[test]
@@ -59,7 +59,11 @@ fn general_profit_and_metadata_per_rmap_item() {
         let metadata = lock(&lab.ksm).metadata_bytes() as u64;
         assert_eq!(s.metadata_bytes, metadata, "{what}");
         assert_eq!(s.general_profit, linux_general_profit(&s), "{what}: {s:?}");
-        assert_eq!(s.rmap_items, N, "{what}");
+        // With use_zero_pages the 1024 zero pages have no rmap item once the
+        // pass's last scan has passed them mapping the zero page (mm/ksm.c
+        // frees it: folio_walk_start finds no anonymous page there).
+        let zero_mapped = if use_zero_pages == Some(true) { 1024 } else { 0 };
+        assert_eq!(s.rmap_items, N - zero_mapped, "{what}");
         match use_zero_pages {
             None => assert_eq!((s.pages_shared, s.pages_sharing, s.pages_unshared), (0, 0, N), "{s:?}"),
             // The 32 groups of 64 (and, without use_zero_pages, the 1024

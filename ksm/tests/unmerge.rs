@@ -109,21 +109,88 @@ fn unmerge_all_leaves_no_shared_frame() {
             assert!(lab.page(gfn) == pattern(mixed_word(gfn - FIRST_GFN)), "{policy:?}: content of {gfn:#x}");
         }
         lab.check_coherent();
+        // mm/ksm.c's break_ksm is an unshare fault (FAULT_FLAG_UNSHARE): each
+        // page that was merged (all but the 12 unique ones) has its own copy
+        // now, mapped read-only, not writable.
+        let merged = |gfn: Gfn| mixed_word(gfn - FIRST_GFN) >> 56 != 0x55;
+        {
+            let host = lab.host();
+            for gfn in lab.gfns() {
+                assert_eq!(host.pte(gfn).expect("pte").writable, !merged(gfn), "{policy:?}: gfn {gfn:#x}");
+            }
+        }
         if policy == Policy::ChangePte {
-            // The copy-on-write breaks updated the entries in place.
+            // The unshares updated the entries in place, read-only.
             let mmu = lock(&lab.guest.mmu);
             for gfn in lab.gfns() {
-                assert!(mmu.ept().lookup(gfn).is_some_and(|e| e.writable()), "{policy:?}: gfn {gfn:#x}");
+                let e = mmu.ept().lookup(gfn);
+                assert!(e.is_some_and(|e| e.writable() != merged(gfn)), "{policy:?}: gfn {gfn:#x}: {e:?}");
             }
         }
 
-        // Back to run = 1: everything merges again, at the first scan
-        // (the checksums held still); the second changes nothing.
+        // Every rmap item was freed.
+        assert_eq!((s.rmap_items, s.pages_volatile, s.general_profit), (0, 0, 0), "{s:?}");
+
+        // Back to run = 1: everything merges again; the checksums went with
+        // the rmap items, so it takes checksums, merges, a quiet scan.
         lab.set_knobs(|k| k.run = 1);
-        assert_eq!(lab.full_pass(), 2, "{policy:?}");
+        assert_eq!(lab.full_pass(), 3, "{policy:?}");
         let s = lab.stats();
         let got = (s.ksm_zero_pages, s.pages_shared, s.pages_sharing, s.pages_unshared);
         assert_eq!(got, expect, "{policy:?}: remerge: {s:?}");
         lab.check_coherent();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// run = 2 is mm/ksm.c's unmerge_and_remove_all_rmap_items.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn unmerge_all_frees_every_rmap_item_and_starts_the_scan_over() {
+    // LTP ksm01 (create_same_memory) expects pages_shared, pages_sharing,
+    // pages_unshared and pages_volatile all 0 after run = 2: mm/ksm.c frees
+    // every rmap item (remove_trailing_rmap_items), every stable node
+    // (remove_all_stable_nodes), and sets ksm_scan back to the head of the
+    // list with seqnr 0. Its break_ksm is an unshare fault:
+    // each page gets its own copy, read-only; a later write reuses it.
+    const N: u64 = 96;
+    for policy in POLICIES {
+        let lab = Lab::new(policy, N, knobs_with(|k| k.use_zero_pages = true));
+        for gfn in lab.gfns() {
+            lab.guest.fill(gfn, mixed_word(gfn - FIRST_GFN));
+        }
+        lab.full_pass();
+        lab.scan(40); // ksmd stopped in the middle of a scan
+        let s = lab.stats();
+        assert!(s.rmap_items > 0 && s.pages_unshared > 0 && s.full_scans > 0, "{s:?}");
+        lab.unmerge_all();
+        let s = lab.stats();
+        let levels = (s.pages_shared, s.pages_sharing, s.pages_unshared, s.pages_volatile, s.ksm_zero_pages);
+        assert_eq!(levels, (0, 0, 0, 0, 0), "{policy:?}: {s:?}");
+        assert_eq!((s.rmap_items, s.general_profit), (0, 0), "{policy:?}: {s:?}");
+        let full_scans = s.full_scans;
+        assert_eq!((s.stable_node_chains, s.stable_node_dups), (0, 0), "{policy:?}");
+        assert!(!lab.range_maps_duplicates(lab.gfns()), "{policy:?}");
+        let merged = FIRST_GFN + 1; // a page of group 1
+        {
+            let host = lab.host();
+            let pte = host.pte(merged).expect("pte");
+            let f = host.frame(pte.pfn);
+            assert!(!pte.writable && !f.ksm && f.mapcount == 1, "{policy:?}: {pte:?} {f:?}");
+        }
+        lab.check_coherent();
+        // The unshared copy is the page's own: a write reuses it in place.
+        let before = lab.host().stats();
+        lab.guest.write(merged, 8, &[7]);
+        let after = lab.host().stats();
+        assert_eq!((after.cow_copies, after.cow_reuses), (before.cow_copies, before.cow_reuses + 1), "{policy:?}");
+        lab.check_coherent();
+        // The scan starts over at its first page (a fresh ksm_scan): the
+        // scan ksmd left in the middle is dropped, and the next one looks at
+        // every page.
+        assert_eq!(lab.scan(u64::MAX), N, "{policy:?}");
+        let s = lab.stats();
+        assert_eq!((s.rmap_items, s.pages_volatile, s.full_scans), (N, N, full_scans + 1), "{policy:?}: {s:?}");
     }
 }
