@@ -60,13 +60,7 @@
 //!    pool frames; `ksm_zero_pages` is its mapcount (only merges and copied
 //!    mappings map it, so that is Linux's counter, lowered at once by a
 //!    copy-on-write break).
-//! 5. **`break_ksm` is built from the primary MMU's primitives**
-//!    ([`unmerge`]): `shadow_mmu` has no unshare fault (FAULT_FLAG_UNSHARE),
-//!    so the copy is allocated, filled and mapped read-only here, inside a
-//!    CLEAR range carrying USE_CHANGE_PTE (read-only to read-only on another
-//!    frame, the `replace_page` transition). It is not counted in the
-//!    primary MMU's `cow_copies`.
-//! 6. **One copy of the page per visit.** The page being visited is read
+//! 5. **One copy of the page per visit.** The page being visited is read
 //!    once into a buffer (`read_page`), and that copy is checksummed and
 //!    compared in both trees, where Linux reads the live page each time; the
 //!    checksum and every comparison of one visit judge the same bytes, and
@@ -74,27 +68,27 @@
 //!    a failed merge with the zero page the page is write-protected, and
 //!    read again before the stable tree search, so the search judges what
 //!    the page holds from then on, as Linux's does.
-//! 7. **No `break_cow` after half a pair.** When the second half of
+//! 6. **No `break_cow` after half a pair.** When the second half of
 //!    `try_to_merge_two_pages` fails, the page that was to become the KSM
 //!    page is left write-protected but not KSM instead of going through
 //!    `break_cow`: a later write reuses it in place, so nothing needs
 //!    breaking.
-//! 8. **No page pins.** `try_to_merge_one_page` does not refuse a page with
+//! 7. **No page pins.** `try_to_merge_one_page` does not refuse a page with
 //!    extra references (pinned for I/O): nothing pins guest frames here.
-//! 9. **Chains are pruned at every search.** There is no
+//! 8. **Chains are pruned at every search.** There is no
 //!    `stable_node_chains_prune_millisecs`: every `stable_tree_search` walks
 //!    whole chains, prunes their stale duplicates and picks the fullest
 //!    duplicate with room (`stable_node_dup` as `chain_prune` runs it), which
 //!    is Linux with that knob at 0. Linux's default, 2000 ms, prunes a chain
 //!    at most that often and in between takes the first duplicate with room,
 //!    moving it to the head of the chain.
-//! 10. **`full_pass`** (port 0x501, value 1) is this prototype's: full scans
-//!     to a fixpoint that the guest waits for. Smart scan skips nothing
-//!     during it: a skipped page would change nothing, and the pass could
-//!     end before it was compared at all. Skipping is a throughput heuristic
-//!     for ksmd; a pass the guest waits for promises every page that held
-//!     still its chance.
-//! 11. **ksmd lets go between slices.** Linux's ksmd holds
+//! 9. **`full_pass`** (port 0x501, value 1) is this prototype's: full scans
+//!    to a fixpoint that the guest waits for. Smart scan skips nothing
+//!    during it: a skipped page would change nothing, and the pass could
+//!    end before it was compared at all. Skipping is a throughput heuristic
+//!    for ksmd; a pass the guest waits for promises every page that held
+//!    still its chance.
+//! 10. **ksmd lets go between slices.** Linux's ksmd holds
 //!     `ksm_thread_mutex` for a whole batch (rescheduling inside it), so a
 //!     sysfs write waits for the batch. Here a batch is worked in stretches
 //!     of at most [`KSM_SCAN_SLICE`] with the deduplicator's lock let go
@@ -103,12 +97,12 @@
 //!     within about a slice whatever `pages_to_scan` is. A pass and an
 //!     unmerge take a cancellation check polled as often
 //!     ([`Ksm::full_pass_cancellable`], [`Ksm::unmerge_all_cancellable`]).
-//! 12. **`pages_to_scan` = 0 is refused** ([`KsmKnobs::check`]). Linux
+//! 11. **`pages_to_scan` = 0 is refused** ([`KsmKnobs::check`]). Linux
 //!     accepts it: ksmd then wakes every `sleep_millisecs` and scans nothing.
 //!     This check is also the command line's (`--pages-to-scan 0` is
 //!     refused, tests/bad_input.rs), and a run = 1 that never scans is a
 //!     mistake, not an experiment.
-//! 13. **Knobs and figures.** Only the knobs in [`KsmKnobs`] exist.
+//! 12. **Knobs and figures.** Only the knobs in [`KsmKnobs`] exist.
 //!     `full_scans` counts every full scan since the deduplicator was made:
 //!     Linux shows `ksm_scan.seqnr`, which run = 2 sets back to 0, but the
 //!     VMM reports this figure per phase as a count.

@@ -7,7 +7,7 @@
 use std::ops::Range;
 use std::sync::Mutex;
 
-use shadow_mmu::{lock, Gfn, MmuNotifierRange, MmuNotifyEvent, PrimaryMmu, Pte, RangeFlags};
+use shadow_mmu::{lock, Gfn, PrimaryMmu};
 
 use crate::ksm::{Ksm, KsmError};
 use crate::scan::KsmScan;
@@ -17,33 +17,13 @@ const UNMERGE_CHUNK: u64 = 256;
 
 /// `break_ksm`: if `gfn` maps a KSM page or the zero page
 /// (`folio_test_ksm || is_ksm_zero_pte`), the fault Linux raises with
-/// FAULT_FLAG_UNSHARE: `do_wp_page` → `wp_page_copy`, which copies the
-/// frame into a new one and maps the copy read-only (an unshare is not a
-/// write: no `maybe_mkwrite`). A later guest write finds the copy mapped
-/// once and reuses it in place (`wp_page_reuse`).
-///
-/// The primary MMU has no unshare fault of its own, so this is built from
-/// its primitives, inside a CLEAR range carrying USE_CHANGE_PTE (read-only
-/// to read-only on another frame, like `replace_page`): the secondary MMU
-/// sees a read-only entry move to the copy (crate docs, "Deliberate
-/// differences from mm/ksm.c").
+/// FAULT_FLAG_UNSHARE ([`PrimaryMmu::unshare`]): the page gets its own
+/// copy, mapped read-only; a later guest write reuses it in place.
 fn break_ksm(h: &mut PrimaryMmu, gfn: Gfn) -> Result<(), KsmError> {
     let pte = h.pte(gfn)?;
-    if !h.frame(pte.pfn).ksm {
-        return Ok(());
+    if h.frame(pte.pfn).ksm {
+        h.unshare(gfn)?;
     }
-    let copy = h.alloc_page()?;
-    let range = MmuNotifierRange::page(gfn, MmuNotifyEvent::Clear, RangeFlags::BLOCKABLE | RangeFlags::USE_CHANGE_PTE);
-    let result = h.copy_frame(pte.pfn, copy).and_then(|()| {
-        h.invalidate_range_start(&range);
-        let set = h.set_pte_at_notify(&range, gfn, Pte { pfn: copy, writable: false });
-        h.invalidate_range_end(&range);
-        set
-    });
-    // The allocation's own reference: the pte holds one now (or, if the
-    // copy failed, the frame goes back).
-    h.put_page(copy)?;
-    result?;
     Ok(())
 }
 

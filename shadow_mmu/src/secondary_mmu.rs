@@ -20,14 +20,23 @@ use crate::view::EptView;
 /// How the secondary MMU reacts to notifications.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Policy {
-    /// Honours USE_CHANGE_PTE: no zap in `invalidate_range_start` for a
-    /// flagged range; `change_pte` updates the entry in place.
+    /// The seed series' proposal ("mm/mmu_notifier: set
+    /// MMU_NOTIFIER_USE_CHANGE_PTE flag where appropriate", v5, 2019; the
+    /// flag never reached mainline): no zap in `invalidate_range_start` for
+    /// a flagged range; `change_pte` updates the entry in place. Where it
+    /// differs from what KVM's own `change_pte` handler did: KVM never
+    /// mapped a writable spte there (for the read-only -> read-write of a
+    /// copy-on-write break it zapped), while this policy makes the entry
+    /// writable on the new frame (crate docs, deliberate differences).
     ChangePte,
-    /// Zaps in `invalidate_range_start`, has no `change_pte` (KVM since
-    /// Linux 6.9); the next guest access refaults.
+    /// KVM since Linux 6.9 (`change_pte` ignored, and removed in 6.10):
+    /// zaps in `invalidate_range_start`; the next guest access refaults.
     RangeFlush,
-    /// KVM from 2012 until the flag: zaps in `invalidate_range_start`, so the
-    /// later `change_pte` finds no entry (counted as missed, no effect).
+    /// KVM from Linux 3.7 (2012, commit 6bdb913f0a70 moved `change_pte`
+    /// inside the invalidate bracket) to 6.8: `write_protect_page` and
+    /// `replace_page` called `change_pte` on ranges without the flag, KVM
+    /// zapped in `invalidate_range_start`, so the later `change_pte` found
+    /// no entry (counted as missed, no effect).
     Legacy,
     /// The seed's whole proposal: `ChangePte`, and a batch update inferred
     /// from the range instead of zapped. A range that only removes write
@@ -93,8 +102,9 @@ pub struct MmuStats {
     pub change_pte_applied: u64,
     /// `change_pte` calls that found no entry to update.
     pub change_pte_missed: u64,
-    /// Range updates that changed something (zaps that removed an entry,
-    /// in-place downgrades that changed one): each a TLB flush on hardware.
+    /// TLB flushes, as KVM counts them: one per range update that changed
+    /// something (a zap that removed an entry, an in-place downgrade that
+    /// changed one) and one per `change_pte` that updated a present entry.
     pub flushes: u64,
     /// Ranges downgraded in place that changed an entry (event-aware).
     pub wrprot_ranges: u64,
@@ -309,6 +319,9 @@ impl<V: EptView> MmuNotifier for SecondaryMmu<V> {
         // entry becomes writable on the new frame here.
         self.ept.map(gfn, pte.pfn, pte.writable);
         self.stats.change_pte_applied += 1;
+        // A present entry changed: KVM flushed the TLBs for each such
+        // update (`kvm_set_spte_gfn` returning true).
+        self.stats.flushes += 1;
         self.view_op(|v| v.map(gfn, pte.pfn, pte.writable));
     }
 }

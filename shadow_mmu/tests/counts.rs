@@ -79,6 +79,7 @@ fn expected_host_stats() -> HostStats {
         // One set_pte_at_notify in each of those ranges.
         change_pte_calls: 4,
         // No batch update.
+        unshare_copies: 0,
         soft_dirty_rounds: 0,
         soft_dirty_pages: 0,
         batch_wrprotected: 0,
@@ -101,7 +102,9 @@ fn change_pte_merge_read_write_counts() {
             // the copy-on-write: 3 -> frame 3 rw.
             change_pte_applied: 4,
             change_pte_missed: 0,
-            flushes: 0,
+            // Each in-place update of a present entry is a TLB flush, as
+            // KVM's change_pte handler flushed.
+            flushes: 4,
             // The copy-on-write inside the fault moves the invalidation
             // sequence, so the handler retries once (and finds the pte writable).
             fault_retries: 1,

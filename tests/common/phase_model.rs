@@ -103,7 +103,11 @@ impl PhaseModel {
         self.change_pte_calls += changes;
         self.notifier_ranges += changes;
         match policy {
-            DedupPolicy::ChangePte | DedupPolicy::EventAware => self.change_pte_applied += changes,
+            DedupPolicy::ChangePte | DedupPolicy::EventAware => {
+                self.change_pte_applied += changes;
+                // Each in-place update of a present entry is a TLB flush.
+                self.flushes += changes;
+            }
             DedupPolicy::RangeFlush => {}
             DedupPolicy::Legacy => self.change_pte_missed += changes,
             other => panic!("the model is the built-in deduplicator's; nothing changes ptes under {}", other.name()),

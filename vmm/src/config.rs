@@ -17,11 +17,14 @@ use crate::view::ViewKind;
 pub enum DedupPolicy {
     /// No deduplication: the baseline.
     Off,
-    /// Honour MMU_NOTIFIER_USE_CHANGE_PTE: update entries in place.
+    /// The seed series' proposal: honour MMU_NOTIFIER_USE_CHANGE_PTE and
+    /// update entries in place (see `shadow_mmu::Policy::ChangePte` for
+    /// where it differs from KVM's own handler).
     ChangePte,
     /// Zap on every invalidation; no change_pte (KVM since Linux 6.9).
     RangeFlush,
-    /// Zap on every invalidation, then change_pte finds nothing (KVM 2012 until the flag).
+    /// KVM from Linux 3.7 (2012) to 6.8: zap on every invalidation, then
+    /// change_pte finds nothing (the flag never reached mainline).
     Legacy,
     /// The seed's whole proposal: change-pte, plus ranges that only remove
     /// write permission (soft-dirty rounds, mprotect to read-only)

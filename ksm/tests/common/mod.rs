@@ -148,7 +148,7 @@ impl Lab {
         let mut host = self.host();
         let range = MmuNotifierRange::page(gfn, MmuNotifyEvent::Clear, RangeFlags::BLOCKABLE);
         host.invalidate_range_start(&range);
-        host.set_pte_at_notify(&range, gfn, Pte { pfn, writable: false }).expect("map the frame");
+        host.set_pte_at_notify(&range, gfn, Pte { pfn, writable: false, soft_dirty: true }).expect("map the frame");
         host.invalidate_range_end(&range);
         host.flush_holes().expect("flush_holes");
     }
@@ -161,7 +161,8 @@ impl Lab {
         let fresh = host.alloc_page().expect("a free frame");
         let range = MmuNotifierRange::page(gfn, MmuNotifyEvent::Unmap, RangeFlags::BLOCKABLE);
         host.invalidate_range_start(&range);
-        host.set_pte_at_notify(&range, gfn, Pte { pfn: fresh, writable: true }).expect("map the fresh frame");
+        host.set_pte_at_notify(&range, gfn, Pte { pfn: fresh, writable: true, soft_dirty: true })
+            .expect("map the fresh frame");
         host.invalidate_range_end(&range);
         host.put_page(fresh).expect("put_page");
         host.flush_holes().expect("flush_holes");

@@ -67,4 +67,23 @@ impl PrimaryMmu {
         self.stats.cow_copies += 1;
         Ok(new)
     }
+
+    /// The unshare fault (`do_wp_page` with FAULT_FLAG_UNSHARE, as KSM's
+    /// `break_ksm` raises it): `gfn` gets its own copy of the frame it maps,
+    /// mapped read-only (an unshare is not a write: no `maybe_mkwrite`),
+    /// inside a range carrying USE_CHANGE_PTE (read-only -> read-only, new
+    /// frame, as `replace_page`). The soft-dirty bit is kept. A later write
+    /// finds the copy mapped once and reuses it in place.
+    pub fn unshare(&mut self, gfn: Gfn) -> Result<Pte, PrimaryMmuError> {
+        let old = self.pte(gfn)?;
+        let new_pfn = self.alloc_page()?;
+        self.copy_frame(old.pfn, new_pfn)?;
+        let new = Pte { pfn: new_pfn, writable: false, soft_dirty: old.soft_dirty };
+        let range = change_pte_range(gfn);
+        let result = self.within_range(&range, |mm| mm.set_pte_at_notify(&range, gfn, new));
+        self.put_page(new_pfn)?;
+        result?;
+        self.stats.unshare_copies += 1;
+        Ok(new)
+    }
 }

@@ -69,6 +69,9 @@ pub struct HostStats {
     pub notifier_ranges: u64,
     /// `change_pte` notifications sent.
     pub change_pte_calls: u64,
+    /// Pages given their own read-only copy by an unshare fault
+    /// ([`PrimaryMmu::unshare`], KSM's unmerge).
+    pub unshare_copies: u64,
     /// Soft-dirty rounds ([`PrimaryMmu::clear_refs_soft_dirty`]).
     pub soft_dirty_rounds: u64,
     /// Pages soft-dirty when a round began (written since the round before,

@@ -34,8 +34,14 @@ impl BuiltinKsm {
         self.failed.clone()
     }
 
-    /// Stop, Run or Unmerge (which stops ksmd first).
-    pub fn set_run(&mut self, state: RunState, mm: &Arc<Mutex<PrimaryMmu>>) -> Result<(), DedupError> {
+    /// Stop, Run or Unmerge (which stops ksmd first); `cancelled` is polled
+    /// while unmerging.
+    pub fn set_run(
+        &mut self,
+        state: RunState,
+        mm: &Arc<Mutex<PrimaryMmu>>,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<(), DedupError> {
         match state {
             RunState::Stop => self.stop_ksmd(),
             RunState::Run if self.ksmd.is_some() => Ok(()),
@@ -46,14 +52,15 @@ impl BuiltinKsm {
             }
             RunState::Unmerge => {
                 self.stop_ksmd()?;
-                lock(&self.ksm).unmerge_all(mm).map_err(DedupError::Unmerge)
+                lock(&self.ksm).unmerge_all_cancellable(mm, cancelled).map_err(DedupError::Unmerge)
             }
         }
     }
 
-    /// One synchronous full pass (the vCPU waits).
-    pub fn pass(&self, mm: &Mutex<PrimaryMmu>) -> Result<(), DedupError> {
-        lock(&self.ksm).full_pass(mm).map(|_| ()).map_err(DedupError::Pass)
+    /// One synchronous full pass (the vCPU waits); `cancelled` is polled
+    /// at least every `ksm::KSM_SCAN_SLICE`.
+    pub fn pass(&self, mm: &Mutex<PrimaryMmu>, cancelled: &dyn Fn() -> bool) -> Result<(), DedupError> {
+        lock(&self.ksm).full_pass_cancellable(mm, cancelled).map(|_| ()).map_err(DedupError::Pass)
     }
 
     /// Stops ksmd if it runs, with its error if it failed.

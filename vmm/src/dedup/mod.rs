@@ -55,6 +55,19 @@ pub enum DedupError {
     Host(#[from] HostKsmError),
 }
 
+impl DedupError {
+    /// Whether the work was cancelled (a timeout or a signal) rather than
+    /// failed: the run then ends as that.
+    pub fn is_cancelled(&self) -> bool {
+        matches!(
+            self,
+            DedupError::Pass(KsmError::Cancelled)
+                | DedupError::Unmerge(KsmError::Cancelled)
+                | DedupError::HostPass(HostKsmError::Cancelled)
+        )
+    }
+}
+
 /// The sysfs `run` knob of a deduplicator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RunState {
@@ -140,10 +153,15 @@ impl Dedup {
     }
 
     /// Sets the run state (a no-op when off).
-    fn set_run(&mut self, state: RunState, mm: &Arc<Mutex<PrimaryMmu>>) -> Result<(), DedupError> {
+    fn set_run(
+        &mut self,
+        state: RunState,
+        mm: &Arc<Mutex<PrimaryMmu>>,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<(), DedupError> {
         match self {
             Dedup::Off => Ok(()),
-            Dedup::Builtin(b) => b.set_run(state, mm),
+            Dedup::Builtin(b) => b.set_run(state, mm, cancelled),
             Dedup::Host(h) => Ok(h.set_run(state.sysfs())?),
         }
     }
@@ -153,7 +171,7 @@ impl Dedup {
     fn pass(&mut self, mm: &Arc<Mutex<PrimaryMmu>>, cancelled: &dyn Fn() -> bool) -> Result<(), DedupError> {
         match self {
             Dedup::Off => Ok(()),
-            Dedup::Builtin(b) => b.pass(mm),
+            Dedup::Builtin(b) => b.pass(mm, cancelled),
             Dedup::Host(h) => h.full_pass(cancelled).map_err(DedupError::HostPass),
         }
     }
@@ -209,6 +227,11 @@ impl DedupControl {
     /// Sets the run state: Stop stops ksmd, Run starts it, Unmerge stops it
     /// and unmerges everything. A no-op with deduplication off.
     pub fn set_run(&mut self, state: RunState) -> Result<(), DedupError> {
+        self.set_run_cancellable(state, &|| false)
+    }
+
+    /// [`Self::set_run`], with `cancelled` polled while unmerging.
+    pub fn set_run_cancellable(&mut self, state: RunState, cancelled: &dyn Fn() -> bool) -> Result<(), DedupError> {
         if !self.is_active() {
             return Ok(());
         }
@@ -216,9 +239,9 @@ impl DedupControl {
             // The built-in deduplicator records the state asked even when
             // acting on it fails.
             self.run = state;
-            return self.dedup.set_run(state, &self.mm);
+            return self.dedup.set_run(state, &self.mm, cancelled);
         }
-        self.dedup.set_run(state, &self.mm)?;
+        self.dedup.set_run(state, &self.mm, cancelled)?;
         self.run = state;
         Ok(())
     }
@@ -238,7 +261,7 @@ impl DedupControl {
             Some(DedupRequest::Pass) => self.dedup.pass(&self.mm, cancelled),
             Some(DedupRequest::Start) => self.set_run(RunState::Run),
             Some(DedupRequest::Stop) => self.set_run(RunState::Stop),
-            Some(DedupRequest::Unmerge) => self.set_run(RunState::Unmerge),
+            Some(DedupRequest::Unmerge) => self.set_run_cancellable(RunState::Unmerge, cancelled),
             Some(DedupRequest::SoftDirty) | None => {
                 self.ignore_request(value);
                 Ok(())

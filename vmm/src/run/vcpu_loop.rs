@@ -9,7 +9,6 @@ use shadow_mmu::Access;
 use super::RunError;
 use crate::config::{HookPoint, MmHook};
 use crate::control::ControlState;
-use crate::dedup::{DedupError, HostKsmError};
 use crate::guest_ram::{GuestRam, GuestRamError};
 use crate::phases::PhaseTracker;
 use crate::signals::{StopRequest, Watchdog};
@@ -106,7 +105,7 @@ impl<'a> VcpuLoop<'a> {
         let watchdog = &self.watchdog;
         let served = lock(&self.vm.dedup).request(value, &|| watchdog.stop_request() != StopRequest::None);
         match served {
-            Err(DedupError::HostPass(HostKsmError::Cancelled)) => return Ok(Some(self.stopped())),
+            Err(e) if e.is_cancelled() => return Ok(Some(self.stopped())),
             other => other?,
         }
         view_error(self.vm)?;
