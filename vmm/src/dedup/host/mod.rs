@@ -33,7 +33,7 @@ use shadow_mmu::{FramePool, Pfn};
 
 use procfs::{find_ksmd, ksm_stat, ksmd_cpu_ns, merging_pages, rmap_items};
 use sysfs::{take_lock, write_durably, SavedKnobs};
-pub use sysfs::{HostKsmPaths, KSM_SYSFS, STATE_DIR};
+pub use sysfs::{HostKsmPaths, RecordError, KSM_SYSFS, STATE_DIR};
 
 /// A synchronous pass scans this many pages per ksmd batch, without sleeping
 /// (the built-in pass is synchronous too). ksmd stops only between batches,
@@ -99,12 +99,13 @@ pub enum HostKsmError {
     #[error(transparent)]
     Madvise(#[from] shadow_mmu::FramePoolError),
     /// The record a killed run left is not one this VMM wrote.
-    #[error("{path} is not a record of host KSM knobs ({why}): check the host's knobs by hand, then delete it")]
+    #[error("{path} is not a record of host KSM knobs: check the host's knobs by hand, then delete it")]
     BadLeftover {
         /// The saved file.
         path: String,
         /// What is wrong with it.
-        why: String,
+        #[source]
+        why: RecordError,
     },
     /// A killed run left knobs changed that cannot be restored now.
     #[error(

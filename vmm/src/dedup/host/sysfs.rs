@@ -9,6 +9,20 @@ use std::path::{Path, PathBuf};
 
 use super::HostKsmError;
 
+/// Why a saved record is not one this VMM wrote.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// A line without `=`.
+    #[error("line '{0}' is not knob=value")]
+    NotKnobValue(String),
+    /// A knob a run never changes.
+    #[error("'{0}' is not a knob a run changes")]
+    UnknownKnob(String),
+    /// A value the knob cannot hold, or a knob given twice.
+    #[error("'{0}' is not a value its knob held, or names the knob again")]
+    BadValue(String),
+}
+
 /// Where Linux exposes KSM.
 pub const KSM_SYSFS: &str = "/sys/kernel/mm/ksm";
 /// Where the lock and the saved knobs live.
@@ -114,13 +128,13 @@ impl SavedKnobs {
     /// knob and a value it can hold; anything else is refused whole, so
     /// that nothing is written to the host from a file this VMM did not
     /// write.
-    pub(super) fn parse(text: &str) -> Result<Self, String> {
+    pub(super) fn parse(text: &str) -> Result<Self, RecordError> {
         let mut knobs = Vec::new();
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            let (name, value) = line.split_once('=').ok_or_else(|| format!("line '{line}' is not knob=value"))?;
+            let (name, value) = line.split_once('=').ok_or_else(|| RecordError::NotKnobValue(line.to_string()))?;
             let value = value.trim();
             if !KNOBS.contains(&name) {
-                return Err(format!("'{name}' is not a knob a run changes"));
+                return Err(RecordError::UnknownKnob(name.to_string()));
             }
             let legal = match name {
                 "advisor_mode" => matches!(value, "none" | "scan-time"),
@@ -128,7 +142,7 @@ impl SavedKnobs {
                 _ => value.parse::<u64>().is_ok(),
             };
             if !legal || knobs.iter().any(|(k, _): &(String, String)| k == name) {
-                return Err(format!("'{line}' is not a value {name} held"));
+                return Err(RecordError::BadValue(line.to_string()));
             }
             knobs.push((name.to_string(), value.to_string()));
         }
