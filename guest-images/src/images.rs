@@ -41,6 +41,12 @@ pub const IMAGES: &[Image] = &[
     ),
     image!("hello", "prints \"Hello from a tiny guest\\n\" on COM1, exits 0: 25 io exits"),
     image!(
+        "kvstore",
+        "C: a hash-table key-value store over RAM above 2 MiB, YCSB zipfian requests (workload B, a dedup \
+         pass, workload A), half its values copies of 8 templates, reports 3 checksums: 18 io exits plus the \
+         faults of merged values"
+    ),
+    image!(
         "misbehave-beyond-ram",
         "reads and writes just past RAM, reads port 0x80, reports the reads, \
          exits 0: 2 mmio + 5 io exits"
@@ -188,12 +194,14 @@ mod tests {
             assert_eq!(find(image.name), Some(image));
             assert!(!image.summary.is_empty());
         }
-        // Every source in asm/ is a built-in image.
-        let sources = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/asm"))
-            .expect("asm/")
-            .filter(|e| e.as_ref().is_ok_and(|e| e.path().extension().is_some_and(|x| x == "S")))
-            .count();
-        assert_eq!(IMAGES.len(), sources);
+        // Every source in asm/ and c/ is a built-in image.
+        let sources = |dir: &str, ext: &str| {
+            std::fs::read_dir(format!("{}/{dir}", env!("CARGO_MANIFEST_DIR")))
+                .expect("source directory")
+                .filter(|e| e.as_ref().is_ok_and(|e| e.path().extension().is_some_and(|x| x == ext)))
+                .count()
+        };
+        assert_eq!(IMAGES.len(), sources("asm", "S") + sources("c", "c"));
         assert!(find("pagefill").is_some());
         assert!(find("nope").is_none());
         assert!(find("").is_none());
