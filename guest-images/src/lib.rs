@@ -28,6 +28,7 @@ mod kvstore;
 mod mixed;
 mod model;
 mod pagefill;
+mod phases;
 #[cfg(test)]
 mod sim;
 mod simple;
@@ -43,6 +44,7 @@ pub use images::*;
 pub use kvstore::*;
 pub use mixed::*;
 pub use pagefill::*;
+pub use phases::*;
 pub use simple::*;
 pub use stress::*;
 pub use unique::*;
