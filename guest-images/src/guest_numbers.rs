@@ -69,4 +69,16 @@ guest_numbers! {
     /// kvstore: YCSB's alpha = 1 / (1 - theta) = 100, the power the draw is
     /// raised to.
     KVSTORE_ZIPF_ALPHA: u64 = 100;
+
+    /// template: seed of the image's content, the same in every guest.
+    TEMPLATE_SEED: u64 = 0x5445_4D50_4C41_5445;
+    /// template: guest `i` writes every page `p` of its image with
+    /// `p % TEMPLATE_DIVERGE_STRIDE == i % TEMPLATE_DIVERGE_STRIDE`.
+    TEMPLATE_DIVERGE_STRIDE: u64 = 8;
+
+    /// dirtylog: seed of the content the guest fills its pages with.
+    DIRTYLOG_SEED: u64 = 0x4449_5254_594C_4F47;
+    /// dirtylog: rounds of its pre-copy loop; round `r` writes the first
+    /// `pages >> r` pages.
+    DIRTYLOG_ROUNDS: u64 = 4;
 }

@@ -14,6 +14,25 @@ pub struct Image {
     pub elf: &'static [u8],
 }
 
+impl Image {
+    /// The first guest-physical address past the image's PT_LOAD segments
+    /// (memory up to `p_memsz`, `.bss` included): its end once loaded.
+    pub fn load_end(&self) -> u64 {
+        let elf = self.elf;
+        let field = |at: usize, len: usize| elf[at..at + len].iter().rev().fold(0u64, |v, &b| v << 8 | u64::from(b));
+        let (phoff, phentsize, phnum) = (field(32, 8) as usize, field(54, 2) as usize, field(56, 2) as usize);
+        (0..phnum)
+            .map(|i| phoff + i * phentsize)
+            .filter(|&ph| field(ph, 4) == PT_LOAD)
+            .map(|ph| field(ph + 24, 8) + field(ph + 40, 8))
+            .max()
+            .unwrap_or(GUEST_BASE)
+    }
+}
+
+/// The program header type of a loadable segment.
+const PT_LOAD: u64 = 1;
+
 /// Embeds `$OUT_DIR/<name>.elf`, built by build.rs from `asm/<name>.S`.
 macro_rules! image {
     ($name:literal, $summary:expr) => {
@@ -39,12 +58,29 @@ pub const IMAGES: &[Image] = &[
          write to every page (a copy-on-write storm), reports a checksum: 27 io exits plus one write fault \
          per page and round"
     ),
+    image!(
+        "dirtylog",
+        "C: a pre-copy loop, 4 soft-dirty rounds each followed by reads of all memory and writes to a \
+         working set that halves round by round, reports 5 checksums: 43 io exits plus one write fault per \
+         page written (and read faults where a round zaps)"
+    ),
     image!("hello", "prints \"Hello from a tiny guest\\n\" on COM1, exits 0: 25 io exits"),
     image!(
         "kvstore",
         "C: a hash-table key-value store over RAM above 2 MiB, YCSB zipfian requests (workload B, a dedup \
          pass, workload A), half its values copies of 8 templates, reports 3 checksums: 18 io exits plus the \
          faults of merged values"
+    ),
+    image!(
+        "ltp-ksm01",
+        "C: LTP ksm01's create_same_memory in one guest: three children as three regions, LTP's four \
+         stages of contents with a pass each, the 'e' byte, unmerge, stop: 24 io exits plus the faults of \
+         merged pages"
+    ),
+    image!(
+        "ltp-ksm01-fleet",
+        "C: LTP ksm01 as a fleet: guest i is LTP's child i, stages between barriers, guest 0 asks for the \
+         passes: 39 io exits for guest 0 (33 for the others) plus the faults of merged pages"
     ),
     image!(
         "misbehave-beyond-ram",
@@ -76,6 +112,11 @@ pub const IMAGES: &[Image] = &[
          merges, reports a checksum: 12 io exits plus policy-dependent faults"
     ),
     image!(
+        "template",
+        "C: every guest of a fleet fills RAM above 2 MiB with the same image, a pass, then each rewrites \
+         its own eighth of the pages, a pass, 2 checksums: 23 io exits for guest 0 (21 for the others)"
+    ),
+    image!(
         "unique",
         "fills RAM above 2 MiB with pages all different, one dedup pass (nothing merges), a checksum: \
          10 io exits and no fault"
@@ -102,8 +143,6 @@ mod tests {
     use super::*;
     use crate::sim::{contains, to_usize};
     use crate::*;
-
-    const PT_LOAD: u32 = 1;
 
     fn u16_at(b: &[u8], off: usize) -> u16 {
         u16::from_le_bytes([b[off], b[off + 1]])
@@ -139,7 +178,7 @@ mod tests {
         assert!(phoff + phnum * phentsize <= b.len(), "{name}: phdrs past end");
         let loads: Vec<Load> = (0..phnum)
             .map(|i| phoff + i * phentsize)
-            .filter(|&ph| u32_at(b, ph) == PT_LOAD)
+            .filter(|&ph| u64::from(u32_at(b, ph)) == PT_LOAD)
             .map(|ph| {
                 (
                     u32_at(b, ph + 4),

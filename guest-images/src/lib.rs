@@ -22,9 +22,15 @@ pub mod abi;
 mod access;
 mod converge;
 mod cowstorm;
-mod guest_numbers;
+mod dirtylog;
+/// The numbers the built-in C guests share with their Rust models, defined
+/// once in `src/guest_numbers.rs` (build.rs writes them into the guests'
+/// generated `guest-numbers.h`): the workloads' own choices, no promise of
+/// the VMM.
+pub mod guest_numbers;
 mod images;
 mod kvstore;
+mod ltp;
 mod mixed;
 mod model;
 mod pagefill;
@@ -33,6 +39,7 @@ mod phases;
 mod sim;
 mod simple;
 mod stress;
+mod template;
 mod unique;
 mod volatile;
 
@@ -40,12 +47,15 @@ pub use abi::PAGE_SIZE;
 pub use access::*;
 pub use converge::*;
 pub use cowstorm::*;
+pub use dirtylog::*;
 pub use images::*;
 pub use kvstore::*;
+pub use ltp::*;
 pub use mixed::*;
 pub use pagefill::*;
 pub use phases::*;
 pub use simple::*;
 pub use stress::*;
+pub use template::*;
 pub use unique::*;
 pub use volatile::*;
