@@ -81,4 +81,17 @@ guest_numbers! {
     /// dirtylog: rounds of its pre-copy loop; round `r` writes the first
     /// `pages >> r` pages.
     DIRTYLOG_ROUNDS: u64 = 4;
+
+    /// gcheap: seed of the mutator's generator.
+    GCHEAP_SEED: u64 = 0x4743_4845_4150_3031;
+    /// gcheap: root slots (one page of them, first in the region).
+    GCHEAP_ROOTS: u64 = 512;
+    /// gcheap: collection cycles (allocate, collect, merge pass).
+    GCHEAP_CYCLES: u64 = 4;
+    /// gcheap: an object is 2 to 2 + `GCHEAP_EXTRA_WORDS` words long, its
+    /// header included.
+    GCHEAP_EXTRA_WORDS: u64 = 30;
+    /// gcheap: one object in this many holds a reference (to the object
+    /// of a random root), so that most objects die young.
+    GCHEAP_REF_ONE_IN: u64 = 4;
 }

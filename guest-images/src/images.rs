@@ -64,6 +64,12 @@ pub const IMAGES: &[Image] = &[
          working set that halves round by round, reports 5 checksums: 43 io exits plus one write fault per \
          page written (and read faults where a round zaps)"
     ),
+    image!(
+        "gcheap",
+        "C: a managed heap under a copying (Cheney) collector that zeroes the old semispace, 4 cycles of \
+         allocate, collect and a dedup pass, reports live bytes and a checksum: 41 io exits plus one write \
+         fault per merged zero page written"
+    ),
     image!("hello", "prints \"Hello from a tiny guest\\n\" on COM1, exits 0: 25 io exits"),
     image!(
         "kvstore",

@@ -23,6 +23,7 @@ mod access;
 mod converge;
 mod cowstorm;
 mod dirtylog;
+mod gcheap;
 /// The numbers the built-in C guests share with their Rust models, defined
 /// once in `src/guest_numbers.rs` (build.rs writes them into the guests'
 /// generated `guest-numbers.h`): the workloads' own choices, no promise of
@@ -48,6 +49,7 @@ pub use access::*;
 pub use converge::*;
 pub use cowstorm::*;
 pub use dirtylog::*;
+pub use gcheap::*;
 pub use images::*;
 pub use kvstore::*;
 pub use ltp::*;

@@ -46,6 +46,7 @@ pub const PHASE_PLANS: &[PhasePlan] = &[
     PhasePlan { image: "converge", io: &CONVERGE_PHASE_IO, names: &CONVERGE_PHASE_NAMES },
     PhasePlan { image: "cowstorm", io: &COWSTORM_PHASE_IO, names: &COWSTORM_PHASE_NAMES },
     PhasePlan { image: "dirtylog", io: &DIRTYLOG_PHASE_IO, names: &DIRTYLOG_PHASE_NAMES },
+    PhasePlan { image: "gcheap", io: &GCHEAP_PHASE_IO, names: &GCHEAP_PHASE_NAMES },
     PhasePlan { image: "kvstore", io: &KVSTORE_PHASE_IO, names: &KVSTORE_PHASE_NAMES },
     PhasePlan { image: "ltp-ksm01", io: &LTP_KSM01_PHASE_IO, names: &LTP_KSM01_PHASE_NAMES },
     PhasePlan {
@@ -96,6 +97,7 @@ mod tests {
             ("converge", CONVERGE_IO_EXITS),
             ("cowstorm", COWSTORM_IO_EXITS),
             ("dirtylog", DIRTYLOG_IO_EXITS),
+            ("gcheap", GCHEAP_IO_EXITS),
             ("kvstore", KVSTORE_IO_EXITS),
             ("ltp-ksm01", LTP_KSM01_IO_EXITS),
             ("ltp-ksm01-fleet", 39),
