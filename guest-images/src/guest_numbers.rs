@@ -94,4 +94,22 @@ guest_numbers! {
     /// gcheap: one object in this many holds a reference (to the object
     /// of a random root), so that most objects die young.
     GCHEAP_REF_ONE_IN: u64 = 4;
+
+    /// misbehave-dedup-flood and misbehave-unmerge-ksmd: groups of
+    /// identical pages they fill their region with.
+    MISBEHAVE_FLOOD_GROUPS: u64 = 8;
+    /// misbehave-dedup-flood: ksmd start/stop pairs.
+    MISBEHAVE_FLOOD_PAIRS: u64 = 2000;
+    /// misbehave-dedup-flood: synchronous passes.
+    MISBEHAVE_FLOOD_PASSES: u64 = 10;
+    /// misbehave-dedup-flood: unmerge requests (a pass before every tenth).
+    MISBEHAVE_FLOOD_UNMERGES: u64 = 100;
+    /// misbehave-dedup-flood: values written to the dedup port that are no
+    /// request.
+    MISBEHAVE_FLOOD_JUNK: u64 = 1000;
+    /// misbehave-unmerge-ksmd: rounds of start, spin, write, unmerge.
+    MISBEHAVE_UNMERGE_ROUNDS: u64 = 16;
+    /// misbehave-unmerge-ksmd: spin iterations while ksmd runs in a round
+    /// (about 2 ms natively).
+    MISBEHAVE_UNMERGE_SPIN: u64 = 2_000_000;
 }

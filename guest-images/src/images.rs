@@ -89,19 +89,71 @@ pub const IMAGES: &[Image] = &[
          passes: 39 io exits for guest 0 (33 for the others) plus the faults of merged pages"
     ),
     image!(
+        "misbehave-beyond-map",
+        "a qword written and read across the end of RAM (half RAM, half MMIO), a read at 4 GiB - 8, then \
+         one at 4 GiB, past the identity map: 8 io exits and 3 mmio exits, then a triple fault at 0x100000"
+    ),
+    image!(
         "misbehave-beyond-ram",
         "reads and writes just past RAM, reads port 0x80, reports the reads, \
          exits 0: 2 mmio + 5 io exits"
     ),
+    image!(
+        "misbehave-dedup-flood",
+        "C: 2,000 ksmd start/stop pairs, 10 passes, 100 unmerges and 1,000 values that are no request, \
+         rewriting a group of pages between them, then a checksum: 5,135 io exits plus timing-dependent faults"
+    ),
     image!("misbehave-exit-code", "exits with code 3 at once: 1 io exit"),
     image!("misbehave-hlt", "executes HLT at its entry point (ends the run with code 0): no io exit"),
+    image!(
+        "misbehave-low-read",
+        "reads and writes its stack (1 io exit), then reads the VMM's PML4 at 0x3000, supervisor-only: \
+         a triple fault at 0x100000"
+    ),
+    image!(
+        "misbehave-low-write",
+        "reports the RAM size (1 io exit), then writes the VMM's PML4 at 0x3000, supervisor-only: a \
+         triple fault at 0x100000 and nothing written"
+    ),
+    image!(
+        "misbehave-merged-code",
+        "C: code copied into twin pages and its own image copied into data, a pass merges them, then it \
+         runs the merged code and patches it (self-modifying code on merged pages): 17 io exits plus fetch \
+         and copy-on-write faults"
+    ),
     image!(
         "misbehave-phase-flood",
         "starts phase after phase through port 0x500 and never stops: the VMM ends the run (guest_limit)"
     ),
+    image!(
+        "misbehave-port-end",
+        "reads port 0xFFFF at 8 bits (2 io exits), then at 16 bits, past the port space: a triple fault \
+         at 0x100000 on this host (PVM), 2 io exits more and exit 0 where the CPU performs it"
+    ),
     image!("misbehave-port-flood", "writes port 0x80 100,000 times, exits 0: 100,001 io exits"),
+    image!(
+        "misbehave-ports",
+        "C: in and out of 8, 16 and 32 bits to the ABI's ports, their neighbours and every 257th port, \
+         phase names the VMM must refuse, narrow reports, rep ins and rep outs, COM1's registers: 1,666 io \
+         exits on this host"
+    ),
     image!("misbehave-spin", "prints \"spinning\\n\" (9 io exits), then loops forever"),
+    image!(
+        "misbehave-sse-merged",
+        "two identical pages, a pass, then paddq xmm0 on one of them: 10 io exits, or a KVM internal \
+         error at 0x100000 where the memslot view makes KVM emulate it (range-flush, legacy)"
+    ),
     image!("misbehave-triple-fault", "prints \"about to fault\\n\" (15 io exits), then ud2 at 0x100000: triple fault"),
+    image!(
+        "misbehave-unmerge-ksmd",
+        "C: 16 rounds of ksmd started, a spin while it merges, a write, an unmerge while it runs, and a \
+         check of every word: 43 io exits plus timing-dependent faults"
+    ),
+    image!(
+        "misbehave-zero-pages",
+        "C: half its pages zero, a quarter never touched, passes with and without use_zero_pages, reads \
+         and writes of the merged zero pages: 19 io exits plus one fault per zero page touched"
+    ),
     image!(
         "mixed",
         "fills RAM above 2 MiB with 8 groups, one dedup pass, then 16 paced phases that read every page \

@@ -45,8 +45,3 @@ pub(crate) fn ycsb_hash(v: u64) -> u64 {
     let h = v.to_le_bytes().iter().fold(FNV_OFFSET_BASIS_64, |h, &b| (h ^ u64::from(b)).wrapping_mul(FNV_PRIME_64));
     (h as i64).wrapping_abs() as u64
 }
-
-/// Wrapping sum of `words`.
-pub(crate) fn sum_words(words: &[u64]) -> u64 {
-    words.iter().fold(0u64, |s, &w| s.wrapping_add(w))
-}
