@@ -254,7 +254,6 @@ fn build_c_image(tools: &Tools, paths: &Paths, cflags: &[String], source: &Path)
     cc.arg("-I").arg(&paths.kit_dir).arg("-I").arg(&paths.c_dir).arg("-I").arg(&paths.out_dir);
     // -L first: ld reads the script, and its INCLUDE, as soon as it meets -T.
     cc.arg("-L").arg(&paths.out_dir).arg("-T").arg(paths.kit_dir.join("ksmlab.ld"));
-    cc.arg("-Wl,--orphan-handling=error");
     if tools.quiet_rwx {
         cc.arg("-Wl,--no-warn-rwx-segments");
     }
