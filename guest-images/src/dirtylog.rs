@@ -54,7 +54,7 @@ pub enum DirtylogPhase {
 /// What phase `phase` of `dirtylog` does.
 pub fn dirtylog_phase(phase: u32) -> DirtylogPhase {
     match phase {
-        p if p < 2 || p >= DIRTYLOG_PHASES => DirtylogPhase::Other,
+        p if !(2..DIRTYLOG_PHASES).contains(&p) => DirtylogPhase::Other,
         p => {
             let round = u64::from(p - 2) / 3;
             match (p - 2) % 3 {

@@ -46,10 +46,10 @@ pub const MISBEHAVE_PORTS_LINE: &str = "rep outsb to COM1\n";
 /// Phase 1: all-ones reads, reads (both [`MISBEHAVE_PORTS_READS`]); phase
 /// 2: an 8-bit and a 16-bit write to the report port (0xAB, 0xABCD: this
 /// VMM appends a narrower write zero-extended; the ABI defines 32-bit
-/// writes only); phase 3: the 0xFF bytes the three `rep ins` read (16 + 32
-/// + 64 = 112), the four values `rep outsd` wrote to the report port (each
-/// is a 32-bit write of its own, however the KVM batches them); phase 4:
-/// COM1's 8 registers, a 16-bit read of LSR and a 32-bit read of MCR.
+/// writes only); phase 3: the 0xFF bytes the three `rep ins` read (112 of
+/// 16, 32 and 64), the four values `rep outsd` wrote to the report port
+/// (each is a 32-bit write of its own, however the KVM batches them); phase
+/// 4: COM1's 8 registers, a 16-bit read of LSR and a 32-bit read of MCR.
 pub fn misbehave_ports_expected_reports() -> Vec<Option<u64>> {
     let known = [MISBEHAVE_PORTS_READS, MISBEHAVE_PORTS_READS, 0xAB, 0xABCD, 112]
         .into_iter()
