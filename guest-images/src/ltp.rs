@@ -198,6 +198,27 @@ pub fn ltp_ksm01_guest_figures(phase: u32, mem_bytes: u64) -> KsmFigures {
     ltp.plus(KsmFigures { pages_unshared: layout.image_pages + layout.leftover_pages, ..KsmFigures::default() })
 }
 
+/// The `(ept_read, ept_write)` of each phase, 0 to 6, of a single
+/// `ltp-ksm01` guest with `mem_bytes` of RAM under the built-in
+/// deduplicator with LTP's settings (every group one KSM page), where
+/// `zaps` says the policy zaps what a pass merges (range-flush, legacy;
+/// change-pte keeps the entries in place, read-only):
+///
+/// * each stage's memset writes every page of the three children once: a
+///   copy-on-write fault per page the pass before merged (none in stage 1,
+///   3 S in stages 2 to 4);
+/// * each stage's verify, after its pass, reads every page: a fault per
+///   page the pass zapped (3 S, less the 'e' page in stage 4, which merges
+///   with nothing);
+/// * the verify after the unmerge reads every page again: a fault per page
+///   the unmerge zapped (the 3 S − 1 merged in stage 4);
+/// * the leftover pages and the image never fault (nothing merges them).
+pub fn ltp_ksm01_faults(mem_bytes: u64, zaps: bool) -> [(u64, u64); LTP_KSM01_PHASES as usize + 1] {
+    let all = 3 * ltp_ksm01_layout(mem_bytes).child_pages;
+    let reads = |n: u64| if zaps { n } else { 0 };
+    [(0, 0), (reads(all), 0), (reads(all), all), (reads(all), all), (reads(all - 1), all), (reads(all - 1), 0), (0, 0)]
+}
+
 /// Pages of each `ltp-ksm01-fleet` guest's memory (LTP's size × pages): from
 /// the first page after the image to the end of its RAM.
 pub fn ltp_ksm01_fleet_child_pages(mem_bytes: u64) -> u64 {
@@ -307,6 +328,15 @@ mod tests {
             [f(3, 5373, 0), f(4, 5372, 0), f(2, 5374, 0), f(2, 5373, 1), f(0, 0, 0), f(0, 0, 0)],
             "LTP's for 3 x 1,791 pages, plus the image page: 1 shared, 2 sharing"
         );
+    }
+
+    #[test]
+    fn faults_follow_the_merged_pages() {
+        // 8 MiB: 1,791 pages, as measured under range-flush and change-pte.
+        let zapped = ltp_ksm01_faults(8 << 20, true);
+        assert_eq!(zapped, [(0, 0), (1791, 0), (1791, 1791), (1791, 1791), (1790, 1791), (1790, 0), (0, 0)]);
+        let in_place = ltp_ksm01_faults(8 << 20, false);
+        assert_eq!(in_place, [(0, 0), (0, 0), (0, 1791), (0, 1791), (0, 1791), (0, 0), (0, 0)]);
     }
 
     #[test]
