@@ -1,10 +1,11 @@
 /* support.c - what a freestanding compiler may call on its own: GCC and
  * Clang emit calls to memset, memcpy, memmove and memcmp for struct copies,
- * zeroing and comparisons even with -ffreestanding. Written with the string
- * instructions (rep stosb / movsb, fast on every x86-64 since Ivy Bridge), so
- * the compiler cannot turn a loop here back into a call to itself; every
- * one of them is an access KVM's instruction emulator performs, should it
- * meet a page the secondary MMU has zapped (the memslot view).
+ * zeroing and comparisons even with -ffreestanding. memset, memcpy and
+ * memmove are the string instructions (rep stosb / movsb, fast on every
+ * x86-64 since Ivy Bridge), so the compiler cannot turn them back into calls
+ * to themselves (GCC recognises memset and memcpy loops, not memcmp's); each
+ * is an access KVM's instruction emulator can perform, should it meet a page
+ * the secondary MMU has zapped (the memslot view).
  */
 #include "ksmlab.h"
 
