@@ -20,7 +20,7 @@
         .text
         .globl  _start
 _start:
-        phase   1
+        phase   1, "fill pages A to E"
         # A and B: the byte at X is (X - A) & 0xFF
         mov     rbx, PAGE_A
         xor     ecx, ecx
@@ -43,10 +43,10 @@ _start:
         mov     dword ptr [rbx], 0x00002ab8
         mov     word ptr [rbx + 4], 0xc300
 
-        phase   2
+        phase   2, "merge pass"
         dedup   DEDUP_PASS
 
-        phase   3
+        phase   3, "accesses of every kind"
         mov     rbx, PAGE_A
         movzx   ecx, byte ptr [rbx + 5]
         report  rcx

@@ -7,7 +7,7 @@
 #   phase 2: dedup 1 (one synchronous full pass)
 #   phase 3: sum word 0 of every page; report it (low 32, high 32); exit 0
 #
-# Exits with dedup off: 3 phase + 1 dedup + 2 report + 1 exit = 7 io; after
+# Exits with dedup off: 3 phase + 3 name + 1 dedup + 2 report + 1 exit = 10 io; after
 # the pass the reads of phase 3 cost what the policy makes them cost.
         .include "abi.inc"
         .include "workload.inc"
@@ -19,12 +19,12 @@
 _start:
         workload_region
 
-        phase   1
+        phase   1, "fill 64 groups"
         fill_groups GROUPS
 
-        phase   2
+        phase   2, "merge pass"
         dedup   DEDUP_PASS
 
-        phase   3
+        phase   3, "read word 0"
         report_checksum PAGE_SIZE
         exit    0

@@ -18,7 +18,7 @@
 #   phase 10:      sum every word of every page; report it (low 32, high 32);
 #                  exit 0
 #
-# Exits: 10 phase + 4 dedup + 2 report + 1 exit = 17 io, whatever N is and
+# Exits: 10 phase + 10 name + 4 dedup + 2 report + 1 exit = 27 io, whatever N is and
 # whatever the policy. With deduplication on, every store of phase 2r+1 hits
 # a page the pass just merged (read-only in the primary MMU): one
 # copy-on-write fault (ept_write) per page and round, N per storm phase,
@@ -41,25 +41,25 @@ _start:
         workload_region
 
 # ---- phase 1: pagefill's pattern in 8 groups
-        phase   1
+        phase   1, "fill 8 groups"
         fill_groups COWSTORM_GROUPS
 
         mov     esi, 1                  # round r
 .Lround:
 # ---- phase 2r: every page merges
         lea     ecx, [rsi + rsi]
-        phase   ecx
+        phase   ecx, "merge pass"
         dedup   DEDUP_PASS
 
 # ---- phase 2r+1: word 1 of every page := pattern(g, 1) + r (stores only)
         lea     ecx, [rsi + rsi + 1]
-        phase   ecx
+        phase   ecx, "write every page"
         rewrite_word1 COWSTORM_GROUPS, rsi
         inc     esi
         cmp     esi, COWSTORM_ROUNDS
         jbe     .Lround
 
 # ---- phase 10: checksum of every word
-        phase   2*COWSTORM_ROUNDS+2
+        phase   2*COWSTORM_ROUNDS+2, "checksum"
         report_checksum 8               # 2 io
         exit    0

@@ -24,7 +24,7 @@
 # groups of identical pages: ksmd, if switched on from outside, merges them
 # again. Each page is written twice: in phases 3 + j and 11 + j.
 #
-# Exits: 19 phase + 1 dedup + 4 report + 1 exit = 25 io, whatever N is and
+# Exits: 19 phase + 19 name + 1 dedup + 4 report + 1 exit = 44 io, whatever N is and
 # whatever the policy. With deduplication on (and ksmd left off), after the
 # pass every page maps a KSM page read-only:
 #   phase 3:         change-pte: the entries are read-only in place, so the
@@ -56,11 +56,11 @@ _start:
         workload_region
 
 # ---- phase 1: pagefill's pattern in 8 groups
-        phase   1
+        phase   1, "fill 8 groups"
         fill_groups MIXED_GROUPS
 
 # ---- phase 2: every page merges
-        phase   2
+        phase   2, "merge pass"
         dedup   DEDUP_PASS
 
         xor     ebp, ebp                # read sum
@@ -68,7 +68,7 @@ _start:
 .Lphase:
 # ---- phase 3 + j: read every page, write every 8th
         lea     ecx, [rsi + 3]
-        phase   ecx
+        phase   ecx, "read every page, write every 8th"
         mov     edi, esi
         and     edi, MIXED_STRIDE - 1   # the class written in this phase
         mov     rbx, r15
@@ -98,7 +98,7 @@ _start:
         jb      .Lphase
 
 # ---- phase 19: the read sum, then a checksum of every word
-        phase   MIXED_PHASES+3
+        phase   MIXED_PHASES+3, "checksums"
         report64 rbp                    # 2 io
         report_checksum 8               # 2 io
         exit    0

@@ -17,7 +17,8 @@
 #   phase 6: sum word 1 of every page, report it; sum every word of every
 #            page, report it; exit 0
 #
-# Exits with dedup off: 6 phase + 2 dedup + 6 report + 1 exit = 15 io.
+# Each phase is named (phase_name): one io exit more per phase.
+# Exits with dedup off: 6 phase + 6 name + 2 dedup + 6 report + 1 exit = 21 io.
         .include "abi.inc"
         .include "workload.inc"
 
@@ -32,27 +33,27 @@ _start:
         workload_region
 
 # ---- phase 1: fill every word of every page with pattern(g, w)
-        phase   1
+        phase   1, "fill 16 groups"
         fill_groups PAGEFILL_GROUPS
 
 # ---- phase 2: one synchronous dedup pass
-        phase   2
+        phase   2, "merge pass"
         dedup   DEDUP_PASS
 
 # ---- phase 3: checksum of word 0 of every page
-        phase   3
+        phase   3, "read word 0"
         report_checksum PAGE_SIZE       # 2 io
 
 # ---- phase 4: word 1 of every page := pattern(g, 1) + 1
-        phase   4
+        phase   4, "rewrite word 1"
         rewrite_word1 PAGEFILL_GROUPS, 1
 
 # ---- phase 5: dedup again
-        phase   5
+        phase   5, "merge pass"
         dedup   DEDUP_PASS
 
 # ---- phase 6: checksum of word 1 of every page, then of every word
-        phase   6
+        phase   6, "checksums"
         report_checksum PAGE_SIZE, 8    # 2 io
         report_checksum 8               # 2 io
 

@@ -18,8 +18,8 @@
 #
 # Pages stay in at most 16 content classes (4 groups x 4 word-0 values),
 # so ksmd keeps merging pages that the guest keeps writing: every write to a
-# merged page is a copy-on-write fault. Exits: 3 phase + 3 dedup + 2 report
-# + 1 exit = 9 io, plus whatever the policy causes (not deterministic: it
+# merged page is a copy-on-write fault. Exits: 3 phase + 3 name + 3 dedup + 2 report
+# + 1 exit = 12 io, plus whatever the policy causes (not deterministic: it
 # depends on ksmd's timing).
         .include "abi.inc"
         .include "workload.inc"
@@ -37,13 +37,13 @@ _start:
         shr     r13, 12                 # r13 = N
 
 # ---- phase 1: pagefill's pattern in 4 groups
-        phase   1
+        phase   1, "fill 4 groups, merge pass, ksmd on"
         fill_groups STRESS_GROUPS
         dedup   DEDUP_PASS
         dedup   DEDUP_START
 
 # ---- phase 2: pseudo-random writes, with ksmd running
-        phase   2
+        phase   2, "random writes under ksmd"
         test    r13, r13
         jz      .Lwrites_done
         movabs  rbx, 0x2545F4914F6CDD1D # x
@@ -72,6 +72,6 @@ _start:
         dedup   DEDUP_STOP
 
 # ---- phase 3: checksum of every word
-        phase   3
+        phase   3, "checksum"
         report_checksum 8
         exit    0

@@ -7,7 +7,7 @@
 #   phase 2: dedup 1 (one synchronous full pass: nothing merges)
 #   phase 3: sum word 0 of every page; report it (low 32, high 32); exit 0
 #
-# Exits under every policy: 3 phase + 1 dedup + 2 report + 1 exit = 7 io,
+# Exits under every policy: 3 phase + 3 name + 1 dedup + 2 report + 1 exit = 10 io,
 # and no secondary-MMU fault (nothing is merged, so nothing is zapped or
 # write-protected).
         .include "abi.inc"
@@ -18,7 +18,7 @@
 _start:
         workload_region
 
-        phase   1
+        phase   1, "fill unique pages"
         mov     rbx, r15
 .Lfill:
         cmp     rbx, r14
@@ -28,9 +28,9 @@ _start:
         jmp     .Lfill
 .Lfill_done:
 
-        phase   2
+        phase   2, "merge pass"
         dedup   DEDUP_PASS
 
-        phase   3
+        phase   3, "read word 0"
         report_checksum PAGE_SIZE
         exit    0

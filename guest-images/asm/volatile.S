@@ -20,7 +20,7 @@
 # guest is half-way through rewriting it: no stable or unstable tree search
 # ever finds an equal page, no page is ever write-protected, so the
 # secondary MMU is never notified and the guest never faults. Exits: 3
-# phase + 2 dedup + 2 report + 1 exit = 8 io and nothing else, under every
+# phase + 3 name + 2 dedup + 2 report + 1 exit = 11 io and nothing else, under every
 # policy and view, whatever ksmd's timing. What ksmd does meanwhile (pages
 # scanned, checksums that changed, CPU time) depends on its timing.
         .include "abi.inc"
@@ -40,7 +40,7 @@ _start:
         movabs  r13, 0x9E3779B97F4A7C15
 
 # ---- phase 1: sweep 0 (word 0 := the page's address), then start ksmd
-        phase   1
+        phase   1, "first sweep, start ksmd"
         mov     rbx, r15
 .Lstamp:
         cmp     rbx, r14
@@ -54,7 +54,7 @@ _start:
         dedup   DEDUP_START
 
 # ---- phase 2: sweeps 1 .. VOLATILE_SWEEPS while ksmd scans
-        phase   2
+        phase   2, "4096 sweeps under ksmd"
         mov     esi, VOLATILE_SWEEPS
 .Lsweeps:
         add     r12, r13                # key(s) = key(s - 1) + multiplier
@@ -64,7 +64,7 @@ _start:
         dedup   DEDUP_STOP
 
 # ---- phase 3: checksum of every word
-        phase   3
+        phase   3, "checksum"
         report_checksum 8               # 2 io
         exit    0
 

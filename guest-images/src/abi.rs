@@ -16,6 +16,17 @@ include!("abi/numbers.rs");
 /// sources to build that guest against this crate's `abi.inc`.
 pub const ASM_NUMBERS: &str = include_str!(concat!(env!("OUT_DIR"), "/abi-numbers.inc"));
 
+/// The generated C header (`$OUT_DIR/ksmlab-abi.h`): one `#define
+/// KSMLAB_NAME VALUE` for each of [`NUMBERS`], each after its doc comment.
+/// The C guest kit's `ksmlab.h` and `start.S` include it; write it (and
+/// [`LD_NUMBERS`]) into a directory to build a C guest against the kit
+/// outside this crate's build (`KSMLAB_ABI_DIR` of `c/kit/ksmlab-cc`).
+pub const C_NUMBERS: &str = include_str!(concat!(env!("OUT_DIR"), "/ksmlab-abi.h"));
+
+/// The generated linker-script fragment (`$OUT_DIR/abi-numbers.ld`) that
+/// `link.ld` and the kit's `ksmlab.ld` include: `GUEST_BASE`.
+pub const LD_NUMBERS: &str = include_str!(concat!(env!("OUT_DIR"), "/abi-numbers.ld"));
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -47,6 +58,23 @@ mod tests {
             assert_eq!(sets.get(number.name), Some(&number.value), "{}", number.name);
         }
         assert_eq!(sets.len(), NUMBERS.len(), "the include sets a name that is not an ABI number");
+    }
+
+    #[test]
+    fn generated_c_header_defines_every_number_with_its_value() {
+        let mut defines = BTreeMap::new();
+        let defines_a_value = |l: &&str| l.starts_with("#define KSMLAB_") && l.split_whitespace().count() == 3;
+        for line in C_NUMBERS.lines().filter(defines_a_value) {
+            let mut words = line.split_whitespace().skip(1);
+            let (name, value) = (words.next().expect("a name"), words.next().expect("a value"));
+            let value = u64::from_str_radix(value.trim_start_matches("0x"), 16).expect("hexadecimal");
+            assert!(defines.insert(name.trim_start_matches("KSMLAB_").to_owned(), value).is_none(), "{line}");
+        }
+        for number in NUMBERS {
+            assert_eq!(defines.get(number.name), Some(&number.value), "{}", number.name);
+        }
+        assert_eq!(defines.len(), NUMBERS.len(), "the header defines a name that is not an ABI number");
+        assert!(LD_NUMBERS.contains(&format!("GUEST_BASE = {GUEST_BASE:#x};")));
     }
 
     #[test]

@@ -6,6 +6,21 @@ use crate::abi::WORKLOAD_REGION_START;
 /// First page `access` uses (A; B, C, D and E follow).
 pub const ACCESS_START: u64 = WORKLOAD_REGION_START;
 
+/// The last phase `access` marks.
+pub const ACCESS_PHASES: u32 = 3;
+
+/// The names of `access`'s phases 1 to 3 (port 0x504).
+pub const ACCESS_PHASE_NAMES: [&str; ACCESS_PHASES as usize] =
+    ["fill pages A to E", "merge pass", "accesses of every kind"];
+
+/// Io exits `access` takes in each phase, 0 to 3: the first marker; name
+/// and marker; name, pass and marker; name, 16 reports and exit.
+pub const ACCESS_PHASE_IO: [u64; ACCESS_PHASES as usize + 1] = [1, 2, 3, 18];
+
+/// Io exits `access` takes (all its exits with dedup off): 3 markers, 3
+/// names, 1 dedup request, 16 reports, 1 exit.
+pub const ACCESS_IO_EXITS: u64 = 3 + 3 + 1 + 16 + 1;
+
 /// Pages `access` uses from [`ACCESS_START`]: A, B, C, D and E.
 pub const ACCESS_PAGES: u64 = 5;
 

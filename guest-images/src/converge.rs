@@ -4,6 +4,20 @@
 use crate::model::split_reports;
 use crate::pagefill::{pagefill_pages, pagefill_pattern};
 
+/// The last phase `converge` marks.
+pub const CONVERGE_PHASES: u32 = 3;
+
+/// The names of `converge`'s phases 1 to 3 (port 0x504).
+pub const CONVERGE_PHASE_NAMES: [&str; CONVERGE_PHASES as usize] = ["fill 64 groups", "merge pass", "read word 0"];
+
+/// Io exits `converge` takes in each phase, 0 to 3: the first marker; name
+/// and marker; name, pass and marker; name, 2 reports and exit.
+pub const CONVERGE_PHASE_IO: [u64; CONVERGE_PHASES as usize + 1] = [1, 2, 3, 4];
+
+/// Io exits `converge` takes (all its exits with dedup off): 3 markers, 3
+/// names, 1 dedup request, 2 reports, 1 exit.
+pub const CONVERGE_IO_EXITS: u64 = 3 + 3 + 1 + 2 + 1;
+
 /// Groups of identical pages `converge` fills.
 pub const CONVERGE_GROUPS: u64 = 64;
 

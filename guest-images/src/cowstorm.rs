@@ -20,15 +20,30 @@ pub const COWSTORM_ROUNDS: u64 = 4;
 /// round `r` is phases `2r` (pass) and `2r + 1` (storm), then the checksum.
 pub const COWSTORM_PHASES: u32 = 2 * COWSTORM_ROUNDS as u32 + 2;
 
+/// The names of `cowstorm`'s phases 1 to 10 (port 0x504).
+pub const COWSTORM_PHASE_NAMES: [&str; COWSTORM_PHASES as usize] = [
+    "fill 8 groups",
+    "merge pass",
+    "write every page",
+    "merge pass",
+    "write every page",
+    "merge pass",
+    "write every page",
+    "merge pass",
+    "write every page",
+    "checksum",
+];
+
 /// Io exits `cowstorm` takes in each phase, phases 0 to [`COWSTORM_PHASES`]
-/// (a phase marker counts in the phase it ends): the first marker; fill;
-/// then per round a pass (dedup request + marker) and a storm (marker);
-/// the checksum phase (2 reports + exit).
-pub const COWSTORM_PHASE_IO: [u64; COWSTORM_PHASES as usize + 1] = [1, 1, 2, 1, 2, 1, 2, 1, 2, 1, 3];
+/// (a phase marker counts in the phase it ends, a name in the phase it
+/// names): the first marker; fill (name + marker); then per round a pass
+/// (name + dedup request + marker) and a storm (name + marker); the
+/// checksum phase (name + 2 reports + exit).
+pub const COWSTORM_PHASE_IO: [u64; COWSTORM_PHASES as usize + 1] = [1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 4];
 
 /// Io exits `cowstorm` takes whatever the RAM size and policy: 10 phase
-/// markers + 4 dedup requests + 2 reports + 1 exit.
-pub const COWSTORM_IO_EXITS: u64 = 10 + 4 + 2 + 1;
+/// markers + 10 names + 4 dedup requests + 2 reports + 1 exit.
+pub const COWSTORM_IO_EXITS: u64 = 10 + 10 + 4 + 2 + 1;
 
 /// Number of pages `cowstorm` fills and writes (its region is pagefill's).
 /// With deduplication on, each storm phase takes one copy-on-write fault
@@ -103,8 +118,8 @@ mod tests {
         assert_eq!(storms, [3, 5, 7, 9]);
         assert_eq!(passes, [2, 4, 6, 8]);
         for p in 0..=COWSTORM_PHASES {
-            // A pass phase has the dedup request on top of its marker.
-            assert_eq!(COWSTORM_PHASE_IO[p as usize] == 2, cowstorm_is_pass_phase(p), "phase {p}");
+            // A pass phase has the dedup request on top of its marker and name.
+            assert_eq!(COWSTORM_PHASE_IO[p as usize] == 3, cowstorm_is_pass_phase(p), "phase {p}");
         }
         // Every storm changes every group (so the next pass sees new content)
         // and keeps the groups apart.

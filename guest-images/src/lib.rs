@@ -22,14 +22,27 @@ pub mod abi;
 mod access;
 mod converge;
 mod cowstorm;
+mod dirtylog;
+mod gcheap;
+/// The numbers the built-in C guests share with their Rust models, defined
+/// once in `src/guest_numbers.rs` (build.rs writes them into the guests'
+/// generated `guest-numbers.h`): the workloads' own choices, no promise of
+/// the VMM.
+pub mod guest_numbers;
 mod images;
+mod kvstore;
+mod ltp;
+mod misbehave;
+mod misbehave_dedup;
 mod mixed;
 mod model;
 mod pagefill;
+mod phases;
 #[cfg(test)]
 mod sim;
 mod simple;
 mod stress;
+mod template;
 mod unique;
 mod volatile;
 
@@ -37,10 +50,18 @@ pub use abi::PAGE_SIZE;
 pub use access::*;
 pub use converge::*;
 pub use cowstorm::*;
+pub use dirtylog::*;
+pub use gcheap::*;
 pub use images::*;
+pub use kvstore::*;
+pub use ltp::*;
+pub use misbehave::*;
+pub use misbehave_dedup::*;
 pub use mixed::*;
 pub use pagefill::*;
+pub use phases::*;
 pub use simple::*;
 pub use stress::*;
+pub use template::*;
 pub use unique::*;
 pub use volatile::*;

@@ -29,15 +29,27 @@ pub const MIXED_PHASES: u32 = MIXED_FIRST_RW_PHASE + MIXED_RW_PHASES;
 /// machines), so that the run lasts long enough to switch ksmd from outside.
 pub const MIXED_SPIN: u64 = 1 << 28;
 
-/// Io exits `mixed` takes in each phase, phases 0 to [`MIXED_PHASES`]: a
-/// marker each, plus the dedup request in phase 2 and 4 reports + exit in
-/// phase 19.
+/// The name of `mixed`'s read/write phases 3 to 18 (port 0x504).
+pub const MIXED_RW_PHASE_NAME: &str = "read every page, write every 8th";
+
+/// The names of `mixed`'s phases 1 to 19 (port 0x504).
+pub const MIXED_PHASE_NAMES: [&str; MIXED_PHASES as usize] = {
+    let mut names = [MIXED_RW_PHASE_NAME; MIXED_PHASES as usize];
+    names[0] = "fill 8 groups";
+    names[1] = "merge pass";
+    names[MIXED_PHASES as usize - 1] = "checksums";
+    names
+};
+
+/// Io exits `mixed` takes in each phase, phases 0 to [`MIXED_PHASES`]: the
+/// first marker, then a name and a marker each, plus the dedup request in
+/// phase 2 and 4 reports + exit (instead of a marker) in phase 19.
 pub const MIXED_PHASE_IO: [u64; MIXED_PHASES as usize + 1] =
-    [1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 5];
+    [1, 2, 3, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 6];
 
 /// Io exits `mixed` takes whatever the RAM size and policy: 19 phase
-/// markers + 1 dedup request + 4 reports + 1 exit.
-pub const MIXED_IO_EXITS: u64 = 19 + 1 + 4 + 1;
+/// markers + 19 names + 1 dedup request + 4 reports + 1 exit.
+pub const MIXED_IO_EXITS: u64 = 19 + 19 + 1 + 4 + 1;
 
 /// Number of pages `mixed` fills (its region is pagefill's).
 pub fn mixed_pages(mem_bytes: u64) -> u64 {

@@ -26,10 +26,20 @@ pub const PAGEFILL_WORDS_PER_PAGE: u64 = PAGE_SIZE / 8;
 /// the run before the first marker).
 pub const PAGEFILL_PHASES: u32 = 6;
 
-/// Io exits `pagefill` takes whatever the RAM size: 6 phase markers + 2
-/// dedup requests + 6 reports + 1 exit. With dedup off these are all its
-/// exits.
-pub const PAGEFILL_IO_EXITS: u64 = 6 + 2 + 6 + 1;
+/// The names of `pagefill`'s phases 1 to 6 (port 0x504).
+pub const PAGEFILL_PHASE_NAMES: [&str; PAGEFILL_PHASES as usize] =
+    ["fill 16 groups", "merge pass", "read word 0", "rewrite word 1", "merge pass", "checksums"];
+
+/// Io exits `pagefill` takes in each phase, 0 to 6 (a marker counts in the
+/// phase it ends, a name in the phase it names): the first marker; then
+/// name + marker, with a dedup request in phases 2 and 5, 2 reports in
+/// phase 3; phase 6: name + 4 reports + exit.
+pub const PAGEFILL_PHASE_IO: [u64; PAGEFILL_PHASES as usize + 1] = [1, 2, 3, 4, 2, 3, 6];
+
+/// Io exits `pagefill` takes whatever the RAM size: 6 phase markers + 6
+/// names + 2 dedup requests + 6 reports + 1 exit. With dedup off these are
+/// all its exits.
+pub const PAGEFILL_IO_EXITS: u64 = 6 + 6 + 2 + 6 + 1;
 
 /// Number of pages `pagefill` fills for a guest of `mem_bytes` bytes of RAM:
 /// `(mem_bytes rounded down to a page - 2 MiB) / 4096`, or 0 when RAM is not

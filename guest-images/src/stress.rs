@@ -11,9 +11,21 @@ pub const STRESS_START: u64 = WORKLOAD_REGION_START;
 pub const STRESS_GROUPS: u64 = 4;
 /// Number of pseudo-random writes `stress` makes.
 pub const STRESS_ITERATIONS: u64 = 100_000;
-/// Io exits `stress` takes whatever the policy: 3 phase markers, 3 dedup
-/// requests, 2 reports, 1 exit.
-pub const STRESS_IO_EXITS: u64 = 9;
+/// The last phase `stress` marks.
+pub const STRESS_PHASES: u32 = 3;
+
+/// The names of `stress`'s phases 1 to 3 (port 0x504).
+pub const STRESS_PHASE_NAMES: [&str; STRESS_PHASES as usize] =
+    ["fill 4 groups, merge pass, ksmd on", "random writes under ksmd", "checksum"];
+
+/// Io exits `stress` takes in each phase, 0 to 3: the first marker; name,
+/// pass, ksmd start and marker; name, ksmd stop and marker; name, 2
+/// reports and exit.
+pub const STRESS_PHASE_IO: [u64; STRESS_PHASES as usize + 1] = [1, 4, 3, 4];
+
+/// Io exits `stress` takes whatever the policy: 3 phase markers, 3 names,
+/// 3 dedup requests, 2 reports, 1 exit.
+pub const STRESS_IO_EXITS: u64 = 3 + 3 + 3 + 2 + 1;
 
 /// The report list `stress` produces for `mem_bytes` of RAM: the wrapping
 /// sum of every word of every page after its writes, low 32 bits then high.

@@ -13,5 +13,16 @@ pub fn unique_expected_reports(mem_bytes: u64) -> Vec<u64> {
     split_reports(&[sum])
 }
 
-/// Io exits `unique` takes under every policy.
-pub const UNIQUE_IO_EXITS: u64 = 7;
+/// The last phase `unique` marks.
+pub const UNIQUE_PHASES: u32 = 3;
+
+/// The names of `unique`'s phases 1 to 3 (port 0x504).
+pub const UNIQUE_PHASE_NAMES: [&str; UNIQUE_PHASES as usize] = ["fill unique pages", "merge pass", "read word 0"];
+
+/// Io exits `unique` takes in each phase, 0 to 3: the first marker; name
+/// and marker; name, pass and marker; name, 2 reports and exit.
+pub const UNIQUE_PHASE_IO: [u64; UNIQUE_PHASES as usize + 1] = [1, 2, 3, 4];
+
+/// Io exits `unique` takes under every policy: 3 markers, 3 names, 1 dedup
+/// request, 2 reports, 1 exit.
+pub const UNIQUE_IO_EXITS: u64 = 3 + 3 + 1 + 2 + 1;

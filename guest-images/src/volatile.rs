@@ -18,15 +18,19 @@ pub const VOLATILE_KEY_MUL: u64 = 0x9E37_79B9_7F4A_7C15;
 /// The last phase `volatile` marks (reports and exit).
 pub const VOLATILE_PHASES: u32 = 3;
 
+/// The names of `volatile`'s phases 1 to 3 (port 0x504).
+pub const VOLATILE_PHASE_NAMES: [&str; VOLATILE_PHASES as usize] =
+    ["first sweep, start ksmd", "4096 sweeps under ksmd", "checksum"];
+
 /// Io exits `volatile` takes in each phase, phases 0 to 3: the first marker;
-/// sweep 0, dedup 2 and the marker; the sweeps, dedup 3 and the marker; 2
-/// reports + exit.
-pub const VOLATILE_PHASE_IO: [u64; VOLATILE_PHASES as usize + 1] = [1, 2, 2, 3];
+/// the name, sweep 0, dedup 2 and the marker; the name, the sweeps, dedup 3
+/// and the marker; the name, 2 reports + exit.
+pub const VOLATILE_PHASE_IO: [u64; VOLATILE_PHASES as usize + 1] = [1, 3, 3, 4];
 
 /// Io exits `volatile` takes whatever the RAM size, policy, view and ksmd's
-/// timing: 3 phase markers + 2 dedup requests + 2 reports + 1 exit. These
-/// are all its exits.
-pub const VOLATILE_IO_EXITS: u64 = 3 + 2 + 2 + 1;
+/// timing: 3 phase markers + 3 names + 2 dedup requests + 2 reports + 1
+/// exit. These are all its exits.
+pub const VOLATILE_IO_EXITS: u64 = 3 + 3 + 2 + 2 + 1;
 
 /// Number of pages `volatile` rewrites (its region is pagefill's).
 pub fn volatile_pages(mem_bytes: u64) -> u64 {
