@@ -19,7 +19,7 @@ use crate::view::memslot::MemslotView;
 use crate::view::uffd::{UffdFaultSource, UffdFaultThread, UffdView};
 use crate::view::{AnyView, ViewError, ViewFaults, ViewKind};
 use crate::vm::{Vm, VmError};
-use crate::x86::cpu::configure_vcpu;
+use crate::x86::cpu::{configure_vcpu, FleetSeat};
 use crate::x86::layout::GUEST_BASE;
 
 /// The userfaultfd view's slot (slot 0 is the boot slot).
@@ -118,7 +118,7 @@ fn create_dedup(config: &RunConfig, mmus: &GuestMmus<AnyView>) -> Result<Dedup, 
 /// The vCPU, at the guest's entry point.
 fn create_vcpu(kvm: &Kvm, vm_fd: &VmFd, entry: u64, mem_bytes: u64) -> Result<VcpuFd, VmError> {
     let vcpu = vm_fd.create_vcpu(0).map_err(|source| VmError::Setup { what: "KVM_CREATE_VCPU", source })?;
-    configure_vcpu(kvm, &vcpu, entry, mem_bytes)?;
+    configure_vcpu(kvm, &vcpu, entry, mem_bytes, FleetSeat::ALONE)?;
     Ok(vcpu)
 }
 

@@ -14,8 +14,8 @@
  *     int main(uint64_t ram_bytes, uint64_t guest_index, uint64_t guest_count);
  *
  * with RDI, RSI and RDX as the VMM set them and exits with its return value.
- * A VMM older than ABI 1.1 does not set RSI and RDX (this repository's set
- * them to 0): ksm_fleet_size() reads a count of 0 as a single guest.
+ * A VMM older than ABI 1.1 does not set RSI and RDX (it leaves them 0):
+ * ksm_fleet_size() reads a count of 0 as a single guest.
  *
  * There is no IDT: any exception (a #PF outside the identity map or in the
  * VMM's low megabyte, a #GP, a #UD) ends the run as a triple fault.

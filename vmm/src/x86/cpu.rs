@@ -39,11 +39,17 @@ pub struct CpuSetupError {
 /// Puts `vcpu` at the guest's entry point per ABI v1: the CPUID this KVM
 /// supports, the general registers, long mode at CPL 3 and the x87/SSE
 /// reset state.
-pub fn configure_vcpu(kvm: &Kvm, vcpu: &VcpuFd, entry: u64, ram_bytes: u64) -> Result<(), CpuSetupError> {
+pub fn configure_vcpu(
+    kvm: &Kvm,
+    vcpu: &VcpuFd,
+    entry: u64,
+    ram_bytes: u64,
+    seat: FleetSeat,
+) -> Result<(), CpuSetupError> {
     let failed = |what| move |source| CpuSetupError { what, source };
     let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(failed("KVM_GET_SUPPORTED_CPUID"))?;
     vcpu.set_cpuid2(&cpuid).map_err(failed("KVM_SET_CPUID2"))?;
-    vcpu.set_regs(&entry_regs(entry, ram_bytes)).map_err(failed("KVM_SET_REGS"))?;
+    vcpu.set_regs(&entry_regs(entry, ram_bytes, seat)).map_err(failed("KVM_SET_REGS"))?;
     let mut sregs = vcpu.get_sregs().map_err(failed("KVM_GET_SREGS"))?;
     set_long_mode_cpl3(&mut sregs);
     vcpu.set_sregs(&sregs).map_err(failed("KVM_SET_SREGS"))?;
@@ -86,9 +92,32 @@ pub fn entry_fpu() -> kvm_fpu {
     kvm_fpu { fcw: FCW_DEFAULT, mxcsr: MXCSR_DEFAULT, ..Default::default() }
 }
 
-/// General registers at entry: RIP, RSP at the stack top, RDI = RAM size.
-pub fn entry_regs(entry: u64, ram_bytes: u64) -> kvm_regs {
-    kvm_regs { rip: entry, rsp: STACK_TOP, rdi: ram_bytes, rflags: RFLAGS_IOPL3, ..Default::default() }
+/// Where a guest stands in its fleet (ABI 1.1: RSI and RDX at entry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FleetSeat {
+    /// The guest's index, 0..count.
+    pub index: u64,
+    /// The number of guests in the fleet (1 for a single guest).
+    pub count: u64,
+}
+
+impl FleetSeat {
+    /// A guest on its own.
+    pub const ALONE: FleetSeat = FleetSeat { index: 0, count: 1 };
+}
+
+/// General registers at entry: RIP, RSP at the stack top, RDI = RAM size,
+/// RSI = the guest's index in its fleet, RDX = the number of guests.
+pub fn entry_regs(entry: u64, ram_bytes: u64, seat: FleetSeat) -> kvm_regs {
+    kvm_regs {
+        rip: entry,
+        rsp: STACK_TOP,
+        rdi: ram_bytes,
+        rsi: seat.index,
+        rdx: seat.count,
+        rflags: RFLAGS_IOPL3,
+        ..Default::default()
+    }
 }
 
 /// The TSS bytes to place at [`TSS_ADDR`]: a zero TSS whose I/O map base
@@ -120,7 +149,8 @@ mod tests {
         assert_eq!((entry_fpu().fcw, entry_fpu().mxcsr), (0x37F, 0x1F80));
         assert_eq!(sregs.cs.dpl, 3);
         assert_eq!(sregs.ss.selector & 3, 3);
-        let regs = entry_regs(0x10_0000, 64 << 20);
+        let regs = entry_regs(0x10_0000, 64 << 20, FleetSeat { index: 2, count: 3 });
+        assert_eq!((regs.rsi, regs.rdx), (2, 3));
         assert_eq!(regs.rflags, 0x3002);
         assert_eq!((regs.rip, regs.rdi, regs.rsp), (0x10_0000, 64 << 20, STACK_TOP));
         assert_eq!(gdt_bytes().len(), usize::from(sregs.gdt.limit) + 1);
