@@ -204,3 +204,45 @@ fn ltp_ksm01_with_dedup_off_verifies_every_byte_and_every_figure_is_zero() {
     assert_eq!(ltp_ksm01_layout(8 << 20).child_pages, 597);
     assert_eq!(ltp_ksm01_guest_figures(4, 8 << 20).pages_unshared, 2);
 }
+
+/// LTP ksm01 (testcases/kernel/mem/ksm: `create_same_memory` in
+/// ksm_test.h) in one guest, its three children as three regions: after
+/// each stage's pass and after `run = 2` and `run = 0`, pages_shared,
+/// pages_sharing, pages_volatile and pages_unshared are LTP's figures
+/// (lines 265-287 of ksm_test.h), under every built-in policy and both
+/// views, with LTP's settings (`max_page_sharing` at least the page count,
+/// `smart_scan` 0, every page scanned in each batch, no sleep). The guest's
+/// own pages add to one figure only: its image page and the 0-2 leftover
+/// pages after the children are each unlike every other page, so
+/// `pages_unshared` is LTP's plus their number (1 at 8 MiB: the image page,
+/// no leftover) in stages 1-4; after the unmerge every figure is 0, as
+/// LTP expects.
+#[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
+fn ltp_ksm01_gives_ltps_figures_at_every_stage() {
+    require_kvm();
+    const MEM: u64 = 8 << 20;
+    let layout = ltp_ksm01_layout(MEM);
+    assert_eq!((layout.child_pages, layout.image_pages + layout.leftover_pages), (597, 1));
+    let all = (3 * layout.child_pages + layout.image_pages + layout.leftover_pages).to_string();
+    let settings = ["--max-page-sharing", &all, "--smart-scan", "0", "--pages-to-scan", &all, "--sleep-millisecs", "0"];
+    for view in VIEWS {
+        for policy in ["change-pte", "range-flush", "legacy", "event-aware"] {
+            let ctx = format!("ltp-ksm01: {policy} / {view}");
+            let r = run_c("ltp-ksm01", "8M", policy, view, &settings);
+            check_run(&r, &ctx, &LTP_KSM01_EXPECTED_REPORTS, &LTP_KSM01_PHASE_IO);
+            for p in &r.stats.phases[1..] {
+                let figure = |name: &str| p.figures.ksm.get(name).copied().unwrap_or(0);
+                let measured = KsmFigures {
+                    pages_shared: figure("pages_shared"),
+                    pages_sharing: figure("pages_sharing"),
+                    pages_volatile: figure("pages_volatile"),
+                    pages_unshared: figure("pages_unshared"),
+                };
+                assert_eq!(measured, ltp_ksm01_guest_figures(p.phase, MEM), "{ctx}: phase {}", p.phase);
+            }
+            let zaps = !matches!(policy, "change-pte" | "event-aware");
+            assert_eq!(faults(&r), ltp_ksm01_faults(MEM, zaps).to_vec(), "{ctx}: faults per phase");
+        }
+    }
+}
