@@ -151,3 +151,30 @@ fn the_memslot_view_ends_the_run_cleanly_at_its_slot_limit() {
     // The statistics of the phases that ran are all there.
     assert!(s.phases.len() >= 3);
 }
+
+/// Merges and soft-dirty rounds together: ksmd scanning the whole guest
+/// every 5 ms while a thread write-protects all of guest RAM every few tens
+/// of milliseconds (`--soft-dirty-ms`; a memslot view's write faults are
+/// dear, so its rounds are rarer), and the guest writes. What the guest reads is
+/// checked on every run; some round and some merge must have happened.
+#[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
+fn merges_and_soft_dirty_rounds_together_keep_every_guest_write() {
+    require_kvm();
+    let expected = guest_images::stress_expected_reports(3 << 20);
+    let args = ["--mem", "3M", "--pages-to-scan", "256", "--sleep-millisecs", "5"];
+    for view in VIEWS {
+        let interval = if view == ViewKind::Memslot { "50" } else { "25" };
+        for policy in POLICIES {
+            let ctx = format!("{} / {}", policy.name(), view.name());
+            let mut all = args.to_vec();
+            all.extend(["--soft-dirty-ms", interval, "--dedup", policy.name(), "--view", view.name()]);
+            let r = common::run("stress", &all);
+            assert_eq!(r.stats.guest.exit_code, Some(0), "{ctx}: {}", r.stats.guest.end.detail);
+            assert_eq!(r.stats.guest.reports, expected, "{ctx}");
+            let total = |name: &str| r.stats.total.shadow_mmu.get(name).copied().unwrap_or(0);
+            assert!(total("soft_dirty_rounds") > 0, "{ctx}: no round ran");
+            assert!(r.stats.total.ksm.get("merges").copied().unwrap_or(0) > 0, "{ctx}: nothing merged");
+        }
+    }
+}
