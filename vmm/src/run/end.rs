@@ -122,10 +122,12 @@ fn explain_internal_error(vm: &mut Vm) -> RunEnd {
         )
     } else if lock(&vm.dedup).is_active() {
         // Under the memslot view the emulator performs every access to a
-        // page the secondary MMU unmapped or write-protected; AVX is the
-        // known case it cannot do (guest-images/README.md).
+        // page the secondary MMU unmapped or write-protected; SSE arithmetic
+        // on a memory operand and AVX are the known cases it cannot do
+        // (guest-images/README.md).
         " (instruction emulation failed: KVM's emulator cannot perform this access to a page the secondary MMU \
-         unmapped or write-protected; AVX is such an access, --view uffd needs no emulation)"
+         unmapped or write-protected; SSE arithmetic with a memory operand and AVX are such accesses, --view uffd \
+         needs no emulation)"
             .to_string()
     } else {
         " (instruction emulation failed)".to_string()
