@@ -106,4 +106,5 @@ mod view;
 mod window;
 
 pub use fault_thread::{FaultHandlerError, FaultThreadError, UffdFaultHandler, UffdFaultSource, UffdFaultThread};
+pub use shared::{FaultWait, FAULT_SPIN};
 pub use view::UffdView;

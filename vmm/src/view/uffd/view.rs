@@ -19,7 +19,7 @@ use super::abi::{
 };
 use super::chunks::{Chunks, CHUNK_PAGES};
 use super::fault_thread::UffdFaultSource;
-use super::shared::{Shared, HINT_ABSENT, HINT_WP};
+use super::shared::{FaultWait, Shared, HINT_ABSENT, HINT_WP};
 use super::userfaultfd::Userfaultfd;
 use super::window::{vma_err, Window};
 use crate::vcpu_gate::VcpuGate;
@@ -184,6 +184,25 @@ impl UffdView {
     /// The memslot the view installed.
     pub fn slot(&self) -> u32 {
         self.slot
+    }
+
+    /// How the fault thread waits for events from now on
+    /// ([`FaultWait::Adaptive`] unless set).
+    pub fn set_fault_wait(&self, wait: FaultWait) {
+        self.shared.set_wait(wait);
+    }
+
+    /// For `vmm bench fault` only: while `bare`, the fault thread resolves
+    /// a MINOR fault with one UFFDIO_CONTINUE (which wakes the vCPU) and
+    /// nothing else: no handler, no accounting, no deferred wake; the bare
+    /// mechanism a fault of this view costs. That is right only while the
+    /// secondary MMU maps each faulting page to the frame W maps there, as
+    /// after a [`zap`](EptView::zap) of the view alone; the view's own
+    /// record of those pages goes stale (the next `map` of one finds it
+    /// present and sets its protection explicitly). Other faults still go to
+    /// the handler.
+    pub fn set_bare_faults(&self, bare: bool) {
+        self.shared.bare.store(bare, Ordering::Release);
     }
 
     fn index(&self, start: Gfn, end: Gfn) -> Result<usize, ViewError> {
