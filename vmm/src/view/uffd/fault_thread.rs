@@ -232,7 +232,7 @@ fn serve(source: &UffdFaultSource, stop: &StopSignals, handler: Handler<'_>) -> 
     let mut msgs = [UffdMsg::default(); 16];
     let mut last_event = Instant::now();
     loop {
-        let n = match next_events(source, stop, &mut last_event, &mut msgs) {
+        let n = match next_events(source, stop, &last_event, &mut msgs) {
             Ok(Some(n)) => n,
             Ok(None) => return None,
             Err(e) => return Some(e),
@@ -251,11 +251,12 @@ fn serve(source: &UffdFaultSource, stop: &StopSignals, handler: Handler<'_>) -> 
 fn next_events(
     source: &UffdFaultSource,
     (stop, stopping): &StopSignals,
-    last_event: &mut Instant,
+    last_event: &Instant,
     msgs: &mut [UffdMsg],
 ) -> Result<Option<usize>, FaultThreadError> {
     loop {
-        let spin = match source.shared.wait() {
+        let wait = source.shared.wait();
+        let spin = match wait {
             FaultWait::Block => false,
             FaultWait::Busy => true,
             FaultWait::Adaptive => last_event.elapsed() < FAULT_SPIN,
@@ -271,11 +272,16 @@ fn next_events(
             Ok(n) if n > 0 => return Ok(Some(n)),
             Ok(_) => {}
             // Nothing yet (spinning), another reader took it, or a signal.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) => {
-                if spin {
-                    std::hint::spin_loop();
-                }
-            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) => match (spin, wait) {
+                (false, _) => {}
+                (true, FaultWait::Busy) => std::hint::spin_loop(),
+                // Anything else runnable on this CPU (the vCPU thread just
+                // woken, first) runs before the next look: the thread polls
+                // only while the CPU would idle, as KVM's halt polling stops
+                // once another task is runnable.
+                // SAFETY: sched_yield has no preconditions.
+                (true, _) => drop(unsafe { libc::sched_yield() }),
+            },
             Err(e) => return Err(FaultThreadError::Read(e)),
         }
     }

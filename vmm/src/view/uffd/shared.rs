@@ -11,10 +11,11 @@ pub enum FaultWait {
     /// Non-blocking reads in a loop: no sleep and no wake-up between a fault
     /// and the thread, at the price of one CPU kept busy while it serves.
     Busy,
-    /// Busy for [`FAULT_SPIN`] after each event, then blocking, as KVM's
+    /// Polling for [`FAULT_SPIN`] after each event, then blocking, as KVM's
     /// halt polling does: faults that come in bursts (the refaults after a
     /// merge pass) meet a thread that is awake, and an idle guest costs no
-    /// CPU.
+    /// CPU. While it polls the thread yields to anything else runnable on
+    /// its CPU.
     #[default]
     Adaptive,
 }
