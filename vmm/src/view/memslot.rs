@@ -194,6 +194,11 @@ impl MemslotView {
         u64::from(self.slot_limit.saturating_sub(self.next_slot)) + self.free_slots.len() as u64
     }
 
+    /// The gate that keeps the vCPU out of KVM_RUN while slots change.
+    pub fn gate(&self) -> &VcpuGate {
+        &self.gate
+    }
+
     /// Number of slots the view holds now.
     pub fn slots(&self) -> u64 {
         self.runs.len() as u64

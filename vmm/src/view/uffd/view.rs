@@ -186,6 +186,12 @@ impl UffdView {
         self.slot
     }
 
+    /// The gate that keeps the vCPU out of KVM_RUN while a page of W is
+    /// replaced.
+    pub fn gate(&self) -> &VcpuGate {
+        &self.gate
+    }
+
     /// How the fault thread waits for events from now on
     /// ([`FaultWait::Adaptive`] unless set).
     pub fn set_fault_wait(&self, wait: FaultWait) {
