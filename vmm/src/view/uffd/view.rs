@@ -204,9 +204,9 @@ impl UffdView {
     /// mechanism a fault of this view costs. That is right only while the
     /// secondary MMU maps each faulting page to the frame W maps there, as
     /// after a [`zap`](EptView::zap) of the view alone; the view's own
-    /// record of those pages goes stale (the next `map` of one finds it
-    /// present and sets its protection explicitly). Other faults still go to
-    /// the handler.
+    /// record of those pages goes stale (the next `map` of one CONTINUEs it,
+    /// meets EEXIST and sets its protection explicitly). Other faults still
+    /// go to the handler.
     pub fn set_bare_faults(&self, bare: bool) {
         self.shared.bare.store(bare, Ordering::Release);
     }
