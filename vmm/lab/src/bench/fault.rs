@@ -39,7 +39,7 @@ pub struct FaultReport {
     /// Cost of a secondary-MMU fault: exit or userfaultfd event,
     /// `handle_ept_violation` (host lookup, install), view update, resume.
     /// Memslot view: the median round trip; userfaultfd view: the mean over a
-    /// run (the median of [`ROUNDS`] runs), the fault thread waiting as a
+    /// run (the median of three runs), the fault thread waiting as a
     /// run's does ([`FaultWait::Adaptive`]).
     pub fault_ns: f64,
     /// Of which: time inside the view backend, per fault (a mean, so
@@ -66,7 +66,7 @@ pub struct FaultReport {
 }
 
 /// A userfaultfd fault, end to end and bare, per way of waiting for it
-/// (medians over [`ROUNDS`] runs of the mean per fault).
+/// (medians over three runs of the mean per fault).
 #[derive(Debug, Clone, Serialize)]
 pub struct FaultWaitFigures {
     /// The VMM's fault, the fault thread spinning for a while after each
