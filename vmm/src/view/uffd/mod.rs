@@ -41,7 +41,11 @@
 //!
 //! The fault thread ([`UffdFaultThread`]) reads the events and calls the
 //! VMM's EPT-violation handler, which updates the secondary MMU, which calls
-//! [`map`](shadow_mmu::EptView::map) on the same view.
+//! [`map`](shadow_mmu::EptView::map) on the same view. Between events it
+//! polls for [`FAULT_SPIN`], yielding its CPU to anything runnable, then
+//! blocks in poll(2) ([`FaultWait::Adaptive`]): waking a blocked thread costs
+//! a fault about a third of its time on the development machines (74 us
+//! against 48 us), and faults come in bursts.
 //!
 //! # The deferred wake
 //!
