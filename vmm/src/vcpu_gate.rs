@@ -9,7 +9,7 @@
 //! thread itself need nothing: the vCPU is not in KVM_RUN then.
 
 use std::cell::Cell;
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 thread_local! {
@@ -141,20 +141,22 @@ impl VcpuGate {
     /// nested inside, such as the views' own for each slot change or remap,
     /// then cost nothing and kick nobody: a batch of view updates costs one
     /// kick at most.
-    pub fn hold(&self) -> GateHold<'_> {
+    /// The guard owns a reference to the gate, not a borrow of whoever
+    /// handed it out, so that the holder may go on changing the view.
+    pub fn hold(self: &Arc<Self>) -> GateHold {
         self.pause();
-        GateHold { gate: self }
+        GateHold { gate: self.clone() }
     }
 }
 
 /// The vCPU held out of KVM_RUN ([`VcpuGate::hold`]) until this is dropped.
 #[derive(Debug)]
 #[must_use = "the vCPU is let back in as soon as the hold is dropped"]
-pub struct GateHold<'a> {
-    gate: &'a VcpuGate,
+pub struct GateHold {
+    gate: Arc<VcpuGate>,
 }
 
-impl Drop for GateHold<'_> {
+impl Drop for GateHold {
     fn drop(&mut self) {
         self.gate.resume();
     }
@@ -163,7 +165,6 @@ impl Drop for GateHold<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     #[test]
     fn a_pause_waits_for_the_vcpu_to_leave_and_holds_it_out() {

@@ -195,7 +195,7 @@ impl MemslotView {
     }
 
     /// The gate that keeps the vCPU out of KVM_RUN while slots change.
-    pub fn gate(&self) -> &VcpuGate {
+    pub fn gate(&self) -> &Arc<VcpuGate> {
         &self.gate
     }
 

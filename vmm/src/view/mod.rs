@@ -173,9 +173,10 @@ impl AnyView {
     /// Keeps the vCPU out of KVM_RUN while the guard lives, so that a batch
     /// of view updates (the zaps and remaps of one ksmd batch) kicks it at
     /// most once, instead of once per update that needs it out (each memslot
-    /// change; each remap of the userfaultfd view outside a fault). None for
+    /// change; each remap of the userfaultfd view outside a fault). The guard
+    /// does not borrow the view, which the holder goes on changing. None for
     /// a view with no vCPU to hold.
-    pub fn hold_vcpu(&self) -> Option<GateHold<'_>> {
+    pub fn hold_vcpu(&self) -> Option<GateHold> {
         match self {
             AnyView::Memslot(v) => Some(v.gate().hold()),
             AnyView::Uffd(v) => Some(v.gate().hold()),

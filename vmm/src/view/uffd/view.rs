@@ -188,7 +188,7 @@ impl UffdView {
 
     /// The gate that keeps the vCPU out of KVM_RUN while a page of W is
     /// replaced.
-    pub fn gate(&self) -> &VcpuGate {
+    pub fn gate(&self) -> &Arc<VcpuGate> {
         &self.gate
     }
 
