@@ -9,7 +9,7 @@
 //! thread itself need nothing: the vCPU is not in KVM_RUN then.
 
 use std::cell::Cell;
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 thread_local! {
@@ -135,12 +135,36 @@ impl VcpuGate {
     pub fn kicks(&self) -> u64 {
         self.state().kicks
     }
+
+    /// Keeps the vCPU out of KVM_RUN until the returned guard is dropped (a
+    /// [`VcpuGate::pause`] then, on drop, a [`VcpuGate::resume`]). Pauses
+    /// nested inside, such as the views' own for each slot change or remap,
+    /// then cost nothing and kick nobody: a batch of view updates costs one
+    /// kick at most.
+    /// The guard owns a reference to the gate, not a borrow of whoever
+    /// handed it out, so that the holder may go on changing the view.
+    pub fn hold(self: &Arc<Self>) -> GateHold {
+        self.pause();
+        GateHold { gate: self.clone() }
+    }
+}
+
+/// The vCPU held out of KVM_RUN ([`VcpuGate::hold`]) until this is dropped.
+#[derive(Debug)]
+#[must_use = "the vCPU is let back in as soon as the hold is dropped"]
+pub struct GateHold {
+    gate: Arc<VcpuGate>,
+}
+
+impl Drop for GateHold {
+    fn drop(&mut self) {
+        self.gate.resume();
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     #[test]
     fn a_pause_waits_for_the_vcpu_to_leave_and_holds_it_out() {
@@ -168,5 +192,39 @@ mod tests {
         let entered_at = vcpu.join().expect("vcpu thread");
         assert!(entered_at >= paused_at + Duration::from_millis(30), "the vCPU re-entered during the pause");
         assert_eq!(gate.kicks(), 1);
+    }
+
+    #[test]
+    fn pauses_inside_a_hold_kick_nobody_and_the_vcpu_waits_for_the_hold() {
+        crate::signals::install(false).expect("kick handler");
+        let gate = Arc::new(VcpuGate::new());
+        let g = gate.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let vcpu = std::thread::spawn(move || {
+            g.register_vcpu_thread();
+            g.enter_run();
+            tx.send(()).expect("send");
+            std::thread::sleep(Duration::from_millis(20));
+            g.exit_run();
+            go_rx.recv().expect("the holder is done pausing");
+            g.enter_run(); // must block until the hold is dropped
+            let entered_at = std::time::Instant::now();
+            g.exit_run();
+            entered_at
+        });
+        rx.recv().expect("vcpu in run");
+        let hold = gate.hold();
+        for _ in 0..3 {
+            gate.pause();
+            gate.resume();
+        }
+        go_tx.send(()).expect("send");
+        std::thread::sleep(Duration::from_millis(30));
+        let released_at = std::time::Instant::now();
+        drop(hold);
+        let entered_at = vcpu.join().expect("vcpu thread");
+        assert!(entered_at >= released_at, "the vCPU re-entered while held");
+        assert_eq!(gate.kicks(), 1, "only the hold kicked");
     }
 }

@@ -6,15 +6,22 @@
 //! as KVM_EXIT_MMIO, already retired, memory unchanged).
 //!
 //! KVM cannot resize or move a slot, so every change deletes the slots it
-//! touches and creates their replacements. Mapping a page creates one
-//! one-page slot and touches no neighbour: that is the bare cost of making a
-//! page reachable, and what a fault should cost. Neighbouring runs that
-//! continue each other are merged back into one slot only once the view
-//! holds more than half of KVM's slots (merging deletes a slot, which costs
-//! the host KVM its whole shadow MMU). Deleting a slot makes the
-//! host KVM drop its whole shadow MMU (host-facts.md), so the guest refaults
-//! its working set inside the host kernel afterwards: the host KVM's
-//! `pf_fixed` shows that cost.
+//! touches and creates their replacements, and deleting a slot drops the
+//! host KVM's mappings of guest memory. By default x86 KVM drops all of
+//! them, its whole shadow MMU (`KVM_X86_QUIRK_SLOT_ZAP_ALL`, host-facts.md),
+//! and the guest refaults its whole working set inside the host kernel
+//! afterwards; the view disables that quirk where KVM lets it
+//! (`KVM_CAP_DISABLE_QUIRKS2`, Linux 6.12), so that a deletion drops only
+//! the deleted slot's pages, and counts the deletions made while it could
+//! not (`view_zap_all_deletes`). The host KVM's `pf_fixed` shows the
+//! refaults either way.
+//!
+//! To keep each deletion small the view starts with one slot per 2 MiB of
+//! guest RAM rather than one for all of it. Mapping a page creates one
+//! one-page slot and touches no neighbour: that is the bare cost of making
+//! a page reachable, and what a fault should cost. Neighbouring runs that
+//! continue each other are merged back into one slot only when KVM has no
+//! slot left for a new one (merging deletes slots).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,6 +36,51 @@ use crate::vcpu_gate::VcpuGate;
 /// KVM memslot id of the VMM's low megabyte, outside any view.
 pub const BOOT_SLOT: u32 = 0;
 const FIRST_VIEW_SLOT: u32 = 1;
+/// Pages per slot of the initial layout: 2 MiB of guest RAM, aligned.
+const INITIAL_SLOT_PAGES: u64 = 512;
+/// Free slots below which the view merges neighbouring runs before a
+/// change: one change needs at most two more slots than it frees.
+const SLOTS_RESERVE: u64 = 4;
+
+/// Asks KVM to drop only a deleted slot's mappings when a slot is deleted,
+/// rather than its whole shadow MMU: disables `KVM_X86_QUIRK_SLOT_ZAP_ALL`
+/// (`KVM_CAP_DISABLE_QUIRKS2`, Linux 6.12). x86 KVM keeps the quirk on by
+/// default because zapping only the deleted slot once upset an assigned GPU
+/// (the 2019 revert the quirk's commit cites); the lab assigns no device.
+/// Returns whether deletions still drop everything (KVM does not offer to
+/// disable the quirk, or refused).
+pub fn disable_slot_zap_all(vm: &VmFd) -> bool {
+    let quirk = kvm_bindings::KVM_X86_QUIRK_SLOT_ZAP_ALL;
+    let offered = vm.check_extension_raw(kvm_bindings::KVM_CAP_DISABLE_QUIRKS2.into());
+    if offered <= 0 || offered as u32 & quirk == 0 {
+        return true;
+    }
+    let cap = kvm_bindings::kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_DISABLE_QUIRKS2,
+        args: [u64::from(quirk), 0, 0, 0],
+        ..Default::default()
+    };
+    vm.enable_cap(&cap).is_err()
+}
+
+/// The initial runs `(first gfn, pages)` of guest pages [first, end): one
+/// per 2 MiB-aligned block, or larger blocks when that would take more than
+/// a quarter of the view's `slots`.
+fn initial_runs(first: Gfn, end: Gfn, slots: u64) -> Vec<(Gfn, u64)> {
+    let quarter = (slots / 4).max(1);
+    let mut block = INITIAL_SLOT_PAGES;
+    while (end - 1) / block - first / block + 1 > quarter {
+        block *= 2;
+    }
+    let mut runs = Vec::new();
+    let mut start = first;
+    while start < end {
+        let next = ((start / block + 1) * block).min(end);
+        runs.push((start, next - start));
+        start = next;
+    }
+    runs
+}
 
 /// Installs (or, with `size` 0, deletes) memslot `slot` for guest-physical
 /// [gpa, gpa + size) backed by frames from `first_pfn` on.
@@ -92,11 +144,18 @@ pub struct MemslotView {
     slot_creates: u64,
     slot_deletes: u64,
     max_slots: u64,
+    /// Deleting a slot drops the host KVM's whole shadow MMU.
+    zap_all_on_delete: bool,
+    zap_all_deletes: u64,
+    compactions: u64,
+    /// `slot_creates` when a compaction last found nothing to merge: no
+    /// other is tried until a slot has been created since.
+    fruitless_compaction_at: Option<u64>,
 }
 
 impl MemslotView {
     /// Maps guest pages [first_gfn, end_gfn) one to one onto the same frames,
-    /// writable, in one slot. `slot_limit` is KVM's memslot count.
+    /// writable, one slot per 2 MiB. `slot_limit` is KVM's memslot count.
     pub fn new(
         vm: Arc<VmFd>,
         gate: Arc<VcpuGate>,
@@ -118,9 +177,26 @@ impl MemslotView {
             slot_creates: 0,
             slot_deletes: 0,
             max_slots: 0,
+            zap_all_on_delete: true,
+            zap_all_deletes: 0,
+            compactions: 0,
+            fruitless_compaction_at: None,
         };
-        view.create(first_gfn, end_gfn - first_gfn, first_gfn, true)?;
+        view.zap_all_on_delete = disable_slot_zap_all(&view.vm);
+        for (start, pages) in initial_runs(first_gfn, end_gfn, view.free_slots()) {
+            view.create(start, pages, start, true)?;
+        }
         Ok(view)
+    }
+
+    /// Slots KVM can still give the view.
+    fn free_slots(&self) -> u64 {
+        u64::from(self.slot_limit.saturating_sub(self.next_slot)) + self.free_slots.len() as u64
+    }
+
+    /// The gate that keeps the vCPU out of KVM_RUN while slots change.
+    pub fn gate(&self) -> &Arc<VcpuGate> {
+        &self.gate
     }
 
     /// Number of slots the view holds now.
@@ -154,7 +230,39 @@ impl MemslotView {
         set_memslot(&self.vm, &self.pool, run.slot, start << PAGE_SHIFT, 0, 0, false)?;
         self.free_slots.push(run.slot);
         self.slot_deletes += 1;
+        if self.zap_all_on_delete {
+            self.zap_all_deletes += 1;
+        }
         Ok(run)
+    }
+
+    /// Before a change, with the vCPU out: when KVM is short of slots for
+    /// it, merges every group of neighbouring runs that continue each other
+    /// into one slot. Never during a change (a merge there could bring back
+    /// a page the change is taking away).
+    fn make_room(&mut self) -> Result<(), ViewError> {
+        if self.free_slots() >= SLOTS_RESERVE || self.fruitless_compaction_at == Some(self.slot_creates) {
+            return Ok(());
+        }
+        self.compactions += 1;
+        let groups = mergeable_groups(&self.runs);
+        if groups.is_empty() {
+            self.fruitless_compaction_at = Some(self.slot_creates);
+        }
+        for group in groups {
+            let Some(&first) = group.first() else { continue };
+            let mut pages = 0;
+            let mut head = None;
+            for start in group {
+                let run = self.delete(start)?;
+                head.get_or_insert(run);
+                pages += run.pages;
+            }
+            if let Some(run) = head {
+                self.create(first, pages, run.pfn, run.writable)?;
+            }
+        }
+        Ok(())
     }
 
     /// Removes [start, end) from every run, keeping the parts outside.
@@ -181,6 +289,12 @@ impl MemslotView {
         Ok(())
     }
 
+    /// The writable runs overlapping [start, end).
+    fn writable_runs(&self, start: Gfn, end: Gfn) -> Vec<(Gfn, Run)> {
+        let overlapping = self.runs.range(..end).rev().take_while(|(s, r)| **s + r.pages > start);
+        overlapping.filter(|(_, r)| r.writable).map(|(s, r)| (*s, *r)).collect()
+    }
+
     fn lookup(&self, gfn: Gfn) -> Option<(Pfn, bool)> {
         let (s, r) = self.runs.range(..=gfn).next_back()?;
         (gfn < s + r.pages).then(|| (r.pfn_at(*s, gfn), r.writable))
@@ -193,7 +307,7 @@ impl EptView for MemslotView {
     fn zap(&mut self, start: Gfn, end: Gfn) -> Result<(), ViewError> {
         self.check_range(start, end)?;
         self.gate.pause();
-        let result = self.carve(start, end);
+        let result = self.make_room().and_then(|()| self.carve(start, end));
         self.gate.resume();
         result
     }
@@ -214,22 +328,17 @@ impl EptView for MemslotView {
     /// fault, the next write exits.
     fn write_protect(&mut self, start: Gfn, end: Gfn) -> Result<(), ViewError> {
         self.check_range(start, end)?;
-        let writable: Vec<(Gfn, Run)> = self
-            .runs
-            .range(..end)
-            .rev()
-            .take_while(|(s, r)| **s + r.pages > start)
-            .filter(|(_, r)| r.writable)
-            .map(|(s, r)| (*s, *r))
-            .collect();
-        if writable.is_empty() {
+        if self.writable_runs(start, end).is_empty() {
             return Ok(());
         }
         self.gate.pause();
-        let result = writable.into_iter().try_for_each(|(s, run)| {
-            let (a, b) = (s.max(start), (s + run.pages).min(end));
-            self.carve(a, b)?;
-            self.create(a, b - a, run.pfn_at(s, a), false)
+        let result = self.make_room().and_then(|()| {
+            // Listed again: making room may have merged runs.
+            self.writable_runs(start, end).into_iter().try_for_each(|(s, run)| {
+                let (a, b) = (s.max(start), (s + run.pages).min(end));
+                self.carve(a, b)?;
+                self.create(a, b - a, run.pfn_at(s, a), false)
+            })
         });
         self.gate.resume();
         result
@@ -242,31 +351,76 @@ impl EptView for MemslotView {
             ("view_slot_creates", self.slot_creates),
             ("view_slot_deletes", self.slot_deletes),
             ("view_vcpu_kicks", self.gate.kicks()),
+            ("view_zap_all_deletes", self.zap_all_deletes),
+            ("view_compactions", self.compactions),
         ]
     }
 }
 
 impl MemslotView {
-    /// Replaces `gfn`'s mapping, merging with neighbours that continue the
-    /// same frames with the same access. The vCPU is out of KVM_RUN.
+    /// Replaces `gfn`'s mapping with a one-page slot, leaving its
+    /// neighbours alone. The vCPU is out of KVM_RUN.
     fn remap(&mut self, gfn: Gfn, pfn: Pfn, writable: bool) -> Result<(), ViewError> {
+        self.make_room()?;
         self.carve(gfn, gfn + 1)?;
-        if self.slots() < u64::from(self.slot_limit / 2) {
-            return self.create(gfn, 1, pfn, writable);
+        self.create(gfn, 1, pfn, writable)
+    }
+}
+
+/// The groups of neighbouring runs that continue each other (contiguous
+/// gfns and frames, one access), two runs or more each, as their runs'
+/// first gfns in order.
+fn mergeable_groups(runs: &BTreeMap<Gfn, Run>) -> Vec<Vec<Gfn>> {
+    let mut groups: Vec<Vec<Gfn>> = Vec::new();
+    let mut current: Vec<Gfn> = Vec::new();
+    let mut prev: Option<(Gfn, Run)> = None;
+    for (&start, &run) in runs {
+        let continues =
+            prev.is_some_and(|(s, p)| s + p.pages == start && p.pfn + p.pages == run.pfn && p.writable == run.writable);
+        if !continues && current.len() > 1 {
+            groups.push(std::mem::take(&mut current));
         }
-        let (mut start, mut pages, mut first_pfn) = (gfn, 1, pfn);
-        if let Some((&s, &r)) = self.runs.range(..gfn).next_back() {
-            if s + r.pages == gfn && r.pfn + r.pages == pfn && r.writable == writable {
-                self.delete(s)?;
-                (start, pages, first_pfn) = (s, r.pages + 1, r.pfn);
-            }
+        if !continues {
+            current.clear();
         }
-        if let Some(&r) = self.runs.get(&(gfn + 1)) {
-            if r.pfn == pfn + 1 && r.writable == writable {
-                self.delete(gfn + 1)?;
-                pages += r.pages;
-            }
-        }
-        self.create(start, pages, first_pfn, writable)
+        current.push(start);
+        prev = Some((start, run));
+    }
+    if current.len() > 1 {
+        groups.push(current);
+    }
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_initial_layout_is_one_run_per_aligned_2mib_unless_slots_are_few() {
+        // Guest RAM [1 MiB, 6 MiB + 4 KiB): a first half block, two whole
+        // ones, one page.
+        let (first, end) = (256, 1537);
+        assert_eq!(initial_runs(first, end, 32_764), vec![(256, 256), (512, 512), (1024, 512), (1536, 1)]);
+        // Four runs need 16 slots; with 8, blocks double until two do.
+        assert_eq!(initial_runs(first, end, 8), vec![(256, 768), (1024, 513)]);
+        assert_eq!(initial_runs(first, end, 1), vec![(256, 1281)]);
+    }
+
+    #[test]
+    fn only_runs_that_continue_each_other_are_grouped() {
+        let run = |pages, pfn, writable| Run { pages, pfn, writable, slot: 0 };
+        let runs = BTreeMap::from([
+            (10, run(2, 100, true)),
+            (12, run(1, 102, true)),  // continues 10
+            (13, run(1, 103, false)), // other access
+            (14, run(1, 104, false)), // continues 13
+            (15, run(1, 200, false)), // other frames
+            (17, run(1, 202, false)), // a hole before it
+            (18, run(3, 203, false)), // continues 17
+            (21, run(1, 206, false)), // continues 18
+        ]);
+        assert_eq!(mergeable_groups(&runs), vec![vec![10, 12], vec![13, 14], vec![17, 18, 21]]);
+        assert!(mergeable_groups(&BTreeMap::new()).is_empty());
     }
 }

@@ -18,6 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use shadow_mmu::{EptView, Gfn, Pfn};
 
+use crate::vcpu_gate::GateHold;
+
 /// Errors of view backends.
 #[derive(Debug, thiserror::Error)]
 pub enum ViewError {
@@ -165,6 +167,23 @@ pub enum AnyView {
     /// Unit tests only: remembers the table instead of telling KVM.
     #[cfg(test)]
     Recording(shadow_mmu::RecordingView),
+}
+
+impl AnyView {
+    /// Keeps the vCPU out of KVM_RUN while the guard lives, so that a batch
+    /// of view updates (the zaps and remaps of one ksmd batch) kicks it at
+    /// most once, instead of once per update that needs it out (each memslot
+    /// change; each remap of the userfaultfd view outside a fault). The guard
+    /// does not borrow the view, which the holder goes on changing. None for
+    /// a view with no vCPU to hold.
+    pub fn hold_vcpu(&self) -> Option<GateHold> {
+        match self {
+            AnyView::Memslot(v) => Some(v.gate().hold()),
+            AnyView::Uffd(v) => Some(v.gate().hold()),
+            #[cfg(test)]
+            AnyView::Recording(_) => None,
+        }
+    }
 }
 
 impl EptView for AnyView {

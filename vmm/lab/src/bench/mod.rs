@@ -78,6 +78,9 @@ pub enum BenchError {
     /// The view could not change a memslot or zap the guest's pages.
     #[error(transparent)]
     View(#[from] ViewError),
+    /// The bench could not read guest memory to complete an access itself.
+    #[error("reading guest memory for a bare fault")]
+    Memory(#[source] shadow_mmu::PrimaryMmuError),
 }
 
 /// Times `exits` port-I/O exits through the VMM's exit path and `exits` with

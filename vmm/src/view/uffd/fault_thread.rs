@@ -5,15 +5,16 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use shadow_mmu::{Access, Gfn, PAGE_SHIFT, PAGE_SIZE};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::abi::{UffdMsg, UffdioRange, UFFD_EVENT_PAGEFAULT, UFFD_PAGEFAULT_FLAG_WP, UFFD_PAGEFAULT_FLAG_WRITE};
-use super::shared::{Shared, HINT_ABSENT, HINT_WP};
+use super::shared::{FaultWait, Shared, FAULT_SPIN, HINT_ABSENT, HINT_WP};
 use super::userfaultfd::Userfaultfd;
 use crate::view::ViewError;
 
@@ -59,6 +60,15 @@ pub enum FaultThreadError {
     /// read() of the userfaultfd failed.
     #[error("read of the userfaultfd")]
     Read(#[source] io::Error),
+    /// A bare UFFDIO_CONTINUE (or the UFFDIO_WAKE after it) failed.
+    #[error("bare UFFDIO_CONTINUE of gfn {gfn:#x}")]
+    Bare {
+        /// The faulting page.
+        gfn: Gfn,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// A fault at an address the view does not cover.
     #[error("a fault at {0:#x}, outside the view's window")]
     OutsideWindow(u64),
@@ -103,11 +113,15 @@ impl UffdFaultSource {
 #[derive(Debug)]
 pub struct UffdFaultThread {
     stop: Arc<EventFd>,
+    /// The stop signal as a busy-waiting thread reads it.
+    stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<Option<FaultThreadError>>>,
 }
 
 impl UffdFaultThread {
-    /// Spawns a thread that poll()s the uffd; for each UFFD_EVENT_PAGEFAULT
+    /// Spawns a thread that waits for the uffd's events as the view's
+    /// [`FaultWait`] says (spinning a while after each, then poll(2)); for
+    /// each UFFD_EVENT_PAGEFAULT
     /// at an address in W it calls `handler(gfn, access)` where `access` is
     /// [`Access::Write`] for write-protect faults and faults with
     /// UFFD_PAGEFAULT_FLAG_WRITE, else [`Access::Read`]: userfaultfd cannot
@@ -137,14 +151,15 @@ impl UffdFaultThread {
         let stop = EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)
             .map_err(|source| ViewError::Uffd { op: "eventfd for the fault thread", source })?;
         let stop = Arc::new(stop);
-        let thread_stop = stop.clone();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let signals = (stop.clone(), stopping.clone());
         let mut handler = move |gfn, access| handler(gfn, access).map_err(Into::into);
         let thread = std::thread::Builder::new()
             .name("uffd-faults".into())
             .spawn(move || {
                 // A panic is caught so that the vCPU, blocked on the fault,
                 // is kicked out and the run ends with statistics.
-                let result = std::panic::catch_unwind(AssertUnwindSafe(|| serve(&source, &thread_stop, &mut handler)))
+                let result = std::panic::catch_unwind(AssertUnwindSafe(|| serve(&source, &signals, &mut handler)))
                     .unwrap_or(Some(FaultThreadError::Panicked));
                 if result.is_some() {
                     on_error();
@@ -152,7 +167,7 @@ impl UffdFaultThread {
                 result
             })
             .map_err(|source| ViewError::Uffd { op: "spawning the fault thread", source })?;
-        Ok(Self { stop, thread: Some(thread) })
+        Ok(Self { stop, stopping, thread: Some(thread) })
     }
 
     /// Stops the thread and joins it; returns the error that stopped it
@@ -163,6 +178,7 @@ impl UffdFaultThread {
 
     fn stop_and_join(&mut self) -> Option<FaultThreadError> {
         let thread = self.thread.take()?;
+        self.stopping.store(true, Ordering::Release);
         // A failed write leaves the eventfd's counter non-zero anyway (it
         // fails only on overflow), so the thread sees the stop.
         let _ = self.stop.write(1);
@@ -207,25 +223,66 @@ fn wait_for_events(uffd: &Userfaultfd, stop: &EventFd) -> Result<bool, FaultThre
     }
 }
 
+/// The stop signal: the eventfd a blocked thread polls, and the flag a
+/// busy one reads.
+type StopSignals = (Arc<EventFd>, Arc<AtomicBool>);
+
 /// The fault thread's loop; returns the error that stopped it, if any.
-fn serve(source: &UffdFaultSource, stop: &EventFd, handler: Handler<'_>) -> Option<FaultThreadError> {
+fn serve(source: &UffdFaultSource, stop: &StopSignals, handler: Handler<'_>) -> Option<FaultThreadError> {
     let mut msgs = [UffdMsg::default(); 16];
+    let mut last_event = Instant::now();
     loop {
-        match wait_for_events(&source.uffd, stop) {
-            Ok(true) => {}
-            Ok(false) => return None,
+        let n = match next_events(source, stop, &last_event, &mut msgs) {
+            Ok(Some(n)) => n,
+            Ok(None) => return None,
             Err(e) => return Some(e),
-        }
-        let n = match source.uffd.read_msgs(&mut msgs) {
-            Ok(n) => n,
-            // Another reader took it, or a signal.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) => continue,
-            Err(e) => return Some(FaultThreadError::Read(e)),
         };
         for msg in &msgs[..n] {
             if let Err(e) = serve_one(source, msg, handler) {
                 return Some(e);
             }
+        }
+        last_event = Instant::now();
+    }
+}
+
+/// Waits for the next events as [`FaultWait`] says and reads them into
+/// `msgs`; returns how many, or None once the thread is asked to stop.
+fn next_events(
+    source: &UffdFaultSource,
+    (stop, stopping): &StopSignals,
+    last_event: &Instant,
+    msgs: &mut [UffdMsg],
+) -> Result<Option<usize>, FaultThreadError> {
+    loop {
+        let wait = source.shared.wait();
+        let spin = match wait {
+            FaultWait::Block => false,
+            FaultWait::Busy => true,
+            FaultWait::Adaptive => last_event.elapsed() < FAULT_SPIN,
+        };
+        if spin {
+            if stopping.load(Ordering::Acquire) {
+                return Ok(None);
+            }
+        } else if !wait_for_events(&source.uffd, stop)? {
+            return Ok(None);
+        }
+        match source.uffd.read_msgs(msgs) {
+            Ok(n) if n > 0 => return Ok(Some(n)),
+            Ok(_) => {}
+            // Nothing yet (spinning), another reader took it, or a signal.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) => match (spin, wait) {
+                (false, _) => {}
+                (true, FaultWait::Busy) => std::hint::spin_loop(),
+                // Anything else runnable on this CPU (the vCPU thread just
+                // woken, first) runs before the next look: the thread polls
+                // only while the CPU would idle, as KVM's halt polling stops
+                // once another task is runnable.
+                // SAFETY: sched_yield has no preconditions.
+                (true, _) => drop(unsafe { libc::sched_yield() }),
+            },
+            Err(e) => return Err(FaultThreadError::Read(e)),
         }
     }
 }
@@ -238,12 +295,18 @@ fn serve_one(source: &UffdFaultSource, msg: &UffdMsg, handler: Handler<'_>) -> R
     }
     let (flags, address) = (msg.pagefault.flags, msg.pagefault.address);
     let (i, gfn) = source.page_of(address)?;
+    source.shared.faults.fetch_add(1, Ordering::Relaxed);
+    if flags & UFFD_PAGEFAULT_FLAG_WP == 0
+        && source.shared.bare.load(Ordering::Acquire)
+        && serve_bare(source, address, gfn)?
+    {
+        return Ok(());
+    }
     let access =
         if flags & (UFFD_PAGEFAULT_FLAG_WRITE | UFFD_PAGEFAULT_FLAG_WP) != 0 { Access::Write } else { Access::Read };
     let page = &source.shared.pages[i];
     page.hint.fetch_or(if flags & UFFD_PAGEFAULT_FLAG_WP != 0 { HINT_WP } else { HINT_ABSENT }, Ordering::AcqRel);
     let wakes = page.wakes.load(Ordering::Acquire);
-    source.shared.faults.fetch_add(1, Ordering::Relaxed);
     page.serving.store(true, Ordering::Release);
     let handled = handler(gfn, access);
     page.serving.store(false, Ordering::Release);
@@ -255,6 +318,26 @@ fn serve_one(source: &UffdFaultSource, msg: &UffdMsg, handler: Handler<'_>) -> R
     let range = UffdioRange { start: address & !(PAGE_SIZE - 1), len: PAGE_SIZE };
     source.uffd.wake(range).map_err(|source| FaultThreadError::Wake { gfn, source })?;
     handled.map_err(|source| FaultThreadError::Handler { gfn, access, source })
+}
+
+/// The bare mechanism ([`super::UffdView::set_bare_faults`]): one
+/// UFFDIO_CONTINUE of the page, which wakes the vCPU; EEXIST (present
+/// already) is woken with UFFDIO_WAKE. Returns false, having done nothing,
+/// when the page is a memfd hole (CONTINUE fails with EFAULT): the handler
+/// serves that one.
+fn serve_bare(source: &UffdFaultSource, address: u64, gfn: Gfn) -> Result<bool, FaultThreadError> {
+    let range = UffdioRange { start: address & !(PAGE_SIZE - 1), len: PAGE_SIZE };
+    let err = match source.uffd.continue_(range, 0) {
+        Ok(()) => return Ok(true),
+        Err(e) => e,
+    };
+    match err.raw_os_error() {
+        Some(libc::EFAULT) => Ok(false),
+        Some(libc::EEXIST) => {
+            source.uffd.wake(range).map(|()| true).map_err(|source| FaultThreadError::Bare { gfn, source })
+        }
+        _ => Err(FaultThreadError::Bare { gfn, source: err }),
+    }
 }
 
 #[cfg(test)]

@@ -17,8 +17,9 @@ use super::abi::{
     UFFDIO_WRITEPROTECT_MODE_WP, UFFD_FEATURE_MINOR_SHMEM, UFFD_FEATURE_MISSING_SHMEM, UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
     UFFD_FEATURE_WP_UNPOPULATED, UFFD_RANGE_IOCTLS_NEEDED,
 };
+use super::chunks::{Chunks, CHUNK_PAGES};
 use super::fault_thread::UffdFaultSource;
-use super::shared::{Shared, HINT_ABSENT, HINT_WP};
+use super::shared::{FaultWait, Shared, HINT_ABSENT, HINT_WP};
 use super::userfaultfd::Userfaultfd;
 use super::window::{vma_err, Window};
 use crate::vcpu_gate::VcpuGate;
@@ -64,6 +65,15 @@ fn register(uffd: &Userfaultfd, range: UffdioRange) -> Result<(), ViewError> {
     Ok(())
 }
 
+/// Registers and unregisters the first chunk of W, so that a kernel that
+/// does not offer CONTINUE and WRITEPROTECT on it fails the build of the
+/// view rather than its first update.
+fn probe_registration(uffd: &Userfaultfd, window: &Window, nr_pages: usize) -> Result<(), ViewError> {
+    let range = window.range(0, nr_pages.min(CHUNK_PAGES));
+    register(uffd, range)?;
+    uffd.unregister(range).map_err(uffd_err("UFFDIO_UNREGISTER (probe)"))
+}
+
 /// What one page of W maps now, as far as the view has made it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct PageState {
@@ -92,6 +102,8 @@ pub struct UffdView {
     uffd: Userfaultfd,
     window: Window,
     pages: Vec<PageState>,
+    /// Which chunks of W are registered (lazily: module documentation).
+    chunks: Chunks,
     shared: Arc<Shared>,
     remaps: u64,
     continues: u64,
@@ -101,16 +113,18 @@ pub struct UffdView {
 
 impl UffdView {
     /// Builds W for guest pages [first_gfn, end_gfn), identity-mapped and
-    /// writable, registers it, and installs memslot `slot` over it at gpa
-    /// `first_gfn << 12`.
+    /// writable, and installs memslot `slot` over it at gpa
+    /// `first_gfn << 12`. W is not registered yet: a chunk of it is, the
+    /// first time the secondary MMU restricts one of its pages.
     ///
     /// The frames that hold memory already (the image, anything loaded)
-    /// are populated in W before it is registered, so they never fault.
-    /// Frames that are still memfd holes stay holes: the guest's first touch
-    /// of one is a MISSING fault, which the VMM serves as the host's own
+    /// are populated in W, so they never fault. Frames that are still memfd
+    /// holes stay holes (guest RAM is not allocated up front): the guest's
+    /// first touch of one faults in the host kernel, which allocates the
+    /// frame as it would for KVM on hardware; in a chunk registered since,
+    /// it is a MISSING fault, which the VMM serves as the host's own
     /// first-touch fault (the secondary MMU already maps the page), not as a
-    /// secondary-MMU fault; guest RAM is not allocated up front. The slot
-    /// must not overlap another.
+    /// secondary-MMU fault. The slot must not overlap another.
     pub fn new(
         vm: Arc<VmFd>,
         gate: Arc<VcpuGate>,
@@ -132,7 +146,7 @@ impl UffdView {
         let window = Window::map(memfd, offset, nr_pages << PAGE_SHIFT)?;
         let resident = pool.resident(first_gfn, nr_pages as u64).map_err(ViewError::Residency)?;
         populate_runs(&window, &resident)?;
-        register(&uffd, window.range(0, nr_pages))?;
+        probe_registration(&uffd, &window, nr_pages)?;
         install_slot(&vm, slot, first_gfn, &window, nr_pages)?;
         let pages =
             (first_gfn..end_gfn).zip(&resident).map(|(pfn, &present)| PageState { pfn, present, wp: false }).collect();
@@ -145,6 +159,7 @@ impl UffdView {
             uffd,
             window,
             pages,
+            chunks: Chunks::new(nr_pages),
             shared: Arc::new(Shared::new(nr_pages)),
             remaps: 0,
             continues: 0,
@@ -171,12 +186,55 @@ impl UffdView {
         self.slot
     }
 
+    /// The gate that keeps the vCPU out of KVM_RUN while a page of W is
+    /// replaced.
+    pub fn gate(&self) -> &Arc<VcpuGate> {
+        &self.gate
+    }
+
+    /// How the fault thread waits for events from now on
+    /// ([`FaultWait::Adaptive`] unless set).
+    pub fn set_fault_wait(&self, wait: FaultWait) {
+        self.shared.set_wait(wait);
+    }
+
+    /// For `vmm bench fault` only: while `bare`, the fault thread resolves
+    /// a MINOR fault with one UFFDIO_CONTINUE (which wakes the vCPU) and
+    /// nothing else: no handler, no accounting, no deferred wake; the bare
+    /// mechanism a fault of this view costs. That is right only while the
+    /// secondary MMU maps each faulting page to the frame W maps there, as
+    /// after a [`zap`](EptView::zap) of the view alone; the view's own
+    /// record of those pages goes stale (the next `map` of one CONTINUEs it,
+    /// meets EEXIST and sets its protection explicitly). Other faults still
+    /// go to the handler.
+    pub fn set_bare_faults(&self, bare: bool) {
+        self.shared.bare.store(bare, Ordering::Release);
+    }
+
     fn index(&self, start: Gfn, end: Gfn) -> Result<usize, ViewError> {
         let end_gfn = self.first_gfn + self.pages.len() as u64;
         if start < self.first_gfn || end > end_gfn || start >= end {
             return Err(ViewError::OutOfRange(start));
         }
         usize::try_from(start - self.first_gfn).map_err(|_| ViewError::OutOfRange(start))
+    }
+
+    /// Registers the chunks of pages `[i, i + n)` that are not registered
+    /// yet, before the view restricts one of those pages. Until then every
+    /// page of a chunk maps its own frame writable, as the secondary MMU
+    /// does, and the kernel may have populated any of them on a guest
+    /// touch: each is taken as present from now on (a page believed present
+    /// that is not costs one host fault later; the converse would leave a
+    /// write-protection undone).
+    fn register_chunks(&mut self, i: usize, n: usize) -> Result<(), ViewError> {
+        for (first, pages) in self.chunks.unregistered(i, n) {
+            register(&self.uffd, self.window.range(first, pages))?;
+            self.chunks.mark(first, pages);
+            for page in &mut self.pages[first..first + pages] {
+                page.present = true;
+            }
+        }
+        Ok(())
     }
 
     /// Wakes the waiters of page `i`, unless the fault thread is serving it
@@ -333,10 +391,12 @@ impl EptView for UffdView {
 
     /// `MADV_DONTNEED` on the pages' part of W: the memfd keeps the data and
     /// the next guest access raises a MINOR (or, for a punched frame,
-    /// MISSING) fault.
+    /// MISSING) fault. Their chunks are registered first, so that no guest
+    /// access in between can fault a zapped page back in inside the kernel.
     fn zap(&mut self, start: Gfn, end: Gfn) -> Result<(), ViewError> {
         let i = self.index(start, end)?;
         let n = (end - start) as usize;
+        self.register_chunks(i, n)?;
         self.window.zap(i, n)?;
         for page in &mut self.pages[i..i + n] {
             // A uffd-wp pte leaves a marker behind, but the next map()
@@ -352,6 +412,13 @@ impl EptView for UffdView {
         let i = self.index(gfn, gfn.checked_add(1).ok_or(ViewError::OutOfRange(gfn))?)?;
         if pfn >= self.pool.nr_frames() {
             return Err(ViewError::NoSuchFrame(pfn));
+        }
+        if !self.chunks.is_registered(i) {
+            if self.pages[i].pfn == pfn && writable {
+                // Unrestricted already: the kernel populates it on a touch.
+                return Ok(());
+            }
+            self.register_chunks(i, 1)?;
         }
         let hint = self.shared.pages[i].hint.swap(0, Ordering::AcqRel);
         let page = self.pages[i];
@@ -374,10 +441,11 @@ impl EptView for UffdView {
 
     /// The present, writable pages of [start, end) become write-protected
     /// (UFFDIO_WRITEPROTECT, one call per contiguous run): reads go on, the
-    /// next write raises a WP fault. Absent pages stay absent.
+    /// next write raises a WP fault. Zapped pages stay absent.
     fn write_protect(&mut self, start: Gfn, end: Gfn) -> Result<(), ViewError> {
         let first = self.index(start, end)?;
         let n = (end - start) as usize;
+        self.register_chunks(first, n)?;
         let mut i = first;
         while i < first + n {
             let protectable = |p: &PageState| p.present && !p.wp;
@@ -404,6 +472,7 @@ impl EptView for UffdView {
             ("view_continues", self.continues),
             ("view_wp_changes", self.wp_changes),
             ("view_zaps", self.zaps),
+            ("view_chunks_registered", self.chunks.count()),
             ("view_faults", self.shared.faults.load(Ordering::Relaxed)),
             ("view_fault_wakes", self.shared.fault_wakes.load(Ordering::Relaxed)),
             ("view_slots", 1),
