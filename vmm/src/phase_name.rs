@@ -73,7 +73,11 @@ pub fn read_phase_name(
         return Err(PhaseNameError::Unreadable(gpa));
     }
     let Some(end) = buf.iter().position(|&b| b == 0) else {
-        return Err(if len <= PHASE_NAME_MAX_LEN { PhaseNameError::PastRam(gpa) } else { PhaseNameError::TooLong(gpa) });
+        return Err(if len <= PHASE_NAME_MAX_LEN {
+            PhaseNameError::PastRam(gpa)
+        } else {
+            PhaseNameError::TooLong(gpa)
+        });
     };
     if end == 0 {
         return Err(PhaseNameError::Empty);

@@ -54,4 +54,7 @@ pub mod bench;
 pub mod chart;
 pub mod cli;
 pub mod compare;
+pub mod csv;
+pub mod progress;
+pub mod report;
 pub mod run_table;
