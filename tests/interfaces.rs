@@ -92,8 +92,7 @@ fn out32(port: u16, value: u32) -> Vec<u8> {
 /// newline, an 8-bit write); phase 2 unnamed; phase 3 named twice (the
 /// second name stays); exit 0.
 fn naming_guest() -> Vec<u8> {
-    let names: [&[u8]; 5] =
-        [b"fill, then read\0", &[b'x'; 64], b"two\nlines\0", b"third\0", b"third, renamed\0"];
+    let names: [&[u8]; 5] = [b"fill, then read\0", &[b'x'; 64], b"two\nlines\0", b"third\0", b"third, renamed\0"];
     let mut data = Vec::new();
     let mut addr = Vec::new();
     for n in names {
@@ -296,6 +295,8 @@ fn the_control_socket_greets_with_its_version_and_watch_follows_the_run_to_its_e
 fn svg_to_png(svg: &Path) -> resvg::tiny_skia::Pixmap {
     let mut opt = resvg::usvg::Options::default();
     opt.fontdb_mut().load_system_fonts();
+    // plotters asks for "sans-serif"; fontdb maps it to Arial unless told.
+    opt.fontdb_mut().set_sans_serif_family("DejaVu Sans");
     let tree = resvg::usvg::Tree::from_str(&std::fs::read_to_string(svg).expect("svg"), &opt).expect("valid SVG");
     let size = tree.size().to_int_size();
     let mut pixmap = resvg::tiny_skia::Pixmap::new(size.width(), size.height()).expect("pixmap");
@@ -306,7 +307,8 @@ fn svg_to_png(svg: &Path) -> resvg::tiny_skia::Pixmap {
 
 /// Share of pixels that are not white.
 fn ink(p: &resvg::tiny_skia::Pixmap) -> f64 {
-    let inked = p.pixels().iter().filter(|c| c.alpha() > 0 && (c.red(), c.green(), c.blue()) != (255, 255, 255)).count();
+    let inked =
+        p.pixels().iter().filter(|c| c.alpha() > 0 && (c.red(), c.green(), c.blue()) != (255, 255, 255)).count();
     inked as f64 / p.pixels().len() as f64
 }
 

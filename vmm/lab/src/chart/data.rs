@@ -25,6 +25,8 @@ pub struct Spread {
 pub struct Cell {
     /// Secondary-MMU faults the VMM served: read, write, fetch (medians).
     pub faults: [f64; 3],
+    /// The VM exits the host KVM counted (median), when the runs had it.
+    pub exits: Option<f64>,
     /// The host KVM's exits over `off`'s (None without `off`, or when
     /// either has no value).
     pub exits_ratio: Option<Spread>,
@@ -134,7 +136,14 @@ fn value(p: &PhaseSummary, figure: &str, policy: &str) -> Option<f64> {
 fn cell(phases: &[&PhaseSummary], policy: &str) -> Cell {
     let faults = FAULTS.map(|f| median_f(phases.iter().map(|p| value(p, f, policy).unwrap_or(0.0))));
     let exits = if phases.iter().all(|p| p.figures.contains_key("kvm.exits")) { "kvm.exits" } else { "exits.total" };
-    Cell { faults, exits_ratio: ratio(phases, exits, policy), wall_ratio: ratio(phases, "wall_ns", policy) }
+    let counted: Vec<f64> = phases.iter().filter_map(|p| value(p, exits, policy)).collect();
+    let exits_count = (counted.len() == phases.len()).then(|| median_f(counted.into_iter()));
+    Cell {
+        faults,
+        exits: exits_count,
+        exits_ratio: ratio(phases, exits, policy),
+        wall_ratio: ratio(phases, "wall_ns", policy),
+    }
 }
 
 /// `figure` under `policy` over `off`'s median, per occurrence, and the

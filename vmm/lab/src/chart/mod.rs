@@ -5,20 +5,24 @@
 //! One column of three panels per view (both views side by side when both
 //! ran, from `vmm report`; one for `vmm compare`'s compare.svg):
 //!
-//! 1. the secondary-MMU faults the VMM served, a bar per policy stacked by
-//!    kind (read: the policy's colour; write: lighter; fetch: darker);
-//! 2. the VM exits the host KVM counted, as a ratio to `off` (which also
-//!    sees the faults the kernel serves itself: all of the `kernel`
-//!    policy's);
-//! 3. the wall time, as a ratio to `off`.
+//! 1. per phase, the secondary-MMU faults the VMM served, a bar per policy
+//!    stacked by kind (read: the policy's colour; write: lighter; fetch:
+//!    darker);
+//! 2. per phase, beside them on the same axis, the VM exits the host KVM
+//!    counted (which also sees the faults the kernel serves itself: all of
+//!    the `kernel` policy's);
+//! 3. the whole run as ratios to `off` on a linear axis: the host KVM's
+//!    exits and the wall time, with a whisker from the smallest to the
+//!    largest run (per phase, `off` takes a handful of exits, so per-phase
+//!    ratios would only show those handfuls).
 //!
-//! Each group of bars is a phase, labelled with its number and name;
-//! identical repeated phases are one group (`×16`: the median over them);
-//! the last group is the whole run. Bars are medians over the repeats;
-//! ratio bars have a whisker from the smallest to the largest run and
-//! their value written above them; a missing figure is marked `n/a`, never
-//! drawn as 0. Panels of a row share their y axis, so views compare at a
-//! glance. [`layout`] says where each panel's plot is (for tests).
+//! Each group of bars in 1 and 2 is a phase, labelled with its number and
+//! name; identical repeated phases are one group (`×16`: the median over
+//! them); the last group is the whole run. Bars are medians over the
+//! repeats, their value written above them; a missing figure is marked
+//! `n/a`, never drawn as 0. Panels of a row share their y axis (rows 1 and
+//! 2 one axis), so views and rows compare at a glance. [`layout`] says
+//! where each panel's plot is (for tests).
 
 mod axis;
 pub mod data;
@@ -132,18 +136,44 @@ struct Row {
 }
 
 const ROWS: [Row; 3] = [
-    Row { title: "secondary-MMU faults the VMM served (read, write, fetch)", ratio: false },
-    Row { title: "VM exits the host KVM counted, as a ratio to off", ratio: true },
-    Row { title: "wall time, as a ratio to off", ratio: true },
+    Row { title: "secondary-MMU faults the VMM served, per phase", ratio: false },
+    Row { title: "VM exits the host KVM counted, per phase", ratio: false },
+    Row { title: "the whole run, as a ratio to off", ratio: true },
 ];
 
-/// One bar: stacked values (faults) or a ratio with its spread; None: n/a.
-fn bar(cell: &Cell, row: usize) -> Option<(Vec<f64>, Option<Spread>)> {
-    match row {
-        0 => Some((cell.faults.to_vec(), None)),
-        1 => cell.exits_ratio.map(|s| (vec![s.median], Some(s))),
+/// The groups of the ratio row: what is divided by `off`'s.
+const RATIO_GROUPS: [&str; 2] = ["VM exits (host KVM)", "wall time"];
+
+/// One bar: stacked values (faults), a count, or a ratio with its spread;
+/// None: n/a. In the ratio row, `g` is the index in [`RATIO_GROUPS`].
+fn bar(cell: &Cell, row: usize, g: usize) -> Option<(Vec<f64>, Option<Spread>)> {
+    match (row, g) {
+        (0, _) => Some((cell.faults.to_vec(), None)),
+        (1, _) => cell.exits.map(|e| (vec![e], None)),
+        (_, 0) => cell.exits_ratio.map(|s| (vec![s.median], Some(s))),
         _ => cell.wall_ratio.map(|s| (vec![s.median], Some(s))),
     }
+}
+
+/// The groups a panel of `row` draws: each with its label, how many
+/// phases it stands for, and its cells.
+fn panel_groups(view: &ViewData, row: usize) -> Vec<(String, usize, Vec<Option<(Vec<f64>, Option<Spread>)>>)> {
+    if !ROWS[row].ratio {
+        return view
+            .groups
+            .iter()
+            .map(|g| (g.label.clone(), g.times, g.cells.iter().map(|c| bar(c, row, 0)).collect()))
+            .collect();
+    }
+    let whole = view.groups.last();
+    RATIO_GROUPS
+        .iter()
+        .enumerate()
+        .map(|(i, label)| {
+            let cells = whole.map(|g| g.cells.iter().map(|c| bar(c, row, i)).collect()).unwrap_or_default();
+            (label.to_string(), 1, cells)
+        })
+        .collect()
 }
 
 /// Writes the chart of `data` as an SVG file.
@@ -175,11 +205,16 @@ fn draw_all<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, data: &ChartData,
     }
     root.draw_text(&data.subtitle, &text(16, left), (MARGIN, y + 2))?;
     draw_legend(root, data, y + 34)?;
+    let largest = |rows: &[usize]| {
+        let bars = data.views.iter().flat_map(|v| rows.iter().flat_map(move |&r| panel_groups(v, r)));
+        let bars = bars.flat_map(|(_, _, cells)| cells).flatten();
+        bars.map(|(v, s)| s.map_or(v.iter().sum(), |s| s.max)).fold(0.0_f64, f64::max)
+    };
     for (r, row) in ROWS.iter().enumerate() {
         let top = l.plots[r].iter().map(|p| p.3).max().unwrap_or(1);
-        let max = data.views.iter().flat_map(|v| &v.groups).flat_map(|g| &g.cells).filter_map(|c| bar(c, r));
-        let max = max.map(|(v, s)| s.map_or(v.iter().sum(), |s| s.max)).fold(0.0_f64, f64::max);
-        let scale = axis::Scale::new(if row.ratio { max.max(1.0) } else { max }, top);
+        // Faults and exits on one axis: the faults are among the exits.
+        let max = if row.ratio { largest(&[r]).max(1.0) } else { largest(&[0, 1]) };
+        let scale = axis::Scale::new(max, top);
         for (view, rect) in data.views.iter().zip(&l.plots[r]) {
             let title = format!("{} view: {}", view.view, row.title);
             root.draw_text(&title, &text(17, left), (rect.0 - AXIS + 8, rect.1 - PANEL_TITLE + 8))?;
@@ -254,18 +289,21 @@ fn draw_panel<DB: DrawingBackend>(
     }
     root.draw(&PathElement::new(vec![(x0, y0 + h), (x0 + w, y0 + h)], BLACK.stroke_width(1)))?;
     let data = ChartData { title: String::new(), subtitle: String::new(), views: vec![view.clone()] };
-    for (g, group) in view.groups.iter().enumerate() {
+    let groups = panel_groups(view, row);
+    // The ratio row's two groups spread over the panel.
+    let group_w = if ROWS[row].ratio { w / groups.len().max(1) as i32 } else { group_w };
+    for (g, (label, times, bars)) in groups.into_iter().enumerate() {
         let gx = x0 + g as i32 * group_w;
-        if group.label == "whole run" {
+        if label == "whole run" {
             root.draw(&PathElement::new(vec![(gx, y0), (gx, y0 + h + 8)], RGBColor(160, 160, 160).stroke_width(1)))?;
         }
-        let bw = ((group_w - 16) / view.policies.len().max(1) as i32).max(3);
-        for (j, cell) in group.cells.iter().enumerate() {
+        let bw = ((group_w - 16) / view.policies.len().max(1) as i32).clamp(3, 60);
+        let left = gx + (group_w - bw * view.policies.len() as i32) / 2;
+        for (j, bar) in bars.into_iter().enumerate() {
             let c = colour(colour_index(&data, &view.policies[j]).unwrap_or(j));
-            let bx = gx + 8 + j as i32 * bw;
-            draw_bar(root, bar(cell, row), c, (bx, bw - 2), (y0, h), scale)?;
+            draw_bar(root, bar, c, (left + j as i32 * bw, bw - 2), (y0, h), scale)?;
         }
-        draw_group_label(root, group, gx + group_w / 2, y0 + h + 6, group_w)?;
+        draw_group_label(root, &label, times, gx + group_w / 2, y0 + h + 6, group_w)?;
     }
     Ok(())
 }
@@ -315,16 +353,17 @@ fn draw_bar<DB: DrawingBackend>(
 /// and `×N` for N identical phases.
 fn draw_group_label<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
-    group: &Group,
+    label: &str,
+    times: usize,
     x: i32,
     y: i32,
     width: i32,
 ) -> Drawn<(), DB> {
     let style = text(12, Pos::new(HPos::Center, VPos::Top));
-    let mut lines = axis::wrap(&group.label, (width as usize / 7).max(6));
+    let mut lines = axis::wrap(label, (width as usize / 7).max(6));
     lines.truncate(3);
-    if group.times > 1 {
-        lines.push(format!("×{}", group.times));
+    if times > 1 {
+        lines.push(format!("×{times}"));
     }
     for (i, line) in lines.iter().enumerate() {
         root.draw_text(line, &style, (x, y + 14 * i as i32))?;

@@ -28,6 +28,8 @@ fn render(path: &Path) -> resvg::tiny_skia::Pixmap {
     let svg = std::fs::read_to_string(path).expect("read the SVG");
     let mut opt = resvg::usvg::Options::default();
     opt.fontdb_mut().load_system_fonts();
+    // plotters asks for "sans-serif"; fontdb maps it to Arial unless told.
+    opt.fontdb_mut().set_sans_serif_family("DejaVu Sans");
     let tree = resvg::usvg::Tree::from_str(&svg, &opt).expect("a valid SVG");
     let size = tree.size().to_int_size();
     let mut pixmap = resvg::tiny_skia::Pixmap::new(size.width(), size.height()).expect("pixmap");
