@@ -1,8 +1,9 @@
 //! What the charts show, taken from comparisons ([`ChartData::of`]): per
 //! view, per phase group and per policy, the secondary-MMU faults the VMM
 //! served by kind, and the host KVM's exits and the wall time as ratios to
-//! `off`. Identical repeated phases (the same number and name) are one
-//! group, whose figures are the median over its occurrences.
+//! `off`. Repeated phases are one group, whose figures are the median over
+//! its occurrences: phases with the same name (the guest names each
+//! repetition alike), or unnamed ones with the same number.
 
 use std::collections::BTreeMap;
 
@@ -91,32 +92,47 @@ impl ChartData {
     }
 }
 
-/// A phase's label: its number and its name, when the run gave one.
-fn phase_label(p: &PhaseSummary) -> String {
-    let number = p.phase.map_or_else(String::new, |n| n.to_string());
+/// What makes phases one group: their name, or their number when unnamed.
+fn group_key(p: &PhaseSummary) -> String {
     match &p.name {
+        Some(name) => format!("name {name}"),
+        None => format!("number {}", p.phase.unwrap_or(0)),
+    }
+}
+
+/// A group's label: its phases' numbers (first and last when several) and
+/// their name.
+fn group_label(phases: &[&PhaseSummary]) -> String {
+    let numbers: Vec<u32> = phases.iter().filter_map(|p| p.phase).collect();
+    let number = match (numbers.first(), numbers.last()) {
+        (Some(a), Some(b)) if a != b => format!("{a}-{b}"),
+        (Some(a), _) => a.to_string(),
+        _ => String::new(),
+    };
+    match phases.first().and_then(|p| p.name.as_deref()) {
         Some(name) => format!("{number} {name}"),
         None => format!("phase {number}"),
     }
 }
 
 fn view_data(report: &CompareReport) -> ViewData {
-    // Occurrences of each label, in run order.
+    // Occurrences of each group, in run order.
     let mut order: Vec<String> = Vec::new();
     let mut occurrences: BTreeMap<String, Vec<&PhaseSummary>> = BTreeMap::new();
     for p in &report.phases {
-        let label = phase_label(p);
-        if !occurrences.contains_key(&label) {
-            order.push(label.clone());
+        let key = group_key(p);
+        if !occurrences.contains_key(&key) {
+            order.push(key.clone());
         }
-        occurrences.entry(label).or_default().push(p);
+        occurrences.entry(key).or_default().push(p);
     }
     let policies = report.policies.clone();
     let mut groups: Vec<Group> = order
         .into_iter()
-        .map(|label| {
-            let phases = &occurrences[&label];
-            Group { cells: policies.iter().map(|p| cell(phases, p)).collect(), times: phases.len(), label }
+        .map(|key| {
+            let phases = &occurrences[&key];
+            let cells = policies.iter().map(|p| cell(phases, p)).collect();
+            Group { label: group_label(phases), times: phases.len(), cells }
         })
         .collect();
     groups.push(Group {
@@ -189,14 +205,14 @@ mod tests {
                 named(1, k, "fill"),
                 named(2, 2 * k, "read, write every 8th"),
                 named(3, k, "merge pass"),
-                named(2, 4 * k, "read, write every 8th"),
+                named(4, 4 * k, "read, write every 8th"),
             ]
         };
         let runs = vec![run_with("off", 0, phases(1), vec![]), run_with("legacy", 0, phases(3), vec![])];
         let r = report(&["off", "legacy"], runs);
         let d = ChartData::of(&[&r]);
         let labels: Vec<(&str, usize)> = d.views[0].groups.iter().map(|g| (g.label.as_str(), g.times)).collect();
-        assert_eq!(labels, [("1 fill", 1), ("2 read, write every 8th", 2), ("3 merge pass", 1), ("whole run", 1)]);
+        assert_eq!(labels, [("1 fill", 1), ("2-4 read, write every 8th", 2), ("3 merge pass", 1), ("whole run", 1)]);
         let legacy = &d.views[0].groups[1].cells[1];
         let ratio = legacy.exits_ratio.expect("off ran");
         assert!((ratio.median - 3.0).abs() < 1e-9, "{ratio:?}");

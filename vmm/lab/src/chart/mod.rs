@@ -17,8 +17,8 @@
 //!    ratios would only show those handfuls).
 //!
 //! Each group of bars in 1 and 2 is a phase, labelled with its number and
-//! name; identical repeated phases are one group (`×16`: the median over
-//! them); the last group is the whole run. Bars are medians over the
+//! name; repeated phases (the same name, or unnamed with the same number)
+//! are one group (`×16`: the median over them). Bars are medians over the
 //! repeats, their value written above them; a missing figure is marked
 //! `n/a`, never drawn as 0. Panels of a row share their y axis (rows 1 and
 //! 2 one axis), so views and rows compare at a glance. [`layout`] says
@@ -110,7 +110,9 @@ pub struct Layout {
 pub fn layout(data: &ChartData) -> Layout {
     let policies = data.views.iter().map(|v| v.policies.len()).max().unwrap_or(1) as i32;
     let group_w = (14 * policies + 30).max(96);
-    let widths: Vec<i32> = data.views.iter().map(|v| AXIS + v.groups.len().max(1) as i32 * group_w + 16).collect();
+    // The phase groups: the whole run (the last group) is drawn as ratios.
+    let widths: Vec<i32> =
+        data.views.iter().map(|v| AXIS + v.groups.len().saturating_sub(1).max(2) as i32 * group_w + 16).collect();
     let width = (MARGIN * 2 + widths.iter().sum::<i32>() + MARGIN * (widths.len() as i32 - 1).max(0)).max(960);
     let plots = (0..ROWS.len() as i32)
         .map(|row| {
@@ -159,8 +161,10 @@ fn bar(cell: &Cell, row: usize, g: usize) -> Option<(Vec<f64>, Option<Spread>)> 
 /// phases it stands for, and its cells.
 fn panel_groups(view: &ViewData, row: usize) -> Vec<(String, usize, Vec<Option<(Vec<f64>, Option<Spread>)>>)> {
     if !ROWS[row].ratio {
-        return view
-            .groups
+        // The phases only: the whole run is the ratio row's (its counts
+        // would flatten every phase's bars).
+        let phases = &view.groups[..view.groups.len().saturating_sub(1)];
+        return phases
             .iter()
             .map(|g| (g.label.clone(), g.times, g.cells.iter().map(|c| bar(c, row, 0)).collect()))
             .collect();
@@ -294,9 +298,6 @@ fn draw_panel<DB: DrawingBackend>(
     let group_w = if ROWS[row].ratio { w / groups.len().max(1) as i32 } else { group_w };
     for (g, (label, times, bars)) in groups.into_iter().enumerate() {
         let gx = x0 + g as i32 * group_w;
-        if label == "whole run" {
-            root.draw(&PathElement::new(vec![(gx, y0), (gx, y0 + h + 8)], RGBColor(160, 160, 160).stroke_width(1)))?;
-        }
         let bw = ((group_w - 16) / view.policies.len().max(1) as i32).clamp(3, 60);
         let left = gx + (group_w - bw * view.policies.len() as i32) / 2;
         for (j, bar) in bars.into_iter().enumerate() {

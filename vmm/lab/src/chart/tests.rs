@@ -97,6 +97,7 @@ fn every_panel_of_both_views_shows_its_bars() {
     // The headline result: the faults bar of range-flush in "read word 0".
     let svg = std::fs::read_to_string(&file.0).expect("svg");
     assert!(svg.contains("3,584"), "the fault count is written on its bar");
+    assert!(svg.contains("1.00×"), "the whole run's ratio to off is written on its bar");
     assert!(svg.contains("read word 0") && svg.contains("memslot view") && svg.contains("uffd view"));
 }
 
