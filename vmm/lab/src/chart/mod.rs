@@ -146,9 +146,17 @@ const ROWS: [Row; 3] = [
 /// The groups of the ratio row: what is divided by `off`'s.
 const RATIO_GROUPS: [&str; 2] = ["VM exits (host KVM)", "wall time"];
 
+/// One bar as drawn: stacked values (faults) or one value, and a ratio's
+/// spread; None: n/a.
+type Bar = Option<(Vec<f64>, Option<Spread>)>;
+
+/// A group of bars as drawn: its label, the phases it stands for, a bar
+/// per policy.
+type BarGroup = (String, usize, Vec<Bar>);
+
 /// One bar: stacked values (faults), a count, or a ratio with its spread;
 /// None: n/a. In the ratio row, `g` is the index in [`RATIO_GROUPS`].
-fn bar(cell: &Cell, row: usize, g: usize) -> Option<(Vec<f64>, Option<Spread>)> {
+fn bar(cell: &Cell, row: usize, g: usize) -> Bar {
     match (row, g) {
         (0, _) => Some((cell.faults.to_vec(), None)),
         (1, _) => cell.exits.map(|e| (vec![e], None)),
@@ -159,7 +167,7 @@ fn bar(cell: &Cell, row: usize, g: usize) -> Option<(Vec<f64>, Option<Spread>)> 
 
 /// The groups a panel of `row` draws: each with its label, how many
 /// phases it stands for, and its cells.
-fn panel_groups(view: &ViewData, row: usize) -> Vec<(String, usize, Vec<Option<(Vec<f64>, Option<Spread>)>>)> {
+fn panel_groups(view: &ViewData, row: usize) -> Vec<BarGroup> {
     if !ROWS[row].ratio {
         // The phases only: the whole run is the ratio row's (its counts
         // would flatten every phase's bars).
@@ -312,7 +320,7 @@ fn draw_panel<DB: DrawingBackend>(
 /// One bar at x `bx` of width `bw` in a plot from `y0` of height `h`.
 fn draw_bar<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
-    bar: Option<(Vec<f64>, Option<Spread>)>,
+    bar: Bar,
     c: RGBColor,
     (bx, bw): (i32, i32),
     (y0, h): (i32, i32),

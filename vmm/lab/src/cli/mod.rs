@@ -247,6 +247,20 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Exi
     })
 }
 
+/// clap's first line says what is wrong; the rest is a usage hint.
+fn usage(e: &clap::Error) -> CliError {
+    let text = e.to_string();
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let mut first = lines.next().unwrap_or("bad arguments").trim_start_matches("error: ").to_string();
+    // "the following required arguments were not provided:" lists them below.
+    if first.ends_with(':') {
+        if let Some(what) = lines.next() {
+            first = format!("{first} {what}");
+        }
+    }
+    CliError::Usage(first)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,18 +291,4 @@ mod tests {
         assert!(!has_kvm("ctl") && !has_kvm("images") && !has_kvm("report"));
         assert!(cli.get_arguments().all(|a| a.get_long() != Some("kvm") || a.is_hide_set()));
     }
-}
-
-/// clap's first line says what is wrong; the rest is a usage hint.
-fn usage(e: &clap::Error) -> CliError {
-    let text = e.to_string();
-    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
-    let mut first = lines.next().unwrap_or("bad arguments").trim_start_matches("error: ").to_string();
-    // "the following required arguments were not provided:" lists them below.
-    if first.ends_with(':') {
-        if let Some(what) = lines.next() {
-            first = format!("{first} {what}");
-        }
-    }
-    CliError::Usage(first)
 }

@@ -231,6 +231,27 @@ fn faults(r: &CompareReport, policy: &str) -> Option<f64> {
     (!kinds.is_empty()).then(|| kinds.iter().sum())
 }
 
+/// A workload's notes: the policies skipped, the guests' checksums, the
+/// runs that failed.
+fn notes(by_view: &BTreeMap<String, (PathBuf, CompareReport)>) -> Vec<String> {
+    let mut notes = Vec::new();
+    for (view, (_, r)) in views_in_order(by_view) {
+        for sk in &r.skipped {
+            notes.push(format!("Skipped {} ({view}): {}", sk.policy, sk.reason));
+        }
+        let verdict = if r.reports_identical {
+            "identical under every policy".to_string()
+        } else {
+            format!("NOT identical: {}", r.report_mismatches.join(", "))
+        };
+        notes.push(format!("Guest checksums ({view}): {verdict}."));
+        if !r.failed_runs.is_empty() {
+            notes.push(format!("Failed runs ({view}): {}.", r.failed_runs.join("; ")));
+        }
+    }
+    notes
+}
+
 /// One workload: its table (a row per policy and view), notes, chart.
 fn render_workload(
     out: &mut String,
@@ -258,8 +279,12 @@ fn render_workload(
         "| policy | view | VM exits (host KVM) | vs off | secondary-MMU faults (VMM) | deduplicator CPU | whole run \
          (wall) | pages_sharing at the end |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
-    let ms = |v: Option<f64>| or_dash(v, |ns| format!("{:.1} ms", ns / 1e6));
-    let mut notes = Vec::new();
+    let ms = |v: Option<f64>| {
+        or_dash(v, |ns| {
+            let tenths = (ns / 1e5).round().max(0.0) as u64;
+            format!("{}.{} ms", int((tenths / 10) as f64), tenths % 10)
+        })
+    };
     for (view, (_, r)) in views_in_order(by_view) {
         let off = total(r, "kvm.exits", "off");
         for p in &r.policies {
@@ -279,21 +304,9 @@ fn render_workload(
                 or_dash(total(r, "ksm.pages_sharing", p), int)
             );
         }
-        for sk in &r.skipped {
-            notes.push(format!("Skipped {} ({view}): {}", sk.policy, sk.reason));
-        }
-        let verdict = if r.reports_identical {
-            "identical under every policy".to_string()
-        } else {
-            format!("NOT identical: {}", r.report_mismatches.join(", "))
-        };
-        notes.push(format!("Guest checksums ({view}): {verdict}."));
-        if !r.failed_runs.is_empty() {
-            notes.push(format!("Failed runs ({view}): {}.", r.failed_runs.join("; ")));
-        }
     }
     out.push('\n');
-    for note in notes {
+    for note in notes(by_view) {
         let _ = writeln!(out, "{note}");
     }
     let tables: Vec<String> = views_in_order(by_view)

@@ -144,13 +144,20 @@ pub fn summary_of(report: &CompareReport) -> CompareReport {
     CompareReport { runs: Vec::new(), ..report.clone() }
 }
 
-/// Replaces the section between [`BEGIN`] and [`END`] of `readme` (their
-/// lines included) with `section`, which holds the markers.
+/// Replaces the section of `readme` from the line that is [`BEGIN`] to the
+/// line that is [`END`] (markers quoted inside a line are text) with
+/// `section`, which holds the markers.
 pub fn splice(readme: &str, section: &str, path: &Path) -> Result<String, ReportError> {
+    let lines: Vec<&str> = readme.split_inclusive('\n').collect();
+    let at = |marker: &str, from: usize| lines.iter().skip(from).position(|l| l.trim() == marker).map(|i| i + from);
     let no_markers = || ReportError::NoMarkers(shown(path));
-    let (head, rest) = readme.split_once(BEGIN).ok_or_else(no_markers)?;
-    let (_, tail) = rest.split_once(END).ok_or_else(no_markers)?;
-    Ok(format!("{head}{}{tail}", section.trim_end_matches('\n')))
+    let begin = at(BEGIN, 0).ok_or_else(no_markers)?;
+    let end = at(END, begin).ok_or_else(no_markers)?;
+    let mut out: String = lines[..begin].concat();
+    out.push_str(section.trim_end_matches('\n'));
+    out.push('\n');
+    out.push_str(&lines[end + 1..].concat());
+    Ok(out)
 }
 
 /// Writes one chart per workload (`<out>/<workload>.svg`, every view side
@@ -181,10 +188,13 @@ mod tests {
 
     #[test]
     fn the_section_between_the_markers_is_replaced_and_nothing_else() {
-        let readme = format!("# t\n\n## Results\n\n{BEGIN}\nold\n{END}\n\n### Reading\nhand\n");
+        let readme = format!("# t\n\nquoted: `{BEGIN}`\n\n## Results\n\n{BEGIN}\nold\n{END}\n\n### Reading\nhand\n");
         let new = format!("{BEGIN}\n\nnew\n{END}\n");
         let out = splice(&readme, &new, Path::new("README.md")).expect("markers");
-        assert_eq!(out, format!("# t\n\n## Results\n\n{BEGIN}\n\nnew\n{END}\n\n### Reading\nhand\n"));
+        assert_eq!(
+            out,
+            format!("# t\n\nquoted: `{BEGIN}`\n\n## Results\n\n{BEGIN}\n\nnew\n{END}\n\n### Reading\nhand\n")
+        );
         assert!(matches!(splice("none", &new, Path::new("R")), Err(ReportError::NoMarkers(_))));
     }
 }
