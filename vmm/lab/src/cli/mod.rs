@@ -82,7 +82,8 @@ enum Command {
     Compare(compare::CompareArgs),
     /// Talk to a running `vmm run --control SOCKET`: `run 0|1|2` switches the deduplicator's
     /// run state (0 stop ksmd, 1 start it, 2 stop and unmerge all); `status` prints the guest's
-    /// phase, the run state and the deduplicator's figures as JSON.
+    /// phase, the run state, the exits and the KVM statistics so far as JSON; `watch` redraws
+    /// them as kvm_stat does.
     #[command(after_help = ctl::AFTER_HELP)]
     Ctl(ctl::CtlArgs),
     /// Measure, print JSON: `floor` (default), the median cost of one port-I/O VM exit;
