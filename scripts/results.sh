@@ -2,14 +2,15 @@
 # Regenerates the README's results section (tables and charts) from scratch on
 # this machine: the benchmarks (exit floor, secondary-MMU fault, scan and merge
 # cost and convergence against Linux KSM) and `vmm compare` on each workload.
-# Charts and compare.json files go to docs/results/; the README section
-# between its results markers is rewritten by scripts/results.py.
+# Every figure is JSON in docs/results/ (bench reports, and per workload and
+# view the comparison's summary.json with its table.txt and compare.svg);
+# `vmm report` then renders the README section between its results markers
+# and one chart per workload with both views (docs/results/WORKLOAD.svg).
 #   scripts/results.sh            (about 15 minutes; the kernel policy needs root)
 #   REPEAT=5 MEM=32M scripts/results.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-command -v python3 >/dev/null || { echo "results.sh: python3 is needed to write the README section" >&2; exit 2; }
 cargo build --release -p vmm-lab --quiet
 vmm=target/release/vmm
 out=docs/results
@@ -34,14 +35,16 @@ for workload in pagefill cowstorm mixed volatile; do
         [ "$view" = memslot ] && policies=$policies,kernel
         echo "== compare $workload, $view view" >&2
         dir="$out/$workload-$view"
-        mkdir -p "$dir"
         # Status 1 (a run failed or checksums differ) is reported in the section.
+        # The table goes in after the comparison: --out must be new or its own.
         "$vmm" compare "$workload" --mem "$mem" --repeat "$repeat" --view "$view" --policies "$policies" \
-            --out "$dir" > "$dir/table.txt" || [ $? -eq 1 ]
-        # compare.json (every run, raw) stays local; table.txt and compare.svg are committed.
+            --out "$dir" > "$out/table.txt" || [ $? -eq 1 ]
+        mv "$out/table.txt" "$dir/table.txt"
+        # compare.json and runs/ (every run, raw) stay local; summary.json,
+        # table.txt and compare.svg are committed.
         rm -rf "$dir/runs"
     done
 done
 
-python3 scripts/results.py "$out" README.md
+"$vmm" report "$out" --readme README.md
 echo "results.sh: README.md's results section and $out/ are up to date" >&2

@@ -11,7 +11,11 @@ use std::os::fd::{AsRawFd, FromRawFd};
 
 use std::os::unix::fs::FileExt;
 
-use kvm_bindings::{KVMIO, KVM_STATS_TYPE_CUMULATIVE, KVM_STATS_TYPE_MASK};
+use kvm_bindings::{
+    KVMIO, KVM_STATS_BASE_MASK, KVM_STATS_BASE_POW10, KVM_STATS_TYPE_CUMULATIVE, KVM_STATS_TYPE_MASK,
+    KVM_STATS_UNIT_BOOLEAN, KVM_STATS_UNIT_BYTES, KVM_STATS_UNIT_CYCLES, KVM_STATS_UNIT_MASK, KVM_STATS_UNIT_NONE,
+    KVM_STATS_UNIT_SECONDS,
+};
 use vmm_sys_util::ioctl::ioctl;
 
 mod nr {
@@ -21,6 +25,8 @@ mod nr {
     vmm_sys_util::ioctl_io_nr!(KVM_GET_STATS_FD, KVMIO, 0xce);
 }
 use nr::KVM_GET_STATS_FD;
+
+use crate::units::{FigureKind, FigureUnit};
 
 /// Errors of the stats reader.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +45,8 @@ struct Descriptor {
     name: String,
     cumulative: bool,
     offset: u64,
+    /// KVM's unit, with its base and exponent applied (`ns`, `bytes`, ...).
+    unit: String,
 }
 
 /// A reader of one KVM object's (VM or vCPU) binary statistics.
@@ -85,6 +93,7 @@ impl KvmStats {
         let mut descriptors = Vec::new();
         for chunk in table.chunks_exact(desc_size) {
             let flags = u32_at(chunk, 0);
+            let exponent = i16::from_le_bytes([chunk[4], chunk[5]]);
             let size = u16::from_le_bytes([chunk[6], chunk[7]]);
             let offset = u64::from(u32_at(chunk, 8));
             let name_bytes = &chunk[16..];
@@ -94,7 +103,8 @@ impl KvmStats {
             if size != 1 || kind > 2 {
                 continue; // histograms and arrays: not reported
             }
-            descriptors.push(Descriptor { name, cumulative: kind == KVM_STATS_TYPE_CUMULATIVE, offset });
+            let cumulative = kind == KVM_STATS_TYPE_CUMULATIVE;
+            descriptors.push(Descriptor { name, cumulative, offset, unit: unit_name(flags, exponent) });
         }
         Ok(Self { file, data_offset, descriptors })
     }
@@ -116,10 +126,53 @@ impl KvmStats {
         self.descriptors.iter().filter(|d| !d.cumulative).map(|d| d.name.as_str())
     }
 
+    /// Every scalar statistic's unit and kind, by KVM's name: a cumulative
+    /// counter in seconds is a time, any other cumulative one a count, an
+    /// instant or peak value a level.
+    pub fn units(&self) -> impl Iterator<Item = (&str, FigureUnit)> {
+        self.descriptors.iter().map(|d| {
+            let seconds = matches!(d.unit.as_str(), "s" | "ms" | "us" | "ns") || d.unit.starts_with("s*");
+            let kind = match (d.cumulative, seconds) {
+                (false, _) => FigureKind::Level,
+                (true, true) => FigureKind::Time,
+                (true, false) => FigureKind::Count,
+            };
+            (d.name.as_str(), FigureUnit::new(&d.unit, kind))
+        })
+    }
+
     /// The statistics that moved between two snapshots: cumulative counters
     /// as their increase, instant and peak values as their value in `after`.
     pub fn moved(&self, before: &Snapshot, after: &Snapshot) -> BTreeMap<String, u64> {
         moved(&self.descriptors, before, after)
+    }
+}
+
+/// A descriptor's unit as people write it: KVM_STATS_UNIT_* with the
+/// base and exponent applied (`ns` for seconds × 10^-9, `KiB` for bytes ×
+/// 2^10); `none` for a plain number.
+fn unit_name(flags: u32, exponent: i16) -> String {
+    let pow10 = flags & KVM_STATS_BASE_MASK == KVM_STATS_BASE_POW10;
+    match (flags & KVM_STATS_UNIT_MASK, pow10, exponent) {
+        (KVM_STATS_UNIT_NONE, _, _) => "none".into(),
+        (KVM_STATS_UNIT_SECONDS, true, 0) => "s".into(),
+        (KVM_STATS_UNIT_SECONDS, true, -3) => "ms".into(),
+        (KVM_STATS_UNIT_SECONDS, true, -6) => "us".into(),
+        (KVM_STATS_UNIT_SECONDS, true, -9) => "ns".into(),
+        (KVM_STATS_UNIT_BYTES, false, 0) => "bytes".into(),
+        (KVM_STATS_UNIT_BYTES, false, 10) => "KiB".into(),
+        (KVM_STATS_UNIT_BYTES, false, 20) => "MiB".into(),
+        (KVM_STATS_UNIT_CYCLES, _, 0) => "cycles".into(),
+        (KVM_STATS_UNIT_BOOLEAN, _, _) => "boolean".into(),
+        (unit, pow10, e) => {
+            let what = match unit {
+                KVM_STATS_UNIT_SECONDS => "s",
+                KVM_STATS_UNIT_BYTES => "bytes",
+                KVM_STATS_UNIT_CYCLES => "cycles",
+                _ => "unknown-unit",
+            };
+            format!("{what}*{}^{e}", if pow10 { 10 } else { 2 })
+        }
     }
 }
 
@@ -142,9 +195,9 @@ mod tests {
     #[test]
     fn moved_reports_counter_deltas_and_gauge_values() {
         let descriptors = vec![
-            Descriptor { name: "exits".into(), cumulative: true, offset: 0 },
-            Descriptor { name: "pages_4k".into(), cumulative: false, offset: 1 },
-            Descriptor { name: "halt_exits".into(), cumulative: true, offset: 2 },
+            Descriptor { name: "exits".into(), cumulative: true, offset: 0, unit: "none".into() },
+            Descriptor { name: "pages_4k".into(), cumulative: false, offset: 1, unit: "none".into() },
+            Descriptor { name: "halt_exits".into(), cumulative: true, offset: 2, unit: "none".into() },
         ];
         let before = Snapshot::from([("exits".into(), 10), ("pages_4k".into(), 5), ("halt_exits".into(), 3)]);
         let after = Snapshot::from([("exits".into(), 17), ("pages_4k".into(), 9), ("halt_exits".into(), 3)]);
@@ -184,5 +237,22 @@ mod tests {
         let stats = KvmStats::from_file(File::open(&path).expect("open")).expect("parse");
         std::fs::remove_file(&path).ok();
         assert_eq!(stats.snapshot().expect("snap"), Snapshot::from([("pf_fixed".into(), 42)]));
+        let units: Vec<_> = stats.units().collect();
+        assert_eq!(units, [("pf_fixed", FigureUnit::new("none", FigureKind::Count))]);
+    }
+
+    #[test]
+    fn units_carry_kvms_unit_base_and_exponent() {
+        let ns = KVM_STATS_TYPE_CUMULATIVE | KVM_STATS_UNIT_SECONDS | KVM_STATS_BASE_POW10;
+        assert_eq!(unit_name(ns, -9), "ns");
+        assert_eq!(unit_name(KVM_STATS_UNIT_BYTES | kvm_bindings::KVM_STATS_BASE_POW2, 12), "bytes*2^12");
+        assert_eq!(unit_name(KVM_STATS_UNIT_BOOLEAN, 0), "boolean");
+        let d = |unit: &str, cumulative| Descriptor { name: "x".into(), cumulative, offset: 0, unit: unit.into() };
+        let stats = |d| KvmStats { file: File::open("/dev/null").expect("null"), data_offset: 0, descriptors: vec![d] };
+        let kind = |d| stats(d).units().next().map(|(_, u)| u.kind);
+        assert_eq!(kind(d("ns", true)), Some(FigureKind::Time));
+        assert_eq!(kind(d("ns", false)), Some(FigureKind::Level));
+        assert_eq!(kind(d("bytes", true)), Some(FigureKind::Count));
+        assert_eq!(kind(d("cycles", true)), Some(FigureKind::Count));
     }
 }

@@ -4,8 +4,9 @@
 
 use std::time::Instant;
 
+use crate::exit_times::{merge_times, ExitEvent, ExitTimer, ExitTimes, ServiceTime, UFFD_READ, UFFD_WRITE};
 use crate::kvm_stats::Snapshot;
-use crate::stats::{is_gauge, Counters, ExitCounts, Figures, PhaseStats};
+use crate::stats::{is_gauge, Counters, ExitCounts, ExitKind, Figures, PhaseStats};
 use crate::vm::{lock, Vm};
 
 /// Cumulative readings of every layer at one instant.
@@ -83,6 +84,12 @@ fn figures_between(vm: &Vm, a: &Readings, b: &Readings, mut exits: ExitCounts) -
     exits.ept_read += reads;
     exits.ept_write += writes;
     exits.total += reads + writes;
+    let mut exit_times = ExitTimes::new();
+    for (key, n) in [(UFFD_READ, reads), (UFFD_WRITE, writes)] {
+        if n > 0 {
+            exit_times.insert(key.to_string(), ServiceTime::untimed(n));
+        }
+    }
     let mut kvm = vm.vm_stats.moved(&a.kvm_vm, &b.kvm_vm);
     for (name, v) in vm.vcpu_stats.moved(&a.kvm_vcpu, &b.kvm_vcpu) {
         // VM and vCPU statistics have distinct names in KVM; should one ever
@@ -100,14 +107,19 @@ fn figures_between(vm: &Vm, a: &Readings, b: &Readings, mut exits: ExitCounts) -
         ksm: counters_moved(&a.ksm, &b.ksm),
         kvm,
         wall_ns,
+        exit_times,
     }
 }
 
-/// Keeps the current phase's exit counts and closes phases.
+/// Keeps the current phase's exit counts, times and name, and closes
+/// phases.
 #[derive(Debug)]
 pub struct PhaseTracker {
     number: u32,
+    name: Option<String>,
     exits: ExitCounts,
+    /// Exit service times of the running phase, then of each finished one.
+    timers: Vec<ExitTimer>,
     phase_start: Readings,
     run_start: Readings,
     finished: Vec<PhaseStats>,
@@ -117,7 +129,15 @@ impl PhaseTracker {
     /// Starts phase 0.
     pub fn start(vm: &Vm) -> Self {
         let now = Readings::take(vm);
-        Self { number: 0, exits: ExitCounts::default(), phase_start: now.clone(), run_start: now, finished: Vec::new() }
+        Self {
+            number: 0,
+            name: None,
+            exits: ExitCounts::default(),
+            timers: vec![ExitTimer::default()],
+            phase_start: now.clone(),
+            run_start: now,
+            finished: Vec::new(),
+        }
     }
 
     /// Phases so far, the running one included.
@@ -125,9 +145,38 @@ impl PhaseTracker {
         self.finished.len() + 1
     }
 
+    /// The running phase's position in the run (0 for the first).
+    pub fn position(&self) -> usize {
+        self.finished.len()
+    }
+
     /// The running phase's exit counts.
     pub fn exits(&mut self) -> &mut ExitCounts {
         &mut self.exits
+    }
+
+    /// Names the running phase (a later name replaces an earlier one).
+    pub fn name_current(&mut self, name: String) {
+        self.name = Some(name);
+    }
+
+    /// One exit of `event`, counted in the phase at `position`, served in
+    /// `ns` (the phase may have ended since: a phase marker's exit counts
+    /// in the phase it ends).
+    pub fn record_service(&mut self, position: usize, event: ExitEvent, ns: u64) {
+        if let Some(timer) = self.timers.get_mut(position) {
+            timer.record(event, ns);
+        }
+    }
+
+    /// The running phase's last exit was a triple fault on a HLT: it is
+    /// counted, and timed, as the `hlt` it was.
+    pub fn recount_shutdown_as_hlt(&mut self) {
+        self.exits.shutdown = self.exits.shutdown.saturating_sub(1);
+        self.exits.hlt += 1;
+        if let Some(timer) = self.timers.last_mut() {
+            timer.reclassify(ExitEvent::reason(ExitKind::Shutdown), ExitEvent::reason(ExitKind::Hlt));
+        }
     }
 
     /// Ends the running phase and starts phase `number`.
@@ -136,12 +185,13 @@ impl PhaseTracker {
         self.close(vm, &now);
         self.phase_start = now;
         self.number = number;
+        self.timers.push(ExitTimer::default());
     }
 
     fn close(&mut self, vm: &Vm, now: &Readings) {
         let exits = std::mem::take(&mut self.exits);
         let figures = figures_between(vm, &self.phase_start, now, exits);
-        self.finished.push(PhaseStats { phase: self.number, figures });
+        self.finished.push(PhaseStats { phase: self.number, name: self.name.take(), figures });
     }
 
     /// Ends the last phase; returns every phase and the whole run's figures.
@@ -150,8 +200,11 @@ impl PhaseTracker {
         self.close(vm, &now);
         let mut total = figures_between(vm, &self.run_start, &now, ExitCounts::default());
         total.exits = ExitCounts::default();
-        for p in &self.finished {
+        total.exit_times = ExitTimes::new();
+        for (p, timer) in self.finished.iter_mut().zip(&self.timers) {
+            merge_times(&mut p.figures.exit_times, &timer.times());
             total.exits.add(&p.figures.exits);
+            merge_times(&mut total.exit_times, &p.figures.exit_times);
         }
         (self.finished, total)
     }

@@ -5,6 +5,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::exit_times::ExitTimes;
+use crate::units::Units;
+
 /// Version of the statistics JSON schema.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -53,6 +56,11 @@ pub struct ExitCounts {
 impl ExitCounts {
     /// Counts one exit.
     pub fn record(&mut self, kind: ExitKind) {
+        self.record_n(kind, 1);
+    }
+
+    /// Counts `n` exits of one reason.
+    pub fn record_n(&mut self, kind: ExitKind, n: u64) {
         let slot = match kind {
             ExitKind::Io => &mut self.io,
             ExitKind::Mmio => &mut self.mmio,
@@ -65,8 +73,8 @@ impl ExitCounts {
             ExitKind::Intr => &mut self.intr,
             ExitKind::Other => &mut self.other,
         };
-        *slot += 1;
-        self.total += 1;
+        *slot += n;
+        self.total += n;
     }
 
     /// Adds another set of counts to this one.
@@ -119,6 +127,10 @@ pub struct Figures {
     pub kvm: BTreeMap<String, u64>,
     /// Wall-clock time in nanoseconds.
     pub wall_ns: u64,
+    /// What serving each exit event cost (`perf kvm stat`'s samples and
+    /// times, see [`crate::exit_times`]); left out when no exit was served.
+    #[serde(default, skip_serializing_if = "ExitTimes::is_empty")]
+    pub exit_times: ExitTimes,
 }
 
 /// One guest phase (started by a write to port 0x500).
@@ -126,6 +138,9 @@ pub struct Figures {
 pub struct PhaseStats {
     /// The phase number the guest wrote (0 before the first marker).
     pub phase: u32,
+    /// The name the guest gave it (port 0x504, ABI 1.1), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// What was counted in it.
     #[serde(flatten)]
     pub figures: Figures,
@@ -182,6 +197,26 @@ pub struct RunStats {
     pub phases: Vec<PhaseStats>,
     /// The whole run.
     pub total: Figures,
+    /// Each figure's unit and kind, by flat name (`exits.io`, `kvm.pf_fixed`,
+    /// `wall_ns`, ...; see [`crate::units`]); left out by documents written
+    /// before it was added.
+    #[serde(default, skip_serializing_if = "Units::is_empty")]
+    pub units: Units,
+}
+
+impl PhaseStats {
+    /// How tables and charts name the phase: `3 "read word 0"`, or `3`.
+    pub fn label(&self) -> String {
+        phase_label(self.phase, self.name.as_deref())
+    }
+}
+
+/// A phase's label: its number, and its name in quotes when it has one.
+pub fn phase_label(number: u32, name: Option<&str>) -> String {
+    match name {
+        Some(name) => format!("{number} \"{name}\""),
+        None => number.to_string(),
+    }
 }
 
 /// Names of figures that are levels (reported as their value at the end of
@@ -221,7 +256,7 @@ mod tests {
         }
         f.exits.record(ExitKind::Mmio);
         f.shadow_mmu.insert("installed".into(), n.into());
-        PhaseStats { phase: n, figures: f }
+        PhaseStats { phase: n, name: None, figures: f }
     }
 
     fn sample() -> RunStats {
@@ -247,6 +282,7 @@ mod tests {
             },
             phases,
             total,
+            units: crate::units::own_units(),
         }
     }
 
@@ -285,7 +321,24 @@ mod tests {
             assert!(!v["total"][key].is_null(), "total.{key}");
         }
         assert!(v["total"]["phase"].is_null());
+        assert!(p.get("name").is_none() && p.get("exit_times").is_none(), "absent when there is none");
+        assert_eq!(v["units"]["exits.io"]["kind"], "count");
         let back: RunStats = serde_json::from_value(v).expect("round trip");
         assert_eq!(back, sample());
+    }
+
+    #[test]
+    fn names_and_exit_times_are_additions_a_reader_of_the_old_keys_ignores() {
+        let mut s = sample();
+        s.phases[1].name = Some("merge pass".into());
+        s.phases[1].figures.exit_times.insert("io:phase".into(), crate::exit_times::ServiceTime::untimed(1));
+        let v = serde_json::to_value(&s).expect("json");
+        assert_eq!(v["phases"][1]["name"], "merge pass");
+        assert_eq!(s.phases[1].label(), "7 \"merge pass\"");
+        // A document without the additions still reads.
+        let mut old = v.clone();
+        old.as_object_mut().expect("object").remove("units");
+        let back: RunStats = serde_json::from_value(old).expect("old document");
+        assert!(back.units.is_empty() && back.phases[0].name.is_none());
     }
 }

@@ -5,6 +5,7 @@
 use kvm_ioctls::VcpuExit;
 use shadow_mmu::Access;
 
+use crate::exit_times::{ExitEvent, PortClass};
 use crate::guest_ram::{GuestRam, GuestRamError};
 use crate::serial::Console;
 use crate::signals::{StopRequest, Watchdog};
@@ -18,6 +19,9 @@ pub const PORT_PHASE: u16 = 0x500;
 pub const PORT_DEDUP: u16 = 0x501;
 /// Port whose value is appended to the guest report.
 pub const PORT_REPORT: u16 = 0x502;
+/// Port whose value is the guest-physical address of the current phase's
+/// name (ABI 1.1, see [`crate::phase_name`]).
+pub const PORT_PHASE_NAME: u16 = 0x504;
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +74,9 @@ pub enum Outcome {
     Continue,
     /// The guest started phase n.
     NextPhase(u32),
+    /// The guest wrote these bytes to the phase-name port: the name's
+    /// address when it is a 32-bit write.
+    PhaseName(Vec<u8>),
     /// The guest wrote this value to the dedup control port.
     Dedup(u32),
     /// KVM could not emulate an instruction: an instruction fetch from an
@@ -107,6 +114,7 @@ impl Devices {
             }
             PORT_EXIT => Outcome::End(RunEnd::GuestExit(le_value(data))),
             PORT_PHASE => Outcome::NextPhase(le_value(data)),
+            PORT_PHASE_NAME => Outcome::PhaseName(data.to_vec()),
             PORT_DEDUP => Outcome::Dedup(le_value(data)),
             PORT_REPORT => self.report(le_value(data)),
             _ => Outcome::Continue, // no device there: the write is dropped
@@ -145,58 +153,56 @@ fn le_value(data: &[u8]) -> u32 {
 
 /// Maps one KVM exit to its outcome, counting it under its reason.
 pub fn handle_exit(dev: &mut Devices, exits: &mut ExitCounts, exit: VcpuExit<'_>) -> Outcome {
+    let (outcome, event) = serve_exit(dev, exit);
+    if let Some(event) = event {
+        exits.record(event.kind());
+    }
+    outcome
+}
+
+/// Maps one KVM exit to its outcome, and says what the exit was (None for
+/// an emulation failure, which the run loop tells apart): [`handle_exit`]
+/// without the counting, for a caller that also times the exit.
+pub fn serve_exit(dev: &mut Devices, exit: VcpuExit<'_>) -> (Outcome, Option<ExitEvent>) {
+    let reason = |kind| Some(ExitEvent::reason(kind));
     match exit {
-        VcpuExit::IoOut(port, data) => {
-            exits.record(ExitKind::Io);
-            dev.io_out(port, data)
-        }
+        VcpuExit::IoOut(port, data) => (dev.io_out(port, data), Some(ExitEvent::io(PortClass::of(port)))),
         VcpuExit::IoIn(port, data) => {
-            exits.record(ExitKind::Io);
             dev.io_in(port, data);
-            Outcome::Continue
+            (Outcome::Continue, Some(ExitEvent::io(PortClass::of(port))))
         }
         VcpuExit::MmioRead(gpa, data) if dev.memory.is_guest_ram(gpa) => {
             // A hole in the memslot view: the secondary MMU has no entry.
-            exits.record(ExitKind::EptRead);
-            served(dev.memory.complete_read(gpa, data))
+            (served(dev.memory.complete_read(gpa, data)), reason(ExitKind::EptRead))
         }
         VcpuExit::MmioWrite(gpa, data) if dev.memory.is_guest_ram(gpa) => {
             // A hole or a read-only slot: KVM retired the write unperformed.
-            exits.record(ExitKind::EptWrite);
-            served(dev.memory.complete_write(gpa, data))
+            (served(dev.memory.complete_write(gpa, data)), reason(ExitKind::EptWrite))
         }
         VcpuExit::MmioRead(_gpa, data) => {
-            exits.record(ExitKind::Mmio);
             data.fill(0xFF);
-            Outcome::Continue
+            (Outcome::Continue, reason(ExitKind::Mmio))
         }
-        VcpuExit::MmioWrite(_gpa, _data) => {
-            exits.record(ExitKind::Mmio);
-            Outcome::Continue
-        }
-        VcpuExit::Hlt => ends(exits, ExitKind::Hlt, RunEnd::Hlt),
-        VcpuExit::Shutdown => ends(exits, ExitKind::Shutdown, RunEnd::TripleFault),
+        VcpuExit::MmioWrite(_gpa, _data) => (Outcome::Continue, reason(ExitKind::Mmio)),
+        VcpuExit::Hlt => ends(ExitKind::Hlt, RunEnd::Hlt),
+        VcpuExit::Shutdown => ends(ExitKind::Shutdown, RunEnd::TripleFault),
         // Counted by the run loop, which tells a fetch fault from a failure.
-        VcpuExit::InternalError => Outcome::EmulationFailure,
-        VcpuExit::FailEntry(reason, _cpu) => ends(exits, ExitKind::Other, RunEnd::FailEntry(reason)),
-        VcpuExit::Intr => {
-            exits.record(ExitKind::Intr);
-            Outcome::Continue
-        }
-        VcpuExit::MemoryFault { gpa, .. } if dev.memory.is_guest_ram(gpa) => memory_fault(&dev.memory, exits, gpa),
+        VcpuExit::InternalError => (Outcome::EmulationFailure, None),
+        VcpuExit::FailEntry(reason, _cpu) => ends(ExitKind::Other, RunEnd::FailEntry(reason)),
+        VcpuExit::Intr => (Outcome::Continue, reason(ExitKind::Intr)),
+        VcpuExit::MemoryFault { gpa, .. } if dev.memory.is_guest_ram(gpa) => memory_fault(&dev.memory, gpa),
         VcpuExit::MemoryFault { flags, gpa, size } => {
             let what =
                 format!("KVM_EXIT_MEMORY_FAULT at gpa {gpa:#x} (size {size:#x}, flags {flags:#x}) outside guest RAM");
-            ends(exits, ExitKind::Other, RunEnd::Unexpected(what))
+            ends(ExitKind::Other, RunEnd::Unexpected(what))
         }
-        other => ends(exits, ExitKind::Other, RunEnd::Unexpected(format!("{other:?}"))),
+        other => ends(ExitKind::Other, RunEnd::Unexpected(format!("{other:?}"))),
     }
 }
 
-/// An exit that ends the run, counted under `kind`.
-fn ends(exits: &mut ExitCounts, kind: ExitKind, end: RunEnd) -> Outcome {
-    exits.record(kind);
-    Outcome::End(end)
+/// An exit of reason `kind` that ends the run.
+fn ends(kind: ExitKind, end: RunEnd) -> (Outcome, Option<ExitEvent>) {
+    (Outcome::End(end), Some(ExitEvent::reason(kind)))
 }
 
 /// The outcome of serving guest RAM: on, or the end of the run.
@@ -210,27 +216,37 @@ fn served(result: Result<(), GuestRamError>) -> Outcome {
 /// KVM_EXIT_MEMORY_FAULT on RAM: other KVMs report some secondary-MMU
 /// faults this way, without the access type. An absent page is faulted in
 /// for read; a page that is mapped yet faults again must want write.
-fn memory_fault(memory: &GuestRam, exits: &mut ExitCounts, gpa: u64) -> Outcome {
+fn memory_fault(memory: &GuestRam, gpa: u64) -> (Outcome, Option<ExitEvent>) {
     let access = if memory.is_mapped(gpa) { Access::Write } else { Access::Read };
-    exits.record(if access == Access::Write { ExitKind::EptWrite } else { ExitKind::EptRead });
-    served(memory.fault(gpa, access))
+    let kind = if access == Access::Write { ExitKind::EptWrite } else { ExitKind::EptRead };
+    (served(memory.fault(gpa, access)), Some(ExitEvent::reason(kind)))
 }
 
 /// Maps a failed KVM_RUN to an outcome: a signal (EINTR) is a kick from the
 /// watchdog, anything else ends the run.
 pub fn handle_run_error(err: &kvm_ioctls::Error, exits: &mut ExitCounts, watchdog: &Watchdog) -> Outcome {
+    let (outcome, event) = serve_run_error(err, watchdog);
+    if let Some(event) = event {
+        exits.record(event.kind());
+    }
+    outcome
+}
+
+/// [`handle_run_error`] without the counting: the outcome, and the exit
+/// it was (an `intr` for EINTR; none otherwise).
+pub fn serve_run_error(err: &kvm_ioctls::Error, watchdog: &Watchdog) -> (Outcome, Option<ExitEvent>) {
     match err.errno() {
         libc::EINTR => {
-            exits.record(ExitKind::Intr);
-            match watchdog.stop_request() {
+            let outcome = match watchdog.stop_request() {
                 StopRequest::Timeout => Outcome::End(RunEnd::Timeout),
                 StopRequest::Interrupted(sig) => Outcome::End(RunEnd::Interrupted(sig)),
                 StopRequest::VmmFailure => Outcome::VmmThreadFailed,
                 StopRequest::None => Outcome::Continue,
-            }
+            };
+            (outcome, Some(ExitEvent::reason(ExitKind::Intr)))
         }
-        libc::EAGAIN => Outcome::Continue,
-        _ => Outcome::End(RunEnd::KvmRunFailed(err.to_string())),
+        libc::EAGAIN => (Outcome::Continue, None),
+        _ => (Outcome::End(RunEnd::KvmRunFailed(err.to_string())), None),
     }
 }
 
@@ -280,8 +296,12 @@ mod tests {
         assert_eq!(handle_exit(&mut d, &mut e, VcpuExit::IoOut(0x501, &[1, 0, 0, 0])), Outcome::Dedup(1));
         assert_eq!(handle_exit(&mut d, &mut e, VcpuExit::IoOut(0x502, &[0xff, 0xff, 0xff, 0xff])), Outcome::Continue);
         assert_eq!(handle_exit(&mut d, &mut e, VcpuExit::IoOut(0xF4, &[3])), Outcome::End(RunEnd::GuestExit(3)));
+        let name = handle_exit(&mut d, &mut e, VcpuExit::IoOut(0x504, &[0, 0, 0x20, 0]));
+        assert_eq!(name, Outcome::PhaseName(vec![0, 0, 0x20, 0]));
         assert_eq!(d.reports, vec![0xFFFF_FFFF]);
-        assert_eq!((e.io, e.total), (4, 4));
+        assert_eq!((e.io, e.total), (5, 5));
+        let (_, event) = serve_exit(&mut d, VcpuExit::IoOut(0x3F8, b"x"));
+        assert_eq!(event.map(ExitEvent::name), Some("io:console"));
     }
 
     #[test]

@@ -78,9 +78,7 @@ pub(super) fn settle(
     }
     let rip = if end.by_guest() { None } else { vm.vcpu.get_regs().ok().map(|r| r.rip) };
     if end == RunEnd::TripleFault && halted_at(&vm, rip) {
-        let exits = phases.exits();
-        exits.shutdown -= 1;
-        exits.hlt += 1;
+        phases.recount_shutdown_as_hlt();
         end = RunEnd::Hlt;
     }
     if end == RunEnd::InternalError {

@@ -6,7 +6,6 @@
 mod end;
 mod vcpu_loop;
 
-use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,12 +60,8 @@ pub fn run(config: RunConfig) -> Result<RunStats, VmError> {
         timeout_secs: config.timeout.map(|t| t.as_secs_f64()),
     };
     let mut devices = Devices { console: Console::new(config.console), reports: Vec::new(), memory: vm.guest_ram() };
-    let control = Arc::new(ControlState {
-        dedup: vm.dedup.clone(),
-        phase: AtomicU32::new(0),
-        policy: config.dedup.name().to_string(),
-        closed: AtomicBool::new(false),
-    });
+    let control = Arc::new(ControlState::for_vm(&vm, config.dedup.name()));
+    let units = crate::units::of_vm(&vm);
     let server = config.control.as_deref().map(|p| ControlServer::start(p, control.clone())).transpose()?;
     let started = RunState::try_from(config.ksm.run)
         .and_then(|state| lock(&vm.dedup).set_run(state))
@@ -96,6 +91,7 @@ pub fn run(config: RunConfig) -> Result<RunStats, VmError> {
         },
         phases: settled.phases,
         total: settled.total,
+        units,
     })
 }
 

@@ -1,19 +1,23 @@
 //! The vCPU loop: enter the guest, map the exit to an outcome
-//! ([`handle_exit`]), act on the outcome, until the run ends.
+//! ([`serve_exit`]), act on the outcome, until the run ends. Each exit is
+//! counted under its event and timed from KVM_RUN's return to the next
+//! KVM_RUN entry: what serving it cost.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use shadow_mmu::Access;
 
 use super::RunError;
 use crate::config::{HookPoint, MmHook};
 use crate::control::ControlState;
+use crate::exit_times::ExitEvent;
 use crate::guest_ram::{GuestRam, GuestRamError};
+use crate::phase_name::{read_phase_name, refusal_note};
 use crate::phases::PhaseTracker;
 use crate::signals::{StopRequest, Watchdog};
 use crate::stats::ExitKind;
-use crate::vcpu::{handle_exit, handle_run_error, Devices, Outcome, RunEnd, MAX_PHASES};
+use crate::vcpu::{serve_exit, serve_run_error, Devices, Outcome, RunEnd, MAX_PHASES};
 use crate::vm::{lock, Vm};
 use crate::x86::MAX_INSN_LEN;
 
@@ -25,6 +29,19 @@ pub(super) struct VcpuLoop<'a> {
     control: &'a ControlState,
     watchdog: Watchdog,
     phases: PhaseTracker,
+    /// What the exit being served is, when the run loop decides it (an
+    /// emulation failure).
+    decided: Option<ExitEvent>,
+    /// Phase names refused so far.
+    refused_names: u64,
+}
+
+/// An exit being served: what it was, the phase it counts in, and when
+/// KVM_RUN returned it.
+struct Serving {
+    event: ExitEvent,
+    position: usize,
+    returned: Instant,
 }
 
 impl<'a> VcpuLoop<'a> {
@@ -48,27 +65,53 @@ impl<'a> VcpuLoop<'a> {
         let failed = move || faults.failed() || ksmd_failed.load(Ordering::SeqCst) || lock(&mmu).has_view_error();
         let watchdog = Watchdog::start(timeout, Box::new(failed));
         vm.gate.register_vcpu_thread();
-        Self { vm, devices, hook, control, watchdog, phases }
+        Self { vm, devices, hook, control, watchdog, phases, decided: None, refused_names: 0 }
     }
 
     /// Runs the guest until the run ends; returns how, and the phases so
     /// far. The watchdog stops here.
     pub(super) fn run(mut self) -> (RunEnd, PhaseTracker) {
+        let mut serving: Option<Serving> = None;
         let end = loop {
             self.vm.gate.enter_run();
+            self.served(serving.take());
             let result = self.vm.vcpu.run();
+            let returned = Instant::now();
             self.vm.gate.exit_run();
-            let outcome = match result {
-                Ok(exit) => handle_exit(self.devices, self.phases.exits(), exit),
-                Err(e) => handle_run_error(&e, self.phases.exits(), &self.watchdog),
+            let (outcome, event) = match result {
+                Ok(exit) => serve_exit(self.devices, exit),
+                Err(e) => serve_run_error(&e, &self.watchdog),
             };
-            match self.act(outcome) {
+            if let Some(event) = event {
+                self.count(event);
+            }
+            let position = self.phases.position();
+            let acted = self.act(outcome);
+            let event = event.or(self.decided.take());
+            serving = event.map(|event| Serving { event, position, returned });
+            match acted {
                 Ok(None) => {}
                 Ok(Some(end)) => break end,
                 Err(e) => break RunEnd::vmm_error(&e),
             }
         };
+        self.served(serving);
         (end, self.phases)
+    }
+
+    /// Counts one exit in the running phase and in the live figures.
+    fn count(&mut self, event: ExitEvent) {
+        self.phases.exits().record(event.kind());
+        self.control.exits.record(event);
+    }
+
+    /// The exit under way has been served: its time goes to the phase it
+    /// was counted in.
+    fn served(&mut self, serving: Option<Serving>) {
+        if let Some(s) = serving {
+            let ns = u64::try_from(s.returned.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.phases.record_service(s.position, s.event, ns);
+        }
     }
 
     /// Acts on one outcome: Some(end) when the run is over.
@@ -76,6 +119,10 @@ impl<'a> VcpuLoop<'a> {
         match outcome {
             Outcome::Continue => Ok(None),
             Outcome::NextPhase(n) => self.next_phase(n),
+            Outcome::PhaseName(data) => {
+                self.name_phase(&data);
+                Ok(None)
+            }
             // The vCPU waits while the deduplicator serves the request.
             Outcome::Dedup(value) => self.dedup_request(value),
             Outcome::EmulationFailure => self.emulation_failure(),
@@ -91,12 +138,30 @@ impl<'a> VcpuLoop<'a> {
             ))));
         }
         self.phases.next(self.vm, n);
-        self.control.phase.store(n, Ordering::SeqCst);
+        self.control.start_phase(n);
         let failed = lock(&self.vm.dedup).ksmd_failed();
         if let Some(e) = failed {
             return Err(e.into());
         }
         self.call_hook(HookPoint::PhaseStart(n)).map(|()| None)
+    }
+
+    /// A write to port 0x504: the running phase's name, read from guest
+    /// memory; a bad one is refused with a note (see `phase_name`).
+    fn name_phase(&mut self, data: &[u8]) {
+        let vm = &*self.vm;
+        match read_phase_name(data, vm.mem_bytes, |gpa, buf| vm.read_guest(gpa, buf)) {
+            Ok(name) => {
+                self.control.name_phase(&name);
+                self.phases.name_current(name);
+            }
+            Err(e) => {
+                self.refused_names += 1;
+                if let Some(note) = refusal_note(self.refused_names, data, &e) {
+                    eprintln!("{note}");
+                }
+            }
+        }
     }
 
     /// A request on port 0x501. A pass of the host's ksmd polls the
@@ -127,7 +192,9 @@ impl<'a> VcpuLoop<'a> {
     fn emulation_failure(&mut self) -> Result<Option<RunEnd>, RunError> {
         let fetch = serve_fetch(self.vm, &self.devices.memory);
         let kind = if matches!(fetch, Ok(false)) { ExitKind::InternalError } else { ExitKind::EptFetch };
-        self.phases.exits().record(kind);
+        let event = ExitEvent::reason(kind);
+        self.count(event);
+        self.decided = Some(event);
         match fetch? {
             true => Ok(None),
             false => Ok(Some(RunEnd::InternalError)),

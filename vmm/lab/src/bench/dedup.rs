@@ -30,6 +30,7 @@ use vmm::vm::DedupPolicy;
 
 use crate::compare::fold::median;
 use crate::compare::{run_once, CompareConfig, RunError};
+use crate::progress::Progress;
 
 /// The guest phase in which `unique` and `converge` make their pass.
 const PASS_PHASE: u32 = 2;
@@ -200,10 +201,10 @@ fn result(unique: Vec<Pass>, converge: Vec<Pass>) -> PolicyResult {
     PolicyResult { scan_ns_per_page: scan, merge_ns_per_page: median(&merge), unique, converge, ratio_to_kernel: None }
 }
 
-/// Runs the benchmark; `progress` gets one line per run.
+/// Runs the benchmark; `progress` hears of each run.
 pub fn bench_dedup(
     config: &DedupBenchConfig,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut dyn Progress,
 ) -> Result<DedupBenchReport, DedupBenchError> {
     std::fs::create_dir_all(&config.out)
         .map_err(|source| DedupBenchError::CreateDir { path: config.out.display().to_string(), source })?;
@@ -214,15 +215,20 @@ pub fn bench_dedup(
             None
         }
         Err(e) => {
-            progress(&format!("kernel policy skipped: {e}"));
+            progress.note(&format!("kernel policy skipped: {e}"));
             Some(e.to_string())
         }
     };
     let mut passes: BTreeMap<(&str, &str), Vec<Pass>> = BTreeMap::new();
+    let total = config.repeat * 2 * policies.len() as u32;
+    let mut done = 0;
     for repeat in 0..config.repeat {
         for image in ["unique", "converge"] {
             for &policy in &policies {
-                let pass = measure_pass(config, image, policy, repeat, progress)?;
+                let what = format!("running {image} under {} (repeat {}/{})", policy.name(), repeat + 1, config.repeat);
+                progress.step(done, total, &what);
+                done += 1;
+                let pass = measure_pass(config, image, policy, repeat)?;
                 passes.entry((policy.name(), image)).or_default().push(pass);
             }
         }
@@ -243,7 +249,6 @@ fn measure_pass(
     image: &'static str,
     policy: DedupPolicy,
     repeat: u32,
-    progress: &mut dyn FnMut(&str),
 ) -> Result<Pass, DedupBenchError> {
     let run = CompareConfig {
         image: image.into(),
@@ -266,16 +271,6 @@ fn measure_pass(
             merged: pass.pages_merged,
         });
     }
-    progress(&format!(
-        "{image} {} repeat {}/{}: pass {:.3} s, CPU {:.3} s, {} pages scanned, {} merged",
-        policy.name(),
-        repeat + 1,
-        config.repeat,
-        pass.wall_ns as f64 / 1e9,
-        pass.cpu_ns as f64 / 1e9,
-        pass.pages_scanned,
-        pass.pages_merged
-    ));
     Ok(pass)
 }
 

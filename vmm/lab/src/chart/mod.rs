@@ -1,90 +1,40 @@
-//! Charts of a comparison (SVG, drawn with plotters).
+//! The chart of a comparison (SVG, drawn with plotters), made to be shown:
+//! what the README tells people to compare, per named phase, on linear
+//! axes.
 //!
-//! [`write_svg`] draws one SVG file (1000 x 900 px) holding a title line
-//! ([`ChartData::title`]), one legend shared by both charts (a colour per
-//! policy, in the order of [`ChartData::series`]) and two charts stacked
-//! vertically:
+//! One column of three panels per view (both views side by side when both
+//! ran, from `vmm report`; one for `vmm compare`'s compare.svg):
 //!
-//! 1. "VM exits per phase": grouped bars, one group per guest phase, one bar
-//!    per policy in each group; the bar is the median over the repeats and a
-//!    thin black whisker spans the smallest to the largest value seen.
-//! 2. "Wall time per phase": the same layout for the wall time in ms.
+//! 1. per phase, the secondary-MMU faults the VMM served, a bar per policy
+//!    stacked by kind (read: the policy's colour; write: lighter; fetch:
+//!    darker);
+//! 2. per phase, beside them on the same axis, the VM exits the host KVM
+//!    counted (which also sees the faults the kernel serves itself: all of
+//!    the `kernel` policy's);
+//! 3. the whole run as ratios to `off` on a linear axis: the host KVM's
+//!    exits and the wall time, with a whisker from the smallest to the
+//!    largest run (per phase, `off` takes a handful of exits, so per-phase
+//!    ratios would only show those handfuls).
 //!
-//! # Logarithmic y axes and zeros
-//!
-//! Both y axes are logarithmic (base 10), because exits differ by orders of
-//! magnitude between phases. A log axis cannot show 0, so:
-//!
-//! - the axis floor is half the power of ten at or below the smallest
-//!   positive value in the chart (1 exit gives a floor of 0.5; with no
-//!   positive value at all it is 0.5), so every positive value stands above
-//!   the floor; tick labels are only put on powers of ten (plus 2 and 5 times
-//!   them when at most three powers of ten fall on the axis), never on the
-//!   floor;
-//! - a value of 0 (or a negative one) is clipped to the floor: its bar has no
-//!   height, and a median of 0 is marked by a "0" written just above the
-//!   x axis (beside the whisker when there is one), so a missing bar never
-//!   silently reads as "small";
-//! - the axis top is the first power of ten above 1.25 times the largest
-//!   value, so the tallest whisker keeps some room;
-//! - at most 12 decades are drawn: positive values more than that
-//!   far below the largest one are clipped to the floor like zeros (without
-//!   the "0" mark).
-//!
-//! # Missing and non-finite figures
-//!
-//! A median that is NaN or infinite, or a phase a series has no entry for,
-//! gets no bar and is marked "n/a". A non-finite min or max is replaced by
-//! the median (no whisker on that side).
-//!
-//! # Empty data
-//!
-//! With no phases or no series, [`write_svg`] still succeeds: it writes the
-//! title and, for each chart, its frame with its title and the note
-//! "no data".
+//! Each group of bars in 1 and 2 is a phase, labelled with its number and
+//! name; repeated phases (the same name, or unnamed with the same number)
+//! are one group (`×16`: the median over them). Bars are medians over the
+//! repeats, their value written above them; a missing figure is marked
+//! `n/a`, never drawn as 0. Panels of a row share their y axis (rows 1 and
+//! 2 one axis), so views and rows compare at a glance. [`layout`] says
+//! where each panel's plot is (for tests).
 
 mod axis;
+pub mod data;
 
 use std::path::Path;
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
+use plotters::style::FontTransform;
 
-use axis::{tick_label, y_range, y_ticks};
-
-/// A median and its spread over the repeats of one figure.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct Spread {
-    /// Median over the repeats.
-    pub median: f64,
-    /// Smallest value seen.
-    pub min: f64,
-    /// Largest value seen.
-    pub max: f64,
-}
-
-/// One policy's figures, one entry per phase (in `ChartData::phases` order).
-#[derive(Debug, Clone, PartialEq)]
-pub struct PolicySeries {
-    /// The policy name (`off`, `change-pte`, ...).
-    pub policy: String,
-    /// VM exits per phase (every reason, including secondary-MMU faults).
-    pub exits: Vec<Spread>,
-    /// Wall time per phase, in milliseconds.
-    pub wall_ms: Vec<Spread>,
-}
-
-/// What `vmm compare` charts.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChartData {
-    /// Title line (image, RAM size, view, repeats).
-    pub title: String,
-    /// The guest's phase numbers, in order.
-    pub phases: Vec<u32>,
-    /// One series per policy, in the order the user gave.
-    pub series: Vec<PolicySeries>,
-}
+pub use data::{Cell, ChartData, Group, Spread, ViewData};
 
 /// Errors while drawing.
 #[derive(Debug, thiserror::Error)]
@@ -103,47 +53,9 @@ pub enum ChartError {
 /// What drawing on a `DB` gives: plotters' error for that backend.
 type Drawn<T, DB> = Result<T, DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
 
-/// Writes the comparison's charts into one SVG file: exits per phase per
-/// policy (grouped bars, median with a min-max whisker), and wall time per
-/// phase per policy (the same layout).
-///
-/// Both y axes are logarithmic; zeros sit on the axis floor and are marked
-/// "0", see the [module documentation](self) for the details. Empty `phases`
-/// or `series` give a chart that says "no data" rather than an error; NaN and
-/// infinite figures are marked "n/a" and never panic.
-///
-/// # Errors
-///
-/// [`ChartError::Draw`] when plotters cannot draw or the file cannot be
-/// written.
-pub fn write_svg(path: &Path, data: &ChartData) -> Result<(), ChartError> {
-    let fail = |source| ChartError::Draw { path: path.display().to_string(), source };
-    let root = SVGBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
-    draw_all(&root, data).map_err(fail)?;
-    root.present().map_err(fail)
-}
-
-/// Size of the SVG picture, in pixels.
-const WIDTH: u32 = 1000;
-const HEIGHT: u32 = 900;
-
-/// Fraction of a phase's slot the group of bars takes.
-const GROUP_WIDTH: f64 = 0.8;
-
-/// x coordinates are integers, `SLOT` per phase (phase `i` is centred on
-/// `i * SLOT`): plotters' f64 axis with fixed key points has no default
-/// label formatting, the integer one has.
-const SLOT: i64 = 10_000;
-
-/// An x position, given in phases, as an x coordinate.
-fn x_at(phases: f64) -> i64 {
-    (phases * SLOT as f64).round() as i64
-}
-
 const FONT: &str = "sans-serif";
 
-/// Policy colours (Okabe-Ito, distinguishable with colour blindness); cycled
-/// when there are more policies.
+/// Policy colours (Okabe-Ito, distinguishable with colour blindness).
 const PALETTE: [RGBColor; 8] = [
     RGBColor(0, 114, 178),
     RGBColor(230, 159, 0),
@@ -159,354 +71,314 @@ fn colour(index: usize) -> RGBColor {
     PALETTE[index % PALETTE.len()]
 }
 
-/// Which figures of a series a chart shows.
-type Pick = fn(&PolicySeries) -> &[Spread];
-
-/// Draws everything on `root`.
-fn draw_all<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, data: &ChartData) -> Drawn<(), DB> {
-    root.fill(&WHITE)?;
-    let body = root.titled(&data.title, (FONT, 28))?;
-    let body = draw_legend(&body, &data.series)?;
-    let halves = body.split_evenly((2, 1));
-    let panels: [(&str, &str, Pick); 2] = [
-        ("VM exits per phase", "exits (median of repeats)", |s| &s.exits),
-        ("Wall time per phase", "ms (median of repeats)", |s| &s.wall_ms),
-    ];
-    for (area, (title, y_desc, pick)) in halves.iter().zip(panels) {
-        let series: Vec<&[Spread]> = data.series.iter().map(pick).collect();
-        draw_panel(area, title, y_desc, &data.phases, &series)?;
+/// The policy's colour for faults of kind 0 (read), 1 (write), 2 (fetch).
+fn shade(c: RGBColor, kind: usize) -> RGBColor {
+    let mix = |v: u8, to: f64, by: f64| (f64::from(v) + (to - f64::from(v)) * by).round() as u8;
+    match kind {
+        0 => c,
+        1 => RGBColor(mix(c.0, 255.0, 0.55), mix(c.1, 255.0, 0.55), mix(c.2, 255.0, 0.55)),
+        _ => RGBColor(mix(c.0, 0.0, 0.45), mix(c.1, 0.0, 0.45), mix(c.2, 0.0, 0.45)),
     }
-    Ok(())
 }
 
-/// Draws the legend (a swatch and the name of each policy, wrapped into as
-/// many rows as needed) at the top of `area` and returns the rest of it.
-fn draw_legend<DB: DrawingBackend>(
-    area: &DrawingArea<DB, Shift>,
-    series: &[PolicySeries],
-) -> Drawn<DrawingArea<DB, Shift>, DB> {
-    if series.is_empty() {
-        return Ok(area.clone());
-    }
-    const ROW: i32 = 24;
-    const SWATCH: i32 = 14;
-    const GAP: i32 = 28;
-    let style = TextStyle::from((FONT, 18).into_font()).color(&BLACK).pos(Pos::new(HPos::Left, VPos::Center));
-    // Keep a margin on both sides: the text width is only an estimate.
-    const SIDE: i32 = 10;
-    let width = i32::try_from(area.dim_in_pixel().0).unwrap_or(i32::MAX).saturating_sub(2 * SIDE);
-    // Lay the entries out first so the strip gets the height it needs.
-    let mut placed = Vec::with_capacity(series.len());
-    let (mut x, mut row) = (0, 0);
-    for (i, s) in series.iter().enumerate() {
-        let text_w = area.estimate_text_size(&s.policy, &style)?.0;
-        let entry_w = SWATCH + 6 + i32::try_from(text_w).unwrap_or(i32::MAX / 2);
-        if x > 0 && x + entry_w > width {
-            x = 0;
-            row += 1;
-        }
-        placed.push((i, x, row));
-        x = x.saturating_add(entry_w + GAP);
-    }
-    let rows = row + 1;
-    let strip_h = rows * ROW + 6;
-    let (strip, rest) = area.split_vertically(strip_h);
-    // Centre each row.
-    for r in 0..rows {
-        let in_row: Vec<_> = placed.iter().filter(|p| p.2 == r).collect();
-        let Some(last) = in_row.last() else { continue };
-        let last_w = {
-            let name = &series[last.0].policy;
-            let w = strip.estimate_text_size(name, &style)?.0;
-            SWATCH + 6 + i32::try_from(w).unwrap_or(0)
-        };
-        let row_w = last.1 + last_w;
-        let left = SIDE + ((width - row_w) / 2).max(0);
-        for &&(i, x, _) in &in_row {
-            let y = r * ROW + ROW / 2;
-            let x = left + x;
-            strip.draw(&Rectangle::new([(x, y - SWATCH / 2), (x + SWATCH, y + SWATCH / 2)], colour(i).filled()))?;
-            strip.draw_text(&series[i].policy, &style, (x + SWATCH + 6, y))?;
-        }
-    }
-    Ok(rest)
+/// Pixels: the header (title, subtitle, legend), a panel, its parts.
+const HEADER: i32 = 150;
+const PANEL: i32 = 330;
+const PANEL_TITLE: i32 = 34;
+const PLOT: i32 = 200;
+const AXIS: i32 = 70;
+const MARGIN: i32 = 24;
+
+/// Where one panel's plot area is, in pixels: (left, top, width, height).
+pub type Rect = (i32, i32, i32, i32);
+
+/// The picture's size and each panel's plot area, row by row (faults,
+/// exits, wall time), view by view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Layout {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// `plots[row][view]`.
+    pub plots: Vec<Vec<Rect>>,
+    /// Width of one phase group.
+    group_w: i32,
 }
 
-/// One bar as drawn: the figures cleaned of negatives and non-finite values,
-/// or `None` when there is nothing to draw (missing or non-finite median).
-fn clean(spread: Option<&Spread>) -> Option<Spread> {
-    let s = spread?;
-    if !s.median.is_finite() {
-        return None;
-    }
-    let median = s.median.max(0.0);
-    let min = if s.min.is_finite() { s.min.max(0.0).min(median) } else { median };
-    let max = if s.max.is_finite() { s.max.max(median) } else { median };
-    Some(Spread { median, min, max })
-}
-
-/// Draws one chart: grouped bars with whiskers, or the frame and
-/// "no data" when there is nothing to show.
-fn draw_panel<DB: DrawingBackend>(
-    area: &DrawingArea<DB, Shift>,
-    title: &str,
-    y_desc: &str,
-    phases: &[u32],
-    series: &[&[Spread]],
-) -> Drawn<(), DB> {
-    if phases.is_empty() || series.is_empty() {
-        return draw_no_data(area, title);
-    }
-    // bars[policy][phase]
-    let bars: Vec<Vec<Option<Spread>>> =
-        series.iter().map(|s| (0..phases.len()).map(|i| clean(s.get(i))).collect()).collect();
-    let (floor, top) = y_range(&bars);
-    let n = phases.len();
-    let x_ticks: Vec<i64> = (0..n).map(|i| x_at(i as f64)).collect();
-
-    let mut chart = ChartBuilder::on(area)
-        .caption(title, (FONT, 22))
-        .margin(10)
-        .margin_right(20)
-        .x_label_area_size(50)
-        .y_label_area_size(80)
-        .build_cartesian_2d(
-            (x_at(-0.5)..x_at(n as f64 - 0.5)).with_key_points(x_ticks),
-            (floor..top).log_scale().with_key_points(y_ticks(floor, top)),
-        )?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .bold_line_style(RGBColor(220, 220, 220))
-        .x_desc("guest phase  (bar: median, whisker: min-max; log y axis, a median of 0 is marked \"0\")")
-        .y_desc(y_desc)
-        .x_label_formatter(&|x| {
-            let i = usize::try_from((x + SLOT / 2).div_euclid(SLOT)).ok();
-            i.and_then(|i| phases.get(i)).map(u32::to_string).unwrap_or_default()
+/// The layout of `data`'s chart.
+pub fn layout(data: &ChartData) -> Layout {
+    let policies = data.views.iter().map(|v| v.policies.len()).max().unwrap_or(1) as i32;
+    let group_w = (14 * policies + 30).max(96);
+    // The phase groups: the whole run (the last group) is drawn as ratios.
+    let widths: Vec<i32> =
+        data.views.iter().map(|v| AXIS + v.groups.len().saturating_sub(1).max(2) as i32 * group_w + 16).collect();
+    let width = (MARGIN * 2 + widths.iter().sum::<i32>() + MARGIN * (widths.len() as i32 - 1).max(0)).max(960);
+    let plots = (0..ROWS.len() as i32)
+        .map(|row| {
+            let mut x = MARGIN;
+            widths
+                .iter()
+                .map(|w| {
+                    let rect = (x + AXIS, HEADER + row * PANEL + PANEL_TITLE, w - AXIS - 16, PLOT);
+                    x += w + MARGIN;
+                    rect
+                })
+                .collect()
         })
-        .y_label_formatter(&|y| tick_label(*y))
-        .label_style((FONT, 16))
-        .axis_desc_style((FONT, 16))
-        .draw()?;
+        .collect();
+    let height = HEADER + ROWS.len() as i32 * PANEL + 20;
+    Layout { width: width as u32, height: height as u32, plots, group_w }
+}
 
-    let slot = GROUP_WIDTH / series.len() as f64;
-    let plot = chart.plotting_area();
-    for (j, per_phase) in bars.iter().enumerate() {
-        for (i, bar) in per_phase.iter().enumerate() {
-            let place = BarPlace { left: i as f64 - GROUP_WIDTH / 2.0 + j as f64 * slot, slot, floor, top };
-            draw_bar(plot, &place, bar.as_ref(), colour(j))?;
-        }
+/// A row of panels: its title and what each bar shows.
+struct Row {
+    title: &'static str,
+    ratio: bool,
+}
+
+const ROWS: [Row; 3] = [
+    Row { title: "secondary-MMU faults the VMM served, per phase", ratio: false },
+    Row { title: "VM exits the host KVM counted, per phase", ratio: false },
+    Row { title: "the whole run, as a ratio to off", ratio: true },
+];
+
+/// The groups of the ratio row: what is divided by `off`'s.
+const RATIO_GROUPS: [&str; 2] = ["VM exits (host KVM)", "wall time"];
+
+/// One bar as drawn: stacked values (faults) or one value, and a ratio's
+/// spread; None: n/a.
+type Bar = Option<(Vec<f64>, Option<Spread>)>;
+
+/// A group of bars as drawn: its label, the phases it stands for, a bar
+/// per policy.
+type BarGroup = (String, usize, Vec<Bar>);
+
+/// One bar: stacked values (faults), a count, or a ratio with its spread;
+/// None: n/a. In the ratio row, `g` is the index in [`RATIO_GROUPS`].
+fn bar(cell: &Cell, row: usize, g: usize) -> Bar {
+    match (row, g) {
+        (0, _) => Some((cell.faults.to_vec(), None)),
+        (1, _) => cell.exits.map(|e| (vec![e], None)),
+        (_, 0) => cell.exits_ratio.map(|s| (vec![s.median], Some(s))),
+        _ => cell.wall_ratio.map(|s| (vec![s.median], Some(s))),
     }
-    Ok(())
 }
 
-/// Where a bar goes: its left edge and width (in phases) and the y axis's range.
-struct BarPlace {
-    left: f64,
-    slot: f64,
-    floor: f64,
-    top: f64,
+/// The groups a panel of `row` draws: each with its label, how many
+/// phases it stands for, and its cells.
+fn panel_groups(view: &ViewData, row: usize) -> Vec<BarGroup> {
+    if !ROWS[row].ratio {
+        // The phases only: the whole run is the ratio row's (its counts
+        // would flatten every phase's bars).
+        let phases = &view.groups[..view.groups.len().saturating_sub(1)];
+        return phases
+            .iter()
+            .map(|g| (g.label.clone(), g.times, g.cells.iter().map(|c| bar(c, row, 0)).collect()))
+            .collect();
+    }
+    let whole = view.groups.last();
+    RATIO_GROUPS
+        .iter()
+        .enumerate()
+        .map(|(i, label)| {
+            let cells = whole.map(|g| g.cells.iter().map(|c| bar(c, row, i)).collect()).unwrap_or_default();
+            (label.to_string(), 1, cells)
+        })
+        .collect()
 }
 
-/// Draws one bar: the median as a filled bar, a whisker from min to max, a
-/// "0" for a median of 0 and "n/a" for a missing one.
+/// Writes the chart of `data` as an SVG file.
 ///
-/// `plot` is a chart's plotting area: x in [`SLOT`] units, y the figure.
-fn draw_bar<DB, CT>(plot: &DrawingArea<DB, CT>, at: &BarPlace, bar: Option<&Spread>, colour: RGBColor) -> Drawn<(), DB>
-where
-    DB: DrawingBackend,
-    CT: CoordTranslate<From = (i64, f64)>,
-{
-    let (floor, slot) = (at.floor, at.slot);
-    let gap = slot * 0.08;
-    let cap = x_at(slot * 0.18);
-    let centre = x_at(at.left + slot / 2.0);
-    let clip = |v: f64| v.clamp(floor, at.top);
-    let mark = TextStyle::from((FONT, 15).into_font()).color(&BLACK).pos(Pos::new(HPos::Center, VPos::Bottom));
-    let Some(s) = bar else {
-        return plot.draw(&Text::new("n/a", (centre, floor), mark));
+/// # Errors
+///
+/// [`ChartError::Draw`] when plotters cannot draw or the file cannot be
+/// written.
+pub fn write_svg(path: &Path, data: &ChartData) -> Result<(), ChartError> {
+    let fail = |source| ChartError::Draw { path: path.display().to_string(), source };
+    let l = layout(data);
+    let root = SVGBackend::new(path, (l.width, l.height)).into_drawing_area();
+    draw_all(&root, data, &l).map_err(fail)?;
+    root.present().map_err(fail)
+}
+
+fn text(size: u32, pos: Pos) -> TextStyle<'static> {
+    TextStyle::from((FONT, size).into_font()).color(&BLACK).pos(pos)
+}
+
+fn draw_all<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, data: &ChartData, l: &Layout) -> Drawn<(), DB> {
+    root.fill(&WHITE)?;
+    let left = Pos::new(HPos::Left, VPos::Top);
+    let mut y = 14;
+    let bold = TextStyle::from((FONT, 26, FontStyle::Bold).into_font()).color(&BLACK).pos(left);
+    for line in axis::wrap(&data.title, (l.width as usize - 2 * MARGIN as usize) / 14) {
+        root.draw_text(&line, &bold, (MARGIN, y))?;
+        y += 32;
+    }
+    root.draw_text(&data.subtitle, &text(16, left), (MARGIN, y + 2))?;
+    draw_legend(root, data, y + 34)?;
+    let largest = |rows: &[usize]| {
+        let bars = data.views.iter().flat_map(|v| rows.iter().flat_map(move |&r| panel_groups(v, r)));
+        let bars = bars.flat_map(|(_, _, cells)| cells).flatten();
+        bars.map(|(v, s)| s.map_or(v.iter().sum(), |s| s.max)).fold(0.0_f64, f64::max)
     };
-    if s.median > 0.0 {
-        let corners = [(x_at(at.left + gap), floor), (x_at(at.left + slot - gap), clip(s.median))];
-        plot.draw(&Rectangle::new(corners, colour.filled()))?;
-    }
-    let (lo, hi) = (clip(s.min), clip(s.max));
-    if s.median <= 0.0 {
-        // A "0" beside a whisker rather than under it.
-        let zero = if hi > lo {
-            Text::new("0", (centre + cap, floor), mark.pos(Pos::new(HPos::Left, VPos::Bottom)))
-        } else {
-            Text::new("0", (centre, floor), mark)
-        };
-        plot.draw(&zero)?;
-    }
-    if hi > lo {
-        let whisker = BLACK.stroke_width(1);
-        plot.draw(&PathElement::new(vec![(centre, lo), (centre, hi)], whisker))?;
-        for y in [lo, hi] {
-            plot.draw(&PathElement::new(vec![(centre - cap, y), (centre + cap, y)], whisker))?;
+    for (r, row) in ROWS.iter().enumerate() {
+        let top = l.plots[r].iter().map(|p| p.3).max().unwrap_or(1);
+        // Faults and exits on one axis: the faults are among the exits.
+        let max = if row.ratio { largest(&[r]).max(1.0) } else { largest(&[0, 1]) };
+        let scale = axis::Scale::new(max, top);
+        for (view, rect) in data.views.iter().zip(&l.plots[r]) {
+            let title = format!("{} view: {}", view.view, row.title);
+            root.draw_text(&title, &text(17, left), (rect.0 - AXIS + 8, rect.1 - PANEL_TITLE + 8))?;
+            draw_panel(root, view, r, *rect, &scale, l.group_w)?;
         }
     }
     Ok(())
 }
 
-/// A chart without data: its title, an empty frame and "no data".
-fn draw_no_data<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, title: &str) -> Drawn<(), DB> {
-    let inner = area.margin(10, 10, 10, 10);
-    let inner = inner.titled(title, (FONT, 22))?;
-    let (w, h) = inner.dim_in_pixel();
-    let (w, h) = (i32::try_from(w).unwrap_or(i32::MAX), i32::try_from(h).unwrap_or(i32::MAX));
-    inner.draw(&Rectangle::new([(0, 0), (w - 1, h - 1)], BLACK.stroke_width(1)))?;
-    let style = TextStyle::from((FONT, 20).into_font()).color(&BLACK).pos(Pos::new(HPos::Center, VPos::Center));
-    inner.draw_text("no data", &style, (w / 2, h / 2))
+/// The policies' colours, and the fault kinds' shades.
+fn draw_legend<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, data: &ChartData, y: i32) -> Drawn<(), DB> {
+    let style = text(16, Pos::new(HPos::Left, VPos::Center));
+    let mut policies: Vec<&String> = Vec::new();
+    for v in &data.views {
+        for p in &v.policies {
+            if !policies.contains(&p) {
+                policies.push(p);
+            }
+        }
+    }
+    let mut x = MARGIN;
+    for (i, p) in policies.iter().enumerate() {
+        let c = colour(colour_index(data, p).unwrap_or(i));
+        root.draw(&Rectangle::new([(x, y - 8), (x + 16, y + 8)], c.filled()))?;
+        root.draw_text(p, &style, (x + 22, y))?;
+        x += 40 + 9 * p.len() as i32;
+    }
+    x += 30;
+    root.draw_text("faults:", &style, (x, y))?;
+    x += 62;
+    for (kind, name) in ["read", "write", "fetch"].iter().enumerate() {
+        root.draw(&Rectangle::new([(x, y - 8), (x + 16, y + 8)], shade(RGBColor(90, 90, 90), kind).filled()))?;
+        root.draw_text(name, &style, (x + 22, y))?;
+        x += 80;
+    }
+    let note =
+        "bars: medians over the repeats; whiskers: smallest to largest run; ×N: N identical phases, their median";
+    root.draw_text(note, &text(14, Pos::new(HPos::Left, VPos::Center)), (MARGIN, y + 28))
+}
+
+/// A policy's colour index: its position among every view's policies.
+fn colour_index(data: &ChartData, policy: &str) -> Option<usize> {
+    let mut all: Vec<&str> = Vec::new();
+    for v in &data.views {
+        for p in &v.policies {
+            if !all.contains(&p.as_str()) {
+                all.push(p);
+            }
+        }
+    }
+    all.iter().position(|p| *p == policy)
+}
+
+/// One panel: axis, grid, bars and group labels.
+fn draw_panel<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    view: &ViewData,
+    row: usize,
+    (x0, y0, w, h): Rect,
+    scale: &axis::Scale,
+    group_w: i32,
+) -> Drawn<(), DB> {
+    let grid = RGBColor(225, 225, 225);
+    for (v, label) in scale.ticks() {
+        let y = y0 + h - scale.px(v);
+        root.draw(&PathElement::new(vec![(x0, y), (x0 + w, y)], grid.stroke_width(1)))?;
+        root.draw_text(&label, &text(13, Pos::new(HPos::Right, VPos::Center)), (x0 - 6, y))?;
+    }
+    if ROWS[row].ratio {
+        let y = y0 + h - scale.px(1.0);
+        root.draw(&PathElement::new(vec![(x0, y), (x0 + w, y)], BLACK.stroke_width(1)))?;
+    }
+    root.draw(&PathElement::new(vec![(x0, y0 + h), (x0 + w, y0 + h)], BLACK.stroke_width(1)))?;
+    let data = ChartData { title: String::new(), subtitle: String::new(), views: vec![view.clone()] };
+    let groups = panel_groups(view, row);
+    // The ratio row's two groups spread over the panel.
+    let group_w = if ROWS[row].ratio { w / groups.len().max(1) as i32 } else { group_w };
+    for (g, (label, times, bars)) in groups.into_iter().enumerate() {
+        let gx = x0 + g as i32 * group_w;
+        let bw = ((group_w - 16) / view.policies.len().max(1) as i32).clamp(3, 60);
+        let left = gx + (group_w - bw * view.policies.len() as i32) / 2;
+        for (j, bar) in bars.into_iter().enumerate() {
+            let c = colour(colour_index(&data, &view.policies[j]).unwrap_or(j));
+            draw_bar(root, bar, c, (left + j as i32 * bw, bw - 2), (y0, h), scale)?;
+        }
+        draw_group_label(root, &label, times, gx + group_w / 2, y0 + h + 6, group_w)?;
+    }
+    Ok(())
+}
+
+/// One bar at x `bx` of width `bw` in a plot from `y0` of height `h`.
+fn draw_bar<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    bar: Bar,
+    c: RGBColor,
+    (bx, bw): (i32, i32),
+    (y0, h): (i32, i32),
+    scale: &axis::Scale,
+) -> Drawn<(), DB> {
+    let base = y0 + h;
+    let centre = bx + bw / 2;
+    let up = text(11, Pos::new(HPos::Left, VPos::Center)).transform(FontTransform::Rotate270);
+    let Some((stack, spread)) = bar else {
+        return root.draw_text("n/a", &up, (centre, base - 4));
+    };
+    let mut y = base;
+    for (kind, v) in stack.iter().enumerate() {
+        let top = base - scale.px(stack[..=kind].iter().sum());
+        if *v > 0.0 && top < y {
+            let fill = if spread.is_some() { c } else { shade(c, kind) };
+            root.draw(&Rectangle::new([(bx, top), (bx + bw, y)], fill.filled()))?;
+        }
+        y = top.min(y);
+    }
+    let total: f64 = stack.iter().sum();
+    let mut label_at = y;
+    if let Some(s) = spread {
+        let (lo, hi) = (base - scale.px(s.min), base - scale.px(s.max));
+        if lo > hi {
+            root.draw(&PathElement::new(vec![(centre, lo), (centre, hi)], BLACK.stroke_width(1)))?;
+            root.draw(&PathElement::new(vec![(centre - 3, hi), (centre + 3, hi)], BLACK.stroke_width(1)))?;
+        }
+        label_at = label_at.min(hi);
+    }
+    let label = match spread {
+        Some(s) => format!("{:.2}×", s.median),
+        None => axis::count_label(total),
+    };
+    root.draw_text(&label, &up, (centre, label_at - 4))
+}
+
+/// A group's label under its bars: the phase's number and name, wrapped,
+/// and `×N` for N identical phases.
+fn draw_group_label<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    label: &str,
+    times: usize,
+    x: i32,
+    y: i32,
+    width: i32,
+) -> Drawn<(), DB> {
+    let style = text(12, Pos::new(HPos::Center, VPos::Top));
+    let mut lines = axis::wrap(label, (width as usize / 7).max(6));
+    lines.truncate(3);
+    if times > 1 {
+        lines.push(format!("×{times}"));
+    }
+    for (i, line) in lines.iter().enumerate() {
+        root.draw_text(line, &style, (x, y + 14 * i as i32))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A unique temp file, removed on drop.
-    struct TempSvg(std::path::PathBuf);
-
-    impl TempSvg {
-        fn new(tag: &str) -> Self {
-            use std::sync::atomic::{AtomicUsize, Ordering};
-            static COUNTER: AtomicUsize = AtomicUsize::new(0);
-            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-            let name = format!("vmm-chart-{tag}-{}-{n}.svg", std::process::id());
-            Self(std::env::temp_dir().join(name))
-        }
-
-        fn read(&self) -> String {
-            std::fs::read_to_string(&self.0).expect("read the SVG")
-        }
-    }
-
-    impl Drop for TempSvg {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-
-    fn spread(median: f64, min: f64, max: f64) -> Spread {
-        Spread { median, min, max }
-    }
-
-    fn three_by_three() -> ChartData {
-        let policies = ["off", "change-pte", "invalidate"];
-        let series = policies
-            .iter()
-            .enumerate()
-            .map(|(j, p)| {
-                let k = j as f64 + 1.0;
-                PolicySeries {
-                    policy: (*p).to_string(),
-                    exits: vec![
-                        spread(10.0 * k, 8.0 * k, 14.0 * k),
-                        spread(1000.0 * k, 900.0 * k, 1500.0 * k),
-                        spread(100_000.0 * k, 90_000.0 * k, 120_000.0 * k),
-                    ],
-                    wall_ms: vec![
-                        spread(0.2 * k, 0.1 * k, 0.3 * k),
-                        spread(5.0 * k, 4.0, 9.0 * k),
-                        spread(80.0 * k, 70.0 * k, 95.0 * k),
-                    ],
-                }
-            })
-            .collect();
-        ChartData { title: "hello, 64M, memslot, 5 repeats".into(), phases: vec![1, 2, 3], series }
-    }
-
-    /// The contents of the SVG's `<text>` elements (plotters writes each on
-    /// its own line between the tags).
-    fn texts(svg: &str) -> Vec<&str> {
-        svg.split("<text").skip(1).filter_map(|t| Some(t.split_once('>')?.1.split_once("</text>")?.0.trim())).collect()
-    }
-
-    fn assert_svg(text: &str) {
-        assert!(text.trim_start().starts_with("<svg"), "not an SVG: {}", &text[..text.len().min(80)]);
-        assert!(text.trim_end().ends_with("</svg>"));
-    }
-
-    #[test]
-    fn chart_three_phases_three_policies() {
-        let file = TempSvg::new("3x3");
-        let data = three_by_three();
-        write_svg(&file.0, &data).expect("draw");
-        let svg = file.read();
-        assert_svg(&svg);
-        let texts = texts(&svg);
-        for s in &data.series {
-            assert!(texts.contains(&s.policy.as_str()), "no legend entry for {}", s.policy);
-        }
-        for t in ["VM exits per phase", "Wall time per phase", "exits (median of repeats)", "ms (median of repeats)"] {
-            assert!(texts.contains(&t), "missing {t}");
-        }
-        assert!(texts.contains(&data.title.as_str()));
-        // 9 bars per chart, plus the legend's 3 swatches.
-        assert_eq!(svg.matches("<rect").count(), 1 + 3 + 2 * 9, "one background, 3 swatches, 18 bars");
-        for tick in ["1", "10", "100", "1k", "10k", "100k", "1M", "0.1"] {
-            assert!(texts.contains(&tick), "no tick label {tick}");
-        }
-        for phase in ["1", "2", "3"] {
-            assert!(texts.contains(&phase));
-        }
-        assert!(!svg.contains("NaN"));
-    }
-
-    #[test]
-    fn chart_with_zeros_and_non_finite_values() {
-        let file = TempSvg::new("zeros");
-        let mut data = three_by_three();
-        data.series[0].exits = vec![spread(0.0, 0.0, 0.0); 3];
-        data.series[1].exits[0] = spread(0.0, 0.0, 4.0);
-        data.series[1].wall_ms =
-            vec![spread(f64::NAN, f64::NAN, f64::NAN), spread(f64::INFINITY, 1.0, 2.0), spread(1.0, -1.0, f64::NAN)];
-        data.series[2].exits.truncate(1); // a series shorter than the phases
-        data.series[2].wall_ms[1] = spread(f64::MAX, f64::MIN_POSITIVE, f64::MAX);
-        write_svg(&file.0, &data).expect("draw");
-        let svg = file.read();
-        assert_svg(&svg);
-        let texts = texts(&svg);
-        assert_eq!(texts.iter().filter(|t| **t == "0").count(), 4, "each zero median is marked");
-        // Phases 2 and 3 of the short series, the NaN and the infinite median.
-        assert_eq!(texts.iter().filter(|t| **t == "n/a").count(), 4, "missing and non-finite medians are marked");
-        assert!(!svg.contains("NaN") && !svg.contains("inf"));
-
-        // Every figure zero: the axes still get a range.
-        let file = TempSvg::new("all-zero");
-        for s in &mut data.series {
-            s.exits = vec![Spread::default(); 3];
-            s.wall_ms = vec![Spread::default(); 3];
-        }
-        write_svg(&file.0, &data).expect("draw");
-        assert_svg(&file.read());
-    }
-
-    #[test]
-    fn chart_without_data() {
-        for (tag, phases, with_series) in
-            [("empty", vec![], false), ("no-phases", vec![], true), ("no-series", vec![1, 2], false)]
-        {
-            let file = TempSvg::new(tag);
-            let mut data = ChartData { title: String::new(), phases, series: vec![] };
-            if with_series {
-                data.series = three_by_three().series;
-            }
-            write_svg(&file.0, &data).expect("draw");
-            let svg = file.read();
-            assert_svg(&svg);
-            let texts = texts(&svg);
-            assert_eq!(texts.iter().filter(|t| **t == "no data").count(), 2);
-            assert!(texts.contains(&"VM exits per phase") && texts.contains(&"Wall time per phase"));
-        }
-    }
-
-    #[test]
-    fn unwritable_path_is_an_error() {
-        let path = std::env::temp_dir().join(format!("vmm-chart-no-such-dir-{}", std::process::id())).join("c.svg");
-        let err = write_svg(&path, &three_by_three()).expect_err("no directory");
-        assert!(matches!(err, ChartError::Draw { .. }));
-        assert!(err.to_string().contains("c.svg"));
-    }
-}
+mod tests;

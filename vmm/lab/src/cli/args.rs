@@ -1,8 +1,13 @@
-//! Arguments several subcommands share, and their checks: guest RAM,
-//! timeouts, repeats, the deduplicator's knobs.
+//! Arguments several subcommands share, and their checks: the KVM device,
+//! the output format, guest RAM, timeouts, repeats, the policies, the
+//! deduplicator's knobs.
 
 use std::path::PathBuf;
 use std::time::Duration;
+
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+use clap::ValueEnum;
+use vmm::vm::DedupPolicy;
 
 use vmm::memory::{check_mem_size, MemoryError};
 use vmm::size::{parse_size, SizeError};
@@ -42,6 +47,55 @@ pub(super) enum ArgError {
     /// This executable cannot be found, to run the child `vmm run`s.
     #[error("cannot find the vmm executable to run")]
     CurrentExe(#[source] std::io::Error),
+}
+
+/// The KVM device node, for the commands that run guests.
+#[derive(Debug, clap::Args)]
+pub(super) struct KvmArg {
+    /// The KVM device node [default: /dev/kvm].
+    #[arg(long, value_name = "PATH")]
+    kvm: Option<PathBuf>,
+}
+
+impl KvmArg {
+    /// The device: this option, else the one given before the subcommand
+    /// (still accepted there, unlisted, for scripts written before it
+    /// moved), else /dev/kvm.
+    pub(super) fn device(&self, before_subcommand: Option<PathBuf>) -> PathBuf {
+        self.kvm.clone().or(before_subcommand).unwrap_or_else(|| PathBuf::from("/dev/kvm"))
+    }
+}
+
+/// How a command writes its result on standard output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(super) enum Format {
+    /// Tables for people.
+    Table,
+    /// One JSON document.
+    Json,
+    /// Comma-separated records, a header first.
+    Csv,
+}
+
+/// What each policy does, for `--help` (the core's own descriptions are
+/// for readers of its code).
+fn policy_help(policy: DedupPolicy) -> &'static str {
+    match policy {
+        DedupPolicy::Off => "no deduplication: the baseline",
+        DedupPolicy::ChangePte => "honour MMU_NOTIFIER_USE_CHANGE_PTE: update secondary-MMU entries in place",
+        DedupPolicy::RangeFlush => "zap every invalidated range, no change_pte (KVM since Linux 6.9)",
+        DedupPolicy::Legacy => "zap, then change_pte finds nothing (KVM from Linux 3.7 to 6.8)",
+        DedupPolicy::EventAware => {
+            "change-pte, and ranges that only remove write permission write-protected in place (the seed's whole proposal)"
+        }
+        DedupPolicy::Kernel => "the host's own KSM merges guest RAM, the host KVM follows it (needs root)",
+    }
+}
+
+/// Parses a policy name, with the help above for each value.
+pub(super) fn policy_parser() -> impl TypedValueParser<Value = DedupPolicy> {
+    let values = DedupPolicy::value_variants().iter().map(|&p| PossibleValue::new(p.name()).help(policy_help(p)));
+    PossibleValuesParser::new(values).try_map(|name| DedupPolicy::from_str(&name, false))
 }
 
 /// The deduplicator's knobs, with the names and defaults of /sys/kernel/mm/ksm.

@@ -1,6 +1,7 @@
 //! `vmm bench`: the exit floor, a secondary-MMU fault, the deduplicator
-//! against the host's KSM; each prints its report as JSON and a summary
-//! line on standard error.
+//! against the host's KSM; each prints its report (JSON by default, with
+//! the unit and kind of each figure in `units`; or a table, or CSV) and a
+//! summary line on standard error.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,11 +11,15 @@ use vmm::size::format_size;
 use vmm::view::ViewKind;
 use vmm::vm::{DedupPolicy, RunConfig};
 
-use super::args::{check_repeat, guest_mem, this_vmm};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::args::{check_repeat, guest_mem, this_vmm, Format, KvmArg};
 use super::CliError;
 use crate::bench::dedup::{bench_dedup, DedupBenchConfig, DedupBenchReport};
 use crate::bench::{exit_floor, exit_floor_exits_needed, fault_cost};
 use crate::compare::CompareConfig;
+use crate::progress::Terminal;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum BenchWhat {
@@ -50,10 +55,19 @@ pub(super) struct BenchArgs {
     /// Exits taken before timing starts.
     #[arg(long, default_value_t = 1_000)]
     warmup: usize,
+    /// What standard output gets: the report as JSON, a table, or CSV records (figure, value, unit, kind).
+    #[arg(long, value_enum, default_value = "json")]
+    format: Format,
+    /// No progress, notes or summary on standard error (errors still).
+    #[arg(long, short)]
+    quiet: bool,
+    #[command(flatten)]
+    kvm: KvmArg,
 }
 
 /// Runs the bench `args.what` names.
-pub(super) fn bench_command(kvm_device: PathBuf, args: &BenchArgs) -> Result<ExitCode, CliError> {
+pub(super) fn bench_command(kvm_before: Option<PathBuf>, args: &BenchArgs) -> Result<ExitCode, CliError> {
+    let kvm_device = args.kvm.device(kvm_before);
     match args.what {
         BenchWhat::Floor => bench_floor(kvm_device, args),
         BenchWhat::Fault => bench_fault(kvm_device, args),
@@ -91,7 +105,10 @@ fn bench_floor(kvm_device: PathBuf, args: &BenchArgs) -> Result<(), CliError> {
     let mem_bytes = 16 << 20;
     let image = GuestImage { name: flood.name.to_string(), bytes: flood.elf.to_vec() };
     let report = exit_floor(bench_config(kvm_device, image, mem_bytes), args.warmup, args.exits)?;
-    super::print_out(serde_json::to_string_pretty(&report)?)?;
+    print_report(&report, args.format)?;
+    if args.quiet {
+        return Ok(());
+    }
     eprintln!(
         "vmm: exit floor: median {:.1} us through the VMM, {:.1} us bare KVM_RUN ({:.3}x), {} exits each ({} guest \
          RAM)",
@@ -120,7 +137,10 @@ fn bench_fault(kvm_device: PathBuf, args: &BenchArgs) -> Result<(), CliError> {
         )
     };
     let report = fault_cost(make)?;
-    super::print_out(serde_json::to_string_pretty(&report)?)?;
+    print_report(&report, args.format)?;
+    if args.quiet {
+        return Ok(());
+    }
     eprintln!(
         "vmm: {} view: a secondary-MMU fault costs {:.1} us, the bare mechanism {:.1} us ({:.2}x)",
         report.view,
@@ -157,13 +177,88 @@ fn bench_dedup_command(kvm_device: PathBuf, args: &BenchArgs) -> Result<(), CliE
             vmm,
         },
     };
-    let report = bench_dedup(&config, &mut |l| eprintln!("vmm bench dedup: {l}"))?;
-    super::print_out(serde_json::to_string_pretty(&report)?)?;
-    print_dedup_summary(&report);
+    let report = bench_dedup(&config, &mut Terminal::new("vmm bench dedup", args.quiet))?;
+    print_report(&report, args.format)?;
+    if !args.quiet {
+        print_dedup_summary(&report);
+    }
     if args.out.is_none() {
         let _ = std::fs::remove_dir_all(&out);
     }
     Ok(())
+}
+
+/// The unit and kind of a bench figure, by its key.
+fn bench_unit(key: &str) -> Option<(&'static str, &'static str)> {
+    Some(match key {
+        k if k.starts_with("ratio") || k.starts_with("converge_") => ("ratio", "level"),
+        "samples" | "faults" => ("samples", "count"),
+        "pages_scanned" | "pages_merged" => ("pages", "count"),
+        "mem_bytes" => ("bytes", "level"),
+        "repeat" => ("runs", "count"),
+        k if k.ends_with("_ns") || k.ends_with("_ns_per_page") || k.ends_with("_ns_per_fault") => ("ns", "time"),
+        k if k.ends_with("_per_scanned_page") => ("ns", "time"),
+        _ => return None,
+    })
+}
+
+/// Every number in `v` as (dotted path, value), in document order.
+fn leaves(v: &Value, path: &str, out: &mut Vec<(String, f64)>) {
+    match v {
+        Value::Object(map) => {
+            for (k, x) in map {
+                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                leaves(x, &p, out);
+            }
+        }
+        Value::Array(items) => {
+            for (i, x) in items.iter().enumerate() {
+                leaves(x, &format!("{path}.{i}"), out);
+            }
+        }
+        Value::Number(n) => out.extend(n.as_f64().map(|f| (path.to_string(), f))),
+        _ => {}
+    }
+}
+
+/// Prints a bench report in `format`: JSON with a `units` map (unit and
+/// kind of each figure, by key), a table, or CSV records.
+fn print_report(report: &impl Serialize, format: Format) -> Result<(), CliError> {
+    let mut v = serde_json::to_value(report)?;
+    let mut figures = Vec::new();
+    leaves(&v, "", &mut figures);
+    let unit = |path: &str| bench_unit(path.rsplit('.').next().unwrap_or(path));
+    match format {
+        Format::Json => {
+            let units: serde_json::Map<String, Value> = figures
+                .iter()
+                .filter_map(|(p, _)| {
+                    let key = p.rsplit('.').next().unwrap_or(p);
+                    unit(p).map(|(u, k)| (key.to_string(), serde_json::json!({ "unit": u, "kind": k })))
+                })
+                .collect();
+            if let Some(map) = v.as_object_mut() {
+                map.insert("units".into(), Value::Object(units));
+            }
+            super::print_out(serde_json::to_string_pretty(&v)?)
+        }
+        Format::Table => {
+            let width = figures.iter().map(|(p, _)| p.len()).max().unwrap_or(0);
+            let lines: Vec<String> = figures
+                .iter()
+                .map(|(p, x)| format!("{p:<width$}  {:>16}  {}", crate::csv::number(*x), unit(p).map_or("", |u| u.0)))
+                .collect();
+            super::print_out(lines.join("\n"))
+        }
+        Format::Csv => {
+            let mut out = crate::csv::record(&["figure", "value", "unit", "kind"]);
+            for (p, x) in &figures {
+                let (u, k) = unit(p).unwrap_or(("", ""));
+                out.push_str(&crate::csv::record(&[p.as_str(), &crate::csv::number(*x), u, k]));
+            }
+            super::print_bytes(out.as_bytes())
+        }
+    }
 }
 
 /// One line per policy on standard error: its costs, and its ratios to the

@@ -81,10 +81,10 @@ pub fn run_once(config: &CompareConfig, policy: DedupPolicy, stats_path: &Path) 
 fn command(config: &CompareConfig, policy: DedupPolicy, stats_path: &Path) -> Command {
     let k = &config.knobs;
     let mut cmd = Command::new(&config.vmm);
-    cmd.arg("--kvm")
-        .arg(&config.kvm_device)
-        .arg("run")
+    cmd.arg("run")
         .arg(&config.image)
+        .arg("--kvm")
+        .arg(&config.kvm_device)
         .args(["--mem", &config.mem_bytes.to_string()])
         .args(["--dedup", policy.name(), "--view", config.view.name()])
         .args(["--timeout", &config.timeout_secs.to_string()])

@@ -124,7 +124,7 @@ fn summarise(
         }
         figures.insert(name.clone(), by_policy);
     }
-    PhaseSummary { phase, figures }
+    PhaseSummary { phase, name: None, figures }
 }
 
 fn phase_numbers(stats: &RunStats) -> Vec<u32> {
@@ -157,7 +157,10 @@ pub fn build_report(
     let counted: Vec<FlatRun<'_>> =
         runs.iter().filter(|r| r.stats.guest.exit_code == Some(0)).map(|r| FlatRun::new(r, kvm_levels)).collect();
     let sequences = PhaseSequences::of(&counted, reference_policy);
-    let phases = phase_summaries(&policies, &counted, &sequences.reference[..sequences.shared], kvm_levels);
+    let mut phases = phase_summaries(&policies, &counted, &sequences.reference[..sequences.shared], kvm_levels);
+    for (p, name) in phases.iter_mut().zip(&sequences.names) {
+        p.name = name.clone();
+    }
     let stretch: Vec<_> = counted.iter().map(|r| (r.record.policy.as_str(), r.record.repeat, &r.total)).collect();
     let total = summarise(&policies, &stretch, None, kvm_levels);
     CompareReport {
@@ -228,6 +231,8 @@ struct PhaseSequences {
     /// The reference run's phase numbers (the first counted run of the
     /// reference policy, else the first counted run).
     reference: Vec<u32>,
+    /// Its phase names.
+    names: Vec<Option<String>>,
     /// The runs that took other phases, as "policy #repeat: 0 1 2".
     mismatches: Vec<String>,
     /// How many leading phases every counted run shares with the reference.
@@ -237,6 +242,7 @@ struct PhaseSequences {
 impl PhaseSequences {
     fn of(counted: &[FlatRun<'_>], reference_policy: &str) -> Self {
         let reference = counted.iter().find(|r| r.record.policy == reference_policy).or(counted.first());
+        let names = reference.map(|r| r.record.stats.phases.iter().map(|p| p.name.clone()).collect());
         let reference = reference.map(|r| phase_numbers(&r.record.stats)).unwrap_or_default();
         let mut mismatches = Vec::new();
         let mut shared = reference.len();
@@ -249,7 +255,7 @@ impl PhaseSequences {
                 mismatches.push(format!("{}: {}", run_name(r.record), shown.join(" ")));
             }
         }
-        Self { reference, mismatches, shared }
+        Self { reference, names: names.unwrap_or_default(), mismatches, shared }
     }
 }
 
@@ -302,6 +308,7 @@ pub(crate) mod tests {
             },
             phases,
             total,
+            units: Default::default(),
         };
         RunRecord { policy: policy.into(), repeat, status: 0, stats }
     }
@@ -314,7 +321,7 @@ pub(crate) mod tests {
             f.exits.record(ExitKind::EptWrite);
         }
         f.ksm.insert("pages_sharing".into(), faults);
-        let mut r = run_with(policy, repeat, vec![PhaseStats { phase: 1, figures: f.clone() }], reports);
+        let mut r = run_with(policy, repeat, vec![PhaseStats { phase: 1, name: None, figures: f.clone() }], reports);
         r.stats.total = f;
         r
     }
@@ -325,7 +332,7 @@ pub(crate) mod tests {
         for _ in 0..io {
             figures.exits.record(ExitKind::Io);
         }
-        PhaseStats { phase: n, figures }
+        PhaseStats { phase: n, name: None, figures }
     }
 
     pub(crate) fn setup() -> Setup {

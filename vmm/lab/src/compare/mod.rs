@@ -11,6 +11,10 @@
 //!
 //! A child never outlives `vmm compare`, and SIGINT or SIGTERM sent to it is
 //! passed on to the running child (see `child`).
+//!
+//! DIR is the comparison's own: a directory that is not empty is refused
+//! unless an earlier comparison marked it ([`OUT_MARKER`]), and then
+//! emptied first, so its files are always those of one comparison.
 
 mod child;
 mod child_run;
@@ -22,13 +26,13 @@ pub mod table;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use vmm::dedup::HostKsmPaths;
 use vmm::view::ViewKind;
 use vmm::vm::DedupPolicy;
 
-use crate::chart::{ChartData, PolicySeries, Spread};
+use crate::progress::Progress;
 pub use child_run::{run_once, RunError};
 use fold::build_report;
 pub use levels::{kvm_level_stats, LevelsError};
@@ -37,6 +41,9 @@ use vmm::error_chain;
 
 /// One comparison at a time per process: the signal forwarding is global.
 static ACTIVE: Mutex<()> = Mutex::new(());
+
+/// The file that marks a directory as a comparison's output.
+pub const OUT_MARKER: &str = ".vmm-compare";
 
 /// Errors of a comparison.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +84,9 @@ pub enum CompareError {
     /// The charts could not be drawn.
     #[error(transparent)]
     Chart(#[from] crate::chart::ChartError),
+    /// --out names a directory with files that are not a comparison's.
+    #[error("--out {0} is not empty and holds no earlier comparison ({OUT_MARKER}): give an empty or new directory")]
+    NotOurs(String),
 }
 
 /// What to compare.
@@ -133,14 +143,44 @@ fn host_setup(config: &CompareConfig) -> Setup {
     }
 }
 
-/// Runs the comparison; `progress` gets one line per run.
+/// Makes `dir` this comparison's: created, or emptied when an earlier
+/// comparison marked it; refused when it holds anything else.
+pub fn prepare_out(dir: &Path) -> Result<(), CompareError> {
+    let write = |source| CompareError::Write { path: dir.display().to_string(), source };
+    match std::fs::read_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_dir(dir)?,
+        Err(e) => return Err(write(e)),
+        Ok(entries) => {
+            let entries: Vec<_> = entries.collect::<Result<_, _>>().map_err(write)?;
+            let ours = entries.iter().any(|e| e.file_name() == OUT_MARKER);
+            if !entries.is_empty() && !ours {
+                return Err(CompareError::NotOurs(dir.display().to_string()));
+            }
+            for e in entries {
+                let path = e.path();
+                let removed = if e.file_type().map_err(write)?.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                removed.map_err(|source| CompareError::Write { path: path.display().to_string(), source })?;
+            }
+        }
+    }
+    std::fs::write(dir.join(OUT_MARKER), "vmm compare output: the next comparison into it replaces it whole\n")
+        .map_err(write)
+}
+
+/// Runs the comparison; `progress` hears of each run and of every run or
+/// policy that could not be counted.
 ///
 /// A run that fails after the first repeat of its policy (even without
 /// statistics: a setup error, a signal) is recorded in `failed_runs` and the
 /// comparison goes on; a policy whose first run fails is skipped. SIGINT or
 /// SIGTERM is passed on to the running child; once it has ended, the
 /// comparison stops and the signal is raised again.
-pub fn compare(config: &CompareConfig, progress: &mut dyn FnMut(&str)) -> Result<CompareReport, CompareError> {
+pub fn compare(config: &CompareConfig, progress: &mut dyn Progress) -> Result<CompareReport, CompareError> {
+    prepare_out(&config.out)?;
     let kvm_levels = kvm_level_stats(&config.kvm_device)?;
     compare_with(config, &kvm_levels, progress)
 }
@@ -149,7 +189,7 @@ pub fn compare(config: &CompareConfig, progress: &mut dyn FnMut(&str)) -> Result
 fn compare_with(
     config: &CompareConfig,
     kvm_levels: &BTreeSet<String>,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut dyn Progress,
 ) -> Result<CompareReport, CompareError> {
     let _one = ACTIVE.lock().unwrap_or_else(PoisonError::into_inner);
     let forwarding = child::Forwarding::install().map_err(CompareError::Signals)?;
@@ -170,7 +210,7 @@ fn create_dir(dir: &Path) -> Result<(), CompareError> {
 fn run_all(
     config: &CompareConfig,
     kvm_levels: &BTreeSet<String>,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut dyn Progress,
 ) -> Result<CompareReport, CompareError> {
     create_dir(&config.out)?;
     let setup = host_setup(config);
@@ -199,13 +239,13 @@ fn run_all(
 
 /// The policies to run, in order, and those skipped up front: `kernel`
 /// when the host's KSM is not available.
-fn runnable_policies(policies: &[DedupPolicy], progress: &mut dyn FnMut(&str)) -> (Vec<DedupPolicy>, Vec<Skipped>) {
+fn runnable_policies(policies: &[DedupPolicy], progress: &mut dyn Progress) -> (Vec<DedupPolicy>, Vec<Skipped>) {
     let mut skipped = Vec::new();
     let mut runnable = Vec::new();
     for &p in policies {
         if p == DedupPolicy::Kernel {
             if let Err(e) = HostKsmPaths::default().check_available() {
-                progress(&format!("kernel policy skipped: {e}"));
+                progress.note(&format!("kernel policy skipped: {e}"));
                 skipped.push(Skipped { policy: p.name().into(), reason: e.to_string() });
                 continue;
             }
@@ -215,13 +255,16 @@ fn runnable_policies(policies: &[DedupPolicy], progress: &mut dyn FnMut(&str)) -
     (runnable, skipped)
 }
 
-/// DIR/compare.json and DIR/compare.svg.
+/// DIR/compare.json, DIR/summary.json (the same without its runs: what
+/// reports are made from, small enough to keep) and DIR/compare.svg.
 fn write_outputs(out: &Path, report: &CompareReport) -> Result<(), CompareError> {
-    let json_path = out.join("compare.json");
-    let json = serde_json::to_vec_pretty(report).map_err(CompareError::Json)?;
-    std::fs::write(&json_path, json)
-        .map_err(|source| CompareError::Write { path: json_path.display().to_string(), source })?;
-    crate::chart::write_svg(&out.join("compare.svg"), &chart_data(report))?;
+    for (name, doc) in [("compare.json", report), ("summary.json", &crate::report::summary_of(report))] {
+        let path = out.join(name);
+        let json = serde_json::to_vec_pretty(doc).map_err(CompareError::Json)?;
+        std::fs::write(&path, json)
+            .map_err(|source| CompareError::Write { path: path.display().to_string(), source })?;
+    }
+    crate::chart::write_svg(&out.join("compare.svg"), &crate::chart::ChartData::of(&[report]))?;
     Ok(())
 }
 
@@ -249,12 +292,12 @@ impl Tally {
     }
 
     /// An error once SIGINT or SIGTERM came (the running child got it too).
-    fn check_interrupted(&self, progress: &mut dyn FnMut(&str)) -> Result<(), CompareError> {
+    fn check_interrupted(&self, progress: &mut dyn Progress) -> Result<(), CompareError> {
         let Some(sig) = child::pending() else {
             return Ok(());
         };
         let (signal, done, total) = (child::name_of(sig), self.done, self.total);
-        progress(&format!(
+        progress.note(&format!(
             "interrupted by {signal} after {done} of {total} runs; their statistics are in {}",
             self.runs_dir.display()
         ));
@@ -262,69 +305,32 @@ impl Tally {
     }
 
     /// Makes one run and records what it gave.
-    fn run(&mut self, config: &CompareConfig, policy: DedupPolicy, repeat: u32, progress: &mut dyn FnMut(&str)) {
-        self.done += 1;
+    fn run(&mut self, config: &CompareConfig, policy: DedupPolicy, repeat: u32, progress: &mut dyn Progress) {
         let path = self.runs_dir.join(format!("{}-{repeat}.json", policy.name()));
-        let start = Instant::now();
-        let (name, n, total) = (policy.name(), self.done, self.total);
-        let line = format!("run {n}/{total}: {name:<11} repeat {}/{}", repeat + 1, config.repeat);
+        let name = policy.name();
+        let line = format!("{name} repeat {}/{}", repeat + 1, config.repeat);
+        progress.step(self.done, self.total, &format!("running {line}"));
+        self.done += 1;
         match run_once(config, policy, &path) {
             Ok((status, stats)) => {
-                let took = start.elapsed().as_secs_f64();
-                progress(&format!("{line}: {} in {took:.2} s", stats.guest.end.reason));
+                if stats.guest.exit_code != Some(0) {
+                    progress.note(&format!("{line}: {}", stats.guest.end.detail));
+                }
                 self.runs.push(RunRecord { policy: name.into(), repeat, status, stats });
             }
             Err(e) if repeat == 0 => {
                 // A policy that cannot run at all is skipped, the others go on.
                 let reason = error_chain(&e);
-                progress(&format!("{name} skipped: {reason}"));
+                progress.note(&format!("{name} skipped: {reason}"));
                 self.skipped.push(Skipped { policy: name.into(), reason });
             }
             Err(e) => {
                 // It ran before: a failure of this run, listed and not counted.
                 let detail = error_chain(&e);
-                progress(&format!("{line}: failed: {detail}"));
+                progress.note(&format!("{line}: failed: {detail}"));
                 self.failures.push(FailedRun { policy: name.into(), repeat, detail });
             }
         }
-    }
-}
-
-/// The charts' figures: exits and wall time per phase per policy.
-pub fn chart_data(report: &CompareReport) -> ChartData {
-    let s = &report.setup;
-    ChartData {
-        title: format!(
-            "{}, {} RAM, {} view, median of {} run(s) per policy; exits as the host KVM counts them",
-            s.image,
-            vmm::size::format_size(s.mem_bytes),
-            s.view,
-            s.repeat
-        ),
-        phases: report.phases.iter().map(|p| p.phase.unwrap_or(0)).collect(),
-        series: report.policies.iter().map(|policy| policy_series(report, policy)).collect(),
-    }
-}
-
-/// One policy's bars: exits and wall time (ms) per phase.
-fn policy_series(report: &CompareReport, policy: &str) -> PolicySeries {
-    let spread = |p: &summary::PhaseSummary, name: &str, scale: f64| {
-        p.figures.get(name).and_then(|by| by.get(policy)).map_or(Spread::default(), |s| Spread {
-            median: s.median / scale,
-            min: s.min as f64 / scale,
-            max: s.max as f64 / scale,
-        })
-    };
-    // The host KVM counts every exit, also those it serves itself (all of
-    // the kernel policy's faults).
-    let exits = |p: &summary::PhaseSummary| {
-        let name = if p.figures.contains_key("kvm.exits") { "kvm.exits" } else { "exits.total" };
-        spread(p, name, 1.0)
-    };
-    PolicySeries {
-        policy: policy.to_string(),
-        exits: report.phases.iter().map(exits).collect(),
-        wall_ms: report.phases.iter().map(|p| spread(p, "wall_ns", 1e6)).collect(),
     }
 }
 
@@ -372,6 +378,9 @@ cp "{d}/stats.json" "$out"
         std::fs::write(dir.join("stats.json"), &canned).expect("write");
         // What an earlier comparison left: not the statistics of this one's run.
         std::fs::write(dir.join("out/runs/off-2.json"), &canned).expect("write");
+        std::fs::write(dir.join("out").join(OUT_MARKER), "").expect("mark");
+        prepare_out(&dir.join("out")).expect("an earlier comparison's directory is taken back");
+        assert!(!dir.join("out/runs").exists(), "emptied");
         let config = CompareConfig {
             image: "pagefill".into(),
             mem_bytes: 8 << 20,
@@ -384,7 +393,7 @@ cp "{d}/stats.json" "$out"
             kvm_device: "/nonexistent/kvm".into(),
             vmm: fake_vmm(&dir),
         };
-        let r = compare_with(&config, &BTreeSet::new(), &mut |_| {}).expect("the comparison goes on");
+        let r = compare_with(&config, &BTreeSet::new(), &mut |_: &str| {}).expect("the comparison goes on");
         assert_eq!(r.policies, ["off", "change-pte", "legacy"]);
         assert!(r.skipped.is_empty(), "{:?}", r.skipped);
         let killed = format!("change-pte #1: killed by SIGKILL (signal {})", libc::SIGKILL);
@@ -400,6 +409,26 @@ cp "{d}/stats.json" "$out"
             serde_json::from_str(&std::fs::read_to_string(dir.join("out/compare.json")).expect("compare.json"))
                 .expect("parse");
         assert_eq!(written, r);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn an_out_directory_that_is_not_a_comparisons_is_refused_and_left_alone() {
+        let dir = std::env::temp_dir().join(format!("vmm-compare-out-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join("thesis.tex"), "precious").expect("write");
+        let err = prepare_out(&dir).expect_err("not ours");
+        assert!(matches!(err, CompareError::NotOurs(_)), "{err}");
+        assert_eq!(std::fs::read_to_string(dir.join("thesis.tex")).expect("kept"), "precious");
+        std::fs::remove_file(dir.join("thesis.tex")).expect("rm");
+        prepare_out(&dir).expect("an empty directory is taken");
+        assert!(dir.join(OUT_MARKER).exists());
+        std::fs::write(dir.join("compare.json"), "{}").expect("write");
+        std::fs::create_dir_all(dir.join("runs")).expect("mkdir");
+        prepare_out(&dir).expect("ours again");
+        let left: Vec<_> = std::fs::read_dir(&dir).expect("dir").flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left, [std::ffi::OsString::from(OUT_MARKER)], "the earlier output is replaced whole");
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -46,6 +46,9 @@ pub struct PhaseSummary {
     /// The guest's phase number (a label: phases are matched by their
     /// position in the run, and a number may repeat); None for the whole run.
     pub phase: Option<u32>,
+    /// The name the reference run's guest gave the phase (ABI 1.1), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// The figures.
     pub figures: BTreeMap<String, BTreeMap<String, Summary>>,
 }

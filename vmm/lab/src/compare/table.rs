@@ -174,7 +174,7 @@ pub fn render(report: &CompareReport) -> String {
     let numbers: Vec<u32> = report.phases.iter().filter_map(|p| p.phase).collect();
     for (i, p) in report.phases.iter().enumerate() {
         let n = p.phase.unwrap_or(0);
-        let mut title = format!("phase {n}");
+        let mut title = format!("phase {}", vmm::stats::phase_label(n, p.name.as_deref()));
         if numbers.iter().filter(|&&m| m == n).count() > 1 {
             let time = numbers[..i].iter().filter(|&&m| m == n).count() + 1;
             let _ = write!(title, " (time {time}, position {} in the run)", i + 1);
@@ -194,6 +194,44 @@ pub fn render(report: &CompareReport) -> String {
     }
     for f in &report.failed_runs {
         let _ = writeln!(out, "run did not succeed: {f}");
+    }
+    out
+}
+
+/// The comparison as CSV records `position,phase,name,figure,policy,median,
+/// min,max,runs,absent,diff_from_off`: one per phase (position 0 is the
+/// first; the whole run has them empty and the name `total`), figure and
+/// policy with a value. `runs` counts the runs with a value, `absent` those
+/// without (a host KVM level not reported); `diff_from_off` is empty when
+/// there is none.
+pub fn render_csv(report: &CompareReport) -> String {
+    let header =
+        ["position", "phase", "name", "figure", "policy", "median", "min", "max", "runs", "absent", "diff_from_off"];
+    let mut out = crate::csv::record(&header);
+    let phases = report.phases.iter().enumerate().map(|(i, p)| {
+        (i.to_string(), p.phase.map_or_else(String::new, |n| n.to_string()), p.name.clone().unwrap_or_default(), p)
+    });
+    let total = std::iter::once((String::new(), String::new(), "total".to_string(), &report.total));
+    for (position, phase, name, p) in phases.chain(total) {
+        for (figure, by) in &p.figures {
+            for policy in &report.policies {
+                let Some(s) = by.get(policy) else { continue };
+                let diff = s.diff_from_off.map(crate::csv::number).unwrap_or_default();
+                out.push_str(&crate::csv::record(&[
+                    position.as_str(),
+                    &phase,
+                    &name,
+                    figure,
+                    policy,
+                    &crate::csv::number(s.median),
+                    &s.min.to_string(),
+                    &s.max.to_string(),
+                    &s.values.len().to_string(),
+                    &s.absent.len().to_string(),
+                    &diff,
+                ]));
+            }
+        }
     }
     out
 }
@@ -228,6 +266,17 @@ mod tests {
         assert!(!t.contains("ept_read"), "rows that never moved are left out");
         assert!(t.contains("identical in every run"));
         assert!(!t.contains("PHASE SEQUENCES DIFFER") && !t.contains("[n/m]"), "{t}");
+    }
+
+    #[test]
+    fn csv_has_a_record_per_phase_figure_and_policy() {
+        let runs = vec![run("off", 0, 0, vec![1]), run("change-pte", 0, 4, vec![1])];
+        let csv = render_csv(&report(&["off", "change-pte"], runs));
+        let mut lines = csv.lines();
+        assert_eq!(lines.next(), Some("position,phase,name,figure,policy,median,min,max,runs,absent,diff_from_off"));
+        assert!(csv.contains("0,1,,exits.ept_write,change-pte,4,4,4,1,0,4\n"), "{csv}");
+        assert!(csv.contains("0,1,,exits.ept_write,off,0,0,0,1,0,\n"), "{csv}");
+        assert!(csv.contains(",,total,exits.ept_write,change-pte,4,"), "{csv}");
     }
 
     #[test]

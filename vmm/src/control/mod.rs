@@ -1,17 +1,29 @@
 //! The control socket of a running guest (`vmm run --control PATH`) and its
 //! client (`vmm ctl PATH ...`).
 //!
-//! A Unix stream socket; each connection carries one request line and gets
-//! one reply line:
+//! A Unix stream socket speaking JSON lines, protocol version
+//! [`PROTOCOL_VERSION`]. On each connection the server first sends a
+//! greeting, `{"protocol":"vmm-control","version":1,"vmm":"0.1.0"}`; the
+//! client sends one request line and gets one reply line, a JSON object
+//! whose `ok` says whether the request was done:
 //!
 //! * `run 0|1|2`: the deduplicator's run state, as sysfs `run`: 0 stops
-//!   ksmd, 1 starts it, 2 stops it and unmerges every page. Reply `ok run=N`
-//!   once it is done, so the phase that follows the reply sees the change.
-//! * `status`: one JSON object: `phase` (the guest's current phase), `run`,
-//!   `policy`, and `ksm` (the deduplicator's figures right now, sysfs names).
+//!   ksmd, 1 starts it, 2 stops it and unmerges every page. Reply
+//!   `{"ok":true,"run":N}` once it is done, so the phase that follows the
+//!   reply sees the change.
+//! * `status`: `{"ok":true, ...}` with `phase` (the guest's current phase),
+//!   `phase_name` (or null), `phases` (so far), `elapsed_ns`, `run`,
+//!   `policy`, `ksm` (the deduplicator's figures right now, sysfs names),
+//!   `exits` (by reason so far, as the statistics count them),
+//!   `exit_events` (by event: `io:console`, ...), `kvm` (the host KVM's
+//!   statistics that moved since the run started: counters by their
+//!   increase, levels by their value) and `kvm_levels` (which of them are
+//!   levels).
 //!
-//! Errors are replied as `error: <reason>`. The socket file is removed when
-//! the run ends.
+//! A refused request is `{"ok":false,"error":"<reason>"}`. The socket file
+//! is removed when the run ends.
+
+mod live;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -19,10 +31,22 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub use live::{LiveExits, LiveKvm};
 
 use crate::dedup::{DedupControl, RunState};
-use crate::vm::lock;
+use crate::kvm_stats::KvmStats;
+use crate::view::ViewFaults;
+use crate::vm::{lock, Vm};
+
+/// The protocol's name in the greeting.
+pub const PROTOCOL: &str = "vmm-control";
+/// The protocol's version: it changes when a request or a reply key is
+/// removed or changes meaning (keys may be added within a version).
+pub const PROTOCOL_VERSION: u32 = 1;
 
 /// How often the server looks for a connection or for the end of the run.
 const POLL: Duration = Duration::from_millis(10);
@@ -68,6 +92,14 @@ pub enum ControlError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The other end does not speak this protocol.
+    #[error("control socket {path}: {what}")]
+    Protocol {
+        /// The socket path.
+        path: String,
+        /// What was wrong.
+        what: String,
+    },
 }
 
 /// What the server shares with the run loop.
@@ -76,10 +108,68 @@ pub struct ControlState {
     pub dedup: Arc<Mutex<DedupControl>>,
     /// The guest's current phase (the run loop updates it).
     pub phase: AtomicU32,
+    /// The current phase's name, if the guest gave one.
+    pub phase_name: Mutex<Option<String>>,
+    /// Phases so far (the run loop updates it).
+    pub phases: AtomicUsize,
+    /// Exits served so far, by event (the run loop counts them).
+    pub exits: LiveExits,
+    /// Secondary-MMU faults the userfaultfd view served.
+    pub view_faults: Arc<ViewFaults>,
+    /// The host KVM's statistics, when they could be opened.
+    pub kvm: Option<LiveKvm>,
     /// The policy's name.
     pub policy: String,
     /// Set when the run is ending: requests are refused from then on.
     pub closed: AtomicBool,
+    /// When the run started.
+    pub started: Instant,
+}
+
+impl ControlState {
+    /// The state of a run with this deduplication control and policy.
+    pub fn new(
+        dedup: Arc<Mutex<DedupControl>>,
+        policy: &str,
+        view_faults: Arc<ViewFaults>,
+        kvm: Option<LiveKvm>,
+    ) -> Self {
+        Self {
+            dedup,
+            phase: AtomicU32::new(0),
+            phase_name: Mutex::new(None),
+            phases: AtomicUsize::new(1),
+            exits: LiveExits::default(),
+            view_faults,
+            kvm,
+            policy: policy.to_string(),
+            closed: AtomicBool::new(false),
+            started: Instant::now(),
+        }
+    }
+
+    /// The state of a run of `vm`: the host KVM's statistics are read
+    /// through file descriptors of its own (a status without them when KVM
+    /// refuses more).
+    pub fn for_vm(vm: &Vm, policy: &str) -> Self {
+        let kvm = KvmStats::open(vm.vm_fd().as_ref())
+            .and_then(|v| Ok((v, KvmStats::open(vm.vcpu())?)))
+            .ok()
+            .and_then(|(v, c)| LiveKvm::start(v, c));
+        Self::new(vm.dedup().clone(), policy, vm.view_faults().clone(), kvm)
+    }
+
+    /// The guest started phase `number`: unnamed until it says otherwise.
+    pub fn start_phase(&self, number: u32) {
+        self.phase.store(number, Ordering::SeqCst);
+        self.phases.fetch_add(1, Ordering::SeqCst);
+        *lock(&self.phase_name) = None;
+    }
+
+    /// The guest named the current phase.
+    pub fn name_phase(&self, name: &str) {
+        *lock(&self.phase_name) = Some(name.to_string());
+    }
 }
 
 impl std::fmt::Debug for ControlState {
@@ -209,7 +299,8 @@ fn serve_on_own_thread(
 ) {
     if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS && !waiting.evict_oldest() {
         active.fetch_sub(1, Ordering::SeqCst);
-        let _ = writeln!(&stream, "error: {MAX_CONNECTIONS} control requests are being answered; try again");
+        let busy = refused(format!("{MAX_CONNECTIONS} control requests are being answered; try again"));
+        let _ = writeln!(&stream, "{}\n{busy}", greeting());
         return;
     }
     let id = waiting.add(&stream);
@@ -228,6 +319,9 @@ fn serve_on_own_thread(
 fn serve(stream: UnixStream, state: &ControlState, read: impl FnOnce()) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
+    if writeln!(&stream, "{}", greeting()).is_err() {
+        return read();
+    }
     let mut line = Vec::new();
     let Ok(reader) = stream.try_clone() else { return read() };
     let got = BufReader::new(reader.take(MAX_LINE)).read_until(b'\n', &mut line);
@@ -237,68 +331,106 @@ fn serve(stream: UnixStream, state: &ControlState, read: impl FnOnce()) {
     }
     let reply = match std::str::from_utf8(&line) {
         Ok(text) => answer(text.trim(), state),
-        Err(_) => "error: the request is not UTF-8 text: use `run 0|1|2` or `status`".to_string(),
+        Err(_) => refused("the request is not UTF-8 text: use `run 0|1|2` or `status`"),
     };
     let mut stream = stream;
     let _ = writeln!(stream, "{reply}");
 }
 
+/// The line the server sends first on every connection.
+pub fn greeting() -> Value {
+    json!({ "protocol": PROTOCOL, "version": PROTOCOL_VERSION, "vmm": env!("CARGO_PKG_VERSION") })
+}
+
+/// A refusal reply.
+fn refused(why: impl std::fmt::Display) -> Value {
+    json!({ "ok": false, "error": why.to_string() })
+}
+
 /// The reply to one request line.
-fn answer(request: &str, state: &ControlState) -> String {
+fn answer(request: &str, state: &ControlState) -> Value {
     if state.closed.load(Ordering::SeqCst) {
-        return "error: the run is ending".into();
+        return refused("the run is ending");
     }
     let words: Vec<&str> = request.split_whitespace().collect();
     match words.as_slice() {
         ["run", n] => match n.parse::<u32>() {
-            Ok(run) if run <= 2 => {
-                let mut dedup = lock(&state.dedup);
-                // Checked again under the lock the run loop's shutdown takes.
-                if state.closed.load(Ordering::SeqCst) {
-                    return "error: the run is ending".into();
-                }
-                if !dedup.is_active() {
-                    return format!("error: deduplication is off in this run ({}): nothing to switch", state.policy);
-                }
-                match RunState::try_from(run).and_then(|state| dedup.set_run(state)) {
-                    Ok(()) => format!("ok run={run}"),
-                    Err(e) => format!("error: {}", crate::error_chain(&e)),
-                }
-            }
-            _ => format!("error: run takes 0, 1 or 2, not '{n}'"),
+            Ok(run) if run <= 2 => set_run(run, state),
+            _ => refused(format!("run takes 0, 1 or 2, not '{n}'")),
         },
-        ["status"] => {
-            let (run, figures) = {
-                let dedup = lock(&state.dedup);
-                (dedup.run_state().sysfs(), dedup.figures())
-            };
-            let status = serde_json::json!({
-                "phase": state.phase.load(Ordering::SeqCst),
-                "run": run,
-                "policy": state.policy,
-                "ksm": figures,
-            });
-            status.to_string()
-        }
-        _ => format!("error: unknown request '{request}': use `run 0|1|2` or `status`"),
+        ["status"] => status(state),
+        _ => refused(format!("unknown request '{request}': use `run 0|1|2` or `status`")),
     }
 }
 
-/// Sends one request to the control socket at `path` and returns the reply
-/// line (`ok ...`, `error: ...` or a JSON status).
-pub fn request(path: &Path, line: &str) -> Result<String, ControlError> {
+/// `run N`: the deduplicator's run state, set before the reply.
+fn set_run(run: u32, state: &ControlState) -> Value {
+    let mut dedup = lock(&state.dedup);
+    // Checked again under the lock the run loop's shutdown takes.
+    if state.closed.load(Ordering::SeqCst) {
+        return refused("the run is ending");
+    }
+    if !dedup.is_active() {
+        return refused(format!("deduplication is off in this run ({}): nothing to switch", state.policy));
+    }
+    match RunState::try_from(run).and_then(|state| dedup.set_run(state)) {
+        Ok(()) => json!({ "ok": true, "run": run }),
+        Err(e) => refused(crate::error_chain(&e)),
+    }
+}
+
+/// `status`: where the guest is and what it has done so far.
+fn status(state: &ControlState) -> Value {
+    let (run, figures) = {
+        let dedup = lock(&state.dedup);
+        (dedup.run_state().sysfs(), dedup.figures())
+    };
+    let mut status = json!({
+        "ok": true,
+        "phase": state.phase.load(Ordering::SeqCst),
+        "phase_name": *lock(&state.phase_name),
+        "phases": state.phases.load(Ordering::SeqCst),
+        "elapsed_ns": u64::try_from(state.started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+        "run": run,
+        "policy": state.policy,
+        "ksm": figures,
+    });
+    let exits = live::exits_status(&state.exits, &state.view_faults, state.kvm.as_ref());
+    if let (Some(status), Value::Object(exits)) = (status.as_object_mut(), exits) {
+        status.extend(exits);
+    }
+    status
+}
+
+/// Sends one request to the control socket at `path` and returns the
+/// reply, a JSON object whose `ok` says whether it was done, after checking
+/// the server's greeting.
+pub fn request(path: &Path, line: &str) -> Result<Value, ControlError> {
     let shown = path.display().to_string();
     let io = |source| ControlError::Io { path: shown.clone(), source };
-    let mut stream =
-        UnixStream::connect(path).map_err(|source| ControlError::Connect { path: shown.clone(), source })?;
+    let protocol = |what: String| ControlError::Protocol { path: shown.clone(), what };
+    let stream = UnixStream::connect(path).map_err(|source| ControlError::Connect { path: shown.clone(), source })?;
     stream.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(io)?;
-    writeln!(stream, "{line}").map_err(io)?;
-    let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply).map_err(io)?;
-    if reply.is_empty() {
-        return Err(io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the run closed it without a reply")));
+    let mut reader = BufReader::new(stream.try_clone().map_err(io)?);
+    let greeting = read_json_line(&mut reader).map_err(io)?;
+    if greeting["protocol"] != PROTOCOL || greeting["version"] != PROTOCOL_VERSION {
+        return Err(protocol(format!("not a vmm control socket of protocol version {PROTOCOL_VERSION}: {greeting}")));
     }
-    Ok(reply.trim_end().to_string())
+    writeln!(&stream, "{line}").map_err(io)?;
+    let reply = read_json_line(&mut reader).map_err(io)?;
+    if !reply["ok"].is_boolean() {
+        return Err(protocol(format!("a reply without \"ok\": {reply}")));
+    }
+    Ok(reply)
+}
+
+/// One JSON line; the end of the stream or a line that is not JSON is an error.
+fn read_json_line(reader: &mut impl BufRead) -> std::io::Result<Value> {
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the run closed it without a reply"));
+    }
+    serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 #[cfg(test)]
@@ -310,12 +442,10 @@ mod tests {
     fn state() -> Arc<ControlState> {
         let pool = Arc::new(FramePool::new(16 * shadow_mmu::PAGE_SIZE).expect("frame pool"));
         let mm = Arc::new(Mutex::new(PrimaryMmu::new(pool, 0, 16)));
-        Arc::new(ControlState {
-            dedup: Arc::new(Mutex::new(DedupControl::new(crate::dedup::Dedup::Off, mm))),
-            phase: AtomicU32::new(3),
-            policy: "off".into(),
-            closed: AtomicBool::new(false),
-        })
+        let dedup = Arc::new(Mutex::new(DedupControl::new(crate::dedup::Dedup::Off, mm)));
+        let state = ControlState::new(dedup, "off", Arc::new(ViewFaults::default()), None);
+        state.phase.store(3, Ordering::SeqCst);
+        Arc::new(state)
     }
 
     fn scratch(tag: &str) -> PathBuf {
@@ -333,7 +463,7 @@ mod tests {
         let idle: Vec<UnixStream> =
             (0..2 * MAX_CONNECTIONS).map(|_| UnixStream::connect(&path).expect("connect")).collect();
         let reply = request(&path, "status").expect("a reply");
-        assert!(reply.contains("\"phase\":3"), "a client was locked out by idle ones: {reply}");
+        assert_eq!(reply["phase"], 3, "a client was locked out by idle ones: {reply}");
         drop((idle, server));
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -345,9 +475,12 @@ mod tests {
         let server = ControlServer::start(&path, state()).expect("start");
         let mut stream = UnixStream::connect(&path).expect("connect");
         stream.write_all(b"run \xff\xfe\n").expect("send");
-        let mut reply = String::new();
-        BufReader::new(stream).read_line(&mut reply).expect("reply");
-        assert!(reply.starts_with("error: the request is not UTF-8"), "{reply:?}");
+        let mut reader = BufReader::new(stream);
+        let greeting = read_json_line(&mut reader).expect("greeting");
+        assert_eq!((greeting["protocol"].as_str(), greeting["version"].as_u64()), (Some(PROTOCOL), Some(1)));
+        let reply = read_json_line(&mut reader).expect("reply");
+        assert_eq!(reply["ok"], false);
+        assert!(reply["error"].as_str().is_some_and(|e| e.starts_with("the request is not UTF-8")), "{reply}");
         drop(server);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -375,11 +508,13 @@ mod tests {
         // Connects and sends nothing.
         let silent = UnixStream::connect(&path).expect("connect");
         let reply = request(&path, "status").expect("a reply while the silent client waits");
-        assert!(reply.contains("\"phase\":3"), "{reply}");
+        assert_eq!(reply["phase"], 3, "{reply}");
         // Served alongside, not after: the silent client's connection is
         // still open (a server that served one client at a time would have
         // timed it out and closed it before answering).
         silent.set_nonblocking(true).expect("nonblocking");
+        let mut greeting = String::new();
+        BufReader::new(&silent).read_line(&mut greeting).expect("the greeting");
         let mut byte = [0u8; 1];
         let still_open = matches!((&silent).read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
         assert!(still_open, "the silent connection was closed before the other client was served");
