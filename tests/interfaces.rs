@@ -306,7 +306,18 @@ fn compare_owns_its_out_directory_draws_its_chart_and_report_renders_it() {
     let out = scratch("compare-own");
     std::fs::create_dir_all(&out).expect("mkdir");
     std::fs::write(out.join("notes.txt"), "mine").expect("write");
-    let args = ["compare", "pagefill", "--mem", "8M", "--repeat", "1", "--policies", "off,change-pte,range-flush"];
+    let args = [
+        "compare",
+        "pagefill",
+        "--mem",
+        "8M",
+        "--repeat",
+        "1",
+        "--policies",
+        "off,change-pte,range-flush",
+        "--view",
+        "memslot",
+    ];
     let refused = vmm().args(args).arg("--out").arg(&out).output().expect("spawn");
     assert_eq!(refused.status.code(), Some(2));
     assert_eq!(text(&refused.stderr).lines().count(), 1, "{}", text(&refused.stderr));

@@ -78,8 +78,8 @@ fn guest_gfns(mem_bytes: u64) -> (Gfn, Gfn) {
     (GUEST_BASE >> PAGE_SHIFT, mem_bytes >> PAGE_SHIFT)
 }
 
-/// The EPT view `config` asks for (the `kernel` policy always has one plain
-/// memslot: the host KVM is its secondary MMU).
+/// The EPT view `config` asks for (the `kernel` policy always has the memslot
+/// view: the host KVM is its secondary MMU).
 fn create_view(
     kvm: &Kvm,
     vm_fd: &Arc<VmFd>,

@@ -59,7 +59,8 @@ impl DedupPolicy {
     ];
 
     /// The view a run of this policy really uses: the `kernel` policy maps
-    /// guest RAM with one plain memslot whatever `--view` says.
+    /// guest RAM through the memslot view whatever `--view` says (the host
+    /// KVM is then its secondary MMU).
     pub fn effective_view(self, view: ViewKind) -> ViewKind {
         match self {
             DedupPolicy::Kernel => ViewKind::Memslot,

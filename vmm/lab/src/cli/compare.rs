@@ -49,8 +49,8 @@ pub(super) struct CompareArgs {
     /// Guest RAM: bytes, or a number with a K, M or G suffix.
     #[arg(long, default_value = "16M", value_name = "SIZE")]
     mem: String,
-    /// The view of the built-in policies (`kernel` uses one plain memslot).
-    #[arg(long, value_enum, default_value = "memslot")]
+    /// The view of the built-in policies (`kernel` always uses the memslot view).
+    #[arg(long, value_enum, default_value = "uffd")]
     view: ViewKind,
     /// End a run (with its statistics, counted as failed) after SECS seconds.
     #[arg(long, default_value = "600", value_name = "SECS")]

@@ -47,7 +47,7 @@ pub(super) struct RunArgs {
     #[arg(long, value_parser = policy_parser(), default_value = "off")]
     dedup: DedupPolicy,
     /// How the secondary MMU's table is made real for KVM.
-    #[arg(long, value_enum, default_value = "memslot")]
+    #[arg(long, value_enum, default_value = "uffd")]
     view: ViewKind,
     /// Do not print the exit table (the console and --stats-json are unaffected).
     #[arg(long)]
