@@ -147,8 +147,8 @@ pub fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> 
 }
 
 pub use frame_pool::{FramePool, FramePoolError, Pfn, PAGE_SHIFT, PAGE_SIZE};
-pub use memory::{PrimaryMmu, PrimaryMmuError, Pte};
+pub use memory::{FrameInfo, FrameStats, FrameTable, Frames, PrimaryMmu, PrimaryMmuError, Pte};
 pub use mmu_notifier::{Gfn, MmuNotifier, MmuNotifierRange, MmuNotifyEvent, Protection, RangeFlags};
 pub use secondary_mmu::{handle_ept_violation, Access, FaultError, MmuStats, Policy, SecondaryMmu};
-pub use stack::{GuestAccessError, GuestMmus};
+pub use stack::{FleetLayout, GuestAccessError, GuestMmus};
 pub use view::{EptView, RecordingView};

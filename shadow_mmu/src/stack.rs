@@ -1,6 +1,9 @@
 //! Guest memory with both MMUs wired together: a frame pool, the primary MMU
 //! over the guest's pages, and a pre-faulted secondary MMU registered with
-//! it. The VMM builds one per VM; the tests build one per scenario.
+//! it. The VMM builds one per VM; the tests build one per scenario. A fleet
+//! of guests shares one pool ([`FleetLayout`], [`GuestMmus::new_in`]): each
+//! guest has its own primary and secondary MMU, and its notifier reaches
+//! only its own secondary MMU.
 //!
 //! ```
 //! use shadow_mmu::{Access, GuestMmus, Policy, RecordingView};
@@ -19,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::frame_pool::{FramePool, FramePoolError, Pfn, PAGE_SHIFT, PAGE_SIZE};
-use crate::memory::PrimaryMmu;
+use crate::memory::{Frames, PrimaryMmu, PrimaryMmuError};
 use crate::mmu_notifier::Gfn;
 use crate::secondary_mmu::{handle_ept_violation, Access, FaultError, Policy, SecondaryMmu};
 use crate::view::{EptView, RecordingView};
@@ -79,7 +82,28 @@ impl<V: EptView + 'static> GuestMmus<V> {
     /// pre-faulted from it over `view`, which the caller built with the
     /// same mapping. The secondary MMU hears of every later change.
     pub fn new(pool: Arc<FramePool>, first_gfn: Gfn, end_gfn: Gfn, policy: Policy, view: V) -> Self {
-        let mut mm = PrimaryMmu::new(pool.clone(), first_gfn, end_gfn);
+        Self::wire(pool.clone(), PrimaryMmu::new(pool, first_gfn, end_gfn), policy, view)
+    }
+
+    /// One guest of a fleet over `frames`: the primary MMU of
+    /// [`PrimaryMmu::new_in`] (guest-physical page n on frame `base_pfn +
+    /// n`) and a secondary MMU pre-faulted from it over `view`, which the
+    /// caller built with that mapping. The secondary MMU hears of every
+    /// later change of this guest's primary MMU, and of no other guest's.
+    pub fn new_in(
+        frames: &Arc<Frames>,
+        first_gfn: Gfn,
+        end_gfn: Gfn,
+        base_pfn: Pfn,
+        policy: Policy,
+        view: V,
+    ) -> Result<Self, PrimaryMmuError> {
+        let mm = PrimaryMmu::new_in(frames.clone(), first_gfn, end_gfn, base_pfn)?;
+        Ok(Self::wire(frames.pool().clone(), mm, policy, view))
+    }
+
+    /// A secondary MMU pre-faulted from `mm` over `view`, registered with it.
+    fn wire(pool: Arc<FramePool>, mut mm: PrimaryMmu, policy: Policy, view: V) -> Self {
         let mmu = Arc::new(Mutex::new(SecondaryMmu::new_prefaulted(policy, view, &mm)));
         mm.mmu_notifier_register(mmu.clone());
         Self { pool, mm: Arc::new(Mutex::new(mm)), mmu }
@@ -142,7 +166,62 @@ impl<V: EptView + 'static> GuestMmus<V> {
     }
 }
 
+/// Where the guests of a fleet lie in one frame pool: guest i's physical
+/// memory (its boot frames, then its RAM) is frames [i * end_gfn, (i + 1) *
+/// end_gfn), so its base frame ([`PrimaryMmu::new_in`]) is `i * end_gfn`;
+/// after the last guest come one spare frame per guest (the spare-frame
+/// rule: a copy-on-write break always finds a free frame) and whatever
+/// extra frames the caller asks for (the deduplicator's zero page). A fleet
+/// of one is the single guest's layout: guest page n on frame n.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FleetLayout {
+    /// Number of guests.
+    pub guests: u64,
+    /// First guest page of each guest (below it: boot memory).
+    pub first_gfn: Gfn,
+    /// One past the last guest page of each guest.
+    pub end_gfn: Gfn,
+}
+
+impl FleetLayout {
+    /// The frame of guest `guest`'s guest-physical page 0.
+    pub fn base_pfn(&self, guest: u64) -> Pfn {
+        guest * self.end_gfn
+    }
+
+    /// The frames the pool needs: every guest's, one spare per guest, and
+    /// `extra` more.
+    pub fn nr_frames(&self, extra: u64) -> u64 {
+        self.guests * (self.end_gfn + 1) + extra
+    }
+
+    /// The view a guest's secondary MMU starts with, for a
+    /// [`RecordingView`]: each guest page on its frame, writable.
+    pub fn recording_view(&self, guest: u64) -> RecordingView {
+        let base = self.base_pfn(guest);
+        RecordingView {
+            pages: (self.first_gfn..self.end_gfn).map(|gfn| (gfn, (base + gfn, true))).collect(),
+            ..RecordingView::default()
+        }
+    }
+}
+
 impl GuestMmus<RecordingView> {
+    /// `layout.guests` guests over one fresh memfd pool of
+    /// `layout.nr_frames(extra)` frames, each behind a [`RecordingView`]
+    /// that starts with what its pre-faulted table maps: the fleet the
+    /// tests build.
+    pub fn new_fleet_recording(policy: Policy, layout: FleetLayout, extra: u64) -> Result<Vec<Self>, PrimaryMmuError> {
+        let pool = Arc::new(FramePool::new(layout.nr_frames(extra) * PAGE_SIZE)?);
+        let frames = Frames::new(pool);
+        (0..layout.guests)
+            .map(|i| {
+                let view = layout.recording_view(i);
+                Self::new_in(&frames, layout.first_gfn, layout.end_gfn, layout.base_pfn(i), policy, view)
+            })
+            .collect()
+    }
+
     /// Guest pages [first_gfn, end_gfn) over a fresh memfd pool with
     /// `spare_frames` more frames past them, behind a [`RecordingView`]
     /// that starts with what the pre-faulted table maps: the stack the

@@ -2,7 +2,7 @@
 //! fault, and the copy-on-write break of mm/memory.c (`do_wp_page`,
 //! `wp_page_reuse`, `wp_page_copy`).
 
-use super::{change_pte_range, PrimaryMmu, PrimaryMmuError, Pte};
+use super::{change_pte_range, FrameInfo, PrimaryMmu, PrimaryMmuError, Pte};
 use crate::mmu_notifier::Gfn;
 
 impl PrimaryMmu {
@@ -42,12 +42,9 @@ impl PrimaryMmu {
         self.wp_page_copy(gfn)
     }
 
-    /// Whether a write may reuse frame `pfn` in place: mapped by one pte,
-    /// with no other reference, and not a KSM page (`PageAnonExclusive`,
-    /// which a KSM page never is).
-    pub(super) fn page_exclusive(&self, pfn: crate::frame_pool::Pfn) -> bool {
-        let f = self.frame(pfn);
-        !f.ksm && f.mapcount == 1 && f.refcount == 1
+    /// Whether a write may reuse frame `pfn` in place ([`frame_exclusive`]).
+    fn page_exclusive(&self, pfn: crate::frame_pool::Pfn) -> bool {
+        frame_exclusive(self.frame(pfn))
     }
 
     /// `wp_page_copy`: a write to a read-only pte whose frame is shared.
@@ -86,4 +83,12 @@ impl PrimaryMmu {
         self.stats.unshare_copies += 1;
         Ok(new)
     }
+}
+
+/// Whether a write may reuse a frame in place: mapped by one pte (in any
+/// mm), with no other reference (a pin, such as the deduplicator's while it
+/// merges), and not a KSM page (`PageAnonExclusive`, which a KSM page never
+/// is).
+pub(super) fn frame_exclusive(f: FrameInfo) -> bool {
+    !f.ksm && f.mapcount == 1 && f.refcount == 1
 }

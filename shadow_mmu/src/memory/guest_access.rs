@@ -1,6 +1,7 @@
 //! The VMM's own reads and writes of guest-physical memory, through the
 //! direct map onto the frames the host ptes map now (the VMM completing an
-//! access KVM retired, reading what the guest points it at).
+//! access KVM retired, reading what the guest points it at); boot memory
+//! is the guest's reserved frames, from its base frame on.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
@@ -24,7 +25,8 @@ impl PrimaryMmu {
     fn frame_of(&self, gpa: u64) -> Result<(Pfn, bool), PrimaryMmuError> {
         let gfn = gpa >> PAGE_SHIFT;
         if gfn < self.first_gfn {
-            return Ok((gfn, true)); // the VMM's boot memory is identity-mapped
+            // The VMM's boot memory: linear from the guest's base frame.
+            return Ok((self.base_pfn + gfn, true));
         }
         let pte = self.pte(gfn)?;
         Ok((pte.pfn, pte.writable))
@@ -49,7 +51,7 @@ impl PrimaryMmu {
                 return Err(PrimaryMmuError::ReadOnly(at >> PAGE_SHIFT));
             }
             let host = GuestAddress((pfn << PAGE_SHIFT) | (at & (PAGE_SIZE - 1)));
-            op(self.pool.direct_map(), host, done, in_page)
+            op(self.pool().direct_map(), host, done, in_page)
                 .map_err(|source| PrimaryMmuError::Access { gpa: at, source })?;
             done += in_page;
         }

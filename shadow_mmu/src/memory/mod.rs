@@ -10,18 +10,26 @@
 //! | module | job | in Linux |
 //! | --- | --- | --- |
 //! | this one | the page table, the notifier chain, `set_pte_at_notify` | mm/memory.c, mm/mmu_notifier.c |
-//! | `frames` | frame accounting: references, maps, KSM marks, free frames given back to the host | `struct page`, mm/page_alloc.c |
+//! | `frames` | the frame table of a pool ([`Frames`]), shared by every mm over it and by the deduplicator: references, maps, KSM marks, free frames given back to the host; the spare-frame rule | `struct page`, mm/page_alloc.c |
 //! | `cow` | write faults: `get_user_page`, `do_wp_page`, `wp_page_copy` | mm/memory.c, mm/gup.c |
 //! | `ksm_pte` | KSM's pte primitives `write_protect_page`, `replace_page` | mm/ksm.c |
 //! | `protect` | batch protection: a soft-dirty round (`clear_refs_soft_dirty`), `mprotect`, the soft-dirty bits pagemap reports | fs/proc/task_mmu.c, mm/mprotect.c |
 //! | `guest_access` | the VMM's reads and writes of guest memory as the ptes map it | - |
 //!
+//! Several primary MMUs (one per guest, as one `mm_struct` per process)
+//! may share one pool: each maps its guest's pages onto frames of the one
+//! frame table ([`PrimaryMmu::new_in`]), and a frame can then be mapped by
+//! ptes of several of them (a KSM page merged across guests). Each has its
+//! own notifier chain: a change in one mm reaches only its subscribers.
+//!
 //! Deliberate differences from Linux (the crate documentation lists them
-//! all): one "vma", no swap or migration, one lock, a fixed frame pool,
-//! freed frames given back to the host in batches, protection at page
-//! granularity, a merge that keeps the soft-dirty bit.
+//! all): one "vma", no swap or migration, one lock per mm and one for the
+//! frame table, a fixed frame pool, freed frames given back to the host in
+//! batches, protection at page granularity, a merge that keeps the
+//! soft-dirty bit.
 
 mod cow;
+mod exit;
 mod frames;
 mod guest_access;
 mod ksm_pte;
@@ -36,7 +44,7 @@ use crate::mmu_notifier::{
     check_change_pte, Gfn, IllegalChangePte, MmuNotifier, MmuNotifierRange, MmuNotifyEvent, RangeFlags,
 };
 
-pub use frames::FrameInfo;
+pub use frames::{FrameInfo, FrameStats, FrameTable, Frames};
 
 /// A host pte of guest RAM (always present).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,9 +69,11 @@ pub struct HostStats {
     pub cow_copies: u64,
     /// Write faults on read-only ptes served by reusing the frame (`wp_page_reuse`).
     pub cow_reuses: u64,
-    /// Frames returned to the host.
+    /// Frames whose last reference this mm dropped (an unmap, a
+    /// [`PrimaryMmu::put_page`]); the pool's total is [`Frames::stats`].
     pub frames_freed: u64,
-    /// Frames allocated from the free list.
+    /// Frames this mm allocated from the pool's free list (its copies, a
+    /// [`PrimaryMmu::alloc_page`]); the pool's total is [`Frames::stats`].
     pub frames_allocated: u64,
     /// Notifier ranges opened.
     pub notifier_ranges: u64,
@@ -108,6 +118,15 @@ pub enum PrimaryMmuError {
     /// No free frame for a copy-on-write break.
     #[error("no free frame left for a copy-on-write break")]
     OutOfFrames,
+    /// Frames asked for a new mm or reserved that are not all free frames
+    /// of the pool.
+    #[error("frames [{first:#x}, {end:#x}) are not all free frames of the pool")]
+    FramesNotFree {
+        /// First frame.
+        first: Pfn,
+        /// One past the last.
+        end: Pfn,
+    },
     /// The frame pool failed.
     #[error(transparent)]
     Pool(#[from] FramePoolError),
@@ -154,27 +173,29 @@ pub type Subscriber = Arc<Mutex<dyn MmuNotifier>>;
 
 /// The host page table of guest RAM and its notifier chain (`struct mm_struct`).
 pub struct PrimaryMmu {
-    pool: Arc<FramePool>,
+    frames: Arc<Frames>,
     first_gfn: Gfn,
+    /// The frame of guest-physical page 0: boot memory (below `first_gfn`)
+    /// is frame `base_pfn + gfn`, and so is each guest page at creation.
+    base_pfn: Pfn,
     ptes: Vec<Pte>,
     /// VM_WRITE of the vma each page lies in: mprotect splits the one vma
     /// at page granularity (see `protect`).
     vm_write: Vec<bool>,
-    frames: Vec<FrameInfo>,
-    free_frames: Vec<Pfn>,
-    /// Freed frames whose holes are not punched yet (see [`PrimaryMmu::flush_holes`]).
-    pending_holes: Vec<Pfn>,
     subscribers: Vec<Subscriber>,
     stats: HostStats,
+    /// [`PrimaryMmu::exit_mmap`] ran: no guest page is left.
+    exited: bool,
 }
 
 impl std::fmt::Debug for PrimaryMmu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PrimaryMmu")
             .field("first_gfn", &self.first_gfn)
+            .field("base_pfn", &self.base_pfn)
             .field("pages", &self.ptes.len())
-            .field("free_frames", &self.free_frames.len())
             .field("subscribers", &self.subscribers.len())
+            .field("exited", &self.exited)
             .field("stats", &self.stats)
             .finish()
     }
@@ -188,33 +209,53 @@ fn change_pte_range(gfn: Gfn) -> MmuNotifierRange {
 }
 
 impl PrimaryMmu {
-    /// Maps guest pages [first_gfn, end_gfn) one to one onto the same
-    /// frames, writable. Frames below `first_gfn` are the VMM's own (boot
-    /// memory): referenced once, never mapped here, never freed. Frames from
-    /// `end_gfn` to the end of the pool start free.
+    /// The primary MMU of a guest alone on `pool`: a fresh frame table
+    /// ([`Frames::new`]) and [`PrimaryMmu::new_in`] with guest page n on
+    /// frame n. Frames below `first_gfn` are the VMM's own (boot memory):
+    /// referenced once, never mapped here, never freed. Frames from
+    /// `end_gfn` (clamped to the pool) to the end of the pool start free.
     ///
     /// Deliberate difference (crate docs): the pool is fixed, where Linux
-    /// allocates a page for every copy-on-write break. Guest pages map at
-    /// most as many distinct frames as there are guest pages, so one spare
-    /// frame past `end_gfn` guarantees that a copy always finds a free
-    /// frame, even when every other frame is mapped (a KSM page mapped once
-    /// is copied, not reused).
+    /// allocates a page for every copy-on-write break. One spare frame past
+    /// `end_gfn` guarantees that a copy always finds a free frame (the
+    /// spare-frame rule of the `frames` module: one per mm).
     pub fn new(pool: Arc<FramePool>, first_gfn: Gfn, end_gfn: Gfn) -> Self {
-        let nr_frames = pool.nr_frames();
-        let end_gfn = end_gfn.min(nr_frames);
-        let ptes: Vec<Pte> =
-            (first_gfn..end_gfn).map(|gfn| Pte { pfn: gfn, writable: true, soft_dirty: true }).collect();
-        Self {
-            pool,
+        let end_gfn = end_gfn.min(pool.nr_frames());
+        let first_gfn = first_gfn.min(end_gfn);
+        Self::new_in(Frames::new(pool), first_gfn, end_gfn, 0)
+            .expect("a fresh frame table has every frame of [0, end_gfn) free")
+    }
+
+    /// The primary MMU of one guest of several sharing `frames` (a fleet):
+    /// guest-physical page n is frame `base_pfn + n`. Frames [base_pfn,
+    /// base_pfn + first_gfn) become the guest's boot memory (reserved:
+    /// referenced once, never mapped, never freed; the VMM reads and writes
+    /// it directly, [`PrimaryMmu::read_guest`]); guest pages [first_gfn,
+    /// end_gfn) are mapped writable onto frames [base_pfn + first_gfn,
+    /// base_pfn + end_gfn). Every one of those frames must be free.
+    ///
+    /// The pool needs one spare frame per mm besides (the spare-frame rule
+    /// of the `frames` module); [`crate::FleetLayout`] places the guests and
+    /// sizes the pool.
+    pub fn new_in(frames: Arc<Frames>, first_gfn: Gfn, end_gfn: Gfn, base_pfn: Pfn) -> Result<Self, PrimaryMmuError> {
+        if first_gfn > end_gfn {
+            return Err(PrimaryMmuError::BadRange { start: first_gfn, end: end_gfn });
+        }
+        let first_pfn = base_pfn + first_gfn;
+        let end_pfn = base_pfn + end_gfn;
+        frames.reserve(base_pfn, first_pfn)?;
+        frames.claim_mapped(first_pfn, end_pfn)?;
+        let ptes: Vec<Pte> = (first_pfn..end_pfn).map(|pfn| Pte { pfn, writable: true, soft_dirty: true }).collect();
+        Ok(Self {
+            frames,
             first_gfn,
+            base_pfn,
             vm_write: vec![true; ptes.len()],
             ptes,
-            frames: frames::initial_frames(nr_frames, first_gfn, end_gfn),
-            free_frames: (end_gfn..nr_frames).rev().collect(),
-            pending_holes: Vec::new(),
             subscribers: Vec::new(),
             stats: HostStats::default(),
-        }
+            exited: false,
+        })
     }
 
     /// `mmu_notifier_register`: `sub` hears of every later change.
@@ -224,7 +265,17 @@ impl PrimaryMmu {
 
     /// The frame pool.
     pub fn pool(&self) -> &Arc<FramePool> {
-        &self.pool
+        self.frames.pool()
+    }
+
+    /// The frame table, shared with every other mm over the pool.
+    pub fn frames(&self) -> &Arc<Frames> {
+        &self.frames
+    }
+
+    /// The frame of guest-physical page 0 (see [`PrimaryMmu::new_in`]).
+    pub fn base_pfn(&self) -> Pfn {
+        self.base_pfn
     }
 
     /// Guest RAM managed here: [first, end) in gfns.
@@ -296,6 +347,8 @@ impl PrimaryMmu {
         if range.flags.contains(RangeFlags::USE_CHANGE_PTE) {
             check_change_pte(range, gfn, old, new)?;
         }
+        // The caller holds a reference on `new.pfn` (a pte of some mm, or a
+        // pin), so it stays allocated until it is mapped below.
         if self.frame(new.pfn).refcount == 0 {
             return Err(PrimaryMmuError::BadFrame(new.pfn));
         }
@@ -303,8 +356,7 @@ impl PrimaryMmu {
         self.notify(|s| s.change_pte(gfn, new));
         self.ptes[i] = new;
         if new.pfn != old.pfn {
-            self.map_frame(new.pfn);
-            self.unmap_frame(old.pfn)?;
+            self.remap_frame(new.pfn, old.pfn)?;
         }
         Ok(old)
     }

@@ -14,7 +14,8 @@
 
 use std::ops::Range;
 
-use super::{PrimaryMmu, PrimaryMmuError, Pte};
+use super::cow::frame_exclusive;
+use super::{FrameInfo, PrimaryMmu, PrimaryMmuError, Pte};
 use crate::mmu_notifier::{Gfn, MmuNotifierRange, MmuNotifyEvent, Protection};
 
 impl PrimaryMmu {
@@ -114,10 +115,17 @@ impl PrimaryMmu {
     /// each pte's; returns how many ptes changed.
     fn change_protection(&mut self, pages: Range<usize>, writable: bool) -> u64 {
         let mut changed = 0;
+        // One look at the frame table for the whole range.
+        let frames = self.frames.clone();
+        let table = frames.table();
         for i in pages {
             self.vm_write[i] = writable;
             let pte = self.ptes[i];
-            let change = if writable { !pte.writable && self.can_change_pte_writable(pte) } else { pte.writable };
+            let change = if writable {
+                !pte.writable && can_change_pte_writable(pte, table.frame(pte.pfn))
+            } else {
+                pte.writable
+            };
             if change {
                 self.ptes[i].writable = writable;
                 changed += 1;
@@ -128,11 +136,12 @@ impl PrimaryMmu {
         }
         changed
     }
+}
 
-    /// `can_change_pte_writable` for a private anonymous mapping whose vma
-    /// allows writes: soft-dirty tracking needs no write fault for the pte,
-    /// and the page is exclusive (the write fault would reuse it anyway).
-    fn can_change_pte_writable(&self, pte: Pte) -> bool {
-        pte.soft_dirty && self.page_exclusive(pte.pfn)
-    }
+/// `can_change_pte_writable` for a private anonymous mapping whose vma
+/// allows writes: soft-dirty tracking needs no write fault for the pte, and
+/// the page (`frame`, what the table knows of `pte.pfn`) is exclusive (the
+/// write fault would reuse it anyway).
+fn can_change_pte_writable(pte: Pte, frame: FrameInfo) -> bool {
+    pte.soft_dirty && frame_exclusive(frame)
 }
