@@ -138,6 +138,7 @@ fn the_memslot_view_ends_the_run_cleanly_at_its_slot_limit() {
         memslot_limit: Some(64),
         control: None,
         soft_dirty_interval: None,
+        guests: 1,
     };
     let s = vmm::run::run(config).expect("the VM builds");
     assert_eq!(s.guest.end.reason, "vmm_error", "{}", s.guest.end.detail);

@@ -136,6 +136,7 @@ pub fn run_with(
         memslot_limit: None,
         control: None,
         soft_dirty_interval: None,
+        guests: 1,
     };
     vmm::run::run(config).expect("the VM builds")
 }

@@ -128,6 +128,10 @@ pub struct RunConfig {
     /// Make a soft-dirty round this often from a thread (`--soft-dirty-ms`),
     /// as a live migration's pre-copy loop would (see `soft_dirty`).
     pub soft_dirty_interval: Option<Duration>,
+    /// Guests of the same image run together (`--guests`, ABI 1.1 fleets):
+    /// 1 is a guest alone; each more is its own KVM VM, vCPU thread and
+    /// mm, all deduplicated together (see `crate::fleet`).
+    pub guests: u32,
 }
 
 impl std::fmt::Debug for RunConfig {
@@ -137,6 +141,7 @@ impl std::fmt::Debug for RunConfig {
             .field("mem_bytes", &self.mem_bytes)
             .field("dedup", &self.dedup)
             .field("view", &self.view)
+            .field("guests", &self.guests)
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::serial::Console;
 use crate::stats::ExitKind;
-use crate::vcpu::{PORT_DEDUP, PORT_EXIT, PORT_PHASE, PORT_PHASE_NAME, PORT_REPORT};
+use crate::vcpu::{PORT_BARRIER, PORT_DEDUP, PORT_EXIT, PORT_PHASE, PORT_PHASE_NAME, PORT_REPORT};
 
 /// Which of the tiny-guest ABI's ports a port-I/O exit went to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +31,8 @@ pub enum PortClass {
     Dedup,
     /// 0x502, the guest report.
     Report,
+    /// 0x503, the fleet barrier (ABI 1.1).
+    Barrier,
     /// Any other port.
     Other,
 }
@@ -45,6 +47,7 @@ impl PortClass {
             PORT_PHASE_NAME => PortClass::PhaseName,
             PORT_DEDUP => PortClass::Dedup,
             PORT_REPORT => PortClass::Report,
+            PORT_BARRIER => PortClass::Barrier,
             _ => PortClass::Other,
         }
     }
@@ -60,13 +63,14 @@ pub struct ExitEvent {
 
 impl ExitEvent {
     /// Every event, in display order (the index of each is [`Self::index`]).
-    pub const ALL: [ExitEvent; 16] = [
+    pub const ALL: [ExitEvent; 17] = [
         ExitEvent::io(PortClass::Console),
         ExitEvent::io(PortClass::Exit),
         ExitEvent::io(PortClass::Phase),
         ExitEvent::io(PortClass::PhaseName),
         ExitEvent::io(PortClass::Dedup),
         ExitEvent::io(PortClass::Report),
+        ExitEvent::io(PortClass::Barrier),
         ExitEvent::io(PortClass::Other),
         ExitEvent::reason(ExitKind::Mmio),
         ExitEvent::reason(ExitKind::Hlt),
@@ -107,6 +111,7 @@ impl ExitEvent {
             (ExitKind::Io, PortClass::Exit) => "io:exit",
             (ExitKind::Io, PortClass::Phase) => "io:phase",
             (ExitKind::Io, PortClass::PhaseName) => "io:phase_name",
+            (ExitKind::Io, PortClass::Barrier) => "io:barrier",
             (ExitKind::Io, PortClass::Dedup) => "io:dedup",
             (ExitKind::Io, PortClass::Report) => "io:report",
             (ExitKind::Io, PortClass::Other) => "io:other",
@@ -302,6 +307,7 @@ mod tests {
         assert_eq!(PortClass::of(0x501), PortClass::Dedup);
         assert_eq!(PortClass::of(0x502), PortClass::Report);
         assert_eq!(PortClass::of(0x504), PortClass::PhaseName);
+        assert_eq!(PortClass::of(0x503), PortClass::Barrier);
         assert_eq!(PortClass::of(0x80), PortClass::Other);
         for (i, e) in ExitEvent::ALL.iter().enumerate() {
             assert_eq!(e.index(), i, "{}", e.name());

@@ -26,6 +26,7 @@
 //!     memslot_limit: None,
 //!     control: None,
 //!     soft_dirty_interval: None,
+//!     guests: 1,
 //! };
 //! let stats = vmm::run::run(config).unwrap();
 //! assert_eq!(stats.guest.exit_code, Some(0));
@@ -41,6 +42,8 @@ pub mod config;
 pub mod control;
 pub mod dedup;
 pub mod exit_times;
+pub mod fleet;
+pub mod fleet_stats;
 pub mod guest_ram;
 pub mod image;
 pub mod kvm;

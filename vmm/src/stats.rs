@@ -159,6 +159,17 @@ pub struct ConfigRecord {
     pub view: String,
     /// --timeout in seconds, if any.
     pub timeout_secs: Option<f64>,
+    /// Guests in the fleet (ABI 1.1); left out for a guest alone.
+    #[serde(default = "one_guest", skip_serializing_if = "is_one_guest")]
+    pub guests: u32,
+}
+
+fn one_guest() -> u32 {
+    1
+}
+
+fn is_one_guest(guests: &u32) -> bool {
+    *guests == 1
 }
 
 /// How the run ended.
@@ -202,6 +213,24 @@ pub struct RunStats {
     /// before it was added.
     #[serde(default, skip_serializing_if = "Units::is_empty")]
     pub units: Units,
+    /// A fleet's guests, each in the shape of a run of its own (ABI 1.1);
+    /// left out for a guest alone. The document's own `guest`, `phases`
+    /// and `total` are then the fleet's (see `crate::fleet_stats`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guests: Vec<GuestStats>,
+}
+
+/// One guest of a fleet: what a run of its own would report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuestStats {
+    /// Its index in the fleet (RSI at entry).
+    pub index: u64,
+    /// Its outcome.
+    pub guest: GuestRecord,
+    /// Its phases; the `ksm` figures are the fleet's at each phase's end.
+    pub phases: Vec<PhaseStats>,
+    /// Its whole run.
+    pub total: Figures,
 }
 
 impl PhaseStats {
@@ -274,6 +303,7 @@ mod tests {
                 dedup: "off".into(),
                 view: "memslot".into(),
                 timeout_secs: None,
+                guests: 1,
             },
             guest: GuestRecord {
                 exit_code: Some(0),
@@ -283,6 +313,7 @@ mod tests {
             phases,
             total,
             units: crate::units::own_units(),
+            guests: Vec::new(),
         }
     }
 

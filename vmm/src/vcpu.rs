@@ -11,17 +11,11 @@ use crate::serial::Console;
 use crate::signals::{StopRequest, Watchdog};
 use crate::stats::{ExitCounts, ExitKind};
 
-/// Port whose value ends the run with that exit code.
-pub const PORT_EXIT: u16 = 0xF4;
-/// Port whose value starts the phase of that number.
-pub const PORT_PHASE: u16 = 0x500;
-/// Port of deduplication control.
-pub const PORT_DEDUP: u16 = 0x501;
-/// Port whose value is appended to the guest report.
-pub const PORT_REPORT: u16 = 0x502;
-/// Port whose value is the guest-physical address of the current phase's
-/// name (ABI 1.1, see [`crate::phase_name`]).
-pub const PORT_PHASE_NAME: u16 = 0x504;
+/// The ABI's ports (guest-abi.md), defined once in `guest_images::abi`:
+/// the exit code, the phase marker, deduplication control, the guest
+/// report, the fleet barrier (1.1) and the phase name (1.1, see
+/// [`crate::phase_name`]).
+pub use guest_images::abi::{PORT_BARRIER, PORT_DEDUP, PORT_EXIT, PORT_PHASE, PORT_PHASE_NAME, PORT_REPORT};
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +73,8 @@ pub enum Outcome {
     PhaseName(Vec<u8>),
     /// The guest wrote this value to the dedup control port.
     Dedup(u32),
+    /// The guest wrote this value to the fleet barrier (ABI 1.1).
+    Barrier(u32),
     /// KVM could not emulate an instruction: an instruction fetch from an
     /// absent page under the memslot view, or a real failure. The loop
     /// decides with the vCPU's registers.
@@ -116,6 +112,7 @@ impl Devices {
             PORT_PHASE => Outcome::NextPhase(le_value(data)),
             PORT_PHASE_NAME => Outcome::PhaseName(data.to_vec()),
             PORT_DEDUP => Outcome::Dedup(le_value(data)),
+            PORT_BARRIER => Outcome::Barrier(le_value(data)),
             PORT_REPORT => self.report(le_value(data)),
             _ => Outcome::Continue, // no device there: the write is dropped
         }

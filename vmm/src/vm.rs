@@ -14,6 +14,7 @@ pub use shadow_mmu::lock;
 
 use crate::control::ControlError;
 use crate::dedup::{DedupControl, HostKsmError};
+use crate::fleet::FleetBarrier;
 use crate::guest_ram::GuestRam;
 use crate::image::ImageError;
 use crate::kvm::KvmError;
@@ -22,7 +23,7 @@ use crate::memory::MemoryError;
 use crate::vcpu_gate::VcpuGate;
 use crate::view::uffd::UffdFaultThread;
 use crate::view::{ViewError, ViewFaults};
-use crate::x86::cpu::CpuSetupError;
+use crate::x86::cpu::{CpuSetupError, FleetSeat};
 
 /// Errors while building the VM (nothing has run yet).
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +64,12 @@ pub enum VmError {
     /// The host's KSM could not be taken (the `kernel` policy).
     #[error(transparent)]
     HostKsm(#[from] HostKsmError),
+    /// A guest's primary MMU could not be placed in the frame pool.
+    #[error(transparent)]
+    PrimaryMmu(#[from] shadow_mmu::PrimaryMmuError),
+    /// One VM was asked of a configuration of several guests.
+    #[error("{0} guests were asked where one VM is built: run them as a fleet (vmm::run::run)")]
+    NotAlone(u32),
 }
 
 /// A built VM, ready to run its guest.
@@ -91,11 +98,16 @@ pub struct Vm {
     /// The userfaultfd view's fault thread.
     pub(crate) fault_thread: Option<UffdFaultThread>,
     pub(crate) mem_bytes: u64,
+    /// Where the guest sits in its fleet (index 0 of 1 for a guest alone).
+    pub(crate) seat: FleetSeat,
+    /// The fleet's barrier (port 0x503).
+    pub(crate) barrier: Arc<FleetBarrier>,
 }
 
 impl Vm {
-    /// Creates the VM, its RAM and view, loads the image and sets the vCPU
-    /// at the entry point. Nothing runs yet.
+    /// Creates the VM of a guest alone, its RAM and view, loads the image
+    /// and sets the vCPU at the entry point. Nothing runs yet. A fleet's
+    /// VMs come from [`crate::builder::build_fleet`].
     pub fn new(config: &RunConfig) -> Result<Self, VmError> {
         crate::builder::build_vm(config)
     }
@@ -143,6 +155,11 @@ impl Vm {
     /// Secondary-MMU faults served off the vCPU thread (userfaultfd view).
     pub fn view_faults(&self) -> &Arc<ViewFaults> {
         &self.view_faults
+    }
+
+    /// Where the guest sits in its fleet.
+    pub fn seat(&self) -> FleetSeat {
+        self.seat
     }
 
     /// Guest RAM size in bytes.

@@ -43,6 +43,7 @@
 //!     memslot_limit: None,
 //!     control: None,
 //!     soft_dirty_interval: None,
+//!     guests: 1,
 //! };
 //! let stats = vmm::run::run(config).unwrap();
 //! println!("{}", vmm_lab::run_table::render_table(&stats));

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use vmm::exit_times::{ExitTimes, ServiceTime, UFFD_READ, UFFD_WRITE};
-use vmm::stats::{Figures, RunStats};
+use vmm::stats::{Figures, GuestStats, RunStats};
 use vmm::units::{own_unit, FigureKind, FigureUnit, Units};
 
 use crate::compare::fold::flatten;
@@ -51,9 +51,10 @@ fn stretches(stats: &RunStats) -> Vec<Stretch<'_>> {
 pub fn render_table(stats: &RunStats) -> String {
     let mut out = String::new();
     let c = &stats.config;
+    let fleet = if c.guests > 1 { format!(" x {} guests", c.guests) } else { String::new() };
     let _ = writeln!(
         out,
-        "VM exits by reason ({} policy, {} view): {}, {} of RAM",
+        "VM exits by reason ({} policy, {} view): {}{fleet}, {} of RAM",
         c.dedup,
         c.view,
         c.image,
@@ -88,9 +89,46 @@ pub fn render_table(stats: &RunStats) -> String {
     for (title, get) in sections {
         render_counters(&mut out, title, &rows, get);
     }
+    render_guests(&mut out, &stats.guests);
     let end = &stats.guest.end;
     let _ = writeln!(out, "\nrun ended: {} ({})", end.reason, end.detail);
     out
+}
+
+/// A fleet's guests, one line each: how each ended, its exits by reason,
+/// the secondary-MMU entries it zapped and installed, its wall time (the
+/// tables above are the fleet's: each guest's own figures summed, the
+/// deduplicator's fleet-wide).
+fn render_guests(out: &mut String, guests: &[GuestStats]) {
+    if guests.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nguests (the tables above are the fleet's: each guest's own figures summed, the deduplicator's \
+         fleet-wide)\n{:>5}  {:<12} {:>5} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
+        "guest", "end", "code", "exits", "io", "ept_read", "ept_write", "ept_fetch", "zapped", "installed", "wall"
+    );
+    for g in guests {
+        let (e, mmu) = (&g.total.exits, &g.total.shadow_mmu);
+        let count = |name: &str| mmu.get(name).copied().unwrap_or(0);
+        let code = g.guest.exit_code.map_or("-".to_string(), |c| c.to_string());
+        let _ = writeln!(
+            out,
+            "{:>5}  {:<12} {:>5} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
+            g.index,
+            g.guest.end.reason,
+            code,
+            e.total,
+            e.io,
+            e.ept_read,
+            e.ept_write,
+            e.ept_fetch,
+            count("zapped"),
+            count("installed"),
+            fmt_ns(g.total.wall_ns)
+        );
+    }
 }
 
 /// The `perf kvm stat report` block of one stretch; true when it has

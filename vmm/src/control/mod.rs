@@ -159,6 +159,12 @@ impl ControlState {
         Self::new(vm.dedup().clone(), policy, vm.view_faults().clone(), kvm)
     }
 
+    /// The state of a fleet's guest that has no socket (every guest but
+    /// the first): counted into, never served.
+    pub fn quiet(vm: &Vm) -> Self {
+        Self::new(vm.dedup().clone(), "", vm.view_faults().clone(), None)
+    }
+
     /// The guest started phase `number`: unnamed until it says otherwise.
     pub fn start_phase(&self, number: u32) {
         self.phase.store(number, Ordering::SeqCst);

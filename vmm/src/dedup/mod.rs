@@ -246,14 +246,12 @@ impl DedupControl {
         Ok(())
     }
 
-    /// Serves a guest request on port 0x501. Values that are not requests
-    /// are refused with a message; they do not end the run. `cancelled` is
+    /// Serves a guest request on port 0x501 (a soft-dirty round, value 5,
+    /// is the guest's own: the vCPU loop serves it). Values that are not
+    /// requests are refused with a message; they do not end the run. `cancelled` is
     /// polled while a pass waits for the host's ksmd.
     pub fn request(&mut self, value: u32, cancelled: &dyn Fn() -> bool) -> Result<(), DedupError> {
         let request = DedupRequest::from_port(value);
-        if request == Some(DedupRequest::SoftDirty) {
-            return crate::soft_dirty::soft_dirty_round(&self.mm).map(|_| ()).map_err(DedupError::SoftDirty);
-        }
         if !self.is_active() {
             return Ok(());
         }

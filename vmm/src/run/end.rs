@@ -3,8 +3,10 @@
 //! take the last readings, give the host's KSM back, and record it.
 
 use std::sync::atomic::Ordering;
+use std::sync::Mutex;
 
 use crate::control::ControlState;
+use crate::dedup::{DedupControl, DedupError};
 use crate::phases::PhaseTracker;
 use crate::soft_dirty::SoftDirtyThread;
 use crate::stats::{EndRecord, Figures, PhaseStats, RunStats};
@@ -48,12 +50,41 @@ impl RunEnd {
     }
 }
 
-/// Settles a run the vCPU loop ended with `end`.
+/// Settles the run of a guest alone, which the vCPU loop ended with
+/// `end`: ksmd stops (no run-state change from outside after this), the
+/// guest is settled ([`settle_guest`]), then the host's KSM is given back.
 pub(super) fn settle(
+    vm: Vm,
+    end: RunEnd,
+    phases: PhaseTracker,
+    control: &ControlState,
+    rounds: Option<SoftDirtyThread>,
+) -> Settled {
+    let dedup = vm.dedup.clone();
+    let shut = shutdown_dedup(&dedup, control);
+    let mut settled = settle_guest(vm, end, phases, rounds);
+    settled.fail_if_by_guest(shut);
+    settled.fail_if_by_guest(lock(&dedup).release());
+    settled
+}
+
+/// Stops ksmd (the built-in one or the host's) at the end of a run; what
+/// is merged stays merged, so the last readings see it. No run-state
+/// change from outside after this (it would restart ksmd for the last
+/// readings, or change the host's KSM after its release).
+pub(super) fn shutdown_dedup(dedup: &Mutex<DedupControl>, control: &ControlState) -> Result<(), DedupError> {
+    let mut dedup = lock(dedup);
+    control.closed.store(true, Ordering::SeqCst);
+    dedup.shutdown()
+}
+
+/// Settles one guest whose vCPU loop ended with `end`: its helper threads
+/// stop, a HLT or an emulation failure is told for what it was, and its
+/// last readings are taken. The deduplicator is the caller's.
+pub(super) fn settle_guest(
     mut vm: Vm,
     mut end: RunEnd,
     mut phases: PhaseTracker,
-    control: &ControlState,
     rounds: Option<SoftDirtyThread>,
 ) -> Settled {
     if let Some(Err(e)) = rounds.map(SoftDirtyThread::stop) {
@@ -62,18 +93,6 @@ pub(super) fn settle(
     if let Some(thread) = vm.fault_thread.take() {
         if let Some(e) = thread.stop() {
             end = RunEnd::VmmError(format!("userfaultfd fault thread: {}", crate::error_chain(&e)));
-        }
-    }
-    let shut = {
-        let mut dedup = lock(&vm.dedup);
-        // No run-state change from outside after this (it would restart ksmd
-        // for the last readings, or change the host's KSM after its release).
-        control.closed.store(true, Ordering::SeqCst);
-        dedup.shutdown()
-    };
-    if let Err(e) = shut {
-        if end.by_guest() {
-            end = RunEnd::vmm_error(&e);
         }
     }
     let rip = if end.by_guest() { None } else { vm.vcpu.get_regs().ok().map(|r| r.rip) };
@@ -85,13 +104,19 @@ pub(super) fn settle(
         end = explain_internal_error(&mut vm);
     }
     let (phases, total) = phases.finish(&vm);
-    let released = lock(&vm.dedup).release();
-    if let Err(e) = released {
-        if end.by_guest() {
-            end = RunEnd::vmm_error(&e);
+    Settled { end, phases, total, rip }
+}
+
+impl Settled {
+    /// A failure of the deduplicator at the end of the run replaces an end
+    /// by the guest (it never hides an earlier failure).
+    pub(super) fn fail_if_by_guest(&mut self, result: Result<(), DedupError>) {
+        if let Err(e) = result {
+            if self.end.by_guest() {
+                self.end = RunEnd::vmm_error(&e);
+            }
         }
     }
-    Settled { end, phases, total, rip }
 }
 
 /// Settles a run whose guest never ran (the deduplicator could not start):

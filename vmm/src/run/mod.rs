@@ -4,6 +4,7 @@
 //! threads, take the last readings, give the host's KSM back: `end`).
 
 mod end;
+mod fleet;
 mod vcpu_loop;
 
 use std::sync::Arc;
@@ -11,7 +12,8 @@ use std::time::Duration;
 
 pub use end::exit_status;
 
-use crate::config::{HookPoint, MmHookError, RunConfig};
+use crate::builder::build_fleet;
+use crate::config::{HookPoint, MmHook, MmHookError, RunConfig};
 use crate::control::{ControlServer, ControlState};
 use crate::dedup::{DedupError, RunState};
 use crate::guest_ram::GuestRamError;
@@ -47,52 +49,80 @@ pub enum RunError {
     },
 }
 
-/// Builds the VM and runs the guest to its end. An error means nothing ran
+/// Builds the VMs and runs the guests to their end: one guest alone, or a
+/// fleet (`config.guests` > 1, see [`fleet`]). An error means nothing ran
 /// (bad configuration or KVM setup); every way a started guest ends, clean
 /// or not, comes back as statistics.
-pub fn run(config: RunConfig) -> Result<RunStats, VmError> {
-    let mut vm = Vm::new(&config)?;
+pub fn run(mut config: RunConfig) -> Result<RunStats, VmError> {
+    let mut vms = build_fleet(&config)?;
     let record = ConfigRecord {
         image: config.image.name.clone(),
         mem_bytes: config.mem_bytes,
         dedup: config.dedup.name().to_string(),
         view: config.dedup.effective_view(config.view).name().to_string(),
         timeout_secs: config.timeout.map(|t| t.as_secs_f64()),
+        guests: config.guests,
     };
-    let mut devices = Devices { console: Console::new(config.console), reports: Vec::new(), memory: vm.guest_ram() };
+    let units = crate::units::of_vm(&vms[0]);
+    if vms.len() > 1 {
+        return Ok(fleet::run_fleet(vms, &mut config, record, units));
+    }
+    let vm = vms.remove(0);
+    let console = std::mem::replace(&mut config.console, Box::new(std::io::sink()));
+    let mut devices = Devices { console: Console::new(console), reports: Vec::new(), memory: vm.guest_ram() };
     let control = Arc::new(ControlState::for_vm(&vm, config.dedup.name()));
-    let units = crate::units::of_vm(&vm);
     let server = config.control.as_deref().map(|p| ControlServer::start(p, control.clone())).transpose()?;
-    let started = RunState::try_from(config.ksm.run)
+    let hook = config.mm_hook.take();
+    let settled = run_alone(vm, &mut devices, hook, &control, &config);
+    drop(server);
+    Ok(RunStats {
+        schema: SCHEMA_VERSION,
+        config: record,
+        guest: guest_record(&settled, devices),
+        phases: settled.phases,
+        total: settled.total,
+        units,
+        guests: Vec::new(),
+    })
+}
+
+/// Runs a guest alone, the deduplicator started and stopped with it.
+fn run_alone(
+    mut vm: Vm,
+    devices: &mut Devices,
+    hook: Option<MmHook>,
+    control: &ControlState,
+    config: &RunConfig,
+) -> end::Settled {
+    let started = start_dedup(&vm, config);
+    let rounds = match started.and_then(|()| start_soft_dirty(&vm, config.soft_dirty_interval)) {
+        Ok(rounds) => rounds,
+        // The guest never ran: phase 0 is reported, empty, with every figure.
+        Err(end) => return end::never_started(&vm, end, PhaseTracker::start(&vm)),
+    };
+    let (end, phases) = vcpu_loop::VcpuLoop::start(&mut vm, devices, hook, control, config.timeout).run();
+    end::settle(vm, end, phases, control, rounds)
+}
+
+/// The deduplicator's run state at the start (`--ksm-run`).
+fn start_dedup(vm: &Vm, config: &RunConfig) -> Result<(), RunEnd> {
+    RunState::try_from(config.ksm.run)
         .and_then(|state| lock(&vm.dedup).set_run(state))
         .map_err(|e| RunEnd::vmm_error(&e))
-        .and_then(|()| start_soft_dirty(&vm, config.soft_dirty_interval));
-    let settled = match started {
-        Ok(rounds) => {
-            let (end, phases) =
-                vcpu_loop::VcpuLoop::start(&mut vm, &mut devices, config.mm_hook, &control, config.timeout).run();
-            end::settle(vm, end, phases, &control, rounds)
-        }
-        // The guest never ran: phase 0 is reported, empty, with every figure.
-        Err(end) => end::never_started(&vm, end, PhaseTracker::start(&vm)),
-    };
-    drop(server);
+}
+
+/// The guest's record, its console flushed (a console that could not be
+/// written is said once).
+fn guest_record(settled: &end::Settled, mut devices: Devices) -> GuestRecord {
     devices.console.flush();
     if let Some(e) = devices.console.lost() {
         eprintln!("vmm: the guest's console output could not all be written: {e}");
     }
-    Ok(RunStats {
-        schema: SCHEMA_VERSION,
-        config: record,
-        guest: GuestRecord {
-            exit_code: settled.exit_code(),
-            reports: devices.reports,
-            end: end::end_record(&settled.end, settled.rip),
-        },
-        phases: settled.phases,
-        total: settled.total,
-        units,
-    })
+    GuestRecord {
+        exit_code: settled.exit_code(),
+        reports: devices.reports,
+        end: end::end_record(&settled.end, settled.rip),
+    }
 }
 
 /// The `--soft-dirty-ms` thread, if asked for. Its failure raises the flag

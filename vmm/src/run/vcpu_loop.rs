@@ -11,11 +11,14 @@ use shadow_mmu::Access;
 use super::RunError;
 use crate::config::{HookPoint, MmHook};
 use crate::control::ControlState;
+use crate::dedup::{DedupError, DedupRequest};
 use crate::exit_times::ExitEvent;
+use crate::fleet::BarrierError;
 use crate::guest_ram::{GuestRam, GuestRamError};
 use crate::phase_name::{read_phase_name, refusal_note};
 use crate::phases::PhaseTracker;
 use crate::signals::{StopRequest, Watchdog};
+use crate::soft_dirty::soft_dirty_round;
 use crate::stats::ExitKind;
 use crate::vcpu::{serve_exit, serve_run_error, Devices, Outcome, RunEnd, MAX_PHASES};
 use crate::vm::{lock, Vm};
@@ -96,6 +99,8 @@ impl<'a> VcpuLoop<'a> {
             }
         };
         self.served(serving);
+        // The fleet no longer waits for this guest at its barrier.
+        self.vm.barrier.leave();
         (end, self.phases)
     }
 
@@ -125,6 +130,7 @@ impl<'a> VcpuLoop<'a> {
             }
             // The vCPU waits while the deduplicator serves the request.
             Outcome::Dedup(value) => self.dedup_request(value),
+            Outcome::Barrier(value) => Ok(self.barrier(value)),
             Outcome::EmulationFailure => self.emulation_failure(),
             Outcome::VmmThreadFailed => Ok(Some(self.thread_failure())),
             Outcome::End(end) => Ok(Some(end)),
@@ -166,15 +172,34 @@ impl<'a> VcpuLoop<'a> {
 
     /// A request on port 0x501. A pass of the host's ksmd polls the
     /// watchdog: cancelled by a timeout or a signal, the run ends as that.
+    /// A soft-dirty round is this guest's own (as `clear_refs` is one
+    /// process's); the deduplicator's requests act on the whole fleet.
     fn dedup_request(&mut self, value: u32) -> Result<Option<RunEnd>, RunError> {
         let watchdog = &self.watchdog;
-        let served = lock(&self.vm.dedup).request(value, &|| watchdog.stop_request() != StopRequest::None);
+        let served = if DedupRequest::from_port(value) == Some(DedupRequest::SoftDirty) {
+            soft_dirty_round(&self.vm.mm).map(|_| ()).map_err(DedupError::SoftDirty)
+        } else {
+            lock(&self.vm.dedup).request(value, &|| watchdog.stop_request() != StopRequest::None)
+        };
         match served {
             Err(e) if e.is_cancelled() => return Ok(Some(self.stopped())),
             other => other?,
         }
         view_error(self.vm)?;
         self.call_hook(HookPoint::DedupRequest(value)).map(|()| None)
+    }
+
+    /// A write to port 0x503: wait until every guest of the fleet still
+    /// running has written `value` (a guest alone passes at once). A
+    /// timeout or a signal ends the wait and the run; another value than
+    /// the one the others wait at ends this guest's run as a guest limit.
+    fn barrier(&mut self, value: u32) -> Option<RunEnd> {
+        let watchdog = &self.watchdog;
+        match self.vm.barrier.wait(self.vm.seat.index, value, &|| watchdog.stop_request() != StopRequest::None) {
+            Ok(()) => None,
+            Err(BarrierError::Stopped) => Some(self.stopped()),
+            Err(e @ BarrierError::Mismatch { .. }) => Some(RunEnd::GuestLimit(e.to_string())),
+        }
     }
 
     /// How the run ends when the watchdog stopped the work under way.

@@ -154,7 +154,9 @@ pub struct MemslotView {
 }
 
 impl MemslotView {
-    /// Maps guest pages [first_gfn, end_gfn) one to one onto the same frames,
+    /// Maps guest pages [first_gfn, end_gfn) one to one onto frames
+    /// [base_pfn + first_gfn, base_pfn + end_gfn) (0 for a guest alone; a
+    /// fleet's guest i lies further in the pool, `shadow_mmu::FleetLayout`),
     /// writable, one slot per 2 MiB. `slot_limit` is KVM's memslot count.
     pub fn new(
         vm: Arc<VmFd>,
@@ -162,6 +164,7 @@ impl MemslotView {
         pool: Arc<FramePool>,
         first_gfn: Gfn,
         end_gfn: Gfn,
+        base_pfn: Pfn,
         slot_limit: u32,
     ) -> Result<Self, ViewError> {
         let mut view = Self {
@@ -184,7 +187,7 @@ impl MemslotView {
         };
         view.zap_all_on_delete = disable_slot_zap_all(&view.vm);
         for (start, pages) in initial_runs(first_gfn, end_gfn, view.free_slots()) {
-            view.create(start, pages, start, true)?;
+            view.create(start, pages, base_pfn + start, true)?;
         }
         Ok(view)
     }

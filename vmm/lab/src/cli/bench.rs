@@ -92,6 +92,7 @@ fn bench_config(kvm_device: PathBuf, image: GuestImage, mem_bytes: u64) -> RunCo
         memslot_limit: None,
         control: None,
         soft_dirty_interval: None,
+        guests: 1,
     }
 }
 

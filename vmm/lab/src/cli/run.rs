@@ -1,4 +1,5 @@
-//! `vmm run`: one guest, its console, the exit table and the statistics.
+//! `vmm run`: one guest or a fleet, its console, the exit table and the
+//! statistics.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -58,6 +59,10 @@ pub(super) struct RunArgs {
     /// Listen on this Unix socket for `vmm ctl` (switch ksmd's run state, watch the guest).
     #[arg(long, value_name = "SOCKET")]
     control: Option<PathBuf>,
+    /// Run N guests of the image together, each its own VM, vCPU thread and mm,
+    /// deduplicated together (ABI 1.1 fleets; the table shows the fleet, then each guest).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    guests: u32,
     /// Make a soft-dirty round (clear_refs 4 over guest RAM) every MS
     /// milliseconds from a VMM thread, as a live migration's pre-copy loop would.
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
@@ -113,6 +118,7 @@ pub(super) fn run_command(kvm_before: Option<PathBuf>, args: RunArgs) -> Result<
         memslot_limit: None,
         control: args.control.clone(),
         soft_dirty_interval: args.soft_dirty_ms.map(Duration::from_millis),
+        guests: args.guests,
     };
     vmm::signals::install(true).map_err(CliError::Signals)?;
     let stats = match run(config) {

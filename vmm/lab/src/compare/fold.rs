@@ -300,6 +300,7 @@ pub(crate) mod tests {
                 dedup: policy.into(),
                 view: "memslot".into(),
                 timeout_secs: None,
+                guests: 1,
             },
             guest: GuestRecord {
                 exit_code: Some(0),
@@ -309,6 +310,7 @@ pub(crate) mod tests {
             phases,
             total,
             units: Default::default(),
+            guests: Vec::new(),
         };
         RunRecord { policy: policy.into(), repeat, status: 0, stats }
     }

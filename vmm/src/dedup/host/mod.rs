@@ -138,8 +138,8 @@ pub struct HostKsm {
     /// Held (flock) for the life of the run.
     _lock: File,
     pool: Arc<FramePool>,
-    first: Pfn,
-    pages: u64,
+    /// Guest RAM: (first frame, frames) of each guest.
+    ranges: Vec<(Pfn, u64)>,
     knobs: KsmKnobs,
     /// Whether ksmd runs for this guest (`run` 1) outside passes.
     running: bool,
@@ -152,15 +152,15 @@ pub struct HostKsm {
 
 impl HostKsm {
     /// Takes the host's KSM for a run: lock, restore what a killed run left,
-    /// save the knobs, set `knobs` (ksmd stopped), and mark frames
-    /// [first, first + pages) of `pool` mergeable. `knobs.max_page_sharing`
-    /// must be the host's: it is the one knob a run could not put back.
+    /// save the knobs, set `knobs` (ksmd stopped), and mark the frames of
+    /// `ranges` ((first frame, frames) of each guest's RAM) of `pool`
+    /// mergeable. `knobs.max_page_sharing` must be the host's: it is the one
+    /// knob a run could not put back.
     pub fn new(
         paths: HostKsmPaths,
         knobs: KsmKnobs,
         pool: Arc<FramePool>,
-        first: Pfn,
-        pages: u64,
+        ranges: Vec<(Pfn, u64)>,
     ) -> Result<Self, HostKsmError> {
         paths.check_available()?;
         let lock = take_lock(&paths)?;
@@ -189,8 +189,7 @@ impl HostKsm {
             saved,
             _lock: lock,
             pool,
-            first,
-            pages,
+            ranges,
             knobs,
             running: false,
             mergeable: false,
@@ -265,15 +264,20 @@ impl HostKsm {
         if self.restored {
             return Err(HostKsmError::Released);
         }
-        self.pool.madvise(self.first, self.pages, libc::MADV_UNMERGEABLE, "MADV_UNMERGEABLE")?;
+        self.advise(libc::MADV_UNMERGEABLE, "MADV_UNMERGEABLE")?;
         self.mergeable = false;
         Ok(())
+    }
+
+    /// madvise(`advice`) over every guest's RAM.
+    fn advise(&self, advice: libc::c_int, name: &'static str) -> Result<(), shadow_mmu::FramePoolError> {
+        self.ranges.iter().try_for_each(|&(first, pages)| self.pool.madvise(first, pages, advice, name))
     }
 
     /// Marks guest RAM mergeable again after an unmerge.
     fn set_mergeable(&mut self) -> Result<(), HostKsmError> {
         if !self.mergeable {
-            self.pool.madvise(self.first, self.pages, libc::MADV_MERGEABLE, "MADV_MERGEABLE")?;
+            self.advise(libc::MADV_MERGEABLE, "MADV_MERGEABLE")?;
             self.mergeable = true;
         }
         Ok(())
@@ -387,7 +391,7 @@ impl HostKsm {
             return Ok(());
         }
         self.restored = true;
-        let unmerged = self.pool.madvise(self.first, self.pages, libc::MADV_UNMERGEABLE, "MADV_UNMERGEABLE");
+        let unmerged = self.advise(libc::MADV_UNMERGEABLE, "MADV_UNMERGEABLE");
         // Nothing to forget when ksmd never saw a page of this guest.
         if unmerged.is_ok() && rmap_items() > 0 {
             let _ = self.drain();

@@ -49,7 +49,7 @@ fn a_run_sets_its_knobs_and_puts_every_one_back() {
     let host = FakeHost::new("restore");
     let before = host.knobs();
     let knobs = KsmKnobs { pages_to_scan: 5000, sleep_millisecs: 0, use_zero_pages: true, ..KsmKnobs::default() };
-    let mut k = HostKsm::new(host.paths.clone(), knobs, pool(), 1, 8).expect("take");
+    let mut k = HostKsm::new(host.paths.clone(), knobs, pool(), vec![(1, 8)]).expect("take");
     assert_eq!(host.paths.read("pages_to_scan").expect("read"), "5000");
     assert_eq!(host.paths.read("sleep_millisecs").expect("read"), "0");
     assert_eq!(host.paths.read("use_zero_pages").expect("read"), "1");
@@ -57,7 +57,7 @@ fn a_run_sets_its_knobs_and_puts_every_one_back() {
     k.set_run(1).expect("run");
     assert_eq!(host.paths.read("run").expect("read"), "1");
     // A second run is refused while the first holds the host's KSM.
-    let second = HostKsm::new(host.paths.clone(), knobs, pool(), 1, 8);
+    let second = HostKsm::new(host.paths.clone(), knobs, pool(), vec![(1, 8)]);
     assert!(matches!(second, Err(HostKsmError::Busy(_))), "{second:?}");
     drop(k);
     assert_eq!(host.knobs(), before);
@@ -69,7 +69,7 @@ fn a_max_page_sharing_other_than_the_hosts_is_refused_before_anything_changes() 
     let host = FakeHost::new("mps");
     let before = host.knobs();
     let knobs = KsmKnobs { max_page_sharing: 64, pages_to_scan: 5000, ..KsmKnobs::default() };
-    let e = HostKsm::new(host.paths.clone(), knobs, pool(), 1, 8).expect_err("refused");
+    let e = HostKsm::new(host.paths.clone(), knobs, pool(), vec![(1, 8)]).expect_err("refused");
     assert!(matches!(&e, HostKsmError::MaxPageSharingFixed { current, wanted: 64 } if current == "256"), "{e}");
     assert!(e.to_string().contains("--max-page-sharing 256"), "{e}");
     assert_eq!(host.knobs(), before);
@@ -85,7 +85,7 @@ fn a_run_restores_what_a_killed_run_left_changed() {
     write_durably(&host.paths.saved_file(), &SavedKnobs(before.clone()).to_text()).expect("save");
     host.paths.write("run", "1").expect("write");
     host.paths.write("pages_to_scan", "9999").expect("write");
-    let k = HostKsm::new(host.paths.clone(), KsmKnobs::default(), pool(), 1, 8).expect("take");
+    let k = HostKsm::new(host.paths.clone(), KsmKnobs::default(), pool(), vec![(1, 8)]).expect("take");
     // The saved values were restored before this run saved its own.
     assert_eq!(k.saved.0, before);
     drop(k);
@@ -95,7 +95,7 @@ fn a_run_restores_what_a_killed_run_left_changed() {
 #[test]
 fn counters_use_the_builtin_names_and_clamp_signed_figures() {
     let host = FakeHost::new("counters");
-    let k = HostKsm::new(host.paths.clone(), KsmKnobs::default(), pool(), 1, 8).expect("take");
+    let k = HostKsm::new(host.paths.clone(), KsmKnobs::default(), pool(), vec![(1, 8)]).expect("take");
     let c = k.counters();
     assert!(c.contains(&("full_scans", 7)));
     assert!(c.contains(&("general_profit", 0)));
@@ -112,7 +112,7 @@ fn a_leftover_that_cannot_be_restored_is_kept_and_the_run_refused() {
     // The knob cannot be written now (a directory in its place).
     std::fs::remove_file(host.paths.knob("max_page_sharing")).expect("rm");
     std::fs::create_dir(host.paths.knob("max_page_sharing")).expect("mkdir");
-    let e = HostKsm::new(host.paths.clone(), KsmKnobs::default(), pool(), 1, 8).expect_err("refused");
+    let e = HostKsm::new(host.paths.clone(), KsmKnobs::default(), pool(), vec![(1, 8)]).expect_err("refused");
     assert!(matches!(e, HostKsmError::Leftover { .. }), "{e}");
     assert_eq!(std::fs::read_to_string(host.paths.saved_file()).expect("kept"), left);
 }
@@ -122,7 +122,7 @@ fn an_advisor_is_switched_off_for_the_run_and_back_on_after() {
     let host = FakeHost::new("advisor");
     std::fs::write(host.paths.knob("advisor_mode"), "none [scan-time]\n").expect("knob");
     assert_eq!(host.paths.read("advisor_mode").expect("read"), "scan-time");
-    let k = HostKsm::new(host.paths.clone(), KsmKnobs::default(), pool(), 1, 8).expect("take");
+    let k = HostKsm::new(host.paths.clone(), KsmKnobs::default(), pool(), vec![(1, 8)]).expect("take");
     assert_eq!(std::fs::read_to_string(host.paths.knob("advisor_mode")).expect("read"), "none");
     drop(k);
     assert_eq!(std::fs::read_to_string(host.paths.knob("advisor_mode")).expect("read"), "scan-time");
@@ -131,7 +131,7 @@ fn an_advisor_is_switched_off_for_the_run_and_back_on_after() {
 #[test]
 fn a_released_host_ksm_refuses_further_changes() {
     let host = FakeHost::new("released");
-    let mut k = HostKsm::new(host.paths.clone(), KsmKnobs::default(), pool(), 1, 8).expect("take");
+    let mut k = HostKsm::new(host.paths.clone(), KsmKnobs::default(), pool(), vec![(1, 8)]).expect("take");
     k.release().expect("release");
     assert!(matches!(k.set_run(1), Err(HostKsmError::Released)));
     assert_eq!(host.paths.read("run").expect("read"), "0");
@@ -141,7 +141,7 @@ fn a_released_host_ksm_refuses_further_changes() {
 fn without_ksm_or_permission_the_policy_is_refused_with_a_reason() {
     let host = FakeHost::new("absent");
     let paths = HostKsmPaths { sysfs: host.paths.sysfs.join("nowhere"), state: host.paths.state.clone() };
-    let e = HostKsm::new(paths, KsmKnobs::default(), pool(), 1, 8).expect_err("no ksm");
+    let e = HostKsm::new(paths, KsmKnobs::default(), pool(), vec![(1, 8)]).expect_err("no ksm");
     assert!(e.to_string().contains("CONFIG_KSM"), "{e}");
 }
 
@@ -175,7 +175,7 @@ fn a_saved_file_that_is_a_directory_refuses_the_run_and_leaves_nothing_behind() 
     let host = FakeHost::new("savedir");
     let before = host.knobs();
     std::fs::create_dir_all(host.paths.saved_file()).expect("a directory where the record goes");
-    let e = HostKsm::new(host.paths.clone(), KsmKnobs::default(), pool(), 1, 8).expect_err("refused");
+    let e = HostKsm::new(host.paths.clone(), KsmKnobs::default(), pool(), vec![(1, 8)]).expect_err("refused");
     assert!(matches!(e, HostKsmError::State { .. }), "{e}");
     assert_eq!(host.knobs(), before, "nothing written to the host");
     let names: Vec<_> =
@@ -192,13 +192,13 @@ fn a_leftover_is_checked_before_anything_is_written_to_the_host() {
     let left = "run=1\nmax_page_sharing=256\n";
     write_durably(&host.paths.saved_file(), left).expect("save");
     let knobs = KsmKnobs { max_page_sharing: 512, ..KsmKnobs::default() };
-    let e = HostKsm::new(host.paths.clone(), knobs, pool(), 1, 8).expect_err("refused");
+    let e = HostKsm::new(host.paths.clone(), knobs, pool(), vec![(1, 8)]).expect_err("refused");
     assert!(matches!(e, HostKsmError::MaxPageSharingFixed { .. }), "{e}");
     assert_eq!(host.paths.read("run").expect("read"), "0", "the leftover was written before the refusal");
     // A record this VMM did not write is not restored at all.
     for bad in ["run=1\nrm -rf=/\n", "run=7\n", "pages_to_scan=many\n", "run=1\nrun=0\n", "garbage\n"] {
         write_durably(&host.paths.saved_file(), bad).expect("save");
-        let e = HostKsm::new(host.paths.clone(), KsmKnobs::default(), pool(), 1, 8).expect_err("refused");
+        let e = HostKsm::new(host.paths.clone(), KsmKnobs::default(), pool(), vec![(1, 8)]).expect_err("refused");
         assert!(matches!(e, HostKsmError::BadLeftover { .. }), "{bad:?}: {e}");
         assert_eq!(host.paths.read("run").expect("read"), "0", "{bad:?} was written to the host");
         assert_eq!(std::fs::read_to_string(host.paths.saved_file()).expect("kept"), bad);
@@ -227,7 +227,7 @@ fn an_unmerge_leaves_guest_ram_unmergeable_until_a_pass_or_ksmd_is_asked_for() {
     let host = FakeHost::new("unmerge");
     let pool = pool();
     let addr = pool.frame_hva(1).expect("frame") as usize;
-    let mut k = HostKsm::new(host.paths.clone(), KsmKnobs::default(), pool, 1, 8).expect("take");
+    let mut k = HostKsm::new(host.paths.clone(), KsmKnobs::default(), pool, vec![(1, 8)]).expect("take");
     assert!(is_mergeable(addr), "guest RAM is mergeable for the run");
     k.set_run(2).expect("unmerge");
     assert!(!is_mergeable(addr), "an unmerged guest must not be merged again by a running ksmd");

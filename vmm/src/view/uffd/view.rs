@@ -112,9 +112,10 @@ pub struct UffdView {
 }
 
 impl UffdView {
-    /// Builds W for guest pages [first_gfn, end_gfn), identity-mapped and
-    /// writable, and installs memslot `slot` over it at gpa
-    /// `first_gfn << 12`. W is not registered yet: a chunk of it is, the
+    /// Builds W for guest pages [first_gfn, end_gfn), mapped writable onto
+    /// frames [base_pfn + first_gfn, base_pfn + end_gfn) (`base_pfn` is 0
+    /// for a guest alone; a fleet's guest i lies further in the pool), and
+    /// installs memslot `slot` over it at gpa `first_gfn << 12`. W is not registered yet: a chunk of it is, the
     /// first time the secondary MMU restricts one of its pages.
     ///
     /// The frames that hold memory already (the image, anything loaded)
@@ -132,24 +133,25 @@ impl UffdView {
         slot: u32,
         first_gfn: Gfn,
         end_gfn: Gfn,
+        base_pfn: Pfn,
     ) -> Result<Self, ViewError> {
         if first_gfn >= end_gfn {
             return Err(ViewError::OutOfRange(first_gfn));
         }
-        if end_gfn > pool.nr_frames() {
-            return Err(ViewError::NoSuchFrame(end_gfn - 1));
+        let first_pfn = base_pfn + first_gfn;
+        if base_pfn + end_gfn > pool.nr_frames() {
+            return Err(ViewError::NoSuchFrame(base_pfn + end_gfn - 1));
         }
         let nr_pages = usize::try_from(end_gfn - first_gfn).map_err(|_| ViewError::OutOfRange(end_gfn))?;
-        let offset = libc::off_t::try_from(first_gfn << PAGE_SHIFT).map_err(|_| ViewError::NoSuchFrame(first_gfn))?;
+        let offset = libc::off_t::try_from(first_pfn << PAGE_SHIFT).map_err(|_| ViewError::NoSuchFrame(first_pfn))?;
         let memfd = pool.memfd().ok_or(ViewError::AnonymousPool)?.as_raw_fd();
         let uffd = open_view_userfaultfd()?;
         let window = Window::map(memfd, offset, nr_pages << PAGE_SHIFT)?;
-        let resident = pool.resident(first_gfn, nr_pages as u64).map_err(ViewError::Residency)?;
+        let resident = pool.resident(first_pfn, nr_pages as u64).map_err(ViewError::Residency)?;
         populate_runs(&window, &resident)?;
         probe_registration(&uffd, &window, nr_pages)?;
         install_slot(&vm, slot, first_gfn, &window, nr_pages)?;
-        let pages =
-            (first_gfn..end_gfn).zip(&resident).map(|(pfn, &present)| PageState { pfn, present, wp: false }).collect();
+        let pages = (first_pfn..).zip(&resident).map(|(pfn, &present)| PageState { pfn, present, wp: false }).collect();
         Ok(Self {
             vm,
             gate,
