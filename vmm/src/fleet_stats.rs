@@ -28,7 +28,7 @@ impl GuestRun {
     /// after the fleet's start.
     fn end_of(&self, position: usize) -> u64 {
         let phases = &self.stats.phases;
-        let upto = (position + 1).min(phases.len());
+        let upto = position.saturating_add(1).min(phases.len());
         self.start_ns + phases[..upto].iter().map(|p| p.figures.wall_ns).sum::<u64>()
     }
 }
