@@ -233,6 +233,17 @@ pub struct GuestStats {
     pub total: Figures,
 }
 
+impl RunStats {
+    /// What the guests reported on port 0x502: the guest's list, or each
+    /// guest's of a fleet in guest order.
+    pub fn reports_by_guest(&self) -> Vec<&[u64]> {
+        if self.guests.is_empty() {
+            return vec![&self.guest.reports];
+        }
+        self.guests.iter().map(|g| g.guest.reports.as_slice()).collect()
+    }
+}
+
 impl PhaseStats {
     /// How tables and charts name the phase: `3 "read word 0"`, or `3`.
     pub fn label(&self) -> String {

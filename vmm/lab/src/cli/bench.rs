@@ -170,6 +170,7 @@ fn bench_dedup_command(kvm_device: PathBuf, args: &BenchArgs) -> Result<(), CliE
             mem_bytes,
             policies: Vec::new(),
             repeat: 1,
+            guests: 1,
             out: out.clone(),
             view: args.view.unwrap_or(ViewKind::Uffd),
             timeout_secs: 600.0,

@@ -46,6 +46,10 @@ pub(super) struct CompareArgs {
     /// No progress and no notes on standard error (errors still).
     #[arg(long, short)]
     quiet: bool,
+    /// Guests per run: N guests of the image deduplicated together (a fleet); the table
+    /// shows the fleet's figures, then each guest's exits.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    guests: u32,
     /// Guest RAM: bytes, or a number with a K, M or G suffix.
     #[arg(long, default_value = "16M", value_name = "SIZE")]
     mem: String,
@@ -103,6 +107,7 @@ fn config(kvm_before: Option<PathBuf>, args: CompareArgs) -> Result<CompareConfi
         mem_bytes,
         policies,
         repeat: args.repeat,
+        guests: args.guests,
         out: args.out,
         view: args.view,
         timeout_secs: timeout.as_secs_f64(),

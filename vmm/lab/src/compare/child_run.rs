@@ -86,6 +86,7 @@ fn command(config: &CompareConfig, policy: DedupPolicy, stats_path: &Path) -> Co
         .arg("--kvm")
         .arg(&config.kvm_device)
         .args(["--mem", &config.mem_bytes.to_string()])
+        .args(["--guests", &config.guests.to_string()])
         .args(["--dedup", policy.name(), "--view", config.view.name()])
         .args(["--timeout", &config.timeout_secs.to_string()])
         .args(["--ksm-run", &k.run.to_string(), "--pages-to-scan", &k.pages_to_scan.to_string()])

@@ -204,7 +204,7 @@ fn report_mismatches(runs: &[RunRecord], reference_policy: &str) -> Vec<String> 
     };
     runs.iter()
         .filter(guest_ended)
-        .filter(|r| r.stats.guest.reports != reference.stats.guest.reports)
+        .filter(|r| r.stats.reports_by_guest() != reference.stats.reports_by_guest())
         .map(run_name)
         .collect()
 }
@@ -343,6 +343,7 @@ pub(crate) mod tests {
             mem_bytes: 8 << 20,
             view: "memslot".into(),
             repeat: 3,
+            guests: 1,
             knobs: BTreeMap::new(),
             kernel: "test".into(),
             host: "test".into(),

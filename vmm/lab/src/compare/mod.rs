@@ -100,6 +100,8 @@ pub struct CompareConfig {
     pub policies: Vec<DedupPolicy>,
     /// Runs per policy.
     pub repeat: u32,
+    /// Guests per run (a fleet when more than 1).
+    pub guests: u32,
     /// Output directory.
     pub out: PathBuf,
     /// The view of the built-in policies.
@@ -135,6 +137,7 @@ fn host_setup(config: &CompareConfig) -> Setup {
         mem_bytes: config.mem_bytes,
         view: config.view.name().to_string(),
         repeat: config.repeat,
+        guests: config.guests,
         knobs: knob_map(&config.knobs),
         kernel: read("/proc/sys/kernel/osrelease"),
         host: read("/proc/sys/kernel/hostname"),
@@ -386,6 +389,7 @@ cp "{d}/stats.json" "$out"
             mem_bytes: 8 << 20,
             policies: vec![DedupPolicy::Off, DedupPolicy::ChangePte, DedupPolicy::Legacy],
             repeat: 3,
+            guests: 1,
             out: dir.join("out"),
             view: ViewKind::Memslot,
             timeout_secs: 10.0,

@@ -98,6 +98,10 @@ pub struct Setup {
     pub view: String,
     /// Runs per policy.
     pub repeat: u32,
+    /// Guests per run: a fleet's figures are the fleet's, each guest's in
+    /// its run's `guests`; left out for one guest.
+    #[serde(default = "one_guest", skip_serializing_if = "is_one_guest")]
+    pub guests: u32,
     /// The deduplicator knobs, by their sysfs names.
     pub knobs: BTreeMap<String, u64>,
     /// `uname -r` of the host.
@@ -108,6 +112,14 @@ pub struct Setup {
     pub cpus: usize,
     /// When the comparison started (seconds since the Unix epoch, UTC).
     pub started_unix: u64,
+}
+
+fn one_guest() -> u32 {
+    1
+}
+
+fn is_one_guest(guests: &u32) -> bool {
+    *guests == 1
 }
 
 /// The document `vmm compare` writes to DIR/compare.json.

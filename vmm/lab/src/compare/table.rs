@@ -125,9 +125,10 @@ fn render_phase(out: &mut String, title: &str, p: &PhaseSummary, policies: &[Str
 pub fn render(report: &CompareReport) -> String {
     let mut out = String::new();
     let s = &report.setup;
+    let fleet = if s.guests > 1 { format!(" x {} guests (the fleet's figures)", s.guests) } else { String::new() };
     let _ = writeln!(
         out,
-        "vmm compare: {} with {} of RAM, {} view, {} repeat(s) per policy, interleaved",
+        "vmm compare: {}{fleet} with {} of RAM, {} view, {} repeat(s) per policy, interleaved",
         s.image,
         vmm::size::format_size(s.mem_bytes),
         s.view,
@@ -182,6 +183,7 @@ pub fn render(report: &CompareReport) -> String {
         render_phase(&mut out, &title, p, &report.policies);
     }
     render_phase(&mut out, "whole run", &report.total, &report.policies);
+    render_guest_exits(&mut out, report);
     let _ = writeln!(out);
     if report.reports_identical {
         let _ = writeln!(out, "guest reports: identical in every run of every policy");
@@ -196,6 +198,34 @@ pub fn render(report: &CompareReport) -> String {
         let _ = writeln!(out, "run did not succeed: {f}");
     }
     out
+}
+
+/// A fleet's exits per guest and policy: the median over the repeats of
+/// each guest's whole-run exits (the VMM's, secondary-MMU faults included).
+fn render_guest_exits(out: &mut String, report: &CompareReport) {
+    let guests = report.runs.iter().map(|r| r.stats.guests.len()).max().unwrap_or(0);
+    if guests == 0 {
+        return;
+    }
+    let _ = write!(out, "\nexits per guest (median over the repeats)\n{:>8}", "guest");
+    for p in &report.policies {
+        let _ = write!(out, " {p:>14}");
+    }
+    for index in 0..guests {
+        let _ = write!(out, "\n{index:>8}");
+        for p in &report.policies {
+            let mut exits: Vec<u64> = report
+                .runs
+                .iter()
+                .filter(|r| &r.policy == p)
+                .filter_map(|r| r.stats.guests.get(index).map(|g| g.total.exits.total))
+                .collect();
+            exits.sort_unstable();
+            let cell = exits.get(exits.len() / 2).map_or("-".to_string(), u64::to_string);
+            let _ = write!(out, " {cell:>14}");
+        }
+    }
+    let _ = writeln!(out);
 }
 
 /// The comparison as CSV records `position,phase,name,figure,policy,median,
