@@ -149,12 +149,20 @@ impl Write for GuestLines {
         Ok(buf.len())
     }
 
+    /// Flushes the lines written so far; a partial line waits for its end
+    /// (the UART flushes after every byte), or for the guest's end.
     fn flush(&mut self) -> std::io::Result<()> {
+        self.sink.lock().unwrap_or_else(PoisonError::into_inner).flush()
+    }
+}
+
+impl Drop for GuestLines {
+    /// The guest's last, unended line, ended.
+    fn drop(&mut self) {
         if !self.line.is_empty() {
             self.line.push(b'\n');
-            self.write_line()?;
+            let _ = self.write_line().and_then(|()| self.flush());
         }
-        self.sink.lock().unwrap_or_else(PoisonError::into_inner).flush()
     }
 }
 
@@ -185,6 +193,8 @@ mod tests {
         b.write_all(b"one\ntw").expect("write");
         a.write_all(b"lo\n").expect("write");
         b.flush().expect("flush");
+        assert!(!String::from_utf8_lossy(&out.0.lock().expect("lock")).contains("tw"), "a flush keeps a partial line");
+        drop(b);
         let text = String::from_utf8(out.0.lock().expect("lock").clone()).expect("utf-8");
         assert_eq!(text, "[guest 1] one\n[guest 0] hello\n[guest 1] tw\n");
     }
