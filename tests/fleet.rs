@@ -163,6 +163,7 @@ fn eight_guests_of_64m_converge_merge_every_identical_page_fleet_wide() {
         check_ended(&r, &ctx, N as usize);
         for g in &r.stats.guests {
             assert_eq!(g.guest.reports, converge_expected_reports(64 << 20), "{ctx}: guest {}", g.index);
+            assert_eq!(io_per_phase(g), converge_phase_io(g.index, N).to_vec(), "{ctx}: guest {}", g.index);
         }
         let fleet = &r.stats.phases[2].figures.ksm;
         let pages = shared + sharing + unshared;

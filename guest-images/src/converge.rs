@@ -18,6 +18,17 @@ pub const CONVERGE_PHASE_IO: [u64; CONVERGE_PHASES as usize + 1] = [1, 2, 3, 4];
 /// names, 1 dedup request, 2 reports, 1 exit.
 pub const CONVERGE_IO_EXITS: u64 = 3 + 3 + 1 + 2 + 1;
 
+/// Io exits of a fleet's guest `index` of `guests` (ABI 1.1) in each phase,
+/// 0 to 3: in a fleet, phase 2's pass is the fleet's (two barriers; only
+/// guest 0 asks for the pass); a guest alone takes [`CONVERGE_PHASE_IO`].
+pub fn converge_phase_io(index: u64, guests: u64) -> [u64; CONVERGE_PHASES as usize + 1] {
+    let mut io = CONVERGE_PHASE_IO;
+    if guests > 1 {
+        io[2] += if index == 0 { 2 } else { 1 };
+    }
+    io
+}
+
 /// Groups of identical pages `converge` fills.
 pub const CONVERGE_GROUPS: u64 = 64;
 

@@ -49,8 +49,8 @@ pub const IMAGES: &[Image] = &[
     ),
     image!(
         "converge",
-        "fills RAM above 2 MiB with 64 groups of identical pages, one dedup pass, reports a checksum: \
-         10 io exits (size it with --mem: 257M = 256 MiB of pages)"
+        "fills RAM above 2 MiB with 64 groups of identical pages, one dedup pass (a fleet's between \
+         barriers), reports a checksum: 10 io exits (size it with --mem: 257M = 256 MiB of pages)"
     ),
     image!(
         "cowstorm",

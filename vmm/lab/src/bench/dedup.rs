@@ -164,8 +164,10 @@ pub struct PolicyResult {
 pub struct DedupBenchReport {
     /// What was measured.
     pub bench: &'static str,
-    /// Guest RAM of both guests.
+    /// Guest RAM of both guests (of each guest of a fleet).
     pub mem_bytes: u64,
+    /// Guests of `converge` per run.
+    pub guests: u32,
     /// The built-in policies' view.
     pub view: String,
     /// Runs per policy and guest.
@@ -185,6 +187,10 @@ pub struct DedupBenchConfig {
     pub policies: Vec<DedupPolicy>,
     /// Runs per policy and guest.
     pub repeat: u32,
+    /// Guests of `converge` per run (a fleet converging together when more
+    /// than 1; `unique` always runs alone: its pages are the same in every
+    /// guest, so a fleet of it would merge).
+    pub guests: u32,
     /// Where each run's statistics go.
     pub out: PathBuf,
     /// Template for the child runs (image, policy and RAM are set per run).
@@ -236,6 +242,7 @@ pub fn bench_dedup(
     Ok(DedupBenchReport {
         bench: "dedup",
         mem_bytes: config.mem_bytes,
+        guests: config.guests,
         view: config.base.view.name().to_string(),
         repeat: config.repeat,
         kernel_skipped,
@@ -254,6 +261,7 @@ fn measure_pass(
         image: image.into(),
         mem_bytes: config.mem_bytes,
         policies: vec![policy],
+        guests: if image == "converge" { config.guests } else { 1 },
         ..config.base.clone()
     };
     let path = config.out.join(format!("{image}-{}-{repeat}.json", policy.name()));

@@ -46,6 +46,9 @@ pub(super) struct BenchArgs {
     /// Runs per policy and guest (dedup).
     #[arg(long, default_value_t = 3, value_name = "N")]
     repeat: u32,
+    /// Guests of `converge` per run (dedup): a fleet converging together, each guest of --mem.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    guests: u32,
     /// Where each run's statistics go (dedup; default: a fresh temporary directory).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
@@ -164,6 +167,7 @@ fn bench_dedup_command(kvm_device: PathBuf, args: &BenchArgs) -> Result<(), CliE
         mem_bytes,
         policies: vec![DedupPolicy::RangeFlush, DedupPolicy::ChangePte],
         repeat: args.repeat,
+        guests: args.guests,
         out: out.clone(),
         base: CompareConfig {
             image: String::new(),
