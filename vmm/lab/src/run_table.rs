@@ -84,11 +84,15 @@ pub fn render_table(stats: &RunStats) -> String {
          \"-\"); Avg/s: over the stretch's wall time."
     );
     let rows = stretches(stats);
-    type Section = (&'static str, fn(&Figures) -> &BTreeMap<String, u64>);
-    let sections: [Section; 2] = [("secondary MMU", |f| &f.shadow_mmu), ("deduplicator (sysfs names)", |f| &f.ksm)];
-    for (title, get) in sections {
-        render_counters(&mut out, title, &rows, get);
-    }
+    render_counters(&mut out, "secondary MMU", &rows, |f| &f.shadow_mmu, |_| true);
+    render_counters(
+        &mut out,
+        "deduplicator (the names of /sys/kernel/mm/ksm and /proc/PID/ksm_stat)",
+        &rows,
+        |f| &f.ksm,
+        is_linux_name,
+    );
+    render_counters(&mut out, "deduplicator (the lab's own figures)", &rows, |f| &f.ksm, |n| !is_linux_name(n));
     render_guests(&mut out, &stats.guests);
     let end = &stats.guest.end;
     let _ = writeln!(out, "\nrun ended: {} ({})", end.reason, end.detail);
@@ -200,9 +204,41 @@ fn render_kvm_stat(out: &mut String, kvm: &BTreeMap<String, u64>, wall_ns: u64, 
 
 /// One section of named counters, a row per counter that is non-zero in
 /// some stretch, a column per stretch; nothing when none is.
-fn render_counters(out: &mut String, title: &str, rows: &[Stretch<'_>], get: fn(&Figures) -> &BTreeMap<String, u64>) {
+/// The deduplicator's figures Linux shows under these names: the files of
+/// /sys/kernel/mm/ksm (Documentation/admin-guide/mm/ksm.rst) and the lines
+/// of /proc/PID/ksm_stat; the others are the lab's own.
+const LINUX_KSM_NAMES: [&str; 14] = [
+    "pages_shared",
+    "pages_sharing",
+    "pages_unshared",
+    "pages_volatile",
+    "pages_scanned",
+    "pages_skipped",
+    "full_scans",
+    "ksm_zero_pages",
+    "stable_node_chains",
+    "stable_node_dups",
+    "general_profit",
+    "ksm_rmap_items",
+    "ksm_merging_pages",
+    "ksm_process_profit",
+];
+
+fn is_linux_name(name: &str) -> bool {
+    LINUX_KSM_NAMES.contains(&name)
+}
+
+/// One block of named figures, a column per stretch: the figures `keep`
+/// keeps that are not zero in some stretch.
+fn render_counters(
+    out: &mut String,
+    title: &str,
+    rows: &[Stretch<'_>],
+    get: fn(&Figures) -> &BTreeMap<String, u64>,
+    keep: fn(&str) -> bool,
+) {
     let mut names: Vec<&String> =
-        rows.iter().flat_map(|(_, f)| get(f).iter().filter(|(_, v)| **v != 0).map(|(n, _)| n)).collect();
+        rows.iter().flat_map(|(_, f)| get(f).iter().filter(|(n, v)| **v != 0 && keep(n)).map(|(n, _)| n)).collect();
     names.sort();
     names.dedup();
     if names.is_empty() {
