@@ -5,10 +5,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use vmm::stats::{Figures, RunStats};
+use vmm::stats::{Figures, GuestStats, RunStats};
 
 use super::summary::{
-    CompareReport, FailedRun, PhaseSummary, RunRecord, Setup, Skipped, Summary, COMPARE_SCHEMA, COMPARE_VERSION,
+    CompareReport, FailedRun, GuestSummary, PhaseSummary, RunRecord, Setup, Skipped, Summary, COMPARE_SCHEMA,
+    COMPARE_VERSION,
 };
 
 /// Every figure of `f` under its flat name.
@@ -163,6 +164,7 @@ pub fn build_report(
     }
     let stretch: Vec<_> = counted.iter().map(|r| (r.record.policy.as_str(), r.record.repeat, &r.total)).collect();
     let total = summarise(&policies, &stretch, None, kvm_levels);
+    let guests = guest_summaries(&policies, &runs);
     CompareReport {
         schema: COMPARE_SCHEMA.into(),
         version: COMPARE_VERSION,
@@ -177,8 +179,39 @@ pub fn build_report(
         kvm_levels: kvm_levels.iter().cloned().collect(),
         phases,
         total,
+        guests,
         runs,
     }
+}
+
+/// A fleet's guests across the policies, from the runs the fleet ended
+/// well (none for runs of one guest).
+fn guest_summaries(policies: &[String], runs: &[RunRecord]) -> Vec<GuestSummary> {
+    let counted: Vec<&RunRecord> = runs.iter().filter(|r| r.stats.guest.exit_code == Some(0)).collect();
+    let guests = counted.iter().map(|r| r.stats.guests.len()).max().unwrap_or(0);
+    (0..guests)
+        .map(|i| {
+            let by_policy = |figure: fn(&GuestStats) -> u64| -> BTreeMap<String, f64> {
+                policies
+                    .iter()
+                    .filter_map(|p| {
+                        let values: Vec<u64> = counted
+                            .iter()
+                            .filter(|r| &r.policy == p)
+                            .filter_map(|r| r.stats.guests.get(i).map(figure))
+                            .collect();
+                        (!values.is_empty()).then(|| (p.clone(), median(&values)))
+                    })
+                    .collect()
+            };
+            GuestSummary {
+                index: i as u64,
+                exits: by_policy(|g| g.total.exits.total),
+                faults: by_policy(|g| g.total.exits.ept_read + g.total.exits.ept_write + g.total.exits.ept_fetch),
+                wall_ns: by_policy(|g| g.total.wall_ns),
+            }
+        })
+        .collect()
 }
 
 /// The policy every other is compared with: `off` when it ran, else the first.

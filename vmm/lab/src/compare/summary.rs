@@ -161,8 +161,26 @@ pub struct CompareReport {
     pub phases: Vec<PhaseSummary>,
     /// The whole run.
     pub total: PhaseSummary,
+    /// A fleet's guests (left out for one guest): each guest's own figures
+    /// per policy, medians over the counted runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guests: Vec<GuestSummary>,
     /// Every run, raw.
     pub runs: Vec<RunRecord>,
+}
+
+/// One guest of a fleet across the policies: medians over the counted runs
+/// of its own whole-run figures, by policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuestSummary {
+    /// Its index in the fleet.
+    pub index: u64,
+    /// The VM exits the VMM served it (`exits.total`).
+    pub exits: BTreeMap<String, f64>,
+    /// Its secondary-MMU faults (`ept_read` + `ept_write` + `ept_fetch`).
+    pub faults: BTreeMap<String, f64>,
+    /// Its run's wall time in ns.
+    pub wall_ns: BTreeMap<String, f64>,
 }
 
 #[cfg(test)]

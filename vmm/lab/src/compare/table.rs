@@ -203,25 +203,17 @@ pub fn render(report: &CompareReport) -> String {
 /// A fleet's exits per guest and policy: the median over the repeats of
 /// each guest's whole-run exits (the VMM's, secondary-MMU faults included).
 fn render_guest_exits(out: &mut String, report: &CompareReport) {
-    let guests = report.runs.iter().map(|r| r.stats.guests.len()).max().unwrap_or(0);
-    if guests == 0 {
+    if report.guests.is_empty() {
         return;
     }
-    let _ = write!(out, "\nexits per guest (median over the repeats)\n{:>8}", "guest");
+    let _ = write!(out, "\nexits per guest (the VMM's, median over the repeats)\n{:>8}", "guest");
     for p in &report.policies {
         let _ = write!(out, " {p:>14}");
     }
-    for index in 0..guests {
-        let _ = write!(out, "\n{index:>8}");
+    for g in &report.guests {
+        let _ = write!(out, "\n{:>8}", g.index);
         for p in &report.policies {
-            let mut exits: Vec<u64> = report
-                .runs
-                .iter()
-                .filter(|r| &r.policy == p)
-                .filter_map(|r| r.stats.guests.get(index).map(|g| g.total.exits.total))
-                .collect();
-            exits.sort_unstable();
-            let cell = exits.get(exits.len() / 2).map_or("-".to_string(), u64::to_string);
+            let cell = g.exits.get(p).map_or("-".to_string(), |v| format!("{v}"));
             let _ = write!(out, " {cell:>14}");
         }
     }

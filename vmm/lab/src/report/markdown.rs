@@ -231,6 +231,44 @@ fn faults(r: &CompareReport, policy: &str) -> Option<f64> {
     (!kinds.is_empty()).then(|| kinds.iter().sum())
 }
 
+/// A fleet's exits per guest and policy, and the guest time each policy
+/// lost to deduplication per page it saved: the sum over the guests of
+/// their wall time less the same under `off`, over `pages_sharing` at its
+/// highest median in any phase (a page saved is a page mapping a KSM page
+/// less one per KSM page, as Linux counts it).
+fn render_fleet(out: &mut String, by_view: &BTreeMap<String, (PathBuf, CompareReport)>) {
+    for (view, (_, r)) in views_in_order(by_view).filter(|(_, (_, r))| !r.guests.is_empty()) {
+        let _ = writeln!(
+            out,
+            "Each guest ({view}): the VM exits the VMM served it, and the guests' time lost to deduplication per \
+             page saved.\n\n| policy | exits per guest (guest 0, 1, ...) | guest time lost per page saved |\n| --- | \
+             --- | ---: |"
+        );
+        let wall = |p: &str| r.guests.iter().map(|g| g.wall_ns.get(p).copied()).sum::<Option<f64>>();
+        for p in &r.policies {
+            let exits: Vec<String> = r.guests.iter().map(|g| or_dash(g.exits.get(p).copied(), int)).collect();
+            let saved = r
+                .phases
+                .iter()
+                .filter_map(|ph| ph.figures.get("ksm.pages_sharing").and_then(|by| by.get(p)))
+                .map(|s| s.median)
+                .fold(0.0, f64::max);
+            let lost = match (wall(p), wall("off")) {
+                (Some(w), Some(off)) if p != "off" && saved > 0.0 => Some((w - off) / saved),
+                _ => None,
+            };
+            let shown_view = if p == "kernel" { "host KVM" } else { view.as_str() };
+            let _ = writeln!(
+                out,
+                "| {p} ({shown_view}) | {} | {} |",
+                exits.join(", "),
+                or_dash(lost, |ns| format!("{:.2} us", ns / 1e3))
+            );
+        }
+        out.push('\n');
+    }
+}
+
 /// A workload's notes: the policies skipped, the guests' checksums, the
 /// runs that failed.
 fn notes(by_view: &BTreeMap<String, (PathBuf, CompareReport)>) -> Vec<String> {
@@ -265,13 +303,19 @@ fn render_workload(
     if let Some((_, (_, r))) = views_in_order(by_view).next() {
         let s = &r.setup;
         let mib = s.mem_bytes >> 20;
+        let (image, fleet) = match s.guests {
+            n if n > 1 => (s.image.as_str(), format!(" --guests {n}")),
+            _ => (workload, String::new()),
+        };
         let _ = writeln!(
             out,
-            "{mib} MiB of RAM, median of {} interleaved runs per policy (`vmm compare {workload} --mem {mib}M --repeat \
-             {} --view VIEW`). VM exits as the host KVM counts them (its binary stat `exits`, which also sees the \
+            "{mib} MiB of RAM{}, median of {} interleaved runs per policy (`vmm compare {image}{fleet} --mem {mib}M \
+             --repeat {} --view VIEW`). VM exits as the host KVM counts them (its binary stat `exits`, which also sees the \
              faults it serves itself); secondary-MMU faults as the VMM serves them (`ept_read` + `ept_write` + \
              `ept_fetch`); `-`: not in the results.\n",
-            s.repeat, s.repeat
+            if s.guests > 1 { format!(" for each of {} guests (the fleet's figures)", s.guests) } else { String::new() },
+            s.repeat,
+            s.repeat
         );
     }
     let _ = writeln!(
@@ -306,6 +350,7 @@ fn render_workload(
         }
     }
     out.push('\n');
+    render_fleet(out, by_view);
     for note in notes(by_view) {
         let _ = writeln!(out, "{note}");
     }

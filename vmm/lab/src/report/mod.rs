@@ -132,7 +132,12 @@ impl Inputs {
             return Ok(());
         };
         let report: CompareReport = parse(&path, "vmm compare")?;
-        let by_view = self.compares.entry(report.setup.image.clone()).or_default();
+        // A fleet is a workload of its own: `template-x8`.
+        let workload = match report.setup.guests {
+            n if n > 1 => format!("{}-x{n}", report.setup.image),
+            _ => report.setup.image.clone(),
+        };
+        let by_view = self.compares.entry(workload).or_default();
         by_view.insert(report.setup.view.clone(), (dir.to_path_buf(), report));
         Ok(())
     }
