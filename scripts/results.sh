@@ -6,7 +6,7 @@
 # view the comparison's summary.json with its table.txt and compare.svg);
 # `vmm report` then renders the README section between its results markers
 # and one chart per workload with both views (docs/results/WORKLOAD.svg).
-#   scripts/results.sh            (about 15 minutes; the kernel policy needs root)
+#   scripts/results.sh            (about 25 minutes; the kernel policy needs root)
 #   REPEAT=5 MEM=32M scripts/results.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,10 +28,10 @@ done
 echo "== scan, merge and convergence against Linux KSM" >&2
 "$vmm" bench dedup --mem 257M --view uffd --repeat "$repeat" > "$out/dedup.json"
 
-for workload in pagefill cowstorm mixed volatile; do
+for workload in pagefill cowstorm mixed volatile dirtylog; do
     for view in memslot uffd; do
         # The kernel policy has no view of ours: it runs with the memslot set.
-        policies=off,change-pte,range-flush,legacy
+        policies=off,change-pte,range-flush,legacy,event-aware
         [ "$view" = memslot ] && policies=$policies,kernel
         echo "== compare $workload, $view view" >&2
         dir="$out/$workload-$view"
@@ -44,6 +44,18 @@ for workload in pagefill cowstorm mixed volatile; do
         # table.txt and compare.svg are committed.
         rm -rf "$dir/runs"
     done
+done
+
+# Fleets (--guests N): every guest of one image, one deduplicator, the
+# kernel policy over the same fleet.
+for fleet in "kvstore 4" "template 8"; do
+    set -- $fleet
+    echo "== compare $1 x $2 guests, uffd view" >&2
+    dir="$out/$1-x$2-uffd"
+    "$vmm" compare "$1" --guests "$2" --mem "$mem" --repeat "$repeat" --view uffd \
+        --policies off,change-pte,range-flush,legacy,event-aware,kernel --out "$dir" > "$out/table.txt" || [ $? -eq 1 ]
+    mv "$out/table.txt" "$dir/table.txt"
+    rm -rf "$dir/runs"
 done
 
 "$vmm" report "$out" --readme README.md
