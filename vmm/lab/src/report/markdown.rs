@@ -13,11 +13,14 @@ use super::{views_in_order, Inputs, BEGIN, END};
 use crate::compare::summary::{CompareReport, Summary};
 
 /// What each known workload shows, for its heading.
-const WORKLOADS: [(&str, &str); 4] = [
+const WORKLOADS: [(&str, &str); 7] = [
     ("pagefill", "read-mostly after merge"),
     ("cowstorm", "write-heavy: a copy-on-write storm"),
     ("mixed", "mixed reads and writes, many phases"),
     ("volatile", "volatile: pages that never settle, ksmd running"),
+    ("dirtylog", "a pre-copy loop: soft-dirty rounds, reads of all memory, a shrinking working set"),
+    ("kvstore-x4", "four key-value stores under YCSB B and A, their templates merged across guests"),
+    ("template-x8", "eight guests of one image, then each diverges by its own writes"),
 ];
 
 /// How links to the results' files are written: relative to `base` (the
