@@ -293,6 +293,25 @@ fn notes(by_view: &BTreeMap<String, (PathBuf, CompareReport)>) -> Vec<String> {
     notes
 }
 
+/// How a workload's comparison was made, with the command that makes it.
+fn setup_line(workload: &str, r: &CompareReport) -> String {
+    let s = &r.setup;
+    let mib = s.mem_bytes >> 20;
+    let (image, fleet) = match s.guests {
+        n if n > 1 => (s.image.as_str(), format!(" --guests {n}")),
+        _ => (workload, String::new()),
+    };
+    format!(
+        "{mib} MiB of RAM{}, median of {} interleaved runs per policy (`vmm compare {image}{fleet} --mem {mib}M \
+         --repeat {} --view VIEW`). VM exits as the host KVM counts them (its binary stat `exits`, which also sees the \
+         faults it serves itself); secondary-MMU faults as the VMM serves them (`ept_read` + `ept_write` + \
+         `ept_fetch`); `-`: not in the results.\n",
+        if s.guests > 1 { format!(" for each of {} guests (the fleet's figures)", s.guests) } else { String::new() },
+        s.repeat,
+        s.repeat
+    )
+}
+
 /// One workload: its table (a row per policy and view), notes, chart.
 fn render_workload(
     out: &mut String,
@@ -304,22 +323,7 @@ fn render_workload(
     let what = WORKLOADS.iter().find(|(n, _)| *n == workload).map_or("", |(_, w)| w);
     let _ = writeln!(out, "#### {workload}{}\n", if what.is_empty() { String::new() } else { format!(": {what}") });
     if let Some((_, (_, r))) = views_in_order(by_view).next() {
-        let s = &r.setup;
-        let mib = s.mem_bytes >> 20;
-        let (image, fleet) = match s.guests {
-            n if n > 1 => (s.image.as_str(), format!(" --guests {n}")),
-            _ => (workload, String::new()),
-        };
-        let _ = writeln!(
-            out,
-            "{mib} MiB of RAM{}, median of {} interleaved runs per policy (`vmm compare {image}{fleet} --mem {mib}M \
-             --repeat {} --view VIEW`). VM exits as the host KVM counts them (its binary stat `exits`, which also sees the \
-             faults it serves itself); secondary-MMU faults as the VMM serves them (`ept_read` + `ept_write` + \
-             `ept_fetch`); `-`: not in the results.\n",
-            if s.guests > 1 { format!(" for each of {} guests (the fleet's figures)", s.guests) } else { String::new() },
-            s.repeat,
-            s.repeat
-        );
+        let _ = writeln!(out, "{}", setup_line(workload, r));
     }
     let _ = writeln!(
         out,
