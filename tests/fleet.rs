@@ -235,3 +235,34 @@ fn the_limits_of_a_fleet_are_refused_in_one_line() {
         assert!(stderr.contains(says), "{stderr}");
     }
 }
+
+/// SIGINT ends every guest of a running fleet, with statistics, and the
+/// host's KSM as it was (the kernel policy over the fleet, ksmd running).
+#[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
+fn an_interrupt_ends_every_guest_with_statistics_and_gives_the_hosts_ksm_back() {
+    require_kvm();
+    if !require_host_ksm() {
+        return;
+    }
+    let _one_at_a_time = HOST_KSM.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let before = common::host_ksm::host_knobs();
+    let json = common::scratch("fleet-sigint.json");
+    let mut child = vmm()
+        .args(["run", "misbehave-spin", "--guests", "3", "--mem", "4M", "--dedup", "kernel", "--ksm-run", "1"])
+        .arg("--stats-json")
+        .arg(&json)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    // SAFETY: a standard signal to our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    assert_eq!(child.wait().expect("wait").code(), Some(3), "ended by the signal instead of cleanly");
+    let stats: vmm::stats::RunStats =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("stats")).expect("schema 1");
+    assert_eq!(stats.guests.len(), 3);
+    assert!(stats.guests.iter().all(|g| g.guest.end.reason == "interrupted"), "{}", stats.guest.end.detail);
+    assert_eq!(common::host_ksm::host_knobs(), before, "the fleet left the host's KSM changed");
+}
