@@ -266,3 +266,36 @@ fn an_interrupt_ends_every_guest_with_statistics_and_gives_the_hosts_ksm_back() 
     assert!(stats.guests.iter().all(|g| g.guest.end.reason == "interrupted"), "{}", stats.guest.end.detail);
     assert_eq!(common::host_ksm::host_knobs(), before, "the fleet left the host's KSM changed");
 }
+
+/// `kvstore` x 3: every store serves its own requests (its reports are
+/// those of its index alone) and the pass between the barriers merges the
+/// templates' pages across the fleet: at most one KSM page per template,
+/// sharing at least what one guest alone shares.
+#[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
+fn kvstore_guests_merge_their_templates_across_the_fleet() {
+    require_kvm();
+    const MEM: u64 = 8 << 20;
+    let alone = kvstore_dedup_model(MEM);
+    for view in VIEWS {
+        for policy in ["off", "change-pte", "range-flush"] {
+            let ctx = format!("kvstore x 3: {policy} / {view}");
+            let r = run_fleet("kvstore", 3, "8M", policy, view, &["--max-page-sharing", "4096"]);
+            check_ended(&r, &ctx, 3);
+            for g in &r.stats.guests {
+                assert_eq!(g.guest.reports, kvstore_expected_reports(MEM, g.index), "{ctx}: guest {}", g.index);
+                assert_eq!(io_per_phase(g), kvstore_phase_io(g.index, 3).to_vec(), "{ctx}: guest {}", g.index);
+            }
+            let ksm = &r.stats.phases[3].figures.ksm;
+            if policy == "off" {
+                assert_eq!(ksm["pages_sharing"], 0, "{ctx}");
+                continue;
+            }
+            assert!(
+                ksm["pages_shared"] <= guest_numbers::KVSTORE_TEMPLATES,
+                "{ctx}: one KSM page per template at most: {ksm:?}"
+            );
+            assert!(ksm["pages_sharing"] >= alone.merged - alone.ksm_pages, "{ctx}: {ksm:?}");
+        }
+    }
+}

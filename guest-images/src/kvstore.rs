@@ -25,7 +25,18 @@ pub const KVSTORE_PHASE_NAMES: [&str; KVSTORE_PHASES as usize] =
 /// name + 2 reports + exit.
 pub const KVSTORE_PHASE_IO: [u64; KVSTORE_PHASES as usize + 1] = [1, 2, 4, 3, 4, 4];
 
-/// Io exits of a `kvstore` run, whatever the RAM, policy and view.
+/// Io exits of each phase of guest `guest_index` of a fleet of `guests`
+/// (ABI 1.1): in a fleet the pass is the fleet's, between two barriers, and
+/// only guest 0 asks for it; a guest alone takes [`KVSTORE_PHASE_IO`].
+pub fn kvstore_phase_io(guest_index: u64, guests: u64) -> [u64; KVSTORE_PHASES as usize + 1] {
+    let mut io = KVSTORE_PHASE_IO;
+    if guests > 1 {
+        io[3] += if guest_index == 0 { 2 } else { 1 };
+    }
+    io
+}
+
+/// Io exits of a single `kvstore` guest, whatever the RAM, policy and view.
 pub const KVSTORE_IO_EXITS: u64 = 5 + 5 + 1 + 6 + 1;
 
 /// Bytes of an index slot: the key (top bit set when occupied), the record
