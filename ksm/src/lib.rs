@@ -154,6 +154,7 @@
 pub mod ksm;
 pub mod ksmd;
 pub mod merge;
+pub mod mm_slot;
 pub mod page;
 pub mod pass;
 pub mod rmap;
@@ -166,6 +167,7 @@ pub mod unstable_tree;
 
 pub use ksm::{Ksm, KsmError};
 pub use ksmd::Ksmd;
+pub use mm_slot::{KsmMmStats, MmId};
 pub use rmap::KSM_RMAP_ITEM_SIZE;
 pub use scan::KSM_SCAN_SLICE;
 pub use sysfs::{KsmKnobs, KsmStats};

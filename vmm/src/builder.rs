@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use ksm::Ksm;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use shadow_mmu::{lock, FramePool, Gfn, GuestMmus, PAGE_SHIFT};
+use shadow_mmu::{FramePool, Gfn, GuestMmus, PAGE_SHIFT};
 
 use crate::config::{DedupPolicy, RunConfig};
 use crate::dedup::{BuiltinKsm, Dedup, DedupControl, HostKsm, HostKsmPaths};
@@ -111,7 +111,7 @@ fn create_dedup(config: &RunConfig, mmus: &GuestMmus<AnyView>) -> Result<Dedup, 
         }
         // An experiment whose memory hook is the deduplicator.
         _ if !config.builtin_ksm => Dedup::Off,
-        _ => Dedup::Builtin(BuiltinKsm::new(Ksm::new(&mut lock(&mmus.mm), config.ksm)?)),
+        _ => Dedup::Builtin(BuiltinKsm::new(Ksm::new(&mmus.mm, config.ksm)?)),
     })
 }
 

@@ -153,36 +153,31 @@ impl Dedup {
     }
 
     /// Sets the run state (a no-op when off).
-    fn set_run(
-        &mut self,
-        state: RunState,
-        mm: &Arc<Mutex<PrimaryMmu>>,
-        cancelled: &dyn Fn() -> bool,
-    ) -> Result<(), DedupError> {
+    fn set_run(&mut self, state: RunState, cancelled: &dyn Fn() -> bool) -> Result<(), DedupError> {
         match self {
             Dedup::Off => Ok(()),
-            Dedup::Builtin(b) => b.set_run(state, mm, cancelled),
+            Dedup::Builtin(b) => b.set_run(state, cancelled),
             Dedup::Host(h) => Ok(h.set_run(state.sysfs())?),
         }
     }
 
     /// One synchronous full pass; `cancelled` is polled while the host's
     /// ksmd works.
-    fn pass(&mut self, mm: &Arc<Mutex<PrimaryMmu>>, cancelled: &dyn Fn() -> bool) -> Result<(), DedupError> {
+    fn pass(&mut self, cancelled: &dyn Fn() -> bool) -> Result<(), DedupError> {
         match self {
             Dedup::Off => Ok(()),
-            Dedup::Builtin(b) => b.pass(mm, cancelled),
+            Dedup::Builtin(b) => b.pass(cancelled),
             Dedup::Host(h) => h.full_pass(cancelled).map_err(DedupError::HostPass),
         }
     }
 
     /// The deduplicator's figures now, with the sysfs names
     /// ([`KSM_FIGURES_ALWAYS_REPORTED`], all 0, when off).
-    pub fn figures(&self, mm: &Mutex<PrimaryMmu>) -> Counters {
+    pub fn figures(&self) -> Counters {
         let named = |v: Vec<(&'static str, u64)>| v.into_iter().map(|(n, v)| (n.to_string(), v)).collect();
         match self {
             Dedup::Off => KSM_FIGURES_ALWAYS_REPORTED.iter().map(|n| (n.to_string(), 0)).collect(),
-            Dedup::Builtin(b) => named(b.counters(mm)),
+            Dedup::Builtin(b) => named(b.counters()),
             Dedup::Host(h) => named(h.counters()),
         }
     }
@@ -239,9 +234,9 @@ impl DedupControl {
             // The built-in deduplicator records the state asked even when
             // acting on it fails.
             self.run = state;
-            return self.dedup.set_run(state, &self.mm, cancelled);
+            return self.dedup.set_run(state, cancelled);
         }
-        self.dedup.set_run(state, &self.mm, cancelled)?;
+        self.dedup.set_run(state, cancelled)?;
         self.run = state;
         Ok(())
     }
@@ -258,7 +253,7 @@ impl DedupControl {
             return Ok(());
         }
         match request {
-            Some(DedupRequest::Pass) => self.dedup.pass(&self.mm, cancelled),
+            Some(DedupRequest::Pass) => self.dedup.pass(cancelled),
             Some(DedupRequest::Start) => self.set_run(RunState::Run),
             Some(DedupRequest::Stop) => self.set_run(RunState::Stop),
             Some(DedupRequest::Unmerge) => self.set_run_cancellable(RunState::Unmerge, cancelled),
@@ -284,7 +279,7 @@ impl DedupControl {
 
     /// The deduplicator's figures now, with the sysfs names.
     pub fn figures(&self) -> Counters {
-        self.dedup.figures(&self.mm)
+        self.dedup.figures()
     }
 
     /// The flag a failing ksmd sets, for the watchdog to stop the vCPU at
