@@ -18,6 +18,8 @@
 
 #![allow(dead_code, unreachable_pub)] // each test binary uses a subset
 
+pub mod fleet;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
