@@ -1,7 +1,7 @@
 //! The mm list, after mm/ksm.c's `ksm_mm_slot`s on `ksm_mm_head`: every mm
 //! (guest) the deduplicator scans, with its rmap items and its figures of
 //! /proc/PID/ksm_stat; `__ksm_enter` ([`Ksm::ksm_enter`]) and `ksm_exit`
-//! ([`Ksm::ksm_exit`]); and [`MmLock`], the one mm the deduplicator holds
+//! ([`Ksm::ksm_exit`]); and `MmLock`, the one mm the deduplicator holds
 //! locked at a time.
 //!
 //! Every mm shares one frame table with the others ([`shadow_mmu::Frames`]):
@@ -97,8 +97,9 @@ impl<'a> MmLock<'a> {
 
 impl Ksm {
     /// `__ksm_enter`: `mm` joins the list (at its end; if a full scan is
-    /// under way, it is scanned from the next one). Its pages get rmap
-    /// items as the scanner finds them. `mm` must be over the deduplicator's
+    /// under way, it is scanned from the next one: crate docs, "Deliberate
+    /// differences from mm/ksm.c"). Its pages get rmap items as the scanner
+    /// finds them. `mm` must be over the deduplicator's
     /// frame table ([`KsmError::OtherPool`]) and not on the list already.
     /// Lock order: the caller holds the deduplicator; `mm` is locked here.
     pub fn ksm_enter(&mut self, mm: Arc<Mutex<PrimaryMmu>>) -> Result<MmId, KsmError> {
@@ -131,12 +132,14 @@ impl Ksm {
         Ok(id)
     }
 
-    /// `ksm_exit` (with what ksmd does when it finds the mm gone): every
-    /// rmap item of mm `id` leaves its tree and is freed (a KSM page no
-    /// other page maps any more is no longer one), the scan moves past it
-    /// if it was there, and the mm leaves the list. What the mm maps stays
-    /// mapped: a guest that ends also runs `PrimaryMmu::exit_mmap`, before
-    /// or after this.
+    /// `__ksm_exit` (with what ksmd does when it finds the mm gone, done at
+    /// once: crate docs, "Deliberate differences from mm/ksm.c"): every
+    /// rmap item of mm `id` leaves its tree and is freed (a stable node
+    /// left with no rmap item goes, and its frame is no longer a KSM page),
+    /// the scan moves past the mm if it was there, and the mm leaves the
+    /// list. Nothing is unmerged: what the mm maps stays mapped, and a
+    /// guest that ends also runs `PrimaryMmu::exit_mmap`, before or after
+    /// this. The other mms' figures no longer count its pages.
     pub fn ksm_exit(&mut self, id: MmId) -> Result<(), KsmError> {
         let pos = self.slot_pos(id)?;
         self.free_slot_rmap_items(pos);

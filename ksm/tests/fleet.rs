@@ -75,6 +75,48 @@ fn eight_mms_of_one_value_converge_to_one_ksm_page() {
     }
 }
 
+/// The zero page and stable node chains across mms. With use_zero_pages,
+/// zero-filled pages of every guest map the one zero page (ksm_zero_pages
+/// fleet-wide, each guest's own in its ksm_stat). With max_page_sharing =
+/// m, 3 guests × N identical pages form the groups of one process's 3N
+/// pages (ksm_tests.c's arithmetic, `linux_expected`), since the scan goes
+/// mm by mm: full KSM pages in one chain, whichever guests they span.
+#[test]
+fn zero_pages_and_chains_span_mms() {
+    const N: u64 = 10;
+    let fleet = Fleet::new(Policy::ChangePte, 3, N, knobs_with(|k| k.use_zero_pages = true));
+    for k in 0..3 {
+        fleet.fill_all(k, 0);
+    }
+    fleet.full_pass();
+    let s = fleet.stats();
+    assert_eq!((s.ksm_zero_pages, s.pages_shared, s.pages_sharing, s.rmap_items), (3 * N, 0, 0, 0), "{s:?}");
+    let zero = lock(&fleet.ksm).zero_pfn();
+    for k in 0..3 {
+        assert_eq!(fleet.mm_stats(k).ksm_zero_pages, N, "guest {k}");
+        assert!(fleet.gfns().all(|gfn| fleet.pfn(k, gfn) == zero), "guest {k} maps the zero page");
+    }
+    fleet.guests[1].write(FIRST_GFN, 0, b"x");
+    assert_eq!((fleet.stats().ksm_zero_pages, fleet.mm_stats(1).ksm_zero_pages), (3 * N - 1, N - 1));
+    fleet.check_coherent();
+
+    for m in [2u64, 4, 7, 30] {
+        let fleet = Fleet::new(Policy::ChangePte, 3, N, knobs_with(|k| k.max_page_sharing = m as u32));
+        for k in 0..3 {
+            fleet.fill_all(k, STAR);
+        }
+        fleet.full_pass();
+        let s = fleet.stats();
+        let (shared, sharing) = linux_expected(3 * N, m);
+        let chains = if shared > 1 { (1, shared) } else { (0, 0) };
+        assert_eq!((s.pages_shared, s.pages_sharing), (shared, sharing), "max_page_sharing {m}: {s:?}");
+        assert_eq!((s.stable_node_chains, s.stable_node_dups), chains, "max_page_sharing {m}: {s:?}");
+        let (figures, _) = fleet.recount(&[0, 1, 2]);
+        assert_eq!(figures, (shared, sharing), "max_page_sharing {m}: the page tables");
+        fleet.check_coherent();
+    }
+}
+
 /// A write to a page merged across guests breaks copy-on-write in the
 /// writer's mm only, and only the writer's secondary MMU (its view) hears
 /// of it; the other guests keep mapping the KSM page, their views
