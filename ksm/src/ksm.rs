@@ -1,12 +1,14 @@
-//! The deduplicator of one guest, after mm/ksm.c's global state (`ksm_scan`,
-//! `root_stable_tree`, `root_unstable_tree`, the zero page, the counters)
-//! and `ksm_init`; its error type. The work is in the sibling modules: see
-//! the map in the crate docs.
+//! The deduplicator, after mm/ksm.c's global state (`ksm_scan`,
+//! `root_stable_tree`, `root_unstable_tree`, the zero page, the counters, the
+//! mm list) and `ksm_init`; its error type. The work is in the sibling
+//! modules: see the map in the crate docs.
 
-use shadow_mmu::{FramePoolError, Gfn, Pfn, PrimaryMmu, PrimaryMmuError, PAGE_SIZE};
+use std::sync::{Arc, Mutex};
 
+use shadow_mmu::{lock, FramePoolError, Frames, Pfn, PrimaryMmu, PrimaryMmuError, PAGE_SIZE};
+
+use crate::mm_slot::{MmId, MmSlot};
 use crate::page::{checksum, PageBuf};
-use crate::rmap::RmapItem;
 use crate::scan::KsmScan;
 use crate::stable_tree::StableTree;
 use crate::sysfs::{KsmKnobs, KsmStats};
@@ -51,22 +53,42 @@ pub enum KsmError {
     /// was done so far is consistent.
     #[error("the deduplication work was cancelled before it was done")]
     Cancelled,
+    /// An mm over another frame table than the deduplicator's.
+    #[error("the mm is over another frame pool than the deduplicator's")]
+    OtherPool,
+    /// An mm entered twice (Linux's MMF_VM_MERGEABLE is set once).
+    #[error("the mm is on the deduplicator's list already")]
+    AlreadyEntered,
+    /// An mm that is not on the list.
+    #[error("{0} is not on the deduplicator's list")]
+    NoSuchMm(MmId),
+    /// More pages on the list than rmap item ids (2^32).
+    #[error("an mm of {0} pages does not fit in the deduplicator's rmap item ids")]
+    TooManyPages(u64),
 }
 
-/// The deduplicator of one guest.
+/// The deduplicator of every mm over one frame pool.
 #[derive(Debug)]
 pub struct Ksm {
     /// The knobs, checked.
     pub(crate) knobs: KsmKnobs,
-    /// The guest page of rmap item 0.
-    pub(crate) first_gfn: Gfn,
-    /// One rmap item per guest page.
-    pub(crate) rmap: Vec<RmapItem>,
-    /// The unstable tree: items are guest page indices.
+    /// The frame table every mm on the list shares.
+    pub(crate) frames: Arc<Frames>,
+    /// The mm list (`ksm_mm_head`), in scan order; rmap item ids grow
+    /// along it.
+    pub(crate) slots: Vec<MmSlot>,
+    /// The mms of `slots`, in the same order: what a scan locks, one at a
+    /// time (`MmLock`).
+    pub(crate) mms: Arc<[Arc<Mutex<PrimaryMmu>>]>,
+    /// The id the next mm entered gets.
+    pub(crate) next_mm_id: u32,
+    /// The first rmap item id of the next mm entered.
+    pub(crate) next_rmap_id: u32,
+    /// The unstable tree: items are rmap item ids.
     pub(crate) unstable: ContentTree,
     /// The stable tree, its entries and stable nodes.
     pub(crate) stable: StableTree,
-    /// `ZERO_PAGE(0)`: a frame of the pool.
+    /// `ZERO_PAGE(0)`: a frame of the pool, one for every mm.
     pub(crate) zero_pfn: Pfn,
     /// `zero_checksum`.
     pub(crate) zero_checksum: u32,
@@ -83,19 +105,41 @@ pub struct Ksm {
 }
 
 impl Ksm {
-    /// A deduplicator over every guest page of `host`. Takes one free frame
-    /// as the zero page (`ZERO_PAGE(0)`) for use_zero_pages (crate docs,
-    /// "Deliberate differences from mm/ksm.c").
-    pub fn new(host: &mut PrimaryMmu, knobs: KsmKnobs) -> Result<Self, KsmError> {
+    /// A deduplicator over one mm, every guest page of it (a single guest):
+    /// [`Ksm::new_in`] over its frame table, then [`Ksm::ksm_enter`]. The
+    /// zero page is taken through `mm` (counted in its `frames_allocated`).
+    pub fn new(mm: &Arc<Mutex<PrimaryMmu>>, knobs: KsmKnobs) -> Result<Self, KsmError> {
         knobs.check()?;
-        let (first, end) = host.guest_range();
-        let zero_pfn = host.alloc_page()?;
-        host.set_ksm_owner(zero_pfn, true, ZERO_OWNER);
+        let (frames, zero_pfn) = {
+            let mut h = lock(mm);
+            let zero_pfn = h.alloc_page()?;
+            (h.frames().clone(), zero_pfn)
+        };
+        let mut ksm = Self::with_zero_page(frames, zero_pfn, knobs);
+        ksm.ksm_enter(mm.clone())?;
+        Ok(ksm)
+    }
+
+    /// A deduplicator over the frame table `frames`, with no mm yet
+    /// (`ksm_init`): mms join with [`Ksm::ksm_enter`]. Takes one free frame
+    /// as the zero page (`ZERO_PAGE(0)`) for use_zero_pages, one for every
+    /// mm (crate docs, "Deliberate differences from mm/ksm.c").
+    pub fn new_in(frames: &Arc<Frames>, knobs: KsmKnobs) -> Result<Self, KsmError> {
+        knobs.check()?;
+        let zero_pfn = frames.alloc_page()?;
+        Ok(Self::with_zero_page(frames.clone(), zero_pfn, knobs))
+    }
+
+    fn with_zero_page(frames: Arc<Frames>, zero_pfn: Pfn, knobs: KsmKnobs) -> Self {
+        frames.set_ksm_owner(zero_pfn, true, ZERO_OWNER);
         let zero = Box::new([0u8; PAGE_SIZE as usize]);
-        Ok(Self {
+        Self {
             knobs,
-            first_gfn: first,
-            rmap: vec![RmapItem::default(); (end - first) as usize],
+            frames,
+            slots: Vec::new(),
+            mms: Arc::new([]),
+            next_mm_id: 0,
+            next_rmap_id: 0,
             unstable: ContentTree::new(),
             stable: StableTree::default(),
             zero_pfn,
@@ -105,7 +149,7 @@ impl Ksm {
             departures: 0,
             stats: KsmStats::default(),
             buf: zero,
-        })
+        }
     }
 
     /// The knobs.
@@ -131,8 +175,8 @@ impl Ksm {
         self.zero_pfn
     }
 
-    /// The guest page of rmap item `idx`.
-    pub(crate) fn gfn(&self, idx: usize) -> Gfn {
-        self.first_gfn + idx as u64
+    /// The frame table every mm on the list shares.
+    pub fn frames(&self) -> &Arc<Frames> {
+        &self.frames
     }
 }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use shadow_mmu::{lock, PrimaryMmu};
+use shadow_mmu::lock;
 
 use crate::ksm::{Ksm, KsmError};
 use crate::scan::{ScanStop, KSM_SCAN_SLICE};
@@ -25,21 +25,22 @@ pub struct Ksmd {
 }
 
 impl Ksmd {
-    /// Starts scanning. Lock order: the deduplicator, then the primary MMU
-    /// (then, inside notifier calls, the secondary MMU).
+    /// Starts scanning every mm on `ksm`'s list. Lock order: the
+    /// deduplicator, then one mm at a time (then, inside notifier calls,
+    /// that mm's secondary MMU).
     ///
     /// `failed` is set when the thread ends by itself, on an error or a
     /// panic, so that whoever runs the guest can stop at once: a scan that
     /// panicked may have left the primary or secondary MMU half-updated, and
     /// the guest must not go on reading through them.
-    pub fn start(ksm: Arc<Mutex<Ksm>>, host: Arc<Mutex<PrimaryMmu>>, failed: Arc<AtomicBool>) -> std::io::Result<Self> {
+    pub fn start(ksm: Arc<Mutex<Ksm>>, failed: Arc<AtomicBool>) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new().name("ksmd".into()).spawn(move || {
             let scan = || -> Result<(), KsmError> {
                 let mut pacer = Pacer::default();
                 while !flag.load(Ordering::Relaxed) {
-                    let sleep = ksm_do_scan_batch(&ksm, &host, &flag, &mut pacer)?;
+                    let sleep = ksm_do_scan_batch(&ksm, &flag, &mut pacer)?;
                     if sleep == 0 {
                         pacer.breathe();
                     } else {
@@ -126,19 +127,14 @@ impl Pacer {
 /// between them; the batch ends when its pages are looked at, a full scan
 /// ends, or `stop` is raised. Returns the `sleep_millisecs` to sleep before
 /// the next batch.
-fn ksm_do_scan_batch(
-    ksm: &Mutex<Ksm>,
-    host: &Mutex<PrimaryMmu>,
-    stop: &AtomicBool,
-    pacer: &mut Pacer,
-) -> Result<u32, KsmError> {
+fn ksm_do_scan_batch(ksm: &Mutex<Ksm>, stop: &AtomicBool, pacer: &mut Pacer) -> Result<u32, KsmError> {
     let mut left = None;
     loop {
         let (sleep, stopped_by) = {
             let mut k = lock(ksm);
             let knobs = k.knobs();
             let budget = *left.get_or_insert(u64::from(knobs.pages_to_scan));
-            let (looked, why) = k.scan_pages(host, budget, Some(Instant::now() + KSM_SCAN_SLICE))?;
+            let (looked, why) = k.scan_pages(budget, Some(Instant::now() + KSM_SCAN_SLICE))?;
             left = Some(budget - looked);
             (knobs.sleep_millisecs, why)
         };

@@ -8,12 +8,13 @@
 //!
 //! | module | mm/ksm.c |
 //! | --- | --- |
-//! | [`ksm`] | the global state ([`Ksm`]: `ksm_scan`, `root_stable_tree`, `root_unstable_tree`, the zero page, the counters), `ksm_init`; [`KsmError`] |
+//! | [`ksm`] | the global state ([`Ksm`]: `ksm_scan`, `root_stable_tree`, `root_unstable_tree`, the zero page, the counters, the mm list), `ksm_init` ([`Ksm::new_in`]); [`KsmError`] |
+//! | [`mm_slot`] | `struct ksm_mm_slot` and the mm list (`ksm_mm_head`): `__ksm_enter` ([`Ksm::ksm_enter`]), `__ksm_exit` ([`Ksm::ksm_exit`]), `proc_pid_ksm_stat` ([`Ksm::mm_stats`], [`KsmMmStats`]); [`MmId`]; the one mm held locked at a time (the mmap lock `get_mergeable_page` takes) |
 //! | [`rmap`] | `struct ksm_rmap_item` and its flags, `alloc_rmap_item` / `get_next_rmap_item`, `free_rmap_item`, `remove_rmap_item_from_tree`; [`KSM_RMAP_ITEM_SIZE`] |
 //! | [`stable_tree`] | `struct ksm_stable_node`, `stable_node_chain` / `stable_node_dup` / `chain_prune`, `ksm_get_folio`, `page_stable_node`, `stable_tree_search`, `stable_tree_insert`, `stable_tree_append`, `stable_node_dup_del`, `remove_node_from_stable_tree`, `remove_all_stable_nodes` |
 //! | [`unstable_tree`] | `unstable_tree_search_insert` |
 //! | [`merge`] | `try_to_merge_one_page`, `try_to_merge_with_ksm_page`, `try_to_merge_with_zero_page`, `try_to_merge_two_pages` (their pte work, `write_protect_page` and `replace_page`, is the primary MMU's, in `shadow_mmu`) |
-//! | [`scan`] | `struct ksm_scan`, `ksm_do_scan`, `scan_get_next_rmap_item`, `cmp_and_merge_page`, smart scan (`should_skip_rmap_item`, `skip_age`); [`KSM_SCAN_SLICE`] |
+//! | [`scan`] | `struct ksm_scan`, `ksm_do_scan`, `scan_get_next_rmap_item` (mm by mm along the list), `cmp_and_merge_page`, smart scan (`should_skip_rmap_item`, `skip_age`); [`KSM_SCAN_SLICE`] |
 //! | [`pass`] | none: [`Ksm::full_pass`], the synchronous pass, and its cancellable form |
 //! | [`unmerge`] | `unmerge_ksm_pages`, `break_ksm`, `unmerge_and_remove_all_rmap_items` |
 //! | [`sysfs`] | `ksm_attrs`: the knobs' `*_store` checks ([`KsmKnobs`]), the figures' `*_show` ([`KsmStats`], [`Ksm::counters`], [`Ksm::signed_counters`]), `general_profit_show` |
@@ -28,11 +29,15 @@
 //! splitting), swap, migration, memory hotplug and the advisor
 //! (`advisor_mode`) have no counterpart: one node, 4 KiB frames, no swap.
 //!
-//! 1. **One mm, one vma.** Rmap items sit in an array indexed by guest page
-//!    ([`rmap`]), not on per-mm_slot lists: one guest is one mm with one
-//!    mergeable vma, and there is no per-range VM_MERGEABLE
-//!    ([`Ksm::unmerge_ksm_pages`] unmerges a range but does not take it out
-//!    of the scan). Linux's "no anonymous page here" (`folio_walk_start`
+//! 1. **One vma per mm, rmap items indexed by page, named by ids.** Each mm
+//!    on the list ([`mm_slot`]) is one guest with one mergeable vma, and
+//!    its rmap items sit in an array indexed by guest page on its slot,
+//!    not on an `rmap_list` ([`rmap`]); there is no per-range
+//!    VM_MERGEABLE ([`Ksm::unmerge_ksm_pages`] unmerges a range but does
+//!    not take it out of the scan). The trees and stable nodes hold rmap
+//!    item ids (the slot's first id plus the page's index, growing along
+//!    the list) where Linux holds `ksm_rmap_item` pointers, which name the
+//!    mm and address. Linux's "no anonymous page here" (`folio_walk_start`
 //!    finds none) is a memfd hole (a never-touched page) or the zero page:
 //!    such a page has no rmap item. Holes are known from one mincore of the
 //!    whole pool when a full scan begins; a frame that was a hole then is
@@ -41,12 +46,29 @@
 //!    for the first time, during the scan is scanned. A guest read of a
 //!    never-touched page allocates it in the memfd, where Linux maps the
 //!    zero page.
-//! 2. **Treaps, not rbtrees** ([`tree`]): random priorities, so O(log n)
+//! 2. **The mm list.** An mm entered while a full scan is under way goes to
+//!    the end of the list and is passed until the next scan; Linux puts it
+//!    just behind the scanning cursor, so it too is first scanned by the
+//!    next scan, but from another place in the order (rmap ids grow along
+//!    the list, which therefore only grows at its end).
+//!    [`Ksm::ksm_exit`] frees the mm's rmap items and its slot at once (its
+//!    pages leave their stable nodes; it unmerges nothing), where Linux's
+//!    `__ksm_exit` leaves an mm that has rmap items to ksmd, which frees
+//!    them when it next reaches it. An mm torn down (`exit_mmap`) but not
+//!    yet `ksm_exit`ed is met by the scanner as Linux's `ksm_test_exit`
+//!    meets it: its rmap items go, but its slot stays on the list until
+//!    [`Ksm::ksm_exit`], so that [`MmId`]s change only when the VMM says
+//!    so. The scanner locks one mm at a time (its page's, then the
+//!    unstable tree's pages' in turn), never two; where a merge spans two
+//!    mms (`try_to_merge_two_pages`, a stable tree page of another guest)
+//!    the KSM frame is pinned while the other mm is unlocked, as Linux
+//!    holds a page reference, so that no write reuses it in place.
+//! 3. **Treaps, not rbtrees** ([`tree`]): random priorities, so O(log n)
 //!    depth is expected where an rbtree guarantees it, in an arena of u32
 //!    ids. Parent links let a node be erased without searching for it
 //!    again, which the unstable tree needs (its pages may have changed since
 //!    they were inserted).
-//! 3. **A frame tag instead of `page->mapping`.** A stable node tags its KSM
+//! 4. **A frame tag instead of `page->mapping`.** A stable node tags its KSM
 //!    frame with its id (`ksm_owner`, [`stable_tree`]), and `ksm_get_folio`
 //!    is that tag check: the primary MMU has frames, not `struct page`s.
 //!    Node ids are reused, so a stable node whose last rmap item leaves is
@@ -55,12 +77,13 @@
 //!    its page freed. The two differ only while the KSM page outlives its
 //!    rmap items (a page mapping it that KSM did not merge, as after a
 //!    fork): here that page is then an ordinary read-only page.
-//! 4. **The zero page is a frame of the guest's pool** ([`Ksm::new`]), taken
-//!    once and tagged as no stable node's, since the primary MMU maps only
-//!    pool frames; `ksm_zero_pages` is its mapcount (only merges and copied
-//!    mappings map it, so that is Linux's counter, lowered at once by a
-//!    copy-on-write break).
-//! 5. **One copy of the page per visit.** The page being visited is read
+//! 5. **The zero page is a frame of the pool** ([`Ksm::new_in`]), one for
+//!    every mm on the list, taken once and tagged as no stable node's,
+//!    since the primary MMUs map only pool frames; `ksm_zero_pages` is its
+//!    mapcount over every mm (only merges and copied mappings map it, so
+//!    that is Linux's counter, lowered at once by a copy-on-write break),
+//!    and an mm's own ([`KsmMmStats`]) counts its ptes that map it.
+//! 6. **One copy of the page per visit.** The page being visited is read
 //!    once into a buffer (`read_page`), and that copy is checksummed and
 //!    compared in both trees, where Linux reads the live page each time; the
 //!    checksum and every comparison of one visit judge the same bytes, and
@@ -68,27 +91,27 @@
 //!    a failed merge with the zero page the page is write-protected, and
 //!    read again before the stable tree search, so the search judges what
 //!    the page holds from then on, as Linux's does.
-//! 6. **No `break_cow` after half a pair.** When the second half of
+//! 7. **No `break_cow` after half a pair.** When the second half of
 //!    `try_to_merge_two_pages` fails, the page that was to become the KSM
 //!    page is left write-protected but not KSM instead of going through
 //!    `break_cow`: a later write reuses it in place, so nothing needs
 //!    breaking.
-//! 7. **No page pins.** `try_to_merge_one_page` does not refuse a page with
+//! 8. **No page pins.** `try_to_merge_one_page` does not refuse a page with
 //!    extra references (pinned for I/O): nothing pins guest frames here.
-//! 8. **Chains are pruned at every search.** There is no
+//! 9. **Chains are pruned at every search.** There is no
 //!    `stable_node_chains_prune_millisecs`: every `stable_tree_search` walks
 //!    whole chains, prunes their stale duplicates and picks the fullest
 //!    duplicate with room (`stable_node_dup` as `chain_prune` runs it), which
 //!    is Linux with that knob at 0. Linux's default, 2000 ms, prunes a chain
 //!    at most that often and in between takes the first duplicate with room,
 //!    moving it to the head of the chain.
-//! 9. **`full_pass`** (port 0x501, value 1) is this prototype's: full scans
-//!    to a fixpoint that the guest waits for. Smart scan skips nothing
-//!    during it: a skipped page would change nothing, and the pass could
-//!    end before it was compared at all. Skipping is a throughput heuristic
-//!    for ksmd; a pass the guest waits for promises every page that held
-//!    still its chance.
-//! 10. **ksmd lets go between slices.** Linux's ksmd holds
+//! 10. **`full_pass`** (port 0x501, value 1) is this prototype's: full
+//!     scans over every mm to a fixpoint that the guest waits for. Smart
+//!     scan skips nothing during it: a skipped page would change nothing,
+//!     and the pass could end before it was compared at all. Skipping is a
+//!     throughput heuristic for ksmd; a pass the guest waits for promises
+//!     every page that held still its chance.
+//! 11. **ksmd lets go between slices.** Linux's ksmd holds
 //!     `ksm_thread_mutex` for a whole batch (rescheduling inside it), so a
 //!     sysfs write waits for the batch. Here a batch is worked in stretches
 //!     of at most [`KSM_SCAN_SLICE`] with the deduplicator's lock let go
@@ -97,12 +120,12 @@
 //!     within about a slice whatever `pages_to_scan` is. A pass and an
 //!     unmerge take a cancellation check polled as often
 //!     ([`Ksm::full_pass_cancellable`], [`Ksm::unmerge_all_cancellable`]).
-//! 11. **`pages_to_scan` = 0 is refused** ([`KsmKnobs::check`]). Linux
+//! 12. **`pages_to_scan` = 0 is refused** ([`KsmKnobs::check`]). Linux
 //!     accepts it: ksmd then wakes every `sleep_millisecs` and scans nothing.
 //!     This check is also the command line's (`--pages-to-scan 0` is
 //!     refused, tests/bad_input.rs), and a run = 1 that never scans is a
 //!     mistake, not an experiment.
-//! 12. **Knobs and figures.** Only the knobs in [`KsmKnobs`] exist.
+//! 13. **Knobs and figures.** Only the knobs in [`KsmKnobs`] exist.
 //!     `full_scans` counts every full scan since the deduplicator was made:
 //!     Linux shows `ksm_scan.seqnr`, which run = 2 sets back to 0, but the
 //!     VMM reports this figure per phase as a count.
@@ -154,6 +177,7 @@
 pub mod ksm;
 pub mod ksmd;
 pub mod merge;
+pub mod mm_slot;
 pub mod page;
 pub mod pass;
 pub mod rmap;
@@ -166,6 +190,7 @@ pub mod unstable_tree;
 
 pub use ksm::{Ksm, KsmError};
 pub use ksmd::Ksmd;
+pub use mm_slot::{KsmMmStats, MmId};
 pub use rmap::KSM_RMAP_ITEM_SIZE;
 pub use scan::KSM_SCAN_SLICE;
 pub use sysfs::{KsmKnobs, KsmStats};

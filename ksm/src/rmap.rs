@@ -2,14 +2,14 @@
 //! knows of one guest page (its last checksum, which tree it is in, smart
 //! scan's counters); `remove_rmap_item_from_tree` and `free_rmap_item`.
 //!
-//! There is one mm and one vma, so rmap items sit in an array indexed by
-//! guest page rather than on an mm_slot's list (see "Deliberate differences
-//! from mm/ksm.c" in the crate docs): a slot in state `RmapState::Absent`
-//! is a page without an rmap item.
-
-use shadow_mmu::PrimaryMmu;
+//! Each mm has one vma, so its rmap items sit in an array indexed by guest
+//! page on its mm slot rather than on a list (see "Deliberate differences
+//! from mm/ksm.c" in the crate docs): an entry in state `RmapState::Absent`
+//! is a page without an rmap item. Trees name an rmap item by its id
+//! (`RmapId`: its mm's first id plus the page's index).
 
 use crate::ksm::Ksm;
+use crate::mm_slot::RmapId;
 
 /// No node: the `node` of an rmap item in no tree.
 pub(crate) const NIL: u32 = u32::MAX;
@@ -32,7 +32,8 @@ pub(crate) enum RmapState {
     Stable = 3,
 }
 
-/// `struct ksm_rmap_item`, 12 bytes here: the page is implied by the index.
+/// `struct ksm_rmap_item`, 12 bytes here: the mm and page are implied by
+/// where it sits.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RmapItem {
     /// `oldchecksum`: the page's checksum at its last visit.
@@ -97,21 +98,22 @@ impl Default for RmapItem {
 }
 
 impl Ksm {
-    /// `remove_rmap_item_from_tree`: page `idx` leaves the tree its rmap
-    /// item is in (a KSM page it no longer maps, or the unstable tree).
-    pub(crate) fn remove_rmap_item_from_tree(&mut self, idx: usize, host: &mut PrimaryMmu) {
-        let item = self.rmap[idx];
+    /// `remove_rmap_item_from_tree`: rmap item `id` leaves the tree it is
+    /// in (a KSM page it no longer maps, or the unstable tree).
+    pub(crate) fn remove_rmap_item_from_tree(&mut self, id: RmapId) {
+        let item = *self.item(id);
         match item.state {
             // `ksm_get_folio` finds the node stale (its KSM page was freed):
             // `remove_node_from_stable_tree` lets go of every sharer.
-            RmapState::Stable if !self.stable.node_valid(item.node, host) => {
-                self.remove_node_from_stable_tree(item.node, host);
+            RmapState::Stable if !self.stable.node_valid(item.node, &self.frames) => {
+                self.remove_node_from_stable_tree(item.node);
             }
             RmapState::Stable => {
                 self.departures += 1;
-                if self.stable.remove_sharer(item.node, idx) {
+                self.slot_mut(id).0.merging_pages -= 1;
+                if self.stable.remove_sharer(item.node, id) {
                     self.stats.pages_shared -= 1;
-                    self.stable.stable_node_dup_del(item.node, host);
+                    self.stable.stable_node_dup_del(item.node, &self.frames);
                 } else {
                     self.stats.pages_sharing -= 1;
                 }
@@ -120,7 +122,8 @@ impl Ksm {
             RmapState::Unstable if item.seqnr == self.ksm_scan.seqnr => self.unstable.erase(item.node),
             _ => {}
         }
-        let r = &mut self.rmap[idx];
+        let (slot, idx) = self.slot_mut(id);
+        let r = &mut slot.rmap[idx];
         if r.state != RmapState::Absent {
             r.state = RmapState::NoTree;
         }
@@ -129,21 +132,25 @@ impl Ksm {
 
     /// `free_rmap_item` after `remove_rmap_item_from_tree`, as
     /// `get_next_rmap_item` and `remove_trailing_rmap_items` do for pages
-    /// the scanner no longer finds: page `idx` has no rmap item afterwards
+    /// the scanner no longer finds: the page has no rmap item afterwards
     /// (its checksum and smart scan age are forgotten).
-    pub(crate) fn free_rmap_item(&mut self, idx: usize, host: &mut PrimaryMmu) {
-        if self.rmap[idx].state == RmapState::Absent {
+    pub(crate) fn free_rmap_item(&mut self, id: RmapId) {
+        if self.item(id).state == RmapState::Absent {
             return;
         }
-        self.remove_rmap_item_from_tree(idx, host);
-        self.rmap[idx] = RmapItem::default();
+        self.remove_rmap_item_from_tree(id);
+        let (slot, idx) = self.slot_mut(id);
+        slot.rmap[idx] = RmapItem::default();
+        slot.rmap_items -= 1;
         self.stats.rmap_items -= 1;
     }
 
-    /// `alloc_rmap_item` for page `idx` if it has none (`get_next_rmap_item`).
-    pub(crate) fn get_next_rmap_item(&mut self, idx: usize) {
-        if self.rmap[idx].state == RmapState::Absent {
-            self.rmap[idx].state = RmapState::NoTree;
+    /// `alloc_rmap_item` for the page of `id` if it has none (`get_next_rmap_item`).
+    pub(crate) fn get_next_rmap_item(&mut self, id: RmapId) {
+        let (slot, idx) = self.slot_mut(id);
+        if slot.rmap[idx].state == RmapState::Absent {
+            slot.rmap[idx].state = RmapState::NoTree;
+            slot.rmap_items += 1;
             self.stats.rmap_items += 1;
         }
     }

@@ -11,12 +11,12 @@
 //! ksmd ([`crate::Ksmd`]) can let go of the deduplicator between them and a
 //! synchronous pass ([`crate::pass`]) can be cancelled.
 
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use shadow_mmu::{lock, Pfn, PrimaryMmu, Pte};
+use shadow_mmu::{Pfn, Pte};
 
 use crate::ksm::{Ksm, KsmError};
+use crate::mm_slot::{MmLock, RmapId};
 use crate::page::{checksum, read_page};
 use crate::rmap::{RmapState, NIL};
 
@@ -50,7 +50,7 @@ pub(crate) enum ScanStop {
 }
 
 /// Frames read again by one mincore since the scan began: [start, end),
-/// while the primary MMU had allocated `allocated` frames.
+/// while the pool's frame table had allocated `allocated` frames.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Recheck {
     start: Pfn,
@@ -64,7 +64,10 @@ pub(crate) struct KsmScan {
     /// A full scan is under way (Linux: `ksm_scan.mm_slot` is not
     /// `&ksm_mm_head`); otherwise the next page looked at starts one.
     pub(crate) in_scan: bool,
-    /// The next guest page to look at in this scan (`address`).
+    /// The list position of the mm being scanned (`mm_slot`).
+    pub(crate) slot: usize,
+    /// The page of that mm to look at next, as an index into its rmap
+    /// items (`address`).
     pub(crate) cursor: usize,
     /// Low bits of the full scans started (`seqnr`).
     pub(crate) seqnr: u8,
@@ -104,29 +107,26 @@ impl Ksm {
     /// Pages passed without a look (never touched, mapping the zero page,
     /// skipped by smart scan) do not count against `pages`. Returns the pages
     /// looked at (`pages_scanned` grows by as many).
-    pub fn ksm_do_scan(&mut self, host: &Mutex<PrimaryMmu>, pages: u64) -> Result<u64, KsmError> {
-        self.scan_pages(host, pages, None).map(|(looked, _)| looked)
+    pub fn ksm_do_scan(&mut self, pages: u64) -> Result<u64, KsmError> {
+        self.scan_pages(pages, None).map(|(looked, _)| looked)
     }
 
     /// `ksm_do_scan` that also stops once `until` has passed; returns the
     /// pages looked at and why it stopped. Frames freed meanwhile go back
-    /// to the host at the end (`bytes_returned`).
-    pub(crate) fn scan_pages(
-        &mut self,
-        host: &Mutex<PrimaryMmu>,
-        pages: u64,
-        until: Option<Instant>,
-    ) -> Result<(u64, ScanStop), KsmError> {
+    /// to the host at the end (`bytes_returned`). Each page is looked at
+    /// under its mm's lock, let go before the next page.
+    pub(crate) fn scan_pages(&mut self, pages: u64, until: Option<Instant>) -> Result<(u64, ScanStop), KsmError> {
         let t = Instant::now();
         let cpu = thread_cpu_ns();
-        let before = lock(host).pool().resident_bytes().unwrap_or(0);
+        let before = self.frames.pool().resident_bytes().unwrap_or(0);
+        let mms = self.mms.clone();
         let mut looked = 0;
         let mut result = Ok(ScanStop::Budget);
         while looked < pages {
             let step = {
-                let mut h = lock(host);
-                match self.scan_get_next_rmap_item(&mut h) {
-                    Ok(Some((idx, pte))) => self.cmp_and_merge_page(&mut h, idx, pte).map(|()| true),
+                let mut mm = MmLock::new(&mms);
+                match self.scan_get_next_rmap_item(&mut mm) {
+                    Ok(Some((id, pte))) => self.cmp_and_merge_page(&mut mm, id, pte).map(|()| true),
                     Ok(None) => Ok(false),
                     Err(e) => Err(e),
                 }
@@ -149,13 +149,10 @@ impl Ksm {
                 break;
             }
         }
-        let after = {
-            let mut h = lock(host);
-            if let Err(e) = h.flush_holes() {
-                result = result.and(Err(e.into()));
-            }
-            h.pool().resident_bytes().unwrap_or(before)
-        };
+        if let Err(e) = self.frames.flush_holes() {
+            result = result.and(Err(e.into()));
+        }
+        let after = self.frames.pool().resident_bytes().unwrap_or(before);
         self.stats.bytes_returned += before.saturating_sub(after);
         self.stats.scan_ns += u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.stats.cpu_ns += thread_cpu_ns().saturating_sub(cpu);
@@ -163,16 +160,21 @@ impl Ksm {
     }
 
     /// The start of a full scan, as `scan_get_next_rmap_item` does it at
-    /// the head of the mm list: a new unstable tree, and which frames hold
-    /// memory now.
-    fn start_full_scan(&mut self, h: &PrimaryMmu) -> Result<(), KsmError> {
+    /// the head of the mm list: a new unstable tree, which frames hold
+    /// memory now, and every mm entered during the last scan joins this one.
+    fn start_full_scan(&mut self) -> Result<(), KsmError> {
         // The unstable tree is rebuilt every scan: its pages may have changed.
         self.unstable.clear();
         self.ksm_scan.seqnr = self.ksm_scan.seqnr.wrapping_add(1);
-        self.ksm_scan.resident = h.pool().resident(0, h.pool().nr_frames())?;
+        let pool = self.frames.pool();
+        self.ksm_scan.resident = pool.resident(0, pool.nr_frames())?;
         self.ksm_scan.recheck = None;
+        self.ksm_scan.slot = 0;
         self.ksm_scan.cursor = 0;
         self.ksm_scan.in_scan = true;
+        for slot in &mut self.slots {
+            slot.waits_for_next_scan = false;
+        }
         Ok(())
     }
 
@@ -180,20 +182,21 @@ impl Ksm {
     /// scan began with as a hole is looked at again (one mincore for it and
     /// the frames after it), so a page copied into a freed frame, or touched
     /// for the first time, since the scan began is not taken for untouched;
-    /// that answer is reused for the frames after it until the primary MMU
-    /// allocates a frame.
-    fn frame_holds_memory(&mut self, h: &PrimaryMmu, pfn: Pfn) -> Result<bool, KsmError> {
+    /// that answer is reused for the frames after it until some mm over the
+    /// pool allocates a frame.
+    fn frame_holds_memory(&mut self, pfn: Pfn) -> Result<bool, KsmError> {
         if self.ksm_scan.resident.get(pfn as usize).copied().unwrap_or(false) {
             return Ok(true);
         }
-        let allocated = h.stats().frames_allocated;
+        let allocated = self.frames.stats().frames_allocated;
         if let Some(r) = self.ksm_scan.recheck {
             if r.allocated == allocated && (r.start..r.end).contains(&pfn) {
                 return Ok(false);
             }
         }
-        let end = (pfn + RESIDENT_WINDOW).min(h.pool().nr_frames());
-        let now = h.pool().resident(pfn, end - pfn)?;
+        let pool = self.frames.pool();
+        let end = (pfn + RESIDENT_WINDOW).min(pool.nr_frames());
+        let now = pool.resident(pfn, end - pfn)?;
         for (i, &r) in now.iter().enumerate() {
             if let Some(known) = self.ksm_scan.resident.get_mut(pfn as usize + i) {
                 *known |= r;
@@ -203,45 +206,62 @@ impl Ksm {
         Ok(now.first().copied().unwrap_or(false))
     }
 
-    /// `scan_get_next_rmap_item`: the next page to look at in this scan and
-    /// its pte, a full scan starting first if none is under way; None at the
-    /// end of the scan, which it counts (`full_scans`). A page with no
-    /// anonymous page (`folio_walk_start` finds none: never touched, a memfd
-    /// hole; or mapping the zero page) is passed and loses its rmap item, as
-    /// `get_next_rmap_item` frees those it passes. Smart scan may skip a
-    /// page. None of these count as looked at.
-    fn scan_get_next_rmap_item(&mut self, h: &mut PrimaryMmu) -> Result<Option<(usize, Pte)>, KsmError> {
-        if self.rmap.is_empty() {
+    /// `scan_get_next_rmap_item`: the next page to look at in this scan, mm
+    /// by mm along the list (`ksm_mm_head`), and its pte, a full scan
+    /// starting first if none is under way; None at the end of the scan,
+    /// which it counts (`full_scans`). A page with no anonymous page
+    /// (`folio_walk_start` finds none: never touched, a memfd hole; or
+    /// mapping the zero page) is passed and loses its rmap item, as
+    /// `get_next_rmap_item` frees those it passes. An mm that has exited
+    /// (`ksm_test_exit`) loses every rmap item and is passed (it stays on
+    /// the list until [`Ksm::ksm_exit`]); one entered during this scan is
+    /// passed too. Smart scan may skip a page. None of these count as
+    /// looked at. Leaves `mms` holding the returned page's mm.
+    fn scan_get_next_rmap_item(&mut self, mms: &mut MmLock<'_>) -> Result<Option<(RmapId, Pte)>, KsmError> {
+        if self.slots.is_empty() {
             return Ok(None);
         }
         if !self.ksm_scan.in_scan {
-            self.start_full_scan(h)?;
+            self.start_full_scan()?;
         }
-        while self.ksm_scan.cursor < self.rmap.len() {
-            let idx = self.ksm_scan.cursor;
+        while let Some(slot) = self.slots.get(self.ksm_scan.slot) {
+            let (pos, cursor) = (self.ksm_scan.slot, self.ksm_scan.cursor);
+            let (id, gfn) = (slot.base + cursor as u32, slot.first_gfn + cursor as u64);
+            let passed = slot.waits_for_next_scan || cursor >= slot.rmap.len();
+            let h = mms.mm(pos);
+            if passed || h.is_exited() {
+                if h.is_exited() {
+                    self.free_slot_rmap_items(pos);
+                }
+                self.ksm_scan.slot += 1;
+                self.ksm_scan.cursor = 0;
+                continue;
+            }
             self.ksm_scan.cursor += 1;
-            let pte = h.pte(self.gfn(idx))?;
-            if pte.pfn == self.zero_pfn || !self.frame_holds_memory(h, pte.pfn)? {
-                self.free_rmap_item(idx, h);
+            let pte = h.pte(gfn)?;
+            if pte.pfn == self.zero_pfn || !self.frame_holds_memory(pte.pfn)? {
+                self.free_rmap_item(id);
                 continue;
             }
-            self.get_next_rmap_item(idx);
-            if self.should_skip_rmap_item(idx, h.frame(pte.pfn).ksm) {
-                self.remove_rmap_item_from_tree(idx, h);
+            self.get_next_rmap_item(id);
+            if self.should_skip_rmap_item(id, self.frames.frame(pte.pfn).ksm) {
+                self.remove_rmap_item_from_tree(id);
                 continue;
             }
-            return Ok(Some((idx, pte)));
+            return Ok(Some((id, pte)));
         }
         self.ksm_scan.in_scan = false;
+        self.ksm_scan.slot = 0;
         self.ksm_scan.cursor = 0;
         self.stats.full_scans += 1;
         Ok(None)
     }
 
-    /// `cmp_and_merge_page` for guest page `idx`, which maps `pte.pfn`.
-    fn cmp_and_merge_page(&mut self, h: &mut PrimaryMmu, idx: usize, pte: Pte) -> Result<(), KsmError> {
-        if let Some(node) = self.stable.page_stable_node(h, pte.pfn) {
-            let item = self.rmap[idx];
+    /// `cmp_and_merge_page` for the page of rmap item `id`, which maps
+    /// `pte.pfn`; `mms` holds its mm.
+    fn cmp_and_merge_page(&mut self, mms: &mut MmLock<'_>, id: RmapId, pte: Pte) -> Result<(), KsmError> {
+        if let Some(node) = self.stable.page_stable_node(self.frames.frame(pte.pfn), pte.pfn) {
+            let item = *self.item(id);
             if item.state == RmapState::Stable && item.node == node {
                 return Ok(()); // still maps the KSM page it merged with
             }
@@ -249,47 +269,52 @@ impl Ksm {
             // forked"): `stable_tree_search` finds the page's own KSM page
             // at once, and the page joins it without a write protection,
             // past max_page_sharing if need be (max_page_sharing_bypass).
-            self.remove_rmap_item_from_tree(idx, h);
-            if self.try_to_merge_with_ksm_page(h, idx, node)? {
-                self.stable_tree_append(idx, node);
+            self.remove_rmap_item_from_tree(id);
+            if self.try_to_merge_with_ksm_page(mms, id, node)? {
+                self.stable_tree_append(id, node);
             }
             return Ok(());
         }
-        self.remove_rmap_item_from_tree(idx, h);
-        if !read_page(h.pool(), pte.pfn, &mut self.buf) {
+        self.remove_rmap_item_from_tree(id);
+        if !read_page(self.frames.pool(), pte.pfn, &mut self.buf) {
             return Ok(());
         }
         // A page whose content changed since the last scan is changing too
         // fast to be worth a search in either tree (Linux 6.11 moved this
         // test before the stable tree search).
         let sum = checksum(&self.buf);
-        if self.rmap[idx].oldchecksum != sum {
-            self.rmap[idx].oldchecksum = sum;
+        let (slot, idx) = self.slot_mut(id);
+        if slot.rmap[idx].oldchecksum != sum {
+            slot.rmap[idx].oldchecksum = sum;
             self.checksum_updates += 1;
             return Ok(());
         }
-        if self.try_to_merge_with_zero_page(h, idx, sum)? {
+        if self.try_to_merge_with_zero_page(mms, id, sum)? {
             return Ok(());
         }
-        // Is there a KSM page with this content already? The visit ends
-        // here whether or not the merge succeeded: if it failed, the page
-        // changed after it was read.
-        if let Some(node) = self.stable_tree_search(h) {
-            if self.try_to_merge_with_ksm_page(h, idx, node)? {
-                self.stable_tree_append(idx, node);
+        // Is there a KSM page with this content already, in any mm? The
+        // visit ends here whether or not the merge succeeded: if it failed,
+        // the page changed after it was read.
+        if let Some(node) = self.stable_tree_search() {
+            if self.try_to_merge_with_ksm_page(mms, id, node)? {
+                self.stable_tree_append(id, node);
             }
             return Ok(());
         }
         // A pair merged from the unstable tree becomes a new KSM page.
-        if let Some((tree_node, tree_idx)) = self.unstable_tree_search_insert(idx, h) {
-            if let Some(kpfn) = self.try_to_merge_two_pages(h, idx, tree_idx)? {
+        if let Some((tree_node, tree_id)) = self.unstable_tree_search_insert(mms, id) {
+            if let Some(kpfn) = self.try_to_merge_two_pages(mms, id, tree_id)? {
                 self.stats.merges += 2;
                 self.unstable.erase(tree_node);
-                self.rmap[tree_idx].state = RmapState::NoTree;
-                self.rmap[tree_idx].node = NIL;
-                let node = self.stable_tree_insert(h, kpfn);
-                self.stable_tree_append(tree_idx, node);
-                self.stable_tree_append(idx, node);
+                let (slot, idx) = self.slot_mut(tree_id);
+                slot.rmap[idx].state = RmapState::NoTree;
+                slot.rmap[idx].node = NIL;
+                let node = self.stable_tree_insert(kpfn);
+                // The pin `try_to_merge_two_pages` took: the frame is a
+                // tagged KSM page now, which no write reuses in place.
+                self.frames.put_page(kpfn)?;
+                self.stable_tree_append(tree_id, node);
+                self.stable_tree_append(id, node);
             }
         }
         Ok(())
@@ -298,11 +323,12 @@ impl Ksm {
     /// Smart scan (`should_skip_rmap_item`): pages that keep not merging are
     /// skipped for 1, 2, 4, then 8 scans. The caller removes a skipped page
     /// from its tree, as Linux does.
-    fn should_skip_rmap_item(&mut self, idx: usize, is_ksm: bool) -> bool {
+    fn should_skip_rmap_item(&mut self, id: RmapId, is_ksm: bool) -> bool {
         if !self.knobs.smart_scan || is_ksm || self.ksm_scan.in_full_pass {
             return false;
         }
-        let item = &mut self.rmap[idx];
+        let (slot, idx) = self.slot_mut(id);
+        let item = &mut slot.rmap[idx];
         let age = item.age;
         item.age = item.age.saturating_add(1);
         if age < 3 {

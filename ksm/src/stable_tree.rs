@@ -14,9 +14,10 @@
 use std::cell::{Cell, RefCell};
 use std::cmp::Ordering;
 
-use shadow_mmu::{Pfn, PrimaryMmu};
+use shadow_mmu::{FrameInfo, Frames, Pfn};
 
 use crate::ksm::{Ksm, ZERO_OWNER};
+use crate::mm_slot::RmapId;
 use crate::page::{cmp_with_frame, read_page};
 use crate::rmap::{RmapState, NIL};
 use crate::tree::{ContentTree, Search};
@@ -28,8 +29,8 @@ struct StableNode {
     kpfn: Pfn,
     /// The entry it belongs to.
     entry: u32,
-    /// The guest pages mapping it (`hlist` of rmap items).
-    sharers: Vec<u32>,
+    /// The rmap items of the pages mapping it, in any mm (`hlist`).
+    sharers: Vec<RmapId>,
 }
 
 impl StableNode {
@@ -50,14 +51,14 @@ struct StableEntry {
 
 /// The tag stable node `id` puts on its KSM frame (`ksm_owner`, the analog
 /// of `page->mapping`); 0 is no owner.
-fn owner_tag(id: u32) -> u32 {
+pub(crate) fn owner_tag(id: u32) -> u32 {
     id + 1
 }
 
-/// `ksm_get_folio`'s test: whether stable node `id` still owns frame `kpfn`
-/// (its KSM page was neither freed nor reused by another node).
-fn owns_frame(host: &PrimaryMmu, id: u32, kpfn: Pfn) -> bool {
-    let f = host.frame(kpfn);
+/// `ksm_get_folio`'s test: whether stable node `id` still owns the frame
+/// the table describes as `f` (its KSM page was neither freed nor reused by
+/// another node).
+fn owns_frame(f: FrameInfo, id: u32) -> bool {
     f.refcount > 0 && f.ksm && f.ksm_owner == owner_tag(id)
 }
 
@@ -84,20 +85,20 @@ impl StableTree {
     }
 
     /// `ksm_get_folio`: whether stable node `id` still owns its KSM frame.
-    pub(crate) fn node_valid(&self, id: u32, host: &PrimaryMmu) -> bool {
-        owns_frame(host, id, self.kpfn(id))
+    pub(crate) fn node_valid(&self, id: u32, frames: &Frames) -> bool {
+        owns_frame(frames.frame(self.kpfn(id)), id)
     }
 
-    /// `page_stable_node`: the stable node whose KSM page frame `pfn` is,
-    /// if any (not the zero page, which belongs to no node).
-    pub(crate) fn page_stable_node(&self, host: &PrimaryMmu, pfn: Pfn) -> Option<u32> {
-        let f = host.frame(pfn);
+    /// `page_stable_node`: the stable node whose KSM page frame `pfn` is, if
+    /// any (not the zero page, which belongs to no node); `f` is what the
+    /// frame table says of `pfn`.
+    pub(crate) fn page_stable_node(&self, f: FrameInfo, pfn: Pfn) -> Option<u32> {
         if !f.ksm || f.ksm_owner == 0 || f.ksm_owner == ZERO_OWNER {
             return None;
         }
         let id = f.ksm_owner - 1;
         let node = self.nodes.get(id as usize)?;
-        (node.entry != NIL && node.kpfn == pfn && owns_frame(host, id, pfn)).then_some(id)
+        (node.entry != NIL && node.kpfn == pfn && owns_frame(f, id)).then_some(id)
     }
 
     /// (`stable_node_chains`, `stable_node_dups`): the chains, and the KSM
@@ -116,11 +117,11 @@ impl StableTree {
         nodes + entries + self.tree.metadata_bytes()
     }
 
-    /// Page `idx` no longer maps stable node `id` (the `hlist_del` of
+    /// Rmap item `item` no longer maps stable node `id` (the `hlist_del` of
     /// `remove_rmap_item_from_tree`). Returns whether no page maps it now.
-    pub(crate) fn remove_sharer(&mut self, id: u32, idx: usize) -> bool {
+    pub(crate) fn remove_sharer(&mut self, id: u32, item: RmapId) -> bool {
         let node = &mut self.nodes[id as usize];
-        if let Some(pos) = node.sharers.iter().position(|&s| s as usize == idx) {
+        if let Some(pos) = node.sharers.iter().position(|&s| s == item) {
             node.sharers.swap_remove(pos);
         }
         node.sharers.is_empty()
@@ -134,9 +135,9 @@ impl StableTree {
     /// cleared (`folio_set_stable_node(folio, NULL)`, as `remove_stable_node`
     /// does; Linux otherwise leaves that to the freeing of the page: crate
     /// docs, "Deliberate differences from mm/ksm.c").
-    pub(crate) fn stable_node_dup_del(&mut self, id: u32, host: &mut PrimaryMmu) {
-        if self.node_valid(id, host) {
-            host.set_ksm_owner(self.kpfn(id), false, 0);
+    pub(crate) fn stable_node_dup_del(&mut self, id: u32, frames: &Frames) {
+        if self.node_valid(id, frames) {
+            frames.set_ksm_owner(self.kpfn(id), false, 0);
         }
         let entry = self.nodes[id as usize].entry;
         let e = &mut self.entries[entry as usize];
@@ -155,15 +156,15 @@ impl StableTree {
     /// node goes (a KSM frame still alive loses its tag) and the tree is
     /// empty. Returns the sharers that were still listed (none when every
     /// rmap item was removed first).
-    pub(crate) fn remove_all_stable_nodes(&mut self, host: &mut PrimaryMmu) -> usize {
+    pub(crate) fn remove_all_stable_nodes(&mut self, frames: &Frames) -> usize {
         let mut listed = 0;
         for id in 0..self.nodes.len() as u32 {
             if self.nodes[id as usize].entry == NIL {
                 continue;
             }
             listed += self.nodes[id as usize].sharers.len();
-            if self.node_valid(id, host) {
-                host.set_ksm_owner(self.kpfn(id), false, 0);
+            if self.node_valid(id, frames) {
+                frames.set_ksm_owner(self.kpfn(id), false, 0);
             }
         }
         *self = Self::default();
@@ -196,7 +197,7 @@ fn is_page_sharing_candidate(sharers: usize, max: usize) -> bool {
 impl Ksm {
     /// `remove_node_from_stable_tree`: a stale node (its KSM frame was freed)
     /// lets go of every rmap item still pointing at it.
-    pub(crate) fn remove_node_from_stable_tree(&mut self, id: u32, host: &mut PrimaryMmu) {
+    pub(crate) fn remove_node_from_stable_tree(&mut self, id: u32) {
         let sharers = std::mem::take(&mut self.stable.nodes[id as usize].sharers);
         if !sharers.is_empty() {
             self.stats.pages_shared -= 1;
@@ -204,10 +205,12 @@ impl Ksm {
             self.departures += sharers.len() as u64;
         }
         for s in sharers {
-            self.rmap[s as usize].state = RmapState::NoTree;
-            self.rmap[s as usize].node = NIL;
+            let (slot, idx) = self.slot_mut(s);
+            slot.merging_pages -= 1;
+            slot.rmap[idx].state = RmapState::NoTree;
+            slot.rmap[idx].node = NIL;
         }
-        self.stable.stable_node_dup_del(id, host);
+        self.stable.stable_node_dup_del(id, &self.frames);
     }
 
     /// Searches the stable tree for the content in `self.buf`, as
@@ -217,15 +220,18 @@ impl Ksm {
     /// content: `ksm_get_folio` fails), after which the search starts again
     /// (the tree may have changed shape), and collapses a chain left with one
     /// duplicate. So a search never orders by a frame that left the tree.
-    fn stable_search_pruned(&mut self, host: &mut PrimaryMmu) -> Search {
+    /// The frame table stays locked for the walk, so no KSM frame is freed
+    /// (or reused) by another guest's copy-on-write break while it is
+    /// compared.
+    fn stable_search_pruned(&mut self) -> Search {
         loop {
             let stale = Cell::new(None);
             // Chains met with one duplicate left (rare: nothing is
             // allocated for an ordinary search).
             let collapse = RefCell::new(Vec::new());
             let search = {
-                let (stable, buf) = (&self.stable, &self.buf);
-                let h: &PrimaryMmu = host;
+                let (stable, buf, pool) = (&self.stable, &self.buf, self.frames.pool());
+                let table = self.frames.table();
                 stable.tree.search(|entry| {
                     // Once a stale node is met the search is thrown away, so
                     // the rest of it reads no frame. A stale node's frame is
@@ -235,7 +241,7 @@ impl Ksm {
                         return Ordering::Less;
                     }
                     let dups = &stable.entries[entry as usize].dups;
-                    if let Some(&id) = dups.iter().find(|&&d| !owns_frame(h, d, stable.kpfn(d))) {
+                    if let Some(&id) = dups.iter().find(|&&d| !owns_frame(table.frame(stable.kpfn(d)), d)) {
                         stale.set(Some(id));
                         return Ordering::Less;
                     }
@@ -243,11 +249,11 @@ impl Ksm {
                         collapse.borrow_mut().push(entry);
                     }
                     let Some(&first) = dups.first() else { return Ordering::Less };
-                    cmp_with_frame(h.pool(), buf, stable.kpfn(first))
+                    cmp_with_frame(pool, buf, stable.kpfn(first))
                 })
             };
             if let Some(id) = stale.get() {
-                self.remove_node_from_stable_tree(id, host);
+                self.remove_node_from_stable_tree(id);
                 continue;
             }
             for entry in collapse.into_inner() {
@@ -282,24 +288,24 @@ impl Ksm {
 
     /// `stable_tree_search`: a KSM page with the content in `self.buf` that
     /// has room for one more sharer (`stable_node_dup`).
-    pub(crate) fn stable_tree_search(&mut self, host: &mut PrimaryMmu) -> Option<u32> {
-        let Search::Found(tree_node) = self.stable_search_pruned(host) else { return None };
+    pub(crate) fn stable_tree_search(&mut self) -> Option<u32> {
+        let Search::Found(tree_node) = self.stable_search_pruned() else { return None };
         self.stable_node_dup(self.stable.tree.item(tree_node))
     }
 
     /// `stable_tree_insert`: makes frame `kpfn` a KSM page: a new entry, or
     /// one more duplicate in the entry of that content (which is then a
     /// chain).
-    pub(crate) fn stable_tree_insert(&mut self, host: &mut PrimaryMmu, kpfn: Pfn) -> u32 {
+    pub(crate) fn stable_tree_insert(&mut self, kpfn: Pfn) -> u32 {
         // The frame is write-protected now: key the tree by what it holds,
         // not by the copy read before write protection (the guest may have
         // written in between).
-        read_page(host.pool(), kpfn, &mut self.buf);
+        read_page(self.frames.pool(), kpfn, &mut self.buf);
         let id = self.stable.alloc_stable_node();
         // Search (pruning stale nodes) before the new node is tagged, so the
         // node id taken is not mistaken for a stale one.
-        let search = self.stable_search_pruned(host);
-        host.set_ksm_owner(kpfn, true, owner_tag(id));
+        let search = self.stable_search_pruned();
+        self.frames.set_ksm_owner(kpfn, true, owner_tag(id));
         let stable = &mut self.stable;
         let entry = match search {
             Search::Found(tree_node) => stable.tree.item(tree_node),
@@ -317,16 +323,19 @@ impl Ksm {
         id
     }
 
-    /// `stable_tree_append`: page `idx` now maps stable node `id`'s KSM page.
-    pub(crate) fn stable_tree_append(&mut self, idx: usize, id: u32) {
+    /// `stable_tree_append`: the page of rmap item `item` now maps stable
+    /// node `id`'s KSM page (`mm->ksm_merging_pages` counts it).
+    pub(crate) fn stable_tree_append(&mut self, item: RmapId, id: u32) {
         let node = &mut self.stable.nodes[id as usize];
         if node.sharers.is_empty() {
             self.stats.pages_shared += 1;
         } else {
             self.stats.pages_sharing += 1;
         }
-        node.sharers.push(idx as u32);
-        let r = &mut self.rmap[idx];
+        node.sharers.push(item);
+        let (slot, idx) = self.slot_mut(item);
+        slot.merging_pages += 1;
+        let r = &mut slot.rmap[idx];
         r.state = RmapState::Stable;
         r.node = id;
     }

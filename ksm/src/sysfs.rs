@@ -3,7 +3,7 @@
 //! of the figures, `general_profit_show`), plus this prototype's cost
 //! figures.
 
-use shadow_mmu::{PrimaryMmu, PAGE_SIZE};
+use shadow_mmu::PAGE_SIZE;
 
 use crate::ksm::{Ksm, KsmError};
 use crate::rmap::{RmapItem, RmapState, KSM_RMAP_ITEM_SIZE};
@@ -116,26 +116,27 @@ pub struct KsmStats {
 }
 
 impl Ksm {
-    /// The statistics now (levels computed, counters since creation).
-    pub fn stats(&self, host: &PrimaryMmu) -> KsmStats {
+    /// The statistics now (levels computed, counters since creation),
+    /// fleet-wide as sysfs is host-wide: over every mm on the list.
+    pub fn stats(&self) -> KsmStats {
         let mut s = self.stats;
         s.pages_unshared = self.unstable_items();
         // Only merges map the zero page, so its mapcount is Linux's
         // ksm_zero_pages: a copy-on-write break lowers it at once.
-        s.ksm_zero_pages = u64::from(host.frame(self.zero_pfn).mapcount);
+        s.ksm_zero_pages = u64::from(self.frames.frame(self.zero_pfn).mapcount);
         // pages_volatile_show: clamped at 0, as Linux conceals a negative.
         s.pages_volatile = s.rmap_items.saturating_sub(s.pages_shared + s.pages_sharing + s.pages_unshared);
         (s.stable_node_chains, s.stable_node_dups) = self.stable.chains();
         s.metadata_bytes = self.metadata_bytes() as u64;
         let saved = (s.pages_sharing + s.ksm_zero_pages) * PAGE_SIZE;
         s.general_profit = saved as i64 - (s.rmap_items * KSM_RMAP_ITEM_SIZE) as i64;
-        s.memfd_resident_bytes = host.pool().resident_bytes().unwrap_or(0);
+        s.memfd_resident_bytes = self.frames.pool().resident_bytes().unwrap_or(0);
         s
     }
 
     /// The statistics with the sysfs names, for reports.
-    pub fn counters(&self, host: &PrimaryMmu) -> Vec<(&'static str, u64)> {
-        let s = self.stats(host);
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        let s = self.stats();
         vec![
             ("pages_shared", s.pages_shared),
             ("pages_sharing", s.pages_sharing),
@@ -163,17 +164,19 @@ impl Ksm {
     /// The figures that are signed in Linux, with their sysfs names:
     /// `general_profit` (negative while the rmap items cost more than the
     /// merges save).
-    pub fn signed_counters(&self, host: &PrimaryMmu) -> Vec<(&'static str, i64)> {
-        vec![("general_profit", self.stats(host).general_profit)]
+    pub fn signed_counters(&self) -> Vec<(&'static str, i64)> {
+        vec![("general_profit", self.stats().general_profit)]
     }
 
     fn unstable_items(&self) -> u64 {
-        self.rmap.iter().filter(|r| r.state == RmapState::Unstable).count() as u64
+        let items = self.slots.iter().flat_map(|slot| &slot.rmap);
+        items.filter(|r| r.state == RmapState::Unstable).count() as u64
     }
 
     /// Bytes of metadata held: rmap items, trees, stable nodes.
     pub fn metadata_bytes(&self) -> usize {
-        let rmap = self.rmap.capacity() * std::mem::size_of::<RmapItem>();
+        let items: usize = self.slots.iter().map(|slot| slot.rmap.capacity()).sum();
+        let rmap = items * std::mem::size_of::<RmapItem>();
         rmap + self.stable.metadata_bytes() + self.unstable.metadata_bytes()
     }
 }

@@ -52,7 +52,7 @@ fn within<T: Send + 'static>(bound: Duration, what: &str, f: impl FnOnce() -> T 
 fn ksmd_with_the_largest_pages_to_scan_stops_promptly() {
     for (policy, sleep) in [(Policy::ChangePte, 0), (Policy::RangeFlush, 0), (Policy::ChangePte, 3_600_000)] {
         let lab = busy_lab(policy, u32::MAX, sleep);
-        let ksmd = Ksmd::start(lab.ksm.clone(), lab.guest.mm.clone(), Arc::default()).expect("start ksmd");
+        let ksmd = Ksmd::start(lab.ksm.clone(), Arc::default()).expect("start ksmd");
         // Meanwhile, someone else wants the deduplicator now and then (as
         // the VMM reads its figures at a phase marker): how long it waits.
         let stop_reader = Arc::new(AtomicBool::new(false));
@@ -106,7 +106,7 @@ fn a_cancelled_full_pass_stops_promptly_and_leaves_a_coherent_state() {
         p.len() >= 3
     };
     let t = Instant::now();
-    let result = lock(&lab.ksm).full_pass_cancellable(&lab.guest.mm, &cancelled);
+    let result = lock(&lab.ksm).full_pass_cancellable(&cancelled);
     let returned = t.elapsed();
     let polls = polls.into_inner();
     let longest_gap = polls.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
@@ -130,7 +130,7 @@ fn a_cancelled_full_pass_stops_promptly_and_leaves_a_coherent_state() {
 #[test]
 fn a_pass_that_is_never_cancelled_is_a_full_pass() {
     let lab = busy_lab(Policy::ChangePte, 100, 20);
-    let scans = lock(&lab.ksm).full_pass_cancellable(&lab.guest.mm, &|| false).expect("pass");
+    let scans = lock(&lab.ksm).full_pass_cancellable(&|| false).expect("pass");
     let s = lab.stats();
     assert_eq!((scans, s.pages_shared, s.pages_sharing), (3, 64, 4096 - 64), "{s:?}");
 }

@@ -63,7 +63,7 @@ fn concurrency(policy: Policy, seed: u64) {
     for gfn in lab.gfns() {
         lab.guest.fill(gfn, 0);
     }
-    let ksmd = Ksmd::start(lab.ksm.clone(), lab.guest.mm.clone(), Arc::default()).expect("start ksmd");
+    let ksmd = Ksmd::start(lab.ksm.clone(), Arc::default()).expect("start ksmd");
 
     let guest = lab.guest.clone();
     let stop = Arc::new(AtomicBool::new(false));
@@ -184,7 +184,7 @@ fn a_panicking_ksmd_raises_its_failure_flag_and_reports_the_panic() {
     }
     lock(&lab.guest.mm).mmu_notifier_register(Arc::new(Mutex::new(PanickingSubscriber)));
     let failed = Arc::new(AtomicBool::new(false));
-    let ksmd = Ksmd::start(lab.ksm.clone(), lab.guest.mm.clone(), failed.clone()).expect("start ksmd");
+    let ksmd = Ksmd::start(lab.ksm.clone(), failed.clone()).expect("start ksmd");
     // The first merge notifies the subscriber, which panics inside ksmd.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !failed.load(Ordering::SeqCst) {

@@ -32,7 +32,8 @@ fn mmap_and_merge_range(policy: Policy, val: u8, knobs: KsmKnobs) -> Lab {
 }
 
 fn unmerge_range(lab: &Lab, gfns: std::ops::Range<Gfn>) {
-    lock(&lab.ksm).unmerge_ksm_pages(&lab.guest.mm, gfns, &|| false).expect("unmerge_ksm_pages");
+    let id = lab.mm_id();
+    lock(&lab.ksm).unmerge_ksm_pages(id, gfns, &|| false).expect("unmerge_ksm_pages");
 }
 
 /// ksm_tests.c check_ksm_merge, as run_vmtests.sh runs it (`-M -p 10`):

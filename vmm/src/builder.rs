@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use ksm::Ksm;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use shadow_mmu::{lock, FleetLayout, FramePool, Frames, Gfn, GuestMmus, Pfn, PrimaryMmu, PAGE_SHIFT};
+use shadow_mmu::{FleetLayout, FramePool, Frames, Gfn, GuestMmus, Pfn, PrimaryMmu, PAGE_SHIFT};
 
 use crate::config::{DedupPolicy, RunConfig};
 use crate::dedup::{BuiltinKsm, Dedup, DedupControl, HostKsm, HostKsmPaths};
@@ -50,7 +50,7 @@ pub fn build_fleet(config: &RunConfig) -> Result<Vec<Vm>, VmError> {
         .map(|i| build_guest(&kvm, &frames, &layout, i, image.entry, config))
         .collect::<Result<Vec<_>, _>>()?;
     let mms: Vec<_> = guests.iter().map(|g| g.mmus.mm.clone()).collect();
-    let dedup = Arc::new(Mutex::new(DedupControl::new(create_dedup(config, &frames, &layout, &mms)?, mms[0].clone())));
+    let dedup = Arc::new(Mutex::new(DedupControl::new(create_dedup(config, &frames, &layout, &mms)?)));
     let barrier = Arc::new(FleetBarrier::new(layout.guests));
     Ok(guests.into_iter().map(|g| g.into_vm(&dedup, &barrier, config.mem_bytes)).collect())
 }
@@ -186,12 +186,14 @@ fn create_dedup(
 /// The built-in deduplicator with every guest's mm on its list, in guest
 /// order (a guest alone: `Ksm::new`, its zero page counted in that mm).
 fn builtin_ksm(config: &RunConfig, frames: &Arc<Frames>, mms: &[Arc<Mutex<PrimaryMmu>>]) -> Result<Ksm, VmError> {
-    // FLEET-KSM: until the deduplicator has its mm list, a fleet has none.
-    let _ = frames;
-    match mms {
-        [mm] => Ok(Ksm::new(&mut lock(mm), config.ksm)?),
-        _ => Err(VmError::NotAlone(config.guests)),
+    if let [mm] = mms {
+        return Ok(Ksm::new(mm, config.ksm)?);
     }
+    let mut ksm = Ksm::new_in(frames, config.ksm)?;
+    for mm in mms {
+        ksm.ksm_enter(mm.clone())?;
+    }
+    Ok(ksm)
 }
 
 /// The vCPU, at the guest's entry point.

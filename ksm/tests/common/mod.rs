@@ -18,10 +18,12 @@
 
 #![allow(dead_code, unreachable_pub)] // each test binary uses a subset
 
+pub mod fleet;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use ksm::{Ksm, KsmKnobs, KsmStats, KSM_RMAP_ITEM_SIZE};
+use ksm::{Ksm, KsmKnobs, KsmStats, MmId, KSM_RMAP_ITEM_SIZE};
 use proptest::prelude::*;
 use shadow_mmu::{
     lock, Gfn, GuestMmus, MmuNotifierRange, MmuNotifyEvent, Pfn, Policy, PrimaryMmu, Pte, RangeFlags, RecordingView,
@@ -91,12 +93,8 @@ impl Lab {
     pub fn new(policy: Policy, pages: u64, knobs: KsmKnobs) -> Self {
         let end = FIRST_GFN + pages;
         let guest = GuestMmus::new_recording(policy, FIRST_GFN, end, 2).expect("frame pool");
-        let ksm = {
-            let mut host = lock(&guest.mm);
-            let ksm = Ksm::new(&mut host, knobs).expect("deduplicator");
-            assert_eq!(host.nr_free_frames(), 1, "one spare frame left after KSM took its zero page");
-            ksm
-        };
+        let ksm = Ksm::new(&guest.mm, knobs).expect("deduplicator");
+        assert_eq!(lock(&guest.mm).nr_free_frames(), 1, "one spare frame left after KSM took its zero page");
         Self { guest, ksm: Arc::new(Mutex::new(ksm)), policy, end }
     }
 
@@ -113,18 +111,16 @@ impl Lab {
     }
 
     pub fn stats(&self) -> KsmStats {
-        let ksm = lock(&self.ksm);
-        let host = self.host();
-        ksm.stats(&host)
+        lock(&self.ksm).stats()
     }
 
     pub fn full_pass(&self) -> u32 {
-        lock(&self.ksm).full_pass(&self.guest.mm).expect("full pass")
+        lock(&self.ksm).full_pass().expect("full pass")
     }
 
     /// `ksm_do_scan` of `pages` pages: returns the pages looked at.
     pub fn scan(&self, pages: u64) -> u64 {
-        lock(&self.ksm).ksm_do_scan(&self.guest.mm, pages).expect("ksm_do_scan")
+        lock(&self.ksm).ksm_do_scan(pages).expect("ksm_do_scan")
     }
 
     /// Scans to the end of the full scan under way, or one whole scan if
@@ -185,7 +181,14 @@ impl Lab {
     }
 
     pub fn unmerge_all(&self) {
-        lock(&self.ksm).unmerge_all(&self.guest.mm).expect("unmerge_all");
+        lock(&self.ksm).unmerge_all().expect("unmerge_all");
+    }
+
+    /// The one mm on the deduplicator's list: the guest's.
+    pub fn mm_id(&self) -> MmId {
+        let ids = lock(&self.ksm).mm_ids();
+        assert_eq!(ids.len(), 1, "one guest");
+        ids[0]
     }
 
     pub fn zero_pfn(&self) -> Pfn {

@@ -5,7 +5,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use ksm::{Ksm, Ksmd};
-use shadow_mmu::{lock, PrimaryMmu};
+use shadow_mmu::lock;
 
 use super::{DedupError, RunState};
 
@@ -34,33 +34,28 @@ impl BuiltinKsm {
         self.failed.clone()
     }
 
-    /// Stop, Run or Unmerge (which stops ksmd first); `cancelled` is polled
-    /// while unmerging.
-    pub fn set_run(
-        &mut self,
-        state: RunState,
-        mm: &Arc<Mutex<PrimaryMmu>>,
-        cancelled: &dyn Fn() -> bool,
-    ) -> Result<(), DedupError> {
+    /// Stop, Run or Unmerge (which stops ksmd first), over every mm on the
+    /// deduplicator's list; `cancelled` is polled while unmerging.
+    pub fn set_run(&mut self, state: RunState, cancelled: &dyn Fn() -> bool) -> Result<(), DedupError> {
         match state {
             RunState::Stop => self.stop_ksmd(),
             RunState::Run if self.ksmd.is_some() => Ok(()),
             RunState::Run => {
-                let ksmd = Ksmd::start(self.ksm.clone(), mm.clone(), self.failed.clone());
+                let ksmd = Ksmd::start(self.ksm.clone(), self.failed.clone());
                 self.ksmd = Some(ksmd.map_err(DedupError::StartKsmd)?);
                 Ok(())
             }
             RunState::Unmerge => {
                 self.stop_ksmd()?;
-                lock(&self.ksm).unmerge_all_cancellable(mm, cancelled).map_err(DedupError::Unmerge)
+                lock(&self.ksm).unmerge_all_cancellable(cancelled).map_err(DedupError::Unmerge)
             }
         }
     }
 
     /// One synchronous full pass (the vCPU waits); `cancelled` is polled
     /// at least every `ksm::KSM_SCAN_SLICE`.
-    pub fn pass(&self, mm: &Mutex<PrimaryMmu>, cancelled: &dyn Fn() -> bool) -> Result<(), DedupError> {
-        lock(&self.ksm).full_pass_cancellable(mm, cancelled).map(|_| ()).map_err(DedupError::Pass)
+    pub fn pass(&self, cancelled: &dyn Fn() -> bool) -> Result<(), DedupError> {
+        lock(&self.ksm).full_pass_cancellable(cancelled).map(|_| ()).map_err(DedupError::Pass)
     }
 
     /// Stops ksmd if it runs, with its error if it failed.
@@ -79,11 +74,8 @@ impl BuiltinKsm {
         None
     }
 
-    /// The sysfs-named figures. Lock order: the deduplicator, then the
-    /// primary MMU.
-    pub fn counters(&self, mm: &Mutex<PrimaryMmu>) -> Vec<(&'static str, u64)> {
-        let ksm = lock(&self.ksm);
-        let mm = lock(mm);
-        ksm.counters(&mm)
+    /// The sysfs-named figures, over every mm on the list.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        lock(&self.ksm).counters()
     }
 }

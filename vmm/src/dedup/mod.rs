@@ -8,10 +8,9 @@ pub mod builtin;
 pub mod host;
 
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use ksm::KsmError;
-use shadow_mmu::PrimaryMmu;
 
 pub use builtin::BuiltinKsm;
 pub use host::{HostKsm, HostKsmError, HostKsmPaths};
@@ -153,36 +152,31 @@ impl Dedup {
     }
 
     /// Sets the run state (a no-op when off).
-    fn set_run(
-        &mut self,
-        state: RunState,
-        mm: &Arc<Mutex<PrimaryMmu>>,
-        cancelled: &dyn Fn() -> bool,
-    ) -> Result<(), DedupError> {
+    fn set_run(&mut self, state: RunState, cancelled: &dyn Fn() -> bool) -> Result<(), DedupError> {
         match self {
             Dedup::Off => Ok(()),
-            Dedup::Builtin(b) => b.set_run(state, mm, cancelled),
+            Dedup::Builtin(b) => b.set_run(state, cancelled),
             Dedup::Host(h) => Ok(h.set_run(state.sysfs())?),
         }
     }
 
     /// One synchronous full pass; `cancelled` is polled while the host's
     /// ksmd works.
-    fn pass(&mut self, mm: &Arc<Mutex<PrimaryMmu>>, cancelled: &dyn Fn() -> bool) -> Result<(), DedupError> {
+    fn pass(&mut self, cancelled: &dyn Fn() -> bool) -> Result<(), DedupError> {
         match self {
             Dedup::Off => Ok(()),
-            Dedup::Builtin(b) => b.pass(mm, cancelled),
+            Dedup::Builtin(b) => b.pass(cancelled),
             Dedup::Host(h) => h.full_pass(cancelled).map_err(DedupError::HostPass),
         }
     }
 
     /// The deduplicator's figures now, with the sysfs names
     /// ([`KSM_FIGURES_ALWAYS_REPORTED`], all 0, when off).
-    pub fn figures(&self, mm: &Mutex<PrimaryMmu>) -> Counters {
+    pub fn figures(&self) -> Counters {
         let named = |v: Vec<(&'static str, u64)>| v.into_iter().map(|(n, v)| (n.to_string(), v)).collect();
         match self {
             Dedup::Off => KSM_FIGURES_ALWAYS_REPORTED.iter().map(|n| (n.to_string(), 0)).collect(),
-            Dedup::Builtin(b) => named(b.counters(mm)),
+            Dedup::Builtin(b) => named(b.counters()),
             Dedup::Host(h) => named(h.counters()),
         }
     }
@@ -196,7 +190,6 @@ const WARN_IGNORED_REQUESTS: u64 = 3;
 #[derive(Debug)]
 pub struct DedupControl {
     dedup: Dedup,
-    mm: Arc<Mutex<PrimaryMmu>>,
     run: RunState,
     /// Set when the built-in ksmd ends by itself; never set otherwise.
     ksmd_failed: Arc<AtomicBool>,
@@ -205,13 +198,13 @@ pub struct DedupControl {
 }
 
 impl DedupControl {
-    /// Control over `dedup`, which works on `mm`.
-    pub fn new(dedup: Dedup, mm: Arc<Mutex<PrimaryMmu>>) -> Self {
+    /// Control over `dedup` (which works on every guest of the run).
+    pub fn new(dedup: Dedup) -> Self {
         let ksmd_failed = match &dedup {
             Dedup::Builtin(b) => b.failure_flag(),
             _ => Arc::default(),
         };
-        Self { dedup, mm, run: RunState::Stop, ksmd_failed, ignored_requests: 0 }
+        Self { dedup, run: RunState::Stop, ksmd_failed, ignored_requests: 0 }
     }
 
     /// Whether a deduplicator (built-in or the host's) is there to control.
@@ -239,9 +232,9 @@ impl DedupControl {
             // The built-in deduplicator records the state asked even when
             // acting on it fails.
             self.run = state;
-            return self.dedup.set_run(state, &self.mm, cancelled);
+            return self.dedup.set_run(state, cancelled);
         }
-        self.dedup.set_run(state, &self.mm, cancelled)?;
+        self.dedup.set_run(state, cancelled)?;
         self.run = state;
         Ok(())
     }
@@ -256,7 +249,7 @@ impl DedupControl {
             return Ok(());
         }
         match request {
-            Some(DedupRequest::Pass) => self.dedup.pass(&self.mm, cancelled),
+            Some(DedupRequest::Pass) => self.dedup.pass(cancelled),
             Some(DedupRequest::Start) => self.set_run(RunState::Run),
             Some(DedupRequest::Stop) => self.set_run(RunState::Stop),
             Some(DedupRequest::Unmerge) => self.set_run_cancellable(RunState::Unmerge, cancelled),
@@ -282,7 +275,7 @@ impl DedupControl {
 
     /// The deduplicator's figures now, with the sysfs names.
     pub fn figures(&self) -> Counters {
-        self.dedup.figures(&self.mm)
+        self.dedup.figures()
     }
 
     /// The flag a failing ksmd sets, for the watchdog to stop the vCPU at
