@@ -76,7 +76,8 @@ fn every_guest_of_a_fleet_gets_its_seat_waits_at_the_barriers_and_reports_as_alo
 }
 
 /// Every guest holds the same image; a pass merges it across the fleet
-/// (`template_pages` KSM pages, each shared by every guest), and each
+/// (`template_pages` KSM pages and one per page of the guest's own image,
+/// each shared by every guest), and each
 /// guest's faults are `template_faults`' for its index: a read fault per
 /// zapped page after the pass, a copy-on-write fault per page it rewrites.
 #[test]
@@ -85,7 +86,10 @@ fn a_template_fleet_merges_its_image_across_guests_under_every_builtin_policy() 
     require_kvm();
     const MEM: u64 = 4 << 20;
     const N: u64 = 4;
-    let pages = template_pages(MEM);
+    // The image's own pages (code and names) are the same in every guest
+    // and merge too, as `ltp_ksm01_fleet_figures` counts them.
+    let image = find("template").expect("built in").load_end().saturating_sub(abi::GUEST_BASE).div_ceil(4096);
+    let pages = template_pages(MEM) + image;
     for view in VIEWS {
         for policy in BUILTIN {
             let ctx = format!("template x {N}: {policy} / {view}");
@@ -268,9 +272,9 @@ fn an_interrupt_ends_every_guest_with_statistics_and_gives_the_hosts_ksm_back() 
 }
 
 /// `kvstore` x 3: every store serves its own requests (its reports are
-/// those of its index alone) and the pass between the barriers merges the
-/// templates' pages across the fleet: at most one KSM page per template,
-/// sharing at least what one guest alone shares.
+/// those of its index alone) and the pass between the barriers merges
+/// across the fleet: the fleet shares more pages than its three stores
+/// would alone (the templates, and what the loads wrote alike).
 #[test]
 #[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
 fn kvstore_guests_merge_their_templates_across_the_fleet() {
@@ -291,11 +295,10 @@ fn kvstore_guests_merge_their_templates_across_the_fleet() {
                 assert_eq!(ksm["pages_sharing"], 0, "{ctx}");
                 continue;
             }
-            assert!(
-                ksm["pages_shared"] <= guest_numbers::KVSTORE_TEMPLATES,
-                "{ctx}: one KSM page per template at most: {ksm:?}"
-            );
-            assert!(ksm["pages_sharing"] >= alone.merged - alone.ksm_pages, "{ctx}: {ksm:?}");
+            // Each store alone shares its templates' pages; together they
+            // share more (the templates, and the pages the loads wrote alike).
+            let alone_sharing = alone.merged - alone.ksm_pages;
+            assert!(ksm["pages_sharing"] > 3 * alone_sharing, "{ctx}: {ksm:?} against {alone_sharing} alone");
         }
     }
 }
