@@ -134,6 +134,12 @@ fn unique_merges_nothing_and_takes_only_its_io_exits_under_every_policy() {
                 // Every page scanned (the image's page too), none merged.
                 assert_eq!(pass["merges"], 0, "{ctx}");
                 assert!(pass["pages_scanned"] >= guest_images::pagefill_pages(MEM_BYTES), "{ctx}");
+                // Nothing saved, every rmap item a cost: Linux's
+                // general_profit is negative (64 bytes an item), and so is
+                // the document's signed copy; the unsigned one is clamped.
+                let signed = &s.phases[2].figures.ksm_signed;
+                assert_eq!(signed["general_profit"], -64 * pass["rmap_items"] as i64, "{ctx}: {signed:?}");
+                assert_eq!(pass["general_profit"], 0, "{ctx}");
             }
         }
     }

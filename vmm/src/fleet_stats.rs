@@ -79,7 +79,7 @@ pub fn fleet_total(guests: &[GuestRun]) -> Figures {
 
 /// The sum of `each` guest's figures, with the deduplicator's from `last`.
 fn sum_figures<'a>(each: impl Iterator<Item = &'a Figures>, last: &Figures) -> Figures {
-    let mut sum = Figures { ksm: last.ksm.clone(), ..Figures::default() };
+    let mut sum = Figures { ksm: last.ksm.clone(), ksm_signed: last.ksm_signed.clone(), ..Figures::default() };
     for f in each {
         sum.exits.add(&f.exits);
         merge_times(&mut sum.exit_times, &f.exit_times);

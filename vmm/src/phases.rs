@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use crate::exit_times::{merge_times, ExitEvent, ExitTimer, ExitTimes, ServiceTime, UFFD_READ, UFFD_WRITE};
 use crate::kvm_stats::Snapshot;
-use crate::stats::{is_gauge, Counters, ExitCounts, ExitKind, Figures, PhaseStats};
+use crate::stats::{is_gauge, Counters, ExitCounts, ExitKind, Figures, PhaseStats, SignedCounters};
 use crate::vm::{lock, Vm};
 
 /// Cumulative readings of every layer at one instant.
@@ -16,6 +16,7 @@ struct Readings {
     kvm_vcpu: Snapshot,
     shadow_mmu: Counters,
     ksm: Counters,
+    ksm_signed: SignedCounters,
     /// (reads, writes) served off the vCPU thread.
     view_faults: (u64, u64),
     at: Option<Instant>,
@@ -32,6 +33,7 @@ impl Readings {
             kvm_vcpu: vm.vcpu_stats.snapshot().unwrap_or_default(),
             shadow_mmu: shadow_mmu_counters(vm),
             ksm: ksm_counters(vm),
+            ksm_signed: lock(&vm.dedup).signed_figures(),
             view_faults: vm.view_faults.counts(),
             at: Some(Instant::now()),
         }
@@ -105,6 +107,7 @@ fn figures_between(vm: &Vm, a: &Readings, b: &Readings, mut exits: ExitCounts) -
         exits,
         shadow_mmu: counters_moved(&a.shadow_mmu, &b.shadow_mmu),
         ksm: counters_moved(&a.ksm, &b.ksm),
+        ksm_signed: b.ksm_signed.clone(),
         kvm,
         wall_ns,
         exit_times,

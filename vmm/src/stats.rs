@@ -114,6 +114,9 @@ impl ExitCounts {
 /// every name the component defines is present, zero or not.
 pub type Counters = BTreeMap<String, u64>;
 
+/// Named figures that may be negative.
+pub type SignedCounters = BTreeMap<String, i64>;
+
 /// Everything counted over one stretch of the run (a phase, or the whole run).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Figures {
@@ -123,6 +126,12 @@ pub struct Figures {
     pub shadow_mmu: Counters,
     /// Deduplicator figures, with the names of /sys/kernel/mm/ksm.
     pub ksm: Counters,
+    /// The deduplicator's figures that Linux shows signed
+    /// (`general_profit`, `ksm_process_profit`), with their sign, at the
+    /// stretch's end (in `ksm` they are clamped at 0); left out when there
+    /// is none.
+    #[serde(default, skip_serializing_if = "SignedCounters::is_empty")]
+    pub ksm_signed: SignedCounters,
     /// The host KVM's binary statistics that moved, by their own names.
     pub kvm: BTreeMap<String, u64>,
     /// Wall-clock time in nanoseconds.

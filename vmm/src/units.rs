@@ -110,6 +110,8 @@ pub const OWN_FIGURES: &[(&str, &str, FigureKind)] = &[
     ("ksm.stable_node_chains", "nodes", Level),
     ("ksm.stable_node_dups", "nodes", Level),
     ("ksm.general_profit", "bytes", Level),
+    ("ksm_signed.general_profit", "bytes", Level),
+    ("ksm_signed.ksm_process_profit", "bytes", Level),
     ("ksm.bytes_returned", "bytes", Count),
     ("ksm.memfd_resident_bytes", "bytes", Level),
     ("ksm.metadata_bytes", "bytes", Level),

@@ -85,13 +85,14 @@ pub fn render_table(stats: &RunStats) -> String {
     );
     let rows = stretches(stats);
     render_counters(&mut out, "secondary MMU", &rows, |f| &f.shadow_mmu, |_| true);
-    render_counters(
-        &mut out,
-        "deduplicator (the names of /sys/kernel/mm/ksm and /proc/PID/ksm_stat)",
-        &rows,
-        |f| &f.ksm,
-        is_linux_name,
-    );
+    let linux_title = "deduplicator (the names of /sys/kernel/mm/ksm and /proc/PID/ksm_stat)";
+    if rows.iter().any(|(_, f)| !f.ksm_signed.is_empty()) {
+        // The signed figures with their sign, in place of their clamped copies.
+        render_counters(&mut out, linux_title, &rows, |f| &f.ksm, |n| is_linux_name(n) && !is_signed_name(n));
+        render_counters(&mut out, "deduplicator (the figures Linux shows signed)", &rows, |f| &f.ksm_signed, |_| true);
+    } else {
+        render_counters(&mut out, linux_title, &rows, |f| &f.ksm, is_linux_name);
+    }
     render_counters(&mut out, "deduplicator (the lab's own figures)", &rows, |f| &f.ksm, |n| !is_linux_name(n));
     render_guests(&mut out, &stats.guests);
     let end = &stats.guest.end;
@@ -228,17 +229,24 @@ fn is_linux_name(name: &str) -> bool {
     LINUX_KSM_NAMES.contains(&name)
 }
 
+/// The figures Linux shows signed (`ksm_signed` holds them with their sign).
+fn is_signed_name(name: &str) -> bool {
+    matches!(name, "general_profit" | "ksm_process_profit")
+}
+
 /// One block of named figures, a column per stretch: the figures `keep`
 /// keeps that are not zero in some stretch.
-fn render_counters(
+fn render_counters<T: Copy + Default + PartialEq + std::fmt::Display>(
     out: &mut String,
     title: &str,
     rows: &[Stretch<'_>],
-    get: fn(&Figures) -> &BTreeMap<String, u64>,
+    get: fn(&Figures) -> &BTreeMap<String, T>,
     keep: fn(&str) -> bool,
 ) {
-    let mut names: Vec<&String> =
-        rows.iter().flat_map(|(_, f)| get(f).iter().filter(|(n, v)| **v != 0 && keep(n)).map(|(n, _)| n)).collect();
+    let mut names: Vec<&String> = rows
+        .iter()
+        .flat_map(|(_, f)| get(f).iter().filter(|(n, v)| **v != T::default() && keep(n)).map(|(n, _)| n))
+        .collect();
     names.sort();
     names.dedup();
     if names.is_empty() {
@@ -254,7 +262,7 @@ fn render_counters(
     for name in names {
         let _ = write!(out, "{name:<28}");
         for (_, f) in rows {
-            let _ = write!(out, "{:>12}", get(f).get(name).copied().unwrap_or(0));
+            let _ = write!(out, "{:>12}", get(f).get(name).copied().unwrap_or_default());
         }
         let _ = writeln!(out);
     }

@@ -78,4 +78,9 @@ impl BuiltinKsm {
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
         lock(&self.ksm).counters()
     }
+
+    /// The figures Linux shows signed, with their sign.
+    pub fn signed_counters(&self) -> Vec<(&'static str, i64)> {
+        lock(&self.ksm).signed_counters()
+    }
 }

@@ -15,7 +15,7 @@ use ksm::KsmError;
 pub use builtin::BuiltinKsm;
 pub use host::{HostKsm, HostKsmError, HostKsmPaths};
 
-use crate::stats::Counters;
+use crate::stats::{Counters, SignedCounters};
 
 /// Port 0x501 values (guest-abi.md), defined once in `guest_images::abi`.
 pub use guest_images::abi::{DEDUP_PASS, DEDUP_SOFT_DIRTY, DEDUP_START, DEDUP_STOP, DEDUP_UNMERGE};
@@ -180,6 +180,17 @@ impl Dedup {
             Dedup::Host(h) => named(h.counters()),
         }
     }
+
+    /// The figures Linux shows signed (`general_profit`,
+    /// `ksm_process_profit`), with their sign; none when off.
+    pub fn signed_figures(&self) -> SignedCounters {
+        let named = |v: Vec<(&'static str, i64)>| v.into_iter().map(|(n, v)| (n.to_string(), v)).collect();
+        match self {
+            Dedup::Off => SignedCounters::new(),
+            Dedup::Builtin(b) => named(b.signed_counters()),
+            Dedup::Host(h) => named(h.signed_counters()),
+        }
+    }
 }
 
 /// Values on port 0x501 that are not requests printed before the VMM stops
@@ -276,6 +287,11 @@ impl DedupControl {
     /// The deduplicator's figures now, with the sysfs names.
     pub fn figures(&self) -> Counters {
         self.dedup.figures()
+    }
+
+    /// The deduplicator's signed figures now ([`Dedup::signed_figures`]).
+    pub fn signed_figures(&self) -> SignedCounters {
+        self.dedup.signed_figures()
     }
 
     /// The flag a failing ksmd sets, for the watchdog to stop the vCPU at

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use ksm::KsmKnobs;
 use shadow_mmu::{FramePool, Pfn};
 
-use procfs::{find_ksmd, ksm_stat, ksmd_cpu_ns, merging_pages, rmap_items};
+use procfs::{find_ksmd, ksm_stat, ksm_stat_signed, ksmd_cpu_ns, merging_pages, rmap_items};
 use sysfs::{take_lock, write_durably, SavedKnobs};
 pub use sysfs::{HostKsmPaths, RecordError, KSM_SYSFS, STATE_DIR};
 
@@ -341,6 +341,18 @@ impl HostKsm {
                 Verdict::NoScan => {}
             }
         }
+    }
+
+    /// The figures Linux shows signed, with their sign: the host's
+    /// `general_profit` (sysfs) and this process's `ksm_process_profit`
+    /// (/proc/self/ksm_stat); those the kernel does not have are left out.
+    pub fn signed_counters(&self) -> Vec<(&'static str, i64)> {
+        let general = self.paths.read("general_profit").ok().and_then(|s| s.parse().ok());
+        let process = ksm_stat_signed("ksm_process_profit");
+        [("general_profit", general), ("ksm_process_profit", process)]
+            .into_iter()
+            .filter_map(|(name, v)| v.map(|v| (name, v)))
+            .collect()
     }
 
     /// The figures of the host's KSM, under the built-in deduplicator's

@@ -14,6 +14,13 @@ pub(super) fn ksm_stat() -> Vec<(String, u64)> {
         .collect()
 }
 
+/// A line of /proc/self/ksm_stat with its sign (`ksm_process_profit` is
+/// negative while this process's rmap items cost more than it saves).
+pub(super) fn ksm_stat_signed(name: &str) -> Option<i64> {
+    let text = std::fs::read_to_string("/proc/self/ksm_stat").ok()?;
+    text.lines().filter_map(|l| l.split_once(' ')).find(|(k, _)| *k == name)?.1.trim().parse().ok()
+}
+
 fn stat_value(name: &str) -> u64 {
     ksm_stat().into_iter().find(|(k, _)| k == name).map_or(0, |(_, v)| v)
 }
