@@ -2,10 +2,7 @@
 //! one KSM page; and mm/ksm.c's details of a failed merge and of the merges
 //! figure.
 
-use std::sync::{Arc, Mutex};
-
-use shadow_mmu::{FramePool, Gfn, MmuNotifier, MmuNotifierRange, Pfn, Policy, Pte, PAGE_SHIFT};
-use vm_memory::{Bytes, GuestAddress};
+use shadow_mmu::Policy;
 
 mod common;
 
@@ -25,38 +22,6 @@ fn identical_pages_merge_into_one_ksm_page() {
 // ---------------------------------------------------------------------------
 // mm/ksm.c details: a failed merge, the merges figure.
 // ---------------------------------------------------------------------------
-
-/// A notifier subscriber standing for a vCPU write that lands just before
-/// KSM write-protects `gfn`: at the first range opened on `gfn` it writes
-/// `data` into frame `pfn` (the page's frame, still writable then).
-struct WriteBeforeProtect {
-    pool: Arc<FramePool>,
-    gfn: Gfn,
-    pfn: Pfn,
-    data: Vec<u8>,
-    done: bool,
-}
-
-impl WriteBeforeProtect {
-    /// Arms the write on `gfn` (its frame now) in `lab`'s primary MMU.
-    fn arm(lab: &Lab, gfn: Gfn, data: Vec<u8>) {
-        let pfn = lab.host().pte(gfn).expect("pte").pfn;
-        let hook = Self { pool: lab.guest.pool.clone(), gfn, pfn, data, done: false };
-        lab.host().mmu_notifier_register(Arc::new(Mutex::new(hook)));
-    }
-}
-
-impl MmuNotifier for WriteBeforeProtect {
-    fn invalidate_range_start(&mut self, range: &MmuNotifierRange) {
-        if !self.done && range.contains(self.gfn) {
-            self.done = true;
-            let at = GuestAddress(self.pfn << PAGE_SHIFT);
-            self.pool.direct_map().write_slice(&self.data, at).expect("write the frame");
-        }
-    }
-    fn invalidate_range_end(&mut self, _: &MmuNotifierRange) {}
-    fn change_pte(&mut self, _: Gfn, _: Pte) {}
-}
 
 #[test]
 fn a_failed_merge_with_a_ksm_page_ends_the_visit() {

@@ -5,45 +5,11 @@
 //! budget and the end of a batch, and pages that come to hold memory during
 //! a scan. Each test failed on the scanner before it followed Linux here.
 
-use std::sync::{Arc, Mutex};
-
-use shadow_mmu::{lock, FramePool, Gfn, MmuNotifier, MmuNotifierRange, Pfn, Policy, Pte, PAGE_SHIFT};
-use vm_memory::{Bytes, GuestAddress};
+use shadow_mmu::{lock, Policy};
 
 mod common;
 
 use common::*;
-
-/// A notifier subscriber standing for a vCPU write that lands just before
-/// KSM write-protects `gfn`: at the first range opened on `gfn` it writes
-/// `data` into the page's frame (still writable then).
-struct WriteBeforeProtect {
-    pool: Arc<FramePool>,
-    gfn: Gfn,
-    pfn: Pfn,
-    data: Vec<u8>,
-    done: bool,
-}
-
-impl WriteBeforeProtect {
-    fn arm(lab: &Lab, gfn: Gfn, data: Vec<u8>) {
-        let pfn = lab.host().pte(gfn).expect("pte").pfn;
-        let hook = Self { pool: lab.guest.pool.clone(), gfn, pfn, data, done: false };
-        lab.host().mmu_notifier_register(Arc::new(Mutex::new(hook)));
-    }
-}
-
-impl MmuNotifier for WriteBeforeProtect {
-    fn invalidate_range_start(&mut self, range: &MmuNotifierRange) {
-        if !self.done && range.contains(self.gfn) {
-            self.done = true;
-            let at = GuestAddress(self.pfn << PAGE_SHIFT);
-            self.pool.direct_map().write_slice(&self.data, at).expect("write the frame");
-        }
-    }
-    fn invalidate_range_end(&mut self, _: &MmuNotifierRange) {}
-    fn change_pte(&mut self, _: Gfn, _: Pte) {}
-}
 
 /// The figures that say where every page stands.
 fn levels(lab: &Lab) -> (u64, u64, u64, u64) {

@@ -19,6 +19,10 @@
 #![allow(dead_code, unreachable_pub)] // each test binary uses a subset
 
 pub mod fleet;
+mod write_before_protect;
+
+#[allow(unused_imports)] // each test binary uses a subset
+pub use write_before_protect::WriteBeforeProtect;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
