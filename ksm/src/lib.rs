@@ -145,9 +145,10 @@
 //! Every test function of tools/testing/selftests/mm/ksm_tests.c and
 //! ksm_functional_tests.c, and where it is ported or why it is not. Ports
 //! are in `tests/selftests.rs` unless named otherwise, with the selftest's
-//! figures. Rows marked **VMM** need a concept of the VMM (a second guest,
-//! a per-guest switch, a protection of guest memory) and are covered, or
-//! to be covered, outside this crate.
+//! figures; a test outside this crate is named with its file in the
+//! workspace. Of the 19: 12 ported (with the selftest's figures), 3
+//! timings sent to `vmm bench` or `vmm compare`, 4 without meaning here
+//! (NUMA, huge pages, PROT_NONE, fork and exec), each with the reason.
 //!
 //! | selftest | here |
 //! | --- | --- |
@@ -157,19 +158,19 @@
 //! | ksm_tests.c `check_ksm_numa_merge` (`-N`) | no meaning: one NUMA node, no `merge_across_nodes` |
 //! | ksm_tests.c `ksm_merge_time` (`-P`) | timing: `vmm bench dedup` (the `converge` pass); printed, not asserted, by `tests/full_pass.rs` |
 //! | ksm_tests.c `ksm_merge_hugepages_time` (`-H`) | no meaning: no huge pages (guest RAM is 4 KiB frames); timing goes to `vmm bench` |
-//! | ksm_tests.c `ksm_unmerge_time` (`-D`) | timing: **VMM** (`vmm bench`; the lead will fill in) |
-//! | ksm_tests.c `ksm_cow_time` (`-C`) | timing: **VMM** (`vmm bench`; the lead will fill in); the cost of a write to a merged page is measured there |
+//! | ksm_tests.c `ksm_unmerge_time` (`-D`) | timing: not measured by `vmm bench` yet; what an unmerge costs the guest shows in the exits and times of the phase after a `DEDUP_UNMERGE` (`vmm compare ltp-ksm01`, phase 5) |
+//! | ksm_tests.c `ksm_cow_time` (`-C`) | timing: `vmm compare cowstorm` (one copy-on-write write fault per merged page per round; the run table's `ept_write` row times each as the VMM served it) |
 //! | ksm_functional_tests.c `test_unmerge` | `ksm_functional_tests_test_unmerge` |
 //! | ksm_functional_tests.c `test_unmerge_zero_pages` | `ksm_functional_tests_test_unmerge_zero_pages` |
 //! | ksm_functional_tests.c `test_unmerge_discarded` | `ksm_functional_tests_test_unmerge_discarded` (MADV_DONTNEED: the page's frame becomes a hole) |
-//! | ksm_functional_tests.c `test_unmerge_uffd_wp` | **VMM**: the uffd view's write protection (the lead will fill in) |
-//! | ksm_functional_tests.c `test_prot_none` | **VMM**: a PROT_NONE range written through ptrace (the lead will fill in) |
-//! | ksm_functional_tests.c `test_prctl` | **VMM**: a per-guest "merge everything" switch, PR_SET_MEMORY_MERGE (the lead will fill in) |
-//! | ksm_functional_tests.c `test_prctl_fork` | **VMM**: the switch inherited by a second guest (the lead will fill in) |
-//! | ksm_functional_tests.c `test_prctl_fork_exec` | **VMM**: the switch across fork and exec (the lead will fill in) |
-//! | ksm_functional_tests.c `test_prctl_unmerge` | **VMM**: the switch turned off unmerges the guest; the unmerge itself is `test_unmerge`'s port |
-//! | ksm_functional_tests.c `test_fork_ksm_merging_page_count` | the crate's part in `tests/scanner.rs` `a_page_already_on_its_ksm_page_joins_it_without_a_write_protection` (a copied mapping of a KSM page is not counted until scanned); the child's per-process count: **VMM** (the lead will fill in) |
-//! | ksm_functional_tests.c `test_fork_global_ksm_zero_pages_count` | `ksm_functional_tests_test_fork_global_ksm_zero_pages_count` (the global count); the fork itself: **VMM** |
+//! | ksm_functional_tests.c `test_unmerge_uffd_wp` | the VMM's uffd view holds merged pages write-protected with UFFDIO_WRITEPROTECT; unmerging them (port 0x501 = 4) is `tests/guests_c.rs` `ltp_ksm01_gives_ltps_figures_at_every_stage` under `--view uffd` (every figure 0 after the unmerge, every byte verified) |
+//! | ksm_functional_tests.c `test_prot_none` | no meaning: guest RAM has no PROT_NONE range (the primary MMU's `mprotect` removes write only); the VMM writes guest memory through the direct map, as ptrace writes /proc/PID/mem, which the merge tests already do |
+//! | ksm_functional_tests.c `test_prctl` | always on: every guest's mm is entered whole when it is built (`ksm_enter`, as PR_SET_MEMORY_MERGE's MMF_VM_MERGE_ANY does), so there is no switch to test |
+//! | ksm_functional_tests.c `test_prctl_fork` | no meaning: guests are not forked; a fleet's guests are each entered (`tests/fleet.rs` in the workspace, `ksm/tests/fleet.rs` here) |
+//! | ksm_functional_tests.c `test_prctl_fork_exec` | no meaning: no fork, no exec |
+//! | ksm_functional_tests.c `test_prctl_unmerge` | the switch turned off is `ksm_exit`: `tests/fleet.rs` `ksm_exit_mid_scan_leaves_the_others_figures_exact`; the unmerge itself is `test_unmerge`'s port |
+//! | ksm_functional_tests.c `test_fork_ksm_merging_page_count` | the crate's part in `tests/scanner.rs` `a_page_already_on_its_ksm_page_joins_it_without_a_write_protection` (a copied mapping of a KSM page is not counted until scanned); each process's own count, `ksm_merging_pages` of /proc/PID/ksm_stat (`Ksm::mm_stats`), in `tests/ltp.rs` `ltp_ksm01_create_same_memory_across_processes` |
+//! | ksm_functional_tests.c `test_fork_global_ksm_zero_pages_count` | `ksm_functional_tests_test_fork_global_ksm_zero_pages_count` (the global count); a second process's zero pages: `tests/fleet.rs` `zero_pages_and_chains_span_mms` |
 //!
 //! LTP's testcases/kernel/mem/ksm `create_same_memory` (ksm01) is
 //! `tests/ltp.rs`.
