@@ -146,7 +146,7 @@
 //! ksm_functional_tests.c, and where it is ported or why it is not. Ports
 //! are in `tests/selftests.rs` unless named otherwise, with the selftest's
 //! figures; a test outside this crate is named with its file in the
-//! workspace. Of the 19: 12 ported (with the selftest's figures), 3
+X
 //! timings sent to `vmm bench` or `vmm compare`, 4 without meaning here
 //! (NUMA, huge pages, PROT_NONE, fork and exec), each with the reason.
 //!
