@@ -146,9 +146,10 @@
 //! ksm_functional_tests.c, and where it is ported or why it is not. Ports
 //! are in `tests/selftests.rs` unless named otherwise, with the selftest's
 //! figures; a test outside this crate is named with its file in the
-X
-//! timings sent to `vmm bench` or `vmm compare`, 4 without meaning here
-//! (NUMA, huge pages, PROT_NONE, fork and exec), each with the reason.
+//! workspace. Of the 19: 11 ported or mapped onto the lab's concepts, 3
+//! timings sent to `vmm bench` or `vmm compare`, 5 without meaning here
+//! (NUMA, huge pages, PROT_NONE, fork, fork and exec), each with the
+//! reason.
 //!
 //! | selftest | here |
 //! | --- | --- |
