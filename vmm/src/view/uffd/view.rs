@@ -22,7 +22,7 @@ use super::fault_thread::UffdFaultSource;
 use super::shared::{FaultWait, Shared, HINT_ABSENT, HINT_WP};
 use super::userfaultfd::Userfaultfd;
 use super::window::{vma_err, Window};
-use crate::vcpu_gate::VcpuGate;
+use crate::vcpu_gate::{GateHold, VcpuGate};
 use crate::view::ViewError;
 
 /// Features the view cannot work without.
@@ -109,6 +109,8 @@ pub struct UffdView {
     continues: u64,
     wp_changes: u64,
     zaps: u64,
+    /// The vCPU held out for a batch of the secondary MMU's updates.
+    batch_hold: Option<GateHold>,
 }
 
 impl UffdView {
@@ -167,6 +169,7 @@ impl UffdView {
             continues: 0,
             wp_changes: 0,
             zaps: 0,
+            batch_hold: None,
         })
     }
 
@@ -468,12 +471,28 @@ impl EptView for UffdView {
         Ok(())
     }
 
+    /// Holds the vCPU out of KVM_RUN until `batch_end` (a vCPU blocked on
+    /// a fault of W is kicked out of it too): the pages of W lag the
+    /// secondary table meanwhile, and the batch's remaps kick nobody.
+    fn batch_start(&mut self) -> Result<(), ViewError> {
+        if self.batch_hold.is_none() {
+            self.batch_hold = Some(self.gate.hold());
+        }
+        Ok(())
+    }
+
+    fn batch_end(&mut self) -> Result<(), ViewError> {
+        self.batch_hold = None;
+        Ok(())
+    }
+
     fn counters(&self) -> Vec<(&'static str, u64)> {
         vec![
             ("view_remaps", self.remaps),
             ("view_continues", self.continues),
             ("view_wp_changes", self.wp_changes),
             ("view_zaps", self.zaps),
+            ("view_vcpu_kicks", self.gate.kicks()),
             ("view_chunks_registered", self.chunks.count()),
             ("view_faults", self.shared.faults.load(Ordering::Relaxed)),
             ("view_fault_wakes", self.shared.fault_wakes.load(Ordering::Relaxed)),
