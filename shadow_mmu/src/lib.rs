@@ -6,8 +6,8 @@
 //! | [`memory`] | the primary MMU ([`PrimaryMmu`]): the host page table over guest RAM, frame accounting, the notifier chain, `set_pte_at_notify`, the copy-on-write break (`do_wp_page`, `wp_page_reuse`, `wp_page_copy`), `get_user_page`, KSM's pte primitives `write_protect_page`, `replace_page`, and batch protection: a soft-dirty round ([`PrimaryMmu::clear_refs_soft_dirty`]), [`PrimaryMmu::mprotect`], the soft-dirty bits pagemap reports | mm/memory.c, mm/gup.c, the pte half of mm/ksm.c, fs/proc/task_mmu.c (`clear_refs_write`, `clear_soft_dirty`, pagemap), mm/mprotect.c (`change_protection`, `can_change_pte_writable`), `struct mm_struct`, `struct page` |
 //! | [`mmu_notifier`] | ranges (start, end, event, flags, new protection), the [`MmuNotifier`] trait, `MMU_NOTIFIER_USE_CHANGE_PTE` and its three legal transitions, [`MmuNotifierRange::update_to_read_only`] | include/linux/mmu_notifier.h and mm/mmu_notifier.c, with the 2019 series' flag and its `mmu_notifier_range_update_to_read_only` (Linux 5.2 to 6.2) |
 //! | [`ept`] | a 4-level table in Intel EPT entry format | the EPT paging structures (Intel SDM vol. 3) |
-//! | [`secondary_mmu`] | the secondary MMU ([`SecondaryMmu`]): its policies (the event-aware one downgrades a range that only loses write permission in place), the invalidation sequence protocol, [`handle_ept_violation`] | arch/x86/kvm/mmu (the in-place downgrade after `kvm_tdp_mmu_wrprot_slot`), virt/kvm/kvm_main.c's notifier callbacks |
-//! | [`view`] | [`EptView`], what makes the secondary table real for a vCPU (the `vmm` crate's memslot and userfaultfd backends), with a whole-range `write_protect`; [`RecordingView`] for tests | the CPU walking the EPT |
+//! | [`secondary_mmu`] | the secondary MMU ([`SecondaryMmu`]): its policies (the event-aware one downgrades a range that only loses write permission in place), the invalidation sequence protocol, batches of view updates, [`handle_ept_violation`] | arch/x86/kvm/mmu (the in-place downgrade after `kvm_tdp_mmu_wrprot_slot`), virt/kvm/kvm_main.c's notifier callbacks |
+//! | [`view`] | [`EptView`], what makes the secondary table real for a vCPU (the `vmm` crate's memslot and userfaultfd backends), with a whole-range `write_protect` and a batch's hold of the guest; [`RecordingView`] for tests | the CPU walking the EPT |
 //! | [`stack`] | [`GuestMmus`]: a frame pool with both MMUs wired together, and guest accesses through the secondary MMU, as the VMM and the tests build them | a VM's memory under KVM |
 //!
 //! # Deliberate differences from Linux
@@ -90,6 +90,19 @@
 //!   its entries alone on an mprotect back to read-write
 //!   ([`MmuNotifierRange::update_adds_write`]), which no Linux secondary MMU
 //!   does (KVM zaps every range, whatever its event).
+//! * **Batches of ranges.** [`PrimaryMmu::batch_start`] and
+//!   [`PrimaryMmu::batch_end`] bracket the ranges of one ksmd slice or one
+//!   synchronous pass, and tell every subscriber
+//!   ([`MmuNotifier::batch_start`]). Linux has no such callback: KVM
+//!   batches only within a range (`kvm_mmu_notifier_invalidate_range_start`
+//!   zaps every spte of the range and flushes remote TLBs once for it;
+//!   `invalidate_range_end` lets faults in again). Here a view update is a
+//!   system call, far dearer than a TLB flush, so the secondary MMU keeps
+//!   its table exact at every step, as KVM does, but defers its view's
+//!   updates to the batch's end and makes them one call per run of
+//!   neighbouring pages, with the guest held out meanwhile
+//!   ([`EptView::batch_start`]); only the batch owner's changes wait, a
+//!   fault served on another thread updates the view at once.
 //! * **A modelled guest access holds the secondary MMU's lock.**
 //!   [`GuestMmus::guest_read`] and [`GuestMmus::guest_write`] walk the EPT
 //!   and touch the frame under the secondary MMU's lock, as hardware's walk
@@ -147,7 +160,7 @@ pub fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> 
 }
 
 pub use frame_pool::{FramePool, FramePoolError, Pfn, PAGE_SHIFT, PAGE_SIZE};
-pub use memory::{FrameInfo, FrameStats, FrameTable, Frames, PrimaryMmu, PrimaryMmuError, Pte};
+pub use memory::{FrameInfo, FrameStats, FrameTable, Frames, MmBatch, PrimaryMmu, PrimaryMmuError, Pte};
 pub use mmu_notifier::{Gfn, MmuNotifier, MmuNotifierRange, MmuNotifyEvent, Protection, RangeFlags};
 pub use secondary_mmu::{handle_ept_violation, Access, FaultError, MmuStats, Policy, SecondaryMmu};
 pub use stack::{FleetLayout, GuestAccessError, GuestMmus};

@@ -164,6 +164,25 @@ pub trait MmuNotifier: Send {
     fn invalidate_range_end(&mut self, range: &MmuNotifierRange);
     /// One pte of the range is about to become `pte` (`set_pte_at_notify`).
     fn change_pte(&mut self, gfn: Gfn, pte: Pte);
+
+    /// The calling thread begins a batch of ranges (one ksmd slice, one
+    /// synchronous pass): until its [`MmuNotifier::batch_end`] the
+    /// subscriber may defer the costly part of its updates and apply them
+    /// together, as long as nothing it serves can observe the deferral.
+    /// Batches nest; the default does nothing.
+    ///
+    /// Deliberate difference (crate docs): Linux has no such callback. KVM
+    /// batches within one range only: `kvm_mmu_notifier_invalidate_range_start`
+    /// zaps every spte of the range and flushes remote TLBs once for it
+    /// (`kvm_handle_hva_range`), and `invalidate_range_end` lets faults in
+    /// again; each range of a KSM merge is bracketed and flushed on its own.
+    /// Here making a table change real costs a system call (the VMM's EPT
+    /// views), not a TLB flush, so a subscriber may batch across ranges.
+    fn batch_start(&mut self) {}
+
+    /// The batch the calling thread began ends: deferred updates are
+    /// applied before this returns. The default does nothing.
+    fn batch_end(&mut self) {}
 }
 
 /// A `change_pte` notification the range's USE_CHANGE_PTE flag does not allow.

@@ -7,12 +7,14 @@
 //! no invalidation started or ended since (`mmu_invalidate_retry`), so an
 //! entry never maps a frame the primary MMU has already moved away from.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
-
-use crate::lock;
+use std::thread::{self, ThreadId};
 use std::time::Instant;
 
-use crate::ept::Ept;
+use crate::ept::{Ept, EptEntry};
+use crate::frame_pool::Pfn;
+use crate::lock;
 use crate::memory::{PrimaryMmu, PrimaryMmuError, Pte};
 use crate::mmu_notifier::{Gfn, MmuNotifier, MmuNotifierRange};
 use crate::view::EptView;
@@ -112,9 +114,15 @@ pub struct MmuStats {
     pub wrprot_entries: u64,
     /// Faults retried because an invalidation raced with them.
     pub fault_retries: u64,
-    /// Calls made to the view.
+    /// Calls made to the view that change it (`zap`, `map`,
+    /// `write_protect`): one per table change outside a batch, one per
+    /// contiguous run of like changes inside one.
     pub view_updates: u64,
-    /// Time spent in the view, in nanoseconds.
+    /// Batches whose view updates were deferred and applied together at
+    /// their end (a batch that changed no entry is not counted).
+    pub view_batches: u64,
+    /// Time spent in the view, in nanoseconds (a batch's hold of the guest
+    /// included).
     pub view_ns: u64,
 }
 
@@ -129,6 +137,110 @@ pub enum FaultError<E: std::error::Error + 'static> {
     View(E),
 }
 
+/// A change of the table the view must follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ViewChange {
+    /// [start, end) unmapped.
+    Zap { start: Gfn, end: Gfn },
+    /// The present entries of [start, end) made read-only, frames kept.
+    WriteProtect { start: Gfn, end: Gfn },
+    /// One page mapped.
+    Map { gfn: Gfn, pfn: Pfn, writable: bool },
+}
+
+/// What the view maps at a page: (frame, writable), or nothing.
+type ViewPage = Option<(Pfn, bool)>;
+
+fn view_page(entry: Option<EptEntry>) -> ViewPage {
+    entry.map(|e| (e.pfn(), e.writable()))
+}
+
+impl ViewChange {
+    fn range(self) -> (Gfn, Gfn) {
+        match self {
+            ViewChange::Zap { start, end } | ViewChange::WriteProtect { start, end } => (start, end),
+            ViewChange::Map { gfn, .. } => (gfn, gfn + 1),
+        }
+    }
+
+    fn apply<V: EptView>(self, view: &mut V) -> Result<(), V::Error> {
+        match self {
+            ViewChange::Zap { start, end } => view.zap(start, end),
+            ViewChange::WriteProtect { start, end } => view.write_protect(start, end),
+            ViewChange::Map { gfn, pfn, writable } => view.map(gfn, pfn, writable),
+        }
+    }
+
+    /// What a page of the range maps in the view once the change is made,
+    /// given what it mapped before.
+    fn effect(self, before: ViewPage) -> ViewPage {
+        match self {
+            ViewChange::Zap { .. } => None,
+            ViewChange::WriteProtect { .. } => before.map(|(pfn, _)| (pfn, false)),
+            ViewChange::Map { pfn, writable, .. } => Some((pfn, writable)),
+        }
+    }
+
+    /// The change that takes a view page from `before` to the table's
+    /// `after`, if any.
+    fn between(gfn: Gfn, before: ViewPage, after: ViewPage) -> Option<Self> {
+        match (before, after) {
+            _ if before == after => None,
+            (_, None) => Some(ViewChange::Zap { start: gfn, end: gfn + 1 }),
+            (Some((old, true)), Some((pfn, false))) if old == pfn => {
+                Some(ViewChange::WriteProtect { start: gfn, end: gfn + 1 })
+            }
+            (_, Some((pfn, writable))) => Some(ViewChange::Map { gfn, pfn, writable }),
+        }
+    }
+
+    /// Extends `self` by `next` if both are zaps, or both write
+    /// protections, of ranges that meet.
+    fn coalesce(&mut self, next: Self) -> bool {
+        match (self, next) {
+            (ViewChange::Zap { end, .. }, ViewChange::Zap { start, end: e })
+            | (ViewChange::WriteProtect { end, .. }, ViewChange::WriteProtect { start, end: e })
+                if *end == start =>
+            {
+                *end = e;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The view changes that take every page of `before` to what `ept` maps
+/// now, in gfn order, like changes of neighbouring pages in one range.
+fn coalesced_changes(before: &BTreeMap<Gfn, ViewPage>, ept: &Ept) -> Vec<ViewChange> {
+    let mut out: Vec<ViewChange> = Vec::new();
+    for (&gfn, &page) in before {
+        let Some(change) = ViewChange::between(gfn, page, view_page(ept.lookup(gfn))) else { continue };
+        if !out.last_mut().is_some_and(|last| last.coalesce(change)) {
+            out.push(change);
+        }
+    }
+    out
+}
+
+/// A batch in progress ([`MmuNotifier::batch_start`]). Only the changes
+/// its owner makes are deferred: a fault served on another thread (the
+/// VMM's userfaultfd fault thread, or its vCPU thread completing an exit)
+/// changes the view at once, as outside a batch.
+#[derive(Debug)]
+struct ViewBatch {
+    /// The thread that began it.
+    owner: ThreadId,
+    /// Its nested `batch_start`s not ended yet.
+    depth: u32,
+    /// The view holds the guest out ([`EptView::batch_start`] was called).
+    holding: bool,
+    /// What the view maps for each page whose change is deferred: the
+    /// page's table entry when the batch first changed it, as later
+    /// changes of the view made at once left it.
+    before: BTreeMap<Gfn, ViewPage>,
+}
+
 /// The secondary MMU of one VM.
 #[derive(Debug)]
 pub struct SecondaryMmu<V: EptView> {
@@ -139,6 +251,7 @@ pub struct SecondaryMmu<V: EptView> {
     mmu_invalidate_seq: u64,
     mmu_invalidate_in_progress: u32,
     view_error: Option<V::Error>,
+    batch: Option<ViewBatch>,
 }
 
 impl<V: EptView> SecondaryMmu<V> {
@@ -161,6 +274,7 @@ impl<V: EptView> SecondaryMmu<V> {
             mmu_invalidate_seq: 0,
             mmu_invalidate_in_progress: 0,
             view_error: None,
+            batch: None,
         }
     }
 
@@ -202,6 +316,7 @@ impl<V: EptView> SecondaryMmu<V> {
             ("wrprot_entries", s.wrprot_entries),
             ("fault_retries", s.fault_retries),
             ("view_updates", s.view_updates),
+            ("view_batches", s.view_batches),
             ("view_ns", s.view_ns),
             ("ept_entries", self.ept.len()),
         ];
@@ -220,22 +335,70 @@ impl<V: EptView> SecondaryMmu<V> {
         self.view_error.is_some()
     }
 
-    fn view_op(&mut self, op: impl FnOnce(&mut V) -> Result<(), V::Error>) {
+    /// Runs `op` on the view, timed; keeps its error for
+    /// [`SecondaryMmu::take_view_error`].
+    fn in_view(&mut self, op: impl FnOnce(&mut V) -> Result<(), V::Error>) {
         let t = Instant::now();
         let result = op(&mut self.view);
-        self.stats.view_updates += 1;
         self.stats.view_ns += u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
         if let Err(e) = result {
             self.view_error.get_or_insert(e);
         }
     }
 
+    /// Makes `change` real in the view now.
+    fn view_op(&mut self, change: ViewChange) {
+        self.stats.view_updates += 1;
+        self.in_view(|v| change.apply(v));
+    }
+
+    /// Before the table makes `change`: inside a batch the calling thread
+    /// owns, remembers what the view maps for every page of the change's
+    /// range that `changes` selects (by its entry now) and has the view
+    /// hold the guest out, then returns true: the view update is deferred.
+    fn defer(&mut self, change: ViewChange, changes: impl Fn(Option<EptEntry>) -> bool) -> bool {
+        let Some(batch) = self.batch.as_mut().filter(|b| b.owner == thread::current().id()) else {
+            return false;
+        };
+        let (start, end) = change.range();
+        for gfn in start..end {
+            let entry = self.ept.lookup(gfn);
+            if changes(entry) {
+                batch.before.entry(gfn).or_insert(view_page(entry));
+            }
+        }
+        if !batch.holding && !batch.before.is_empty() {
+            batch.holding = true;
+            self.stats.view_batches += 1;
+            self.in_view(V::batch_start);
+        }
+        true
+    }
+
+    /// After the table made `change`: makes it real in the view, unless
+    /// [`SecondaryMmu::defer`] deferred it. A change made at once inside
+    /// another thread's batch is applied to the batch's record of the view.
+    fn follow(&mut self, change: ViewChange, deferred: bool) {
+        if deferred {
+            return;
+        }
+        if let Some(batch) = self.batch.as_mut() {
+            let (start, end) = change.range();
+            for (_, page) in batch.before.range_mut(start..end) {
+                *page = change.effect(*page);
+            }
+        }
+        self.view_op(change);
+    }
+
     fn zap(&mut self, start: Gfn, end: Gfn) {
+        let change = ViewChange::Zap { start, end };
+        let deferred = self.defer(change, |e| e.is_some());
         let n = self.ept.unmap_range(start, end);
         if n > 0 {
             self.stats.zapped += n;
             self.stats.flushes += 1;
-            self.view_op(|v| v.zap(start, end));
+            self.follow(change, deferred);
         }
     }
 
@@ -249,12 +412,60 @@ impl<V: EptView> SecondaryMmu<V> {
     /// without that fault (KVM's fast path would, through its MMU-writable
     /// bit: it must be cleared too there).
     fn write_protect(&mut self, start: Gfn, end: Gfn) {
+        let change = ViewChange::WriteProtect { start, end };
+        let deferred = self.defer(change, |e| e.is_some_and(EptEntry::writable));
         let n = self.ept.write_protect_range(start, end);
         if n > 0 {
             self.stats.wrprot_entries += n;
             self.stats.wrprot_ranges += 1;
             self.stats.flushes += 1;
-            self.view_op(|v| v.write_protect(start, end));
+            self.follow(change, deferred);
+        }
+    }
+
+    /// Maps `gfn` in the table, and in the view now or at the batch's end.
+    fn map(&mut self, gfn: Gfn, pte: Pte) {
+        let change = ViewChange::Map { gfn, pfn: pte.pfn, writable: pte.writable };
+        let deferred = self.defer(change, |_| true);
+        self.ept.map(gfn, pte.pfn, pte.writable);
+        self.follow(change, deferred);
+    }
+
+    /// `batch_start` of [`MmuNotifier`] (see there): the calling thread
+    /// begins a batch, or nests one in its own. Inside, the table changes at
+    /// once as outside, and so does everything a fault handler reads; the
+    /// view's updates wait for the batch's end, behind a hold of the guest
+    /// the view takes at the first deferred change. A batch begun while
+    /// another thread's is open changes nothing: that thread's changes reach
+    /// the view at once.
+    pub fn batch_start(&mut self) {
+        let me = thread::current().id();
+        match self.batch.as_mut() {
+            Some(batch) if batch.owner == me => batch.depth += 1,
+            Some(_) => {}
+            None => self.batch = Some(ViewBatch { owner: me, depth: 1, holding: false, before: BTreeMap::new() }),
+        }
+    }
+
+    /// `batch_end` of [`MmuNotifier`]: ends the calling thread's innermost
+    /// batch; the outermost makes every deferred change real, one view
+    /// call per run of like changes of neighbouring pages (zaps,
+    /// write protections; a page zapped then mapped again in the batch is
+    /// one `map`, or nothing if it maps what it mapped before), then lets
+    /// the guest go. Does nothing on a thread that owns no batch.
+    pub fn batch_end(&mut self) {
+        let me = thread::current().id();
+        let Some(batch) = self.batch.as_mut().filter(|b| b.owner == me) else { return };
+        batch.depth -= 1;
+        if batch.depth > 0 {
+            return;
+        }
+        let Some(batch) = self.batch.take() else { return };
+        for change in coalesced_changes(&batch.before, &self.ept) {
+            self.view_op(change);
+        }
+        if batch.holding {
+            self.in_view(V::batch_end);
         }
     }
 
@@ -284,9 +495,8 @@ impl<V: EptView> SecondaryMmu<V> {
 
     /// Installs `gfn -> pte` in the table and the view.
     fn install(&mut self, gfn: Gfn, pte: Pte) {
-        self.ept.map(gfn, pte.pfn, pte.writable);
+        self.map(gfn, pte);
         self.stats.installed += 1;
-        self.view_op(|v| v.map(gfn, pte.pfn, pte.writable));
     }
 }
 
@@ -317,12 +527,19 @@ impl<V: EptView> MmuNotifier for SecondaryMmu<V> {
         // maps a writable pte (it zaps instead); for the RO -> RW transition
         // of a copy-on-write break the flag allows the in-place update, so the
         // entry becomes writable on the new frame here.
-        self.ept.map(gfn, pte.pfn, pte.writable);
+        self.map(gfn, pte);
         self.stats.change_pte_applied += 1;
         // A present entry changed: KVM flushed the TLBs for each such
         // update (`kvm_set_spte_gfn` returning true).
         self.stats.flushes += 1;
-        self.view_op(|v| v.map(gfn, pte.pfn, pte.writable));
+    }
+
+    fn batch_start(&mut self) {
+        SecondaryMmu::batch_start(self);
+    }
+
+    fn batch_end(&mut self) {
+        SecondaryMmu::batch_end(self);
     }
 }
 

@@ -3,7 +3,10 @@
 //!
 //! The secondary MMU calls it for every change of its table, inside the
 //! notifier callback or fault that makes the change, so the view is never
-//! behind the table once that callback returns.
+//! behind the table once that callback returns; except inside a batch
+//! ([`crate::MmuNotifier::batch_start`]), where the secondary MMU holds the
+//! guest out through the view ([`EptView::batch_start`]) and makes the
+//! batch's changes real at its end, coalesced into ranges.
 
 use crate::frame_pool::Pfn;
 use crate::mmu_notifier::Gfn;
@@ -35,6 +38,21 @@ pub trait EptView: Send {
         self.zap(start, end)
     }
 
+    /// The secondary MMU is about to defer view updates: until
+    /// [`EptView::batch_end`] the view lags the table, so the backend must
+    /// keep the guest from running (the VMM's views hold the vCPU out of
+    /// KVM_RUN). Called on the thread that will call `batch_end`, never
+    /// inside a fault the guest waits on. The default does nothing: right
+    /// for a backend no guest runs on.
+    fn batch_start(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    /// The deferred updates have been made: the guest may run again.
+    fn batch_end(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
     /// The backend's own figures, by name (levels and counts).
     fn counters(&self) -> Vec<(&'static str, u64)>;
 }
@@ -48,6 +66,10 @@ pub struct RecordingView {
     pub calls: (u64, u64),
     /// `write_protect` calls received.
     pub write_protect_calls: u64,
+    /// `batch_start` calls received.
+    pub batches: u64,
+    /// Between `batch_start` and `batch_end`: a guest would be held out.
+    pub holding: bool,
 }
 
 impl EptView for RecordingView {
@@ -73,6 +95,19 @@ impl EptView for RecordingView {
         for (_, (_, writable)) in self.pages.range_mut(start..end) {
             *writable = false;
         }
+        Ok(())
+    }
+
+    fn batch_start(&mut self) -> Result<(), Self::Error> {
+        assert!(!self.holding, "batch_start while holding: the secondary MMU nested its view brackets");
+        self.batches += 1;
+        self.holding = true;
+        Ok(())
+    }
+
+    fn batch_end(&mut self) -> Result<(), Self::Error> {
+        assert!(self.holding, "batch_end without batch_start");
+        self.holding = false;
         Ok(())
     }
 

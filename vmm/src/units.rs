@@ -67,6 +67,7 @@ pub const OWN_FIGURES: &[(&str, &str, FigureKind)] = &[
     ("shadow_mmu.flushes", "flushes", Count),
     ("shadow_mmu.fault_retries", "faults", Count),
     ("shadow_mmu.view_updates", "updates", Count),
+    ("shadow_mmu.view_batches", "batches", Count),
     ("shadow_mmu.view_ns", "ns", Time),
     ("shadow_mmu.ept_entries", "entries", Level),
     ("shadow_mmu.batch_wrprotected", "entries", Count),

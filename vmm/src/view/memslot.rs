@@ -31,7 +31,7 @@ use kvm_ioctls::VmFd;
 use shadow_mmu::{EptView, FramePool, Gfn, Pfn, PAGE_SHIFT};
 
 use super::ViewError;
-use crate::vcpu_gate::VcpuGate;
+use crate::vcpu_gate::{GateHold, VcpuGate};
 
 /// KVM memslot id of the VMM's low megabyte, outside any view.
 pub const BOOT_SLOT: u32 = 0;
@@ -151,6 +151,8 @@ pub struct MemslotView {
     /// `slot_creates` when a compaction last found nothing to merge: no
     /// other is tried until a slot has been created since.
     fruitless_compaction_at: Option<u64>,
+    /// The vCPU held out for a batch of the secondary MMU's updates.
+    batch_hold: Option<GateHold>,
 }
 
 impl MemslotView {
@@ -184,6 +186,7 @@ impl MemslotView {
             zap_all_deletes: 0,
             compactions: 0,
             fruitless_compaction_at: None,
+            batch_hold: None,
         };
         view.zap_all_on_delete = disable_slot_zap_all(&view.vm);
         for (start, pages) in initial_runs(first_gfn, end_gfn, view.free_slots()) {
@@ -345,6 +348,20 @@ impl EptView for MemslotView {
         });
         self.gate.resume();
         result
+    }
+
+    /// Holds the vCPU out of KVM_RUN until `batch_end`: the batch's slot
+    /// changes (one per run of neighbouring pages) kick it once at most.
+    fn batch_start(&mut self) -> Result<(), ViewError> {
+        if self.batch_hold.is_none() {
+            self.batch_hold = Some(self.gate.hold());
+        }
+        Ok(())
+    }
+
+    fn batch_end(&mut self) -> Result<(), ViewError> {
+        self.batch_hold = None;
+        Ok(())
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {

@@ -18,8 +18,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use shadow_mmu::{EptView, Gfn, Pfn};
 
-use crate::vcpu_gate::GateHold;
-
 /// Errors of view backends.
 #[derive(Debug, thiserror::Error)]
 pub enum ViewError {
@@ -169,23 +167,6 @@ pub enum AnyView {
     Recording(shadow_mmu::RecordingView),
 }
 
-impl AnyView {
-    /// Keeps the vCPU out of KVM_RUN while the guard lives, so that a batch
-    /// of view updates (the zaps and remaps of one ksmd batch) kicks it at
-    /// most once, instead of once per update that needs it out (each memslot
-    /// change; each remap of the userfaultfd view outside a fault). The guard
-    /// does not borrow the view, which the holder goes on changing. None for
-    /// a view with no vCPU to hold.
-    pub fn hold_vcpu(&self) -> Option<GateHold> {
-        match self {
-            AnyView::Memslot(v) => Some(v.gate().hold()),
-            AnyView::Uffd(v) => Some(v.gate().hold()),
-            #[cfg(test)]
-            AnyView::Recording(_) => None,
-        }
-    }
-}
-
 impl EptView for AnyView {
     type Error = ViewError;
 
@@ -213,6 +194,24 @@ impl EptView for AnyView {
             AnyView::Uffd(v) => v.write_protect(start, end),
             #[cfg(test)]
             AnyView::Recording(v) => v.write_protect(start, end).map_err(|never| match never {}),
+        }
+    }
+
+    fn batch_start(&mut self) -> Result<(), ViewError> {
+        match self {
+            AnyView::Memslot(v) => v.batch_start(),
+            AnyView::Uffd(v) => v.batch_start(),
+            #[cfg(test)]
+            AnyView::Recording(v) => v.batch_start().map_err(|never| match never {}),
+        }
+    }
+
+    fn batch_end(&mut self) -> Result<(), ViewError> {
+        match self {
+            AnyView::Memslot(v) => v.batch_end(),
+            AnyView::Uffd(v) => v.batch_end(),
+            #[cfg(test)]
+            AnyView::Recording(v) => v.batch_end().map_err(|never| match never {}),
         }
     }
 

@@ -39,6 +39,12 @@
 //!   into one VMA; the others count against `vm.max_map_count`. The vCPU is
 //!   kept out of KVM_RUN meanwhile ([`crate::vcpu_gate`]).
 //!
+//! Inside a batch of the secondary MMU's updates (`EptView::batch_start`)
+//! the vCPU is held out of KVM_RUN throughout, so a remap is one mmap,
+//! readable and writable at once (the read-only step below guards a
+//! running vCPU); the batch's remaps are registered at its end, one
+//! UFFDIO_REGISTER per run of neighbouring pages, and each CONTINUEd.
+//!
 //! The fault thread ([`UffdFaultThread`]) reads the events and calls the
 //! VMM's EPT-violation handler, which updates the secondary MMU, which calls
 //! [`map`](shadow_mmu::EptView::map) on the same view. Between events it

@@ -2,6 +2,7 @@
 //! operations that make a secondary-table change real (module
 //! documentation of [`super`]).
 
+use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
@@ -22,7 +23,7 @@ use super::fault_thread::UffdFaultSource;
 use super::shared::{FaultWait, Shared, HINT_ABSENT, HINT_WP};
 use super::userfaultfd::Userfaultfd;
 use super::window::{vma_err, Window};
-use crate::vcpu_gate::VcpuGate;
+use crate::vcpu_gate::{GateHold, VcpuGate};
 use crate::view::ViewError;
 
 /// Features the view cannot work without.
@@ -109,6 +110,11 @@ pub struct UffdView {
     continues: u64,
     wp_changes: u64,
     zaps: u64,
+    /// The vCPU held out for a batch of the secondary MMU's updates.
+    batch_hold: Option<GateHold>,
+    /// Pages remapped inside the batch, not registered nor populated yet:
+    /// index -> writable ([`UffdView::remap_held`]).
+    held_remaps: BTreeMap<usize, bool>,
 }
 
 impl UffdView {
@@ -167,6 +173,8 @@ impl UffdView {
             continues: 0,
             wp_changes: 0,
             zaps: 0,
+            batch_hold: None,
+            held_remaps: BTreeMap::new(),
         })
     }
 
@@ -322,11 +330,57 @@ impl UffdView {
         Ok(())
     }
 
+    /// Inside a batch, with the vCPU held out: points page `i` at frame
+    /// `pfn` with one mmap, readable and writable at once (no vCPU can touch
+    /// the fresh mapping before the batch ends, so the read-only window
+    /// [`UffdView::remap`] keeps is not needed). Registering and populating
+    /// it wait for [`UffdView::flush_held_remaps`].
+    fn remap_held(&mut self, i: usize, pfn: Pfn, writable: bool) -> Result<(), ViewError> {
+        let (memfd, offset) = self.frame_offset(pfn)?;
+        self.window.map_frame(i, memfd, offset, true)?;
+        self.remaps += 1;
+        self.pages[i] = PageState { pfn, present: false, wp: false };
+        self.held_remaps.insert(i, writable);
+        Ok(())
+    }
+
+    /// Registers the pages remapped inside the batch, one UFFDIO_REGISTER
+    /// per run of neighbouring pages, and populates each with the access
+    /// asked for. The pages of a run that failed are redone by their next
+    /// `map`.
+    fn flush_held_remaps(&mut self) -> Result<(), ViewError> {
+        let held = std::mem::take(&mut self.held_remaps);
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for &i in held.keys() {
+            match runs.last_mut() {
+                Some((first, n)) if *first + *n == i => *n += 1,
+                _ => runs.push((i, 1)),
+            }
+        }
+        let mut first_error = None;
+        for (first, n) in runs {
+            let result = register(&self.uffd, self.window.range(first, n))
+                .and_then(|()| (first..first + n).try_for_each(|i| self.continue_page(i, !held[&i], false)));
+            if let Err(e) = result {
+                for page in &mut self.pages[first..first + n] {
+                    page.pfn = UNKNOWN_PFN;
+                }
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// The pool's memfd and the offset of frame `pfn` in it.
+    fn frame_offset(&self, pfn: Pfn) -> Result<(std::os::fd::RawFd, libc::off_t), ViewError> {
+        let offset = libc::off_t::try_from(pfn << PAGE_SHIFT).map_err(|_| ViewError::NoSuchFrame(pfn))?;
+        Ok((self.pool.memfd().ok_or(ViewError::AnonymousPool)?.as_raw_fd(), offset))
+    }
+
     /// Points page `i` of W at frame `pfn`: a fresh mapping, registered,
     /// populated, with the access asked for; wakes the page's waiters.
     fn remap(&mut self, i: usize, pfn: Pfn, writable: bool) -> Result<(), ViewError> {
-        let offset = libc::off_t::try_from(pfn << PAGE_SHIFT).map_err(|_| ViewError::NoSuchFrame(pfn))?;
-        let memfd = self.pool.memfd().ok_or(ViewError::AnonymousPool)?.as_raw_fd();
+        let (memfd, offset) = self.frame_offset(pfn)?;
         // A read-only frame is mapped PROT_READ until userfaultfd protects
         // it (module documentation). On failure the state is unchanged.
         self.window.map_frame(i, memfd, offset, writable)?;
@@ -397,6 +451,7 @@ impl EptView for UffdView {
     /// access in between can fault a zapped page back in inside the kernel.
     fn zap(&mut self, start: Gfn, end: Gfn) -> Result<(), ViewError> {
         let i = self.index(start, end)?;
+        self.flush_held_remaps()?;
         let n = (end - start) as usize;
         self.register_chunks(i, n)?;
         self.window.zap(i, n)?;
@@ -415,6 +470,9 @@ impl EptView for UffdView {
         if pfn >= self.pool.nr_frames() {
             return Err(ViewError::NoSuchFrame(pfn));
         }
+        if self.held_remaps.contains_key(&i) {
+            self.flush_held_remaps()?;
+        }
         if !self.chunks.is_registered(i) {
             if self.pages[i].pfn == pfn && writable {
                 // Unrestricted already: the kernel populates it on a touch.
@@ -424,6 +482,9 @@ impl EptView for UffdView {
         }
         let hint = self.shared.pages[i].hint.swap(0, Ordering::AcqRel);
         let page = self.pages[i];
+        if page.pfn != pfn && self.batch_hold.is_some() {
+            return self.remap_held(i, pfn, writable);
+        }
         if page.pfn != pfn {
             // Replacing a mapping of W is not atomic for a running vCPU (a
             // write in the window fails KVM_RUN with EFAULT): keep it out.
@@ -446,6 +507,7 @@ impl EptView for UffdView {
     /// next write raises a WP fault. Zapped pages stay absent.
     fn write_protect(&mut self, start: Gfn, end: Gfn) -> Result<(), ViewError> {
         let first = self.index(start, end)?;
+        self.flush_held_remaps()?;
         let n = (end - start) as usize;
         self.register_chunks(first, n)?;
         let mut i = first;
@@ -468,12 +530,31 @@ impl EptView for UffdView {
         Ok(())
     }
 
+    /// Holds the vCPU out of KVM_RUN until `batch_end` (a vCPU blocked on
+    /// a fault of W is kicked out of it too): the pages of W lag the
+    /// secondary table meanwhile, and the batch's remaps kick nobody and
+    /// are registered together at its end.
+    fn batch_start(&mut self) -> Result<(), ViewError> {
+        if self.batch_hold.is_none() {
+            self.batch_hold = Some(self.gate.hold());
+        }
+        Ok(())
+    }
+
+    /// Registers and populates the batch's remaps, then lets the vCPU in.
+    fn batch_end(&mut self) -> Result<(), ViewError> {
+        let result = self.flush_held_remaps();
+        self.batch_hold = None;
+        result
+    }
+
     fn counters(&self) -> Vec<(&'static str, u64)> {
         vec![
             ("view_remaps", self.remaps),
             ("view_continues", self.continues),
             ("view_wp_changes", self.wp_changes),
             ("view_zaps", self.zaps),
+            ("view_vcpu_kicks", self.gate.kicks()),
             ("view_chunks_registered", self.chunks.count()),
             ("view_faults", self.shared.faults.load(Ordering::Relaxed)),
             ("view_fault_wakes", self.shared.fault_wakes.load(Ordering::Relaxed)),
