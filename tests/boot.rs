@@ -203,3 +203,23 @@ fn bench_prints_the_exit_floor_as_json() {
     let bare = v["bare_exit"]["median_ns"].as_f64().expect("bare median");
     assert_eq!(v["ratio"].as_f64(), Some(median / bare));
 }
+
+/// `vmm bench fault` on both views: the secondary-MMU fault and its bare
+/// mechanism, one per page of pagefill's region at 8 MiB (the pages the
+/// guest reads in phase 3), each a positive time. A guest that names its
+/// phases (ABI 1.1) must not end the bench early.
+#[test]
+#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
+fn bench_fault_measures_every_page_under_both_views() {
+    require_kvm();
+    for view in ["memslot", "uffd"] {
+        let out = vmm().args(["bench", "fault", "--view", view, "--mem", "8M"]).output().expect("spawn");
+        assert!(out.status.success(), "{view}: stderr: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+        assert_eq!(v["bench"], "secondary_mmu_fault", "{view}");
+        assert!(v["faults"].as_u64().is_some_and(|f| f > 0), "{view}: {v}");
+        for key in ["fault_ns", "bare_ns", "ratio"] {
+            assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{view}: {key}: {v}");
+        }
+    }
+}

@@ -50,7 +50,7 @@ pub enum RunError {
 }
 
 /// Builds the VMs and runs the guests to their end: one guest alone, or a
-/// fleet (`config.guests` > 1, see [`fleet`]). An error means nothing ran
+/// fleet (`config.guests` > 1, see `run/fleet.rs`). An error means nothing ran
 /// (bad configuration or KVM setup); every way a started guest ends, clean
 /// or not, comes back as statistics.
 pub fn run(mut config: RunConfig) -> Result<RunStats, VmError> {

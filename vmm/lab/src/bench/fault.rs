@@ -174,7 +174,7 @@ fn timed_refaults(config: &RunConfig, zap: Zap, wait: FaultWait) -> Result<Refau
                 set_fault_thread(&vm, FaultWait::default(), false);
                 return Ok(Refaults { faults, wall_ns, view_ns });
             }
-            Outcome::Continue | Outcome::Dedup(_) | Outcome::NextPhase(_) => {}
+            Outcome::Continue | Outcome::Dedup(_) | Outcome::NextPhase(_) | Outcome::PhaseName(_) => {}
             _ => return Err(BenchError::GuestEnded(2)),
         }
     }
@@ -296,7 +296,7 @@ fn memslot_interleaved(config: &RunConfig) -> Result<Interleaved, BenchError> {
                         out.view_ns = lock(vm.mmu()).stats().view_ns - out.view_ns;
                         return Ok(out);
                     }
-                    Outcome::Continue | Outcome::Dedup(_) | Outcome::NextPhase(_) => {}
+                    Outcome::Continue | Outcome::Dedup(_) | Outcome::NextPhase(_) | Outcome::PhaseName(_) => {}
                     _ => return Err(BenchError::GuestEnded(2)),
                 }
                 pending = vmm_fault.then_some((Path::Vmm, now));
