@@ -13,7 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use shadow_mmu::{Pfn, Pte};
+use shadow_mmu::{MmBatch, Pfn, PrimaryMmu, Pte};
 
 use crate::ksm::{Ksm, KsmError};
 use crate::mm_slot::{MmLock, RmapId};
@@ -120,6 +120,11 @@ impl Ksm {
         let cpu = thread_cpu_ns();
         let before = self.frames.pool().resident_bytes().unwrap_or(0);
         let mms = self.mms.clone();
+        // One batch of view updates per mm for the whole stretch: each
+        // guest's secondary MMU defers its view's changes to the end, one
+        // call per run of like changes (`PrimaryMmu::batch`; not in Linux,
+        // see shadow_mmu's list of differences).
+        let batches: Vec<MmBatch<'_>> = mms.iter().map(|mm| PrimaryMmu::batch(mm)).collect();
         let mut looked = 0;
         let mut result = Ok(ScanStop::Budget);
         while looked < pages {
@@ -149,6 +154,8 @@ impl Ksm {
                 break;
             }
         }
+        // The views follow before freed frames go back to the host.
+        drop(batches);
         if let Err(e) = self.frames.flush_holes() {
             result = result.and(Err(e.into()));
         }

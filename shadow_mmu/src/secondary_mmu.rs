@@ -447,6 +447,11 @@ impl<V: EptView> SecondaryMmu<V> {
         }
     }
 
+    /// Whether a batch is open: the view then lags the table until its end.
+    pub fn in_batch(&self) -> bool {
+        self.batch.is_some()
+    }
+
     /// `batch_end` of [`MmuNotifier`]: ends the calling thread's innermost
     /// batch; the outermost makes every deferred change real, one view
     /// call per run of like changes of neighbouring pages (zaps,
