@@ -175,6 +175,7 @@ fn bench_dedup_command(kvm_device: PathBuf, args: &BenchArgs) -> Result<(), CliE
             knobs: ksm::KsmKnobs::default(),
             kvm_device,
             vmm,
+            profiles: Vec::new(),
         },
     };
     let report = bench_dedup(&config, &mut Terminal::new("vmm bench dedup", args.quiet))?;

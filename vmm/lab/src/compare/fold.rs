@@ -177,6 +177,7 @@ pub fn build_report(
         kvm_levels: kvm_levels.iter().cloned().collect(),
         phases,
         total,
+        projection: Default::default(),
         runs,
     }
 }

@@ -149,6 +149,11 @@ pub struct CompareReport {
     pub phases: Vec<PhaseSummary>,
     /// The whole run.
     pub total: PhaseSummary,
+    /// Per cost profile given with `--project`, per policy: the guest time
+    /// projected onto that host, for the whole run and per phase (see
+    /// [`super::projection`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub projection: super::projection::Projections,
     /// Every run, raw.
     pub runs: Vec<RunRecord>,
 }

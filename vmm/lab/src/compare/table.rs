@@ -182,6 +182,7 @@ pub fn render(report: &CompareReport) -> String {
         render_phase(&mut out, &title, p, &report.policies);
     }
     render_phase(&mut out, "whole run", &report.total, &report.policies);
+    super::projection::render(&mut out, report, NAME_WIDTH);
     let _ = writeln!(out);
     if report.reports_identical {
         let _ = writeln!(out, "guest reports: identical in every run of every policy");
