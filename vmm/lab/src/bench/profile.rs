@@ -1,0 +1,314 @@
+//! `vmm bench profile`: this host's cost profile, each figure from a
+//! microbenchmark of its event in this lab on this host, never from the
+//! workloads the model is checked against (`vmm bench model`): the exit
+//! floor, the calibration guests `unique` and `converge` (whose passes and
+//! reads isolate scans, zaps, in-place updates, merges, secondary-MMU
+//! faults and host refaults), and the primary MMU's copy-on-write
+//! copy timed in this process. Each cost's `source` says how.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use vmm::view::ViewKind;
+use vmm::vm::{DedupPolicy, RunConfig};
+
+use super::{exit_floor, BenchError};
+use crate::compare::fold::{flatten, median};
+use crate::compare::{run_once, CompareConfig, RunError};
+use crate::cost::{Cost, CostKind, CostProfile, PROFILE_SCHEMA, PROFILE_VERSION};
+use crate::progress::Progress;
+
+/// The calibration guests' phases: the dedup pass, then the reads after it.
+const PASS_PHASE: u32 = 2;
+const READ_PHASE: u32 = 3;
+
+/// Pages the copy-on-write microbenchmark copies.
+const COW_PAGES: u64 = 4_096;
+
+/// Errors of `vmm bench profile`.
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileBenchError {
+    /// A bench it reuses (the exit floor, the fault) failed.
+    #[error("measuring {what}")]
+    Bench {
+        /// The figure being measured.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: Box<BenchError>,
+    },
+    /// A calibration run gave no statistics.
+    #[error(transparent)]
+    Run(#[from] RunError),
+    /// The directory for the runs' statistics could not be created.
+    #[error("cannot create {path}")]
+    CreateDir {
+        /// The directory.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A calibration guest did not succeed.
+    #[error("{image} under {policy}: {detail}")]
+    Guest {
+        /// The guest.
+        image: &'static str,
+        /// The policy.
+        policy: &'static str,
+        /// How the run ended.
+        detail: String,
+    },
+    /// A calibration run counted none of the events a cost is per.
+    #[error("{what}: {image} under {policy} counted no {per}, so no cost per event can be computed")]
+    NothingCounted {
+        /// The cost.
+        what: &'static str,
+        /// The guest.
+        image: &'static str,
+        /// The policy.
+        policy: &'static str,
+        /// The figure divided by.
+        per: &'static str,
+    },
+    /// The in-process copy-on-write microbenchmark could not build its MMUs.
+    #[error("building the copy-on-write microbenchmark's frame pool")]
+    Pool(#[source] shadow_mmu::FramePoolError),
+    /// The profile could not be written.
+    #[error("cannot write the profile to {path}")]
+    Write {
+        /// The file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A copy-on-write copy failed.
+    #[error("copying page {gfn} on write")]
+    Cow {
+        /// The guest page.
+        gfn: u64,
+        /// Why.
+        #[source]
+        source: shadow_mmu::PrimaryMmuError,
+    },
+}
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct ProfileBenchConfig {
+    /// The profile's name.
+    pub name: String,
+    /// The view whose costs are measured.
+    pub view: ViewKind,
+    /// Guest RAM of the calibration guests and the fault bench.
+    pub mem_bytes: u64,
+    /// Runs per calibration guest and policy (figures are their medians).
+    pub repeat: u32,
+    /// Where the calibration runs' statistics go.
+    pub out: PathBuf,
+    /// Template for the calibration runs (image, policy and RAM are set per run).
+    pub base: CompareConfig,
+}
+
+/// One calibration guest under one policy: per phase number, the median
+/// of each flat figure over the repeats.
+type Medians = BTreeMap<u32, BTreeMap<String, f64>>;
+
+/// Runs `image` under `policy` `config.repeat` times and folds its phases.
+fn calibrate(
+    config: &ProfileBenchConfig,
+    image: &'static str,
+    policy: DedupPolicy,
+    progress: &mut dyn Progress,
+) -> Result<Medians, ProfileBenchError> {
+    let run =
+        CompareConfig { image: image.into(), mem_bytes: config.mem_bytes, view: config.view, ..config.base.clone() };
+    let mut values: BTreeMap<u32, BTreeMap<String, Vec<u64>>> = BTreeMap::new();
+    for repeat in 0..config.repeat {
+        progress.note(&format!("calibrating: {image} under {} ({}/{})", policy.name(), repeat + 1, config.repeat));
+        let path = config.out.join(format!("{image}-{}-{repeat}.json", policy.name()));
+        let (status, stats) = run_once(&run, policy, &path)?;
+        if status != 0 {
+            return Err(ProfileBenchError::Guest { image, policy: policy.name(), detail: stats.guest.end.detail });
+        }
+        for phase in &stats.phases {
+            for (name, v) in flatten(&phase.figures) {
+                values.entry(phase.phase).or_default().entry(name).or_default().push(v);
+            }
+        }
+    }
+    Ok(values.into_iter().map(|(n, m)| (n, m.into_iter().map(|(k, v)| (k, median(&v))).collect())).collect())
+}
+
+/// A figure of one phase (0 when the counter did not move).
+fn figure(m: &Medians, phase: u32, name: &str) -> f64 {
+    m.get(&phase).and_then(|p| p.get(name)).copied().unwrap_or(0.0)
+}
+
+/// `num / den`, or the error that names what was not counted.
+fn per(
+    num: f64,
+    den: f64,
+    what: &'static str,
+    (image, policy): (&'static str, DedupPolicy),
+    per: &'static str,
+) -> Result<f64, ProfileBenchError> {
+    if den > 0.0 {
+        Ok((num / den).max(0.0))
+    } else {
+        Err(ProfileBenchError::NothingCounted { what, image, policy: policy.name(), per })
+    }
+}
+
+fn cost(ns: f64, kind: CostKind, source: String) -> Cost {
+    Cost { ns, kind, source }
+}
+
+/// The costs the calibration guests measure: scans, zaps, in-place
+/// updates, merges and host refaults.
+fn calibration_costs(
+    config: &ProfileBenchConfig,
+    progress: &mut dyn Progress,
+) -> Result<BTreeMap<String, Cost>, ProfileBenchError> {
+    use DedupPolicy::{ChangePte, Off, RangeFlush};
+    let unique = calibrate(config, "unique", RangeFlush, progress)?;
+    let off = calibrate(config, "converge", Off, progress)?;
+    let rf = calibrate(config, "converge", RangeFlush, progress)?;
+    let cp = calibrate(config, "converge", ChangePte, progress)?;
+    let how =
+        format!("{} MiB, {} view, median of {} run(s)", config.mem_bytes >> 20, config.view.name(), config.repeat);
+    let (p, r) = (PASS_PHASE, READ_PHASE);
+    let scan = per(
+        figure(&unique, p, "wall_ns"),
+        figure(&unique, p, "ksm.pages_scanned"),
+        "page_scanned",
+        ("unique", RangeFlush),
+        "pages scanned",
+    )?;
+    let zap = per(
+        figure(&rf, p, "shadow_mmu.view_ns"),
+        figure(&rf, p, "shadow_mmu.zapped"),
+        "zap",
+        ("converge", RangeFlush),
+        "entries zapped",
+    )?;
+    let update = per(
+        figure(&cp, p, "shadow_mmu.view_ns"),
+        figure(&cp, p, "shadow_mmu.change_pte_applied"),
+        "change_pte",
+        ("converge", ChangePte),
+        "change_pte updates",
+    )?;
+    let merge_ns =
+        figure(&rf, p, "wall_ns") - figure(&rf, p, "ksm.pages_scanned") * scan - figure(&rf, p, "shadow_mmu.view_ns");
+    let merge = per(merge_ns, figure(&rf, p, "ksm.merges"), "merge", ("converge", RangeFlush), "merges")?;
+    let faults = |m: &Medians| {
+        ["exits.ept_read", "exits.ept_write", "exits.ept_fetch"].iter().map(|f| figure(m, r, f)).sum::<f64>()
+    };
+    let fault = per(
+        figure(&rf, r, "wall_ns") - figure(&off, r, "wall_ns"),
+        faults(&rf) - faults(&off),
+        "secondary_mmu_fault",
+        ("converge", RangeFlush),
+        "secondary-MMU faults",
+    )?;
+    let refaults = figure(&cp, r, "kvm.pf_fixed") - figure(&off, r, "kvm.pf_fixed");
+    let refault = per(
+        figure(&cp, r, "wall_ns") - figure(&off, r, "wall_ns"),
+        refaults,
+        "host_refault",
+        ("converge", ChangePte),
+        "host refaults",
+    )?;
+    Ok(BTreeMap::from([
+        ("secondary_mmu_fault".into(), cost(fault, CostKind::Measured, format!("`converge`'s reads after its pass under range-flush (every page zapped: one secondary-MMU fault each): their wall time beyond off's, per fault beyond off's; {how}"))),
+        ("page_scanned".into(), cost(scan, CostKind::Measured, format!("wall time of `unique`'s dedup pass (nothing merges; the vCPU waits for the pass) per page scanned; {how}"))),
+        ("zap".into(), cost(zap, CostKind::Measured, format!("time inside the view per entry zapped in `converge`'s pass under range-flush (shadow_mmu.view_ns / zapped); {how}"))),
+        ("change_pte".into(), cost(update, CostKind::Measured, format!("time inside the view per change_pte applied in `converge`'s pass under change-pte (shadow_mmu.view_ns / change_pte_applied); {how}"))),
+        ("merge".into(), cost(merge, CostKind::Derived, format!("`converge`'s pass under range-flush: its wall time less its pages scanned x page_scanned and its time inside the view, per merge; {how}"))),
+        ("host_refault".into(), cost(refault, CostKind::Measured, format!("`converge`'s reads after its pass under change-pte (every page's host mapping replaced, no secondary-MMU fault): their wall time beyond off's, per pf_fixed beyond off's; {how}"))),
+    ]))
+}
+
+/// The primary MMU's copy-on-write copy (`wp_page_copy`: a frame
+/// allocated, 4 KiB copied, the pte changed inside a notified range), timed
+/// in this process over [`COW_PAGES`] write-protected pages, with the
+/// secondary MMU behind a recording view (so no view work is in it).
+fn cow_copy_ns() -> Result<f64, ProfileBenchError> {
+    use shadow_mmu::{GuestMmus, Policy};
+    let mmus =
+        GuestMmus::new_recording(Policy::RangeFlush, 0, COW_PAGES, COW_PAGES).map_err(ProfileBenchError::Pool)?;
+    let mut mm = mmus.mm.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    for gfn in 0..COW_PAGES {
+        mm.write_protect_page(gfn).map_err(|source| ProfileBenchError::Cow { gfn, source })?;
+    }
+    let start = Instant::now();
+    for gfn in 0..COW_PAGES {
+        mm.wp_page_copy(gfn).map_err(|source| ProfileBenchError::Cow { gfn, source })?;
+    }
+    Ok(start.elapsed().as_nanos() as f64 / COW_PAGES as f64)
+}
+
+/// The exit round trip, from the exit-floor bench. (The secondary-MMU
+/// fault is measured on a calibration guest rather than by `vmm bench
+/// fault`, so that every figure but this one comes from the same runs.)
+fn bench_costs(
+    make: &dyn Fn(&'static str) -> RunConfig,
+    progress: &mut dyn Progress,
+) -> Result<BTreeMap<String, Cost>, ProfileBenchError> {
+    let bench = |what| move |e| ProfileBenchError::Bench { what, source: Box::new(e) };
+    progress.note("measuring the exit floor");
+    let floor = exit_floor(make("misbehave-port-flood"), 1_000, 10_000).map_err(bench("exit_io"))?;
+    let exit = floor.port_io_exit.median_ns;
+    Ok(BTreeMap::from([
+        ("exit_io".into(), cost(exit, CostKind::Measured, format!("`vmm bench floor`: median of {} port-I/O exit round trips through the VMM's exit path (KVM_RUN's return to its next return)", floor.port_io_exit.samples))),
+        ("exit_other".into(), cost(exit, CostKind::Derived, "= exit_io: the same KVM_RUN round trip to the VMM (MMIO and port-I/O exits cost the same on this kind of host: 25.6 and 25.7 us in host-facts.md); not measured on its own".into())),
+    ]))
+}
+
+/// The host, for people: name, kernel, CPU model.
+fn host_line(view: ViewKind) -> String {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let cpu =
+        cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|l| l.trim_start_matches([' ', '\t', ':']));
+    format!(
+        "{} (Linux {}, {}, {} CPUs), the {} view of this lab",
+        read("/proc/sys/kernel/hostname").trim(),
+        read("/proc/sys/kernel/osrelease").trim(),
+        cpu.unwrap_or("CPU unknown"),
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        view.name()
+    )
+}
+
+/// Measures this host's profile; `make` builds a bench run of a built-in
+/// guest under the view (as `vmm bench fault` does).
+pub fn bench_profile(
+    config: &ProfileBenchConfig,
+    make: &dyn Fn(&'static str) -> RunConfig,
+    progress: &mut dyn Progress,
+) -> Result<CostProfile, ProfileBenchError> {
+    std::fs::create_dir_all(&config.out)
+        .map_err(|source| ProfileBenchError::CreateDir { path: config.out.display().to_string(), source })?;
+    let mut costs = bench_costs(make, progress)?;
+    costs.extend(calibration_costs(config, progress)?);
+    costs.insert("cow_copy".into(), cost(cow_copy_ns()?, CostKind::Measured, format!("the primary MMU's wp_page_copy of {COW_PAGES} write-protected pages timed in this process (frame allocated, 4 KiB copied, pte changed inside a notified range; the secondary MMU behind a recording view), mean")));
+    costs.insert("tlb_flush".into(), cost(0.0, CostKind::Derived, "0: a flush is no operation of its own in this lab; the view's zap or update that makes KVM's mapping go is timed under zap and change_pte, so it is not counted twice".into()));
+    Ok(CostProfile {
+        schema: PROFILE_SCHEMA.into(),
+        version: PROFILE_VERSION,
+        name: config.name.clone(),
+        host: host_line(config.view),
+        costs,
+        not_found: Vec::new(),
+    })
+}
+
+/// Writes a profile's JSON text to `path`, with a final newline.
+pub fn write_profile(path: &std::path::Path, json: &str) -> Result<(), ProfileBenchError> {
+    std::fs::write(path, format!("{json}\n"))
+        .map_err(|source| ProfileBenchError::Write { path: path.display().to_string(), source })
+}
