@@ -116,30 +116,46 @@ pub struct ProfileBenchConfig {
 /// of each flat figure over the repeats.
 type Medians = BTreeMap<u32, BTreeMap<String, f64>>;
 
-/// Runs `image` under `policy` `config.repeat` times and folds its phases.
-fn calibrate(
-    config: &ProfileBenchConfig,
-    image: &'static str,
-    policy: DedupPolicy,
-    progress: &mut dyn Progress,
-) -> Result<Medians, ProfileBenchError> {
-    let run =
-        CompareConfig { image: image.into(), mem_bytes: config.mem_bytes, view: config.view, ..config.base.clone() };
-    let mut values: BTreeMap<u32, BTreeMap<String, Vec<u64>>> = BTreeMap::new();
+/// The calibration runs: (guest, policy).
+const PLAN: [(&str, DedupPolicy); 4] = [
+    ("unique", DedupPolicy::RangeFlush),
+    ("converge", DedupPolicy::Off),
+    ("converge", DedupPolicy::RangeFlush),
+    ("converge", DedupPolicy::ChangePte),
+];
+
+/// Runs every guest and policy of [`PLAN`] `config.repeat` times,
+/// interleaved repeat by repeat (so that a drift of the machine hits all
+/// alike), and folds each one's phases.
+fn calibrate(config: &ProfileBenchConfig, progress: &mut dyn Progress) -> Result<[Medians; 4], ProfileBenchError> {
+    let mut values: [BTreeMap<u32, BTreeMap<String, Vec<u64>>>; 4] = Default::default();
+    let total = config.repeat * PLAN.len() as u32;
     for repeat in 0..config.repeat {
-        progress.note(&format!("calibrating: {image} under {} ({}/{})", policy.name(), repeat + 1, config.repeat));
-        let path = config.out.join(format!("{image}-{}-{repeat}.json", policy.name()));
-        let (status, stats) = run_once(&run, policy, &path)?;
-        if status != 0 {
-            return Err(ProfileBenchError::Guest { image, policy: policy.name(), detail: stats.guest.end.detail });
-        }
-        for phase in &stats.phases {
-            for (name, v) in flatten(&phase.figures) {
-                values.entry(phase.phase).or_default().entry(name).or_default().push(v);
+        for (k, &(image, policy)) in PLAN.iter().enumerate() {
+            let what =
+                format!("calibrating: {image} under {} (repeat {}/{})", policy.name(), repeat + 1, config.repeat);
+            progress.step(repeat * PLAN.len() as u32 + k as u32, total, &what);
+            let run = CompareConfig {
+                image: image.into(),
+                mem_bytes: config.mem_bytes,
+                view: config.view,
+                ..config.base.clone()
+            };
+            let path = config.out.join(format!("{image}-{}-{repeat}.json", policy.name()));
+            let (status, stats) = run_once(&run, policy, &path)?;
+            if status != 0 {
+                return Err(ProfileBenchError::Guest { image, policy: policy.name(), detail: stats.guest.end.detail });
+            }
+            for phase in &stats.phases {
+                for (name, v) in flatten(&phase.figures) {
+                    values[k].entry(phase.phase).or_default().entry(name).or_default().push(v);
+                }
             }
         }
     }
-    Ok(values.into_iter().map(|(n, m)| (n, m.into_iter().map(|(k, v)| (k, median(&v))).collect())).collect())
+    Ok(values.map(|by_phase| {
+        by_phase.into_iter().map(|(n, m)| (n, m.into_iter().map(|(k, v)| (k, median(&v))).collect())).collect()
+    }))
 }
 
 /// A figure of one phase (0 when the counter did not move).
@@ -172,11 +188,8 @@ fn calibration_costs(
     config: &ProfileBenchConfig,
     progress: &mut dyn Progress,
 ) -> Result<BTreeMap<String, Cost>, ProfileBenchError> {
-    use DedupPolicy::{ChangePte, Off, RangeFlush};
-    let unique = calibrate(config, "unique", RangeFlush, progress)?;
-    let off = calibrate(config, "converge", Off, progress)?;
-    let rf = calibrate(config, "converge", RangeFlush, progress)?;
-    let cp = calibrate(config, "converge", ChangePte, progress)?;
+    use DedupPolicy::{ChangePte, RangeFlush};
+    let [unique, off, rf, cp] = calibrate(config, progress)?;
     let how =
         format!("{} MiB, {} view, median of {} run(s)", config.mem_bytes >> 20, config.view.name(), config.repeat);
     let (p, r) = (PASS_PHASE, READ_PHASE);

@@ -60,6 +60,9 @@ pub(super) struct BenchArgs {
     /// The profile `model` checks (normally this host's, from `vmm bench profile`).
     #[arg(long, value_name = "FILE")]
     profile: Option<PathBuf>,
+    /// Other hosts' profiles `model` projects every run onto as well (repeatable).
+    #[arg(long, value_name = "FILE")]
+    project: Vec<PathBuf>,
     /// The name `profile` gives the profile (default: this-host-VIEW).
     #[arg(long)]
     name: Option<String>,
@@ -268,7 +271,9 @@ fn bench_model_command(kvm_device: PathBuf, args: &BenchArgs) -> Result<(), CliE
         repeat: args.repeat,
         ..compare_base(kvm_device, mem_bytes, view, &out, this_vmm()?)
     };
-    let config = ModelConfig { workloads: args.workloads.clone(), out: out.clone(), base, profile };
+    let others = args.project.iter().map(|p| CostProfile::load(p)).collect::<Result<Vec<_>, _>>();
+    let others = others.map_err(CompareError::Profile)?;
+    let config = ModelConfig { workloads: args.workloads.clone(), out: out.clone(), base, profile, others };
     let report = bench_model(&config, &mut Terminal::new("vmm bench model", args.quiet));
     if args.out.is_none() {
         let _ = std::fs::remove_dir_all(&out);

@@ -109,3 +109,52 @@ pub fn render(out: &mut String, report: &CompareReport, name_width: usize) {
         let _ = writeln!(out);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::fold::tests::{report, run};
+    use super::*;
+    use crate::cost::{Cost, CostKind, EVENTS, PROFILE_SCHEMA, PROFILE_VERSION};
+
+    fn profile(fault_ns: f64) -> CostProfile {
+        let costs = EVENTS
+            .iter()
+            .map(|e| {
+                let ns = if e.key == "secondary_mmu_fault" { fault_ns } else { 0.0 };
+                (e.key.to_string(), Cost { ns, kind: CostKind::Estimate, source: "a test".into() })
+            })
+            .collect();
+        CostProfile {
+            schema: PROFILE_SCHEMA.into(),
+            version: PROFILE_VERSION,
+            name: format!("faults at {fault_ns}"),
+            host: "none".into(),
+            costs,
+            not_found: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn each_policy_costs_offs_time_plus_its_extra_events_per_phase_and_in_all() {
+        // run(): 1 ms of wall per fault + 1 ms; off has no fault.
+        let mut r = report(&["off", "legacy"], vec![run("off", 0, 0, vec![7]), run("legacy", 0, 5, vec![7])]);
+        r.projection = project_report(&r, &[profile(10.0)]);
+        let legacy = &r.projection["faults at 10"]["legacy"];
+        assert_eq!((legacy.total.guest_ns, legacy.total.total_ns, legacy.total.measured_ns), (1e6, 1e6 + 50.0, 6e6));
+        assert_eq!(legacy.phases.len(), 1);
+        assert_eq!(legacy.phases[0].projection.total_ns, 1e6 + 50.0);
+        assert_eq!(r.projection["faults at 10"]["off"].total.total_ns, 1e6);
+        let mut table = String::new();
+        render(&mut table, &r, 30);
+        assert!(table.contains("faults at 10") && table.contains("measured here"), "{table}");
+        let json = serde_json::to_string(&r).expect("json");
+        let back: CompareReport = serde_json::from_str(&json).expect("parse");
+        assert_eq!(back.projection, r.projection);
+    }
+
+    #[test]
+    fn without_off_there_is_no_projection() {
+        let r = report(&["legacy"], vec![run("legacy", 0, 5, vec![7])]);
+        assert!(project_report(&r, &[profile(10.0)]).is_empty());
+    }
+}
