@@ -35,7 +35,8 @@ fn the_shipped_hardware_profile_prices_every_event_and_cites_each_figure() {
     assert_eq!(p.name, "hw-vmx-ept");
     for e in EVENTS {
         let c = &p.costs[e.key];
-        assert!(c.ns > 0.0, "{}: {}", e.key, c.ns);
+        // A figure of 0 says why in its first words.
+        assert!(c.ns > 0.0 || c.source.starts_with("0:"), "{}: {}", e.key, c.ns);
         assert!(c.source.len() > 40, "{} needs a real source: {}", e.key, c.source);
     }
     // Estimates say so, and what was not found is listed.

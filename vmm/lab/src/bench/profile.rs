@@ -240,7 +240,7 @@ fn calibration_costs(
         ("page_scanned".into(), cost(scan, CostKind::Measured, format!("wall time of `unique`'s dedup pass (nothing merges; the vCPU waits for the pass) per page scanned; {how}"))),
         ("zap".into(), cost(zap, CostKind::Measured, format!("time inside the view per entry zapped in `converge`'s pass under range-flush (shadow_mmu.view_ns / zapped); {how}"))),
         ("change_pte".into(), cost(update, CostKind::Measured, format!("time inside the view per change_pte applied in `converge`'s pass under change-pte (shadow_mmu.view_ns / change_pte_applied); {how}"))),
-        ("merge".into(), cost(merge, CostKind::Derived, format!("`converge`'s pass under range-flush: its wall time less its pages scanned x page_scanned and its time inside the view, per merge; {how}"))),
+        ("merge".into(), cost(merge, CostKind::Derived, format!("{}`converge`'s pass under range-flush: its wall time less its pages scanned x page_scanned and its time inside the view, per merge; {how}", if merge == 0.0 { "0: the pass took no longer than its scans and its view work, so a merge adds nothing measurable here; " } else { "" }))),
         ("host_refault".into(), cost(refault, CostKind::Measured, format!("`converge`'s reads after its pass under change-pte (every page's host mapping replaced, no secondary-MMU fault): their wall time beyond off's, per pf_fixed beyond off's; {how}"))),
     ]))
 }
