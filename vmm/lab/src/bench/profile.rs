@@ -23,6 +23,29 @@ use crate::progress::Progress;
 const PASS_PHASE: u32 = 2;
 const READ_PHASE: u32 = 3;
 
+/// How each cost is measured, as its profile entry says.
+const EXIT_IO: &str = "`vmm bench floor`: the median port-I/O exit round trip through the VMM's exit path (KVM_RUN's \
+                       return to its next return)";
+const EXIT_OTHER: &str = "= exit_io: the same KVM_RUN round trip to the VMM (MMIO and port-I/O exits cost the same \
+                          on this kind of host: 25.6 and 25.7 us in host-facts.md); not measured on its own";
+const FAULT: &str = "`converge`'s reads after its pass under range-flush (every page zapped: one secondary-MMU fault \
+                     each): their wall time beyond off's, per fault beyond off's";
+const SCAN: &str = "wall time of `unique`'s dedup pass (nothing merges; the vCPU waits for the pass) per page scanned";
+const ZAP: &str = "time inside the view per entry zapped in `converge`'s pass under range-flush \
+                   (shadow_mmu.view_ns / zapped)";
+const UPDATE: &str = "time inside the view per change_pte applied in `converge`'s pass under change-pte \
+                      (shadow_mmu.view_ns / change_pte_applied)";
+const MERGE: &str = "`converge`'s pass under range-flush: its wall time less its pages scanned x page_scanned and its \
+                     time inside the view, per merge";
+const MERGE_NONE: &str = "0: the pass took no longer than its scans and its view work, so a merge adds nothing \
+                          measurable here; ";
+const REFAULT: &str = "`converge`'s reads after its pass under change-pte (every page's host mapping replaced, no \
+                       secondary-MMU fault): their wall time beyond off's, per pf_fixed beyond off's";
+const COW: &str = "the primary MMU's wp_page_copy of write-protected pages timed in this process (frame allocated, \
+                   4 KiB copied, pte changed inside a notified range; the secondary MMU behind a recording view), mean";
+const FLUSH: &str = "0: a flush is no operation of its own in this lab; the view's zap or update that makes KVM's \
+                     mapping go is timed under zap and change_pte, so it is not counted twice";
+
 /// Pages the copy-on-write microbenchmark copies.
 const COW_PAGES: u64 = 4_096;
 
@@ -235,14 +258,19 @@ fn calibration_costs(
         ("converge", ChangePte),
         "host refaults",
     )?;
+    let measured = |ns, source: &str| (ns, CostKind::Measured, format!("{source}; {how}"));
+    let merge_source = if merge == 0.0 { format!("{MERGE_NONE}{MERGE}") } else { MERGE.to_string() };
     Ok(BTreeMap::from([
-        ("secondary_mmu_fault".into(), cost(fault, CostKind::Measured, format!("`converge`'s reads after its pass under range-flush (every page zapped: one secondary-MMU fault each): their wall time beyond off's, per fault beyond off's; {how}"))),
-        ("page_scanned".into(), cost(scan, CostKind::Measured, format!("wall time of `unique`'s dedup pass (nothing merges; the vCPU waits for the pass) per page scanned; {how}"))),
-        ("zap".into(), cost(zap, CostKind::Measured, format!("time inside the view per entry zapped in `converge`'s pass under range-flush (shadow_mmu.view_ns / zapped); {how}"))),
-        ("change_pte".into(), cost(update, CostKind::Measured, format!("time inside the view per change_pte applied in `converge`'s pass under change-pte (shadow_mmu.view_ns / change_pte_applied); {how}"))),
-        ("merge".into(), cost(merge, CostKind::Derived, format!("{}`converge`'s pass under range-flush: its wall time less its pages scanned x page_scanned and its time inside the view, per merge; {how}", if merge == 0.0 { "0: the pass took no longer than its scans and its view work, so a merge adds nothing measurable here; " } else { "" }))),
-        ("host_refault".into(), cost(refault, CostKind::Measured, format!("`converge`'s reads after its pass under change-pte (every page's host mapping replaced, no secondary-MMU fault): their wall time beyond off's, per pf_fixed beyond off's; {how}"))),
-    ]))
+        ("secondary_mmu_fault", measured(fault, FAULT)),
+        ("page_scanned", measured(scan, SCAN)),
+        ("zap", measured(zap, ZAP)),
+        ("change_pte", measured(update, UPDATE)),
+        ("merge", (merge, CostKind::Derived, format!("{merge_source}; {how}"))),
+        ("host_refault", measured(refault, REFAULT)),
+    ])
+    .into_iter()
+    .map(|(key, (ns, kind, source))| (key.to_string(), cost(ns, kind, source)))
+    .collect())
 }
 
 /// The primary MMU's copy-on-write copy (`wp_page_copy`: a frame
@@ -276,8 +304,11 @@ fn bench_costs(
     let floor = exit_floor(make("misbehave-port-flood"), 1_000, 10_000).map_err(bench("exit_io"))?;
     let exit = floor.port_io_exit.median_ns;
     Ok(BTreeMap::from([
-        ("exit_io".into(), cost(exit, CostKind::Measured, format!("`vmm bench floor`: median of {} port-I/O exit round trips through the VMM's exit path (KVM_RUN's return to its next return)", floor.port_io_exit.samples))),
-        ("exit_other".into(), cost(exit, CostKind::Derived, "= exit_io: the same KVM_RUN round trip to the VMM (MMIO and port-I/O exits cost the same on this kind of host: 25.6 and 25.7 us in host-facts.md); not measured on its own".into())),
+        (
+            "exit_io".into(),
+            cost(exit, CostKind::Measured, format!("{EXIT_IO} ({} samples)", floor.port_io_exit.samples)),
+        ),
+        ("exit_other".into(), cost(exit, CostKind::Derived, EXIT_OTHER.into())),
     ]))
 }
 
@@ -308,8 +339,9 @@ pub fn bench_profile(
         .map_err(|source| ProfileBenchError::CreateDir { path: config.out.display().to_string(), source })?;
     let mut costs = bench_costs(make, progress)?;
     costs.extend(calibration_costs(config, progress)?);
-    costs.insert("cow_copy".into(), cost(cow_copy_ns()?, CostKind::Measured, format!("the primary MMU's wp_page_copy of {COW_PAGES} write-protected pages timed in this process (frame allocated, 4 KiB copied, pte changed inside a notified range; the secondary MMU behind a recording view), mean")));
-    costs.insert("tlb_flush".into(), cost(0.0, CostKind::Derived, "0: a flush is no operation of its own in this lab; the view's zap or update that makes KVM's mapping go is timed under zap and change_pte, so it is not counted twice".into()));
+    let cow = format!("{COW} ({COW_PAGES} pages)");
+    costs.insert("cow_copy".into(), cost(cow_copy_ns()?, CostKind::Measured, cow));
+    costs.insert("tlb_flush".into(), cost(0.0, CostKind::Derived, FLUSH.into()));
     Ok(CostProfile {
         schema: PROFILE_SCHEMA.into(),
         version: PROFILE_VERSION,
