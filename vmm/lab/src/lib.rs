@@ -19,7 +19,7 @@
 //! | [`report`] | `vmm report`: the README's Results section and the charts from compare and bench JSON |
 //! | [`progress`] | how far a long command is, with the time left, on a terminal |
 //! | [`csv`] | CSV records |
-//! | [`mod@bench`] | `vmm bench`: the exit floor, the secondary-MMU fault against its bare mechanism, the deduplicator against the host's KSM |
+//! | [`mod@bench`] | `vmm bench`: the exit floor, the secondary-MMU fault against its bare mechanism, the deduplicator against the host's KSM, this host's cost profile, the cost model checked against measured runs |
 //!
 //! # Example
 //!
