@@ -13,12 +13,13 @@
 //! | --- | --- |
 //! | [`cli`] | the `vmm` command: `run`, `images`, `compare`, `ctl` (and `watch`), `bench`, `report`, `completions`, `man`; one module per subcommand; argument checks that give one-line errors |
 //! | [`run_table`] | what `vmm run` prints at the end of a run: per phase, the exits in `perf kvm stat`'s layout and the host KVM's statistics in `kvm_stat`'s; the CSV of every figure |
-//! | [`compare`] | `vmm compare`: child `vmm run`s interleaved, the compare.json document and how runs fold into it, the side-by-side table and its CSV |
+//! | [`compare`] | `vmm compare`: child `vmm run`s interleaved, the compare.json document and how runs fold into it, the side-by-side table and its CSV, the projection onto cost profiles |
+//! | [`cost`] | cost profiles (per-event costs of a host, versioned JSON) and the projection of a run's events onto one |
 //! | [`chart`] | the charts with plotters: per named phase, secondary-MMU faults by kind beside the host KVM's exits, the whole run as ratios to `off`, every view side by side |
 //! | [`report`] | `vmm report`: the README's Results section and the charts from compare and bench JSON |
 //! | [`progress`] | how far a long command is, with the time left, on a terminal |
 //! | [`csv`] | CSV records |
-//! | [`mod@bench`] | `vmm bench`: the exit floor, the secondary-MMU fault against its bare mechanism, the deduplicator against the host's KSM |
+//! | [`mod@bench`] | `vmm bench`: the exit floor, the secondary-MMU fault against its bare mechanism, the deduplicator against the host's KSM, this host's cost profile, the cost model checked against measured runs |
 //!
 //! # Example
 //!
@@ -59,6 +60,7 @@ pub mod bench;
 pub mod chart;
 pub mod cli;
 pub mod compare;
+pub mod cost;
 pub mod csv;
 pub mod progress;
 pub mod report;

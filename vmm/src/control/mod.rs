@@ -19,6 +19,10 @@
 //!   statistics that moved since the run started: counters by their
 //!   increase, levels by their value) and `kvm_levels` (which of them are
 //!   levels).
+//! * `soft-dirty`: one soft-dirty round (`clear_refs` 4) over every guest's
+//!   RAM now, as the guest's port 0x501 = 5 does for itself; reply
+//!   `{"ok":true,"soft_dirty_pages":N}` (pages written since the round
+//!   before) once it is done.
 //!
 //! A refused request is `{"ok":false,"error":"<reason>"}`. The socket file
 //! is removed when the run ends.
@@ -41,6 +45,7 @@ use crate::dedup::{DedupControl, RunState};
 use crate::kvm_stats::KvmStats;
 use crate::view::ViewFaults;
 use crate::vm::{lock, Vm};
+use shadow_mmu::PrimaryMmu;
 
 /// The protocol's name in the greeting.
 pub const PROTOCOL: &str = "vmm-control";
@@ -124,6 +129,8 @@ pub struct ControlState {
     pub closed: AtomicBool,
     /// When the run started.
     pub started: Instant,
+    /// The primary MMUs of the run's guests, for `soft-dirty`.
+    pub mms: Vec<Arc<Mutex<PrimaryMmu>>>,
 }
 
 impl ControlState {
@@ -145,7 +152,14 @@ impl ControlState {
             policy: policy.to_string(),
             closed: AtomicBool::new(false),
             started: Instant::now(),
+            mms: Vec::new(),
         }
+    }
+
+    /// The same state, `soft-dirty` acting on `mms`.
+    pub fn with_mms(mut self, mms: Vec<Arc<Mutex<PrimaryMmu>>>) -> Self {
+        self.mms = mms;
+        self
     }
 
     /// The state of a run of `vm`: the host KVM's statistics are read
@@ -156,7 +170,7 @@ impl ControlState {
             .and_then(|v| Ok((v, KvmStats::open(vm.vcpu())?)))
             .ok()
             .and_then(|(v, c)| LiveKvm::start(v, c));
-        Self::new(vm.dedup().clone(), policy, vm.view_faults().clone(), kvm)
+        Self::new(vm.dedup().clone(), policy, vm.view_faults().clone(), kvm).with_mms(vec![vm.mm().clone()])
     }
 
     /// The state of a fleet's guest that has no socket (every guest but
@@ -365,7 +379,8 @@ fn answer(request: &str, state: &ControlState) -> Value {
             _ => refused(format!("run takes 0, 1 or 2, not '{n}'")),
         },
         ["status"] => status(state),
-        _ => refused(format!("unknown request '{request}': use `run 0|1|2` or `status`")),
+        ["soft-dirty"] => soft_dirty(state),
+        _ => refused(format!("unknown request '{request}': use `run 0|1|2`, `status` or `soft-dirty`")),
     }
 }
 
@@ -383,6 +398,18 @@ fn set_run(run: u32, state: &ControlState) -> Value {
         Ok(()) => json!({ "ok": true, "run": run }),
         Err(e) => refused(crate::error_chain(&e)),
     }
+}
+
+/// `soft-dirty`: one round over every guest's RAM, done before the reply.
+fn soft_dirty(state: &ControlState) -> Value {
+    let mut pages = 0;
+    for mm in &state.mms {
+        match crate::soft_dirty::soft_dirty_round(mm) {
+            Ok(n) => pages += n,
+            Err(e) => return refused(crate::error_chain(&e)),
+        }
+    }
+    json!({ "ok": true, "soft_dirty_pages": pages })
 }
 
 /// `status`: where the guest is and what it has done so far.
@@ -448,10 +475,19 @@ mod tests {
     fn state() -> Arc<ControlState> {
         let pool = Arc::new(FramePool::new(16 * shadow_mmu::PAGE_SIZE).expect("frame pool"));
         let mm = Arc::new(Mutex::new(PrimaryMmu::new(pool, 0, 16)));
-        let dedup = Arc::new(Mutex::new(DedupControl::new(crate::dedup::Dedup::Off, mm)));
-        let state = ControlState::new(dedup, "off", Arc::new(ViewFaults::default()), None);
+        let dedup = Arc::new(Mutex::new(DedupControl::new(crate::dedup::Dedup::Off)));
+        let state = ControlState::new(dedup, "off", Arc::new(ViewFaults::default()), None).with_mms(vec![mm]);
         state.phase.store(3, Ordering::SeqCst);
         Arc::new(state)
+    }
+
+    #[test]
+    fn a_soft_dirty_round_from_outside_counts_the_pages_written_since_the_last() {
+        let state = state();
+        let first = answer("soft-dirty", &state);
+        assert_eq!(first, json!({ "ok": true, "soft_dirty_pages": 16 }), "every page of a new mapping is soft-dirty");
+        assert_eq!(answer("soft-dirty", &state)["soft_dirty_pages"], 0, "nothing written since");
+        assert_eq!(lock(&state.mms[0]).stats().soft_dirty_rounds, 2);
     }
 
     fn scratch(tag: &str) -> PathBuf {

@@ -26,7 +26,8 @@ use crate::vm::{lock, Vm};
 /// Runs the guests of `vms` (two or more) to their end.
 pub(super) fn run_fleet(vms: Vec<Vm>, config: &mut RunConfig, record: ConfigRecord, units: Units) -> RunStats {
     let dedup = vms[0].dedup().clone();
-    let control = Arc::new(ControlState::for_vm(&vms[0], config.dedup.name()));
+    let mms = vms.iter().map(|vm| vm.mm().clone()).collect();
+    let control = Arc::new(ControlState::for_vm(&vms[0], config.dedup.name()).with_mms(mms));
     let server = config.control.as_deref().map(|p| ControlServer::start(p, control.clone()));
     if let Some(Err(e)) = &server {
         eprintln!("vmm: the control socket could not be opened ({}); the fleet runs without it", crate::error_chain(e));

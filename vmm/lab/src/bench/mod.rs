@@ -3,10 +3,15 @@
 //! returns, the exit is mapped and counted, KVM_RUN is entered again) against
 //! a bare KVM_RUN loop. `fault`: one secondary-MMU fault against the bare
 //! mechanism of its view. `dedup` ([`dedup`]): the deduplicator's scan and
-//! merge costs and its convergence, against the host's own KSM.
+//! merge costs and its convergence, against the host's own KSM. `profile`
+//! ([`profile`]): this host's cost profile, each event's cost from a
+//! microbenchmark. `model` ([`model`]): the profile's predictions against
+//! measured runs of the workloads.
 
 pub mod dedup;
 mod fault;
+pub mod model;
+pub mod profile;
 
 use std::time::Instant;
 
@@ -81,6 +86,9 @@ pub enum BenchError {
     /// The bench could not read guest memory to complete an access itself.
     #[error("reading guest memory for a bare fault")]
     Memory(#[source] shadow_mmu::PrimaryMmuError),
+    /// This host's cost profile could not be measured.
+    #[error(transparent)]
+    Profile(#[from] profile::ProfileBenchError),
 }
 
 /// Times `exits` port-I/O exits through the VMM's exit path and `exits` with

@@ -3,7 +3,7 @@
 //! the unit and kind of each figure in `units`; or a table, or CSV) and a
 //! summary line on standard error.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use vmm::image::GuestImage;
@@ -17,8 +17,11 @@ use serde_json::Value;
 use super::args::{check_repeat, guest_mem, this_vmm, Format, KvmArg};
 use super::CliError;
 use crate::bench::dedup::{bench_dedup, DedupBenchConfig, DedupBenchReport};
-use crate::bench::{exit_floor, exit_floor_exits_needed, fault_cost};
-use crate::compare::CompareConfig;
+use crate::bench::model::{bench_model, render_model, ModelConfig, MODEL_WORKLOADS};
+use crate::bench::profile::{bench_profile, write_profile, ProfileBenchConfig};
+use crate::bench::{exit_floor, exit_floor_exits_needed, fault_cost, BenchError};
+use crate::compare::{CompareConfig, CompareError};
+use crate::cost::CostProfile;
 use crate::progress::Terminal;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -29,6 +32,10 @@ enum BenchWhat {
     Fault,
     /// Scan and merge cost per page and convergence, against the host's KSM.
     Dedup,
+    /// This host's cost profile (needs --out FILE): each event's cost from a microbenchmark.
+    Profile,
+    /// The cost model checked: measured against predicted time per workload and policy (needs --profile).
+    Model,
 }
 
 #[derive(Debug, clap::Args)]
@@ -49,9 +56,22 @@ pub(super) struct BenchArgs {
     /// Guests of `converge` per run (dedup): a fleet converging together, each guest of --mem.
     #[arg(long, default_value_t = 1, value_name = "N")]
     guests: u32,
-    /// Where each run's statistics go (dedup; default: a fresh temporary directory).
-    #[arg(long, value_name = "DIR")]
+    /// dedup and model: where each run's statistics go (default: a fresh temporary directory);
+    /// profile: the file the profile is written to.
+    #[arg(long, value_name = "DIR|FILE")]
     out: Option<PathBuf>,
+    /// The profile `model` checks (normally this host's, from `vmm bench profile`).
+    #[arg(long, value_name = "FILE")]
+    profile: Option<PathBuf>,
+    /// Other hosts' profiles `model` projects every run onto as well (repeatable).
+    #[arg(long, value_name = "FILE")]
+    project: Vec<PathBuf>,
+    /// The name `profile` gives the profile (default: this-host-VIEW).
+    #[arg(long)]
+    name: Option<String>,
+    /// The workloads `model` runs, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = MODEL_WORKLOADS.iter().map(|w| w.to_string()))]
+    workloads: Vec<String>,
     /// Number of exits to time (floor).
     #[arg(long, default_value_t = 20_000)]
     exits: usize,
@@ -75,6 +95,8 @@ pub(super) fn bench_command(kvm_before: Option<PathBuf>, args: &BenchArgs) -> Re
         BenchWhat::Floor => bench_floor(kvm_device, args),
         BenchWhat::Fault => bench_fault(kvm_device, args),
         BenchWhat::Dedup => bench_dedup_command(kvm_device, args),
+        BenchWhat::Profile => bench_profile_command(kvm_device, args),
+        BenchWhat::Model => bench_model_command(kvm_device, args),
     }?;
     Ok(ExitCode::SUCCESS)
 }
@@ -169,19 +191,7 @@ fn bench_dedup_command(kvm_device: PathBuf, args: &BenchArgs) -> Result<(), CliE
         repeat: args.repeat,
         guests: args.guests,
         out: out.clone(),
-        base: CompareConfig {
-            image: String::new(),
-            mem_bytes,
-            policies: Vec::new(),
-            repeat: 1,
-            guests: 1,
-            out: out.clone(),
-            view: args.view.unwrap_or(ViewKind::Uffd),
-            timeout_secs: 600.0,
-            knobs: ksm::KsmKnobs::default(),
-            kvm_device,
-            vmm,
-        },
+        base: compare_base(kvm_device, mem_bytes, args.view.unwrap_or(ViewKind::Uffd), &out, vmm),
     };
     let report = bench_dedup(&config, &mut Terminal::new("vmm bench dedup", args.quiet))?;
     print_report(&report, args.format)?;
@@ -194,10 +204,104 @@ fn bench_dedup_command(kvm_device: PathBuf, args: &BenchArgs) -> Result<(), CliE
     Ok(())
 }
 
+/// The template of the child runs a bench makes (image, policies and
+/// repeat are set per use).
+fn compare_base(kvm_device: PathBuf, mem_bytes: u64, view: ViewKind, out: &Path, vmm: PathBuf) -> CompareConfig {
+    CompareConfig {
+        image: String::new(),
+        mem_bytes,
+        policies: Vec::new(),
+        repeat: 1,
+        guests: 1,
+        out: out.to_path_buf(),
+        view,
+        timeout_secs: 600.0,
+        knobs: ksm::KsmKnobs::default(),
+        kvm_device,
+        vmm,
+        profiles: Vec::new(),
+    }
+}
+
+/// A fresh temporary directory for a bench's runs.
+fn temp_out(what: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("vmm-bench-{what}-{}", std::process::id()))
+}
+
+fn bench_profile_command(kvm_device: PathBuf, args: &BenchArgs) -> Result<(), CliError> {
+    let path = args.out.clone().ok_or_else(|| CliError::Usage("bench profile needs --out FILE".into()))?;
+    let mem_bytes = guest_mem(args.mem.as_deref().unwrap_or("16M"))?;
+    check_repeat(args.repeat)?;
+    vmm::signals::install(false).map_err(CliError::Signals)?;
+    let view = args.view.unwrap_or(ViewKind::Uffd);
+    let runs = temp_out("profile");
+    let config = ProfileBenchConfig {
+        name: args.name.clone().unwrap_or_else(|| format!("this-host-{}", view.name())),
+        view,
+        mem_bytes,
+        repeat: args.repeat,
+        out: runs.clone(),
+        base: compare_base(kvm_device.clone(), mem_bytes, view, &runs, this_vmm()?),
+    };
+    let make = |image: &'static str| RunConfig {
+        dedup: DedupPolicy::RangeFlush,
+        view,
+        builtin_ksm: false,
+        ..bench_config(
+            kvm_device.clone(),
+            GuestImage::resolve(image, mem_bytes)
+                .unwrap_or_else(|_| GuestImage { name: image.into(), bytes: Vec::new() }),
+            mem_bytes,
+        )
+    };
+    let profile = bench_profile(&config, &make, &mut Terminal::new("vmm bench profile", args.quiet));
+    let _ = std::fs::remove_dir_all(&runs);
+    let json = serde_json::to_string_pretty(&profile.map_err(BenchError::from)?)?;
+    write_profile(&path, &json).map_err(BenchError::from)?;
+    if !args.quiet {
+        eprintln!("vmm bench profile: wrote {}", path.display());
+    }
+    super::print_out(json)
+}
+
+fn bench_model_command(kvm_device: PathBuf, args: &BenchArgs) -> Result<(), CliError> {
+    let path = args.profile.as_deref().ok_or_else(|| CliError::Usage("bench model needs --profile FILE".into()))?;
+    let profile = CostProfile::load(path).map_err(CompareError::Profile)?;
+    let mem_bytes = guest_mem(args.mem.as_deref().unwrap_or("16M"))?;
+    check_repeat(args.repeat)?;
+    let out = args.out.clone().unwrap_or_else(|| temp_out("model"));
+    let view = args.view.unwrap_or(ViewKind::Uffd);
+    use DedupPolicy::{ChangePte, EventAware, Legacy, Off, RangeFlush};
+    let base = CompareConfig {
+        policies: vec![Off, ChangePte, RangeFlush, Legacy, EventAware],
+        repeat: args.repeat,
+        ..compare_base(kvm_device, mem_bytes, view, &out, this_vmm()?)
+    };
+    let others = args.project.iter().map(|p| CostProfile::load(p)).collect::<Result<Vec<_>, _>>();
+    let others = others.map_err(CompareError::Profile)?;
+    let config = ModelConfig { workloads: args.workloads.clone(), out: out.clone(), base, profile, others };
+    let report = bench_model(&config, &mut Terminal::new("vmm bench model", args.quiet));
+    if args.out.is_none() {
+        let _ = std::fs::remove_dir_all(&out);
+    }
+    let report = report?;
+    match args.format {
+        Format::Table => super::print_out(render_model(&report)),
+        format => {
+            if !args.quiet {
+                eprint!("{}", render_model(&report));
+            }
+            print_report(&report, format)
+        }
+    }
+}
+
 /// The unit and kind of a bench figure, by its key.
 fn bench_unit(key: &str) -> Option<(&'static str, &'static str)> {
     Some(match key {
         k if k.starts_with("ratio") || k.starts_with("converge_") => ("ratio", "level"),
+        "error" | "max_abs_error" | "median_abs_error" | "limit" | "goal" => ("ratio", "level"),
+        "within_limit" | "within_goal" | "points" => ("points", "count"),
         "samples" | "faults" => ("samples", "count"),
         "pages_scanned" | "pages_merged" => ("pages", "count"),
         "mem_bytes" => ("bytes", "level"),

@@ -9,7 +9,8 @@ use vmm::vm::DedupPolicy;
 
 use super::args::{check_repeat, guest_mem, parse_timeout, policy_parser, this_vmm, Format, KsmArgs, KvmArg};
 use super::CliError;
-use crate::compare::{compare, table, CompareConfig};
+use crate::compare::{compare, table, CompareConfig, CompareError};
+use crate::cost::CostProfile;
 use crate::progress::Terminal;
 
 pub(super) const AFTER_HELP: &str = "\
@@ -24,7 +25,8 @@ succeeded and every guest read the same as under the first policy (off if given)
 
 Examples:
   vmm compare pagefill --mem 16M --repeat 3 --out results/pagefill
-  vmm compare converge --mem 257M --policies range-flush,change-pte,kernel --view uffd --repeat 1";
+  vmm compare converge --mem 257M --policies range-flush,change-pte,kernel --view uffd --repeat 1
+  vmm compare pagefill --mem 16M --project vmm/lab/profiles/hw-vmx-ept.json --project host.json";
 
 #[derive(Debug, clap::Args)]
 pub(super) struct CompareArgs {
@@ -59,6 +61,10 @@ pub(super) struct CompareArgs {
     /// End a run (with its statistics, counted as failed) after SECS seconds.
     #[arg(long, default_value = "600", value_name = "SECS")]
     timeout: String,
+    /// Also project each policy's guest time onto the host of this cost profile (repeatable;
+    /// needs the off policy): off's time plus the events beyond off's times their cost.
+    #[arg(long, value_name = "PROFILE")]
+    project: Vec<PathBuf>,
     #[command(flatten)]
     kvm: KvmArg,
     #[command(flatten)]
@@ -102,6 +108,11 @@ fn config(kvm_before: Option<PathBuf>, args: CompareArgs) -> Result<CompareConfi
         policies.push(p);
     }
     GuestImage::resolve(&args.image, mem_bytes)?.validate(mem_bytes)?;
+    let profiles = args.project.iter().map(|p| CostProfile::load(p)).collect::<Result<Vec<_>, _>>();
+    let profiles = profiles.map_err(CompareError::Profile)?;
+    if !profiles.is_empty() && !policies.contains(&DedupPolicy::Off) {
+        return Err(CompareError::ProjectionWithoutOff.into());
+    }
     Ok(CompareConfig {
         image: args.image,
         mem_bytes,
@@ -114,5 +125,6 @@ fn config(kvm_before: Option<PathBuf>, args: CompareArgs) -> Result<CompareConfi
         knobs,
         kvm_device: args.kvm.device(kvm_before),
         vmm: this_vmm()?,
+        profiles,
     })
 }

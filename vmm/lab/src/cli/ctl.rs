@@ -14,6 +14,9 @@ Requests:
   status         the guest's phase and its name, the run state, the deduplicator's figures, the
                  exits by reason and by event so far and the host KVM's statistics that moved,
                  as one JSON object (the control socket's reply)
+  soft-dirty     one soft-dirty round (clear_refs 4) over every guest's RAM now, as a live
+                 migration's pre-copy loop makes them (prints the pages written since the round
+                 before)
   watch          redraw a kvm_stat-like table (totals, shares, rates per second) every
                  --interval MS until the run ends (exit status 0) or Ctrl-C
 
@@ -31,7 +34,7 @@ refused (the reason on stderr), 2 the socket cannot be reached.";
 pub(super) struct CtlArgs {
     /// The socket given to `vmm run --control`.
     socket: PathBuf,
-    /// The request: `run 0|1|2`, `status` or `watch`.
+    /// The request: `run 0|1|2`, `status`, `soft-dirty` or `watch`.
     #[arg(required = true, num_args = 1.., value_name = "REQUEST")]
     request: Vec<String>,
     /// How often `watch` redraws, in milliseconds.

@@ -180,6 +180,7 @@ pub fn build_report(
         phases,
         total,
         guests,
+        projection: Default::default(),
         runs,
     }
 }

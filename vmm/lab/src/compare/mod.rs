@@ -20,6 +20,7 @@ mod child;
 mod child_run;
 pub mod fold;
 mod levels;
+pub mod projection;
 pub mod summary;
 pub mod table;
 
@@ -84,6 +85,12 @@ pub enum CompareError {
     /// The charts could not be drawn.
     #[error(transparent)]
     Chart(#[from] crate::chart::ChartError),
+    /// A cost profile could not be loaded.
+    #[error(transparent)]
+    Profile(#[from] crate::cost::ProfileError),
+    /// --project was given without the `off` policy.
+    #[error("--project needs the off policy: its runs are the guest's own time")]
+    ProjectionWithoutOff,
     /// --out names a directory with files that are not a comparison's.
     #[error("--out {0} is not empty and holds no earlier comparison ({OUT_MARKER}): give an empty or new directory")]
     NotOurs(String),
@@ -114,6 +121,8 @@ pub struct CompareConfig {
     pub kvm_device: PathBuf,
     /// The `vmm` executable to run (normally this one).
     pub vmm: PathBuf,
+    /// Cost profiles to project every policy onto (`--project`).
+    pub profiles: Vec<crate::cost::CostProfile>,
 }
 
 fn knob_map(k: &ksm::KsmKnobs) -> std::collections::BTreeMap<String, u64> {
@@ -235,7 +244,8 @@ fn run_all(
         let why: Vec<String> = tally.skipped.iter().map(|s| format!("{}: {}", s.policy, s.reason)).collect();
         return Err(CompareError::Nothing(why.join("; ")));
     }
-    let report = build_report(setup, ran, tally.skipped, tally.runs, tally.failures, kvm_levels);
+    let mut report = build_report(setup, ran, tally.skipped, tally.runs, tally.failures, kvm_levels);
+    report.projection = projection::project_report(&report, &config.profiles);
     write_outputs(&config.out, &report)?;
     Ok(report)
 }
@@ -396,6 +406,7 @@ cp "{d}/stats.json" "$out"
             knobs: ksm::KsmKnobs::default(),
             kvm_device: "/nonexistent/kvm".into(),
             vmm: fake_vmm(&dir),
+            profiles: Vec::new(),
         };
         let r = compare_with(&config, &BTreeSet::new(), &mut |_: &str| {}).expect("the comparison goes on");
         assert_eq!(r.policies, ["off", "change-pte", "legacy"]);

@@ -165,6 +165,11 @@ pub struct CompareReport {
     /// per policy, medians over the counted runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub guests: Vec<GuestSummary>,
+    /// Per cost profile given with `--project`, per policy: the guest time
+    /// projected onto that host, for the whole run and per phase (see
+    /// [`super::projection`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub projection: super::projection::Projections,
     /// Every run, raw.
     pub runs: Vec<RunRecord>,
 }

@@ -184,6 +184,7 @@ pub fn render(report: &CompareReport) -> String {
     }
     render_phase(&mut out, "whole run", &report.total, &report.policies);
     render_guest_exits(&mut out, report);
+    super::projection::render(&mut out, report, NAME_WIDTH);
     let _ = writeln!(out);
     if report.reports_identical {
         let _ = writeln!(out, "guest reports: identical in every run of every policy");
