@@ -81,6 +81,9 @@ pub enum ViewError {
     /// Which frames hold memory could not be read (mincore).
     #[error("userfaultfd view: cannot tell which frames hold memory")]
     Residency(#[source] shadow_mmu::FramePoolError),
+    /// A frame pool for a bare measurement could not be created.
+    #[error("cannot create a frame pool for the bare measurement")]
+    BarePool(#[source] shadow_mmu::FramePoolError),
     /// The userfaultfd view needs more mappings than vm.max_map_count allows.
     #[error(
         "the userfaultfd view needs more memory mappings than vm.max_map_count ({limit}) allows: raise it \

@@ -28,9 +28,14 @@ use vmm::dedup::HostKsmPaths;
 use vmm::stats::RunStats;
 use vmm::vm::DedupPolicy;
 
+use vmm::view::uffd::bare_view_costs;
+
 use crate::compare::fold::median;
 use crate::compare::{run_once, CompareConfig, RunError};
 use crate::progress::Progress;
+
+/// Pages of each bare remap and zap measurement.
+const BARE_PAGES: usize = 4096;
 
 /// The guest phase in which `unique` and `converge` make their pass.
 const PASS_PHASE: u32 = 2;
@@ -38,6 +43,9 @@ const PASS_PHASE: u32 = 2;
 /// Errors of the benchmark.
 #[derive(Debug, thiserror::Error)]
 pub enum DedupBenchError {
+    /// The bare view mechanisms could not be timed.
+    #[error("cannot time a bare view remap and zap")]
+    Bare(#[source] vmm::view::ViewError),
     /// The directory for the runs' statistics could not be created.
     #[error("cannot create {path}")]
     CreateDir {
@@ -174,8 +182,29 @@ pub struct DedupBenchReport {
     pub repeat: u32,
     /// Why the kernel policy did not run, if it did not.
     pub kernel_skipped: Option<String>,
+    /// A bare view remap of one page (mmap of another frame and
+    /// UFFDIO_CONTINUE, a share of one UFFDIO_REGISTER), median over the
+    /// repeats, in ns (`vmm::view::uffd::bare_view_costs`).
+    pub bare_remap_ns: f64,
+    /// A bare view zap of one page (a share of one MADV_DONTNEED), median.
+    pub bare_zap_ns: f64,
+    /// What change-pte's merge may cost by issue 12's goal: range-flush's
+    /// plus 1.1x (bare remap - bare zap), when both ran.
+    pub change_pte_merge_limit_ns: Option<f64>,
     /// Per policy (the built-in ones, then `kernel`).
     pub policies: BTreeMap<String, PolicyResult>,
+}
+
+impl DedupBenchReport {
+    /// Fills in [`Self::change_pte_merge_limit_ns`].
+    fn with_merge_limit(mut self) -> Self {
+        self.change_pte_merge_limit_ns = self
+            .policies
+            .get("range-flush")
+            .filter(|_| self.policies.contains_key("change-pte"))
+            .map(|rf| rf.merge_ns_per_page + 1.1 * (self.bare_remap_ns - self.bare_zap_ns));
+        self
+    }
 }
 
 /// What to run.
@@ -226,9 +255,15 @@ pub fn bench_dedup(
         }
     };
     let mut passes: BTreeMap<(&str, &str), Vec<Pass>> = BTreeMap::new();
+    let (mut remaps, mut zaps) = (Vec::new(), Vec::new());
     let total = config.repeat * 2 * policies.len() as u32;
     let mut done = 0;
     for repeat in 0..config.repeat {
+        // The bare mechanisms of a view remap and zap, once per repeat,
+        // interleaved with the runs they are set beside.
+        let bare = bare_view_costs(BARE_PAGES).map_err(DedupBenchError::Bare)?;
+        remaps.push(bare.remap_ns.round() as u64);
+        zaps.push(bare.zap_ns.round() as u64);
         for image in ["unique", "converge"] {
             for &policy in &policies {
                 let what = format!("running {image} under {} (repeat {}/{})", policy.name(), repeat + 1, config.repeat);
@@ -246,8 +281,12 @@ pub fn bench_dedup(
         view: config.base.view.name().to_string(),
         repeat: config.repeat,
         kernel_skipped,
+        bare_remap_ns: median(&remaps),
+        bare_zap_ns: median(&zaps),
+        change_pte_merge_limit_ns: None,
         policies: results(&policies, &passes),
-    })
+    }
+    .with_merge_limit())
 }
 
 /// Runs `image` under `policy` once and returns its pass.

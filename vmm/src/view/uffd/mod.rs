@@ -108,6 +108,7 @@
 //! [`UffdFaultThread`].
 
 mod abi;
+mod bare;
 mod chunks;
 mod fault_thread;
 mod shared;
@@ -115,6 +116,7 @@ mod userfaultfd;
 mod view;
 mod window;
 
+pub use bare::{bare_view_costs, BareViewCosts};
 pub use fault_thread::{FaultHandlerError, FaultThreadError, UffdFaultHandler, UffdFaultSource, UffdFaultThread};
 pub use shared::{FaultWait, FAULT_SPIN};
 pub use view::UffdView;

@@ -46,7 +46,7 @@ fn uffd_err(op: &'static str) -> impl FnOnce(io::Error) -> ViewError {
 /// UFFDIO_API can be issued once per descriptor and fails as a whole if one
 /// requested feature is missing, so a first descriptor only asks what the
 /// kernel offers.
-fn open_view_userfaultfd() -> Result<Userfaultfd, ViewError> {
+pub(super) fn open_view_userfaultfd() -> Result<Userfaultfd, ViewError> {
     let offered = Userfaultfd::open()?.api(0).map_err(uffd_err("UFFDIO_API (probe)"))?.features;
     if offered & FEATURES_REQUIRED != FEATURES_REQUIRED {
         return Err(ViewError::UffdFeatures { offered, required: FEATURES_REQUIRED });
@@ -58,7 +58,7 @@ fn open_view_userfaultfd() -> Result<Userfaultfd, ViewError> {
 
 /// Registers `range` of W with `uffd` (MISSING | MINOR | WP), checking that
 /// the kernel offers CONTINUE and WRITEPROTECT on it.
-fn register(uffd: &Userfaultfd, range: UffdioRange) -> Result<(), ViewError> {
+pub(super) fn register(uffd: &Userfaultfd, range: UffdioRange) -> Result<(), ViewError> {
     let offered = uffd.register(range, REGISTER_MODE).map_err(vma_err("UFFDIO_REGISTER (MISSING | MINOR | WP)"))?;
     if offered & UFFD_RANGE_IOCTLS_NEEDED != UFFD_RANGE_IOCTLS_NEEDED {
         return Err(ViewError::UffdRangeIoctls { offered });
