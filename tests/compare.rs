@@ -269,6 +269,12 @@ fn bench_dedup_reports_scan_and_merge_costs_against_the_kernel_as_json() {
         }
     }
     assert_eq!(v["kernel_skipped"].is_null(), kernel);
+    // The bare view mechanisms, timed in the same invocation, and the limit
+    // issue 12 sets change-pte's merge cost from them.
+    let (remap, zap) = (v["bare_remap_ns"].as_f64().expect("remap"), v["bare_zap_ns"].as_f64().expect("zap"));
+    assert!(remap > 0.0 && zap > 0.0, "{v}");
+    let range_flush = v["policies"]["range-flush"]["merge_ns_per_page"].as_f64().expect("range-flush merge");
+    assert_eq!(v["change_pte_merge_limit_ns"].as_f64(), Some(range_flush + 1.1 * (remap - zap)));
 }
 
 /// Runs `vmm compare ARGS --out OUT` to the end and reads its compare.json.
