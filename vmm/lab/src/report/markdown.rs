@@ -210,6 +210,20 @@ fn render_dedup_rows(out: &mut String, d: &Value) {
             let _ = writeln!(out, "| {what} | {ours} | {theirs} | {ratio} | `vmm bench dedup` |");
         }
     }
+    let change_pte = num(d, "policies.change-pte.merge_ns_per_page");
+    let limit = num(d, "change_pte_merge_limit_ns");
+    if limit.is_some() {
+        let ratio = match (change_pte, limit) {
+            (Some(c), Some(l)) if l > 0.0 => format!("{:.2}", c / l),
+            _ => "-".into(),
+        };
+        let what = format!(
+            "merge cost per page, change-pte vs range-flush's + 1.1x (bare remap {} - bare zap {})",
+            us(num(d, "bare_remap_ns")),
+            us(num(d, "bare_zap_ns"))
+        );
+        let _ = writeln!(out, "| {what} | {} | {} | {ratio} | `vmm bench dedup` |", us(change_pte), us(limit));
+    }
     if let Some(why) = at(d, "kernel_skipped").and_then(Value::as_str) {
         let _ = writeln!(out, "\nThe kernel policy did not run: {why}");
     }
