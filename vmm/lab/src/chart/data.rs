@@ -3,7 +3,8 @@
 //! served by kind, and the host KVM's exits and the wall time as ratios to
 //! `off`. Repeated phases are one group, whose figures are the median over
 //! its occurrences: phases with the same name (the guest names each
-//! repetition alike), or unnamed ones with the same number.
+//! repetition alike), or unnamed ones with the same number, that took the
+//! same secondary-MMU faults under every policy.
 
 use std::collections::BTreeMap;
 
@@ -92,11 +93,17 @@ impl ChartData {
     }
 }
 
-/// What makes phases one group: their name, or their number when unnamed.
-fn group_key(p: &PhaseSummary) -> String {
+/// What makes phases one group: their name (or their number when unnamed)
+/// and the same secondary-MMU faults under every policy, so that a
+/// repetition that differs (the first reads after a merge pass) keeps a
+/// group of its own instead of vanishing in the others' median.
+fn group_key(p: &PhaseSummary, policies: &[String]) -> String {
+    let faults: Vec<String> =
+        policies.iter().map(|policy| format!("{:?}", FAULTS.map(|f| value(p, f, policy)))).collect();
+    let faults = faults.join(" ");
     match &p.name {
-        Some(name) => format!("name {name}"),
-        None => format!("number {}", p.phase.unwrap_or(0)),
+        Some(name) => format!("name {name} faults {faults}"),
+        None => format!("number {} faults {faults}", p.phase.unwrap_or(0)),
     }
 }
 
@@ -120,7 +127,7 @@ fn view_data(report: &CompareReport) -> ViewData {
     let mut order: Vec<String> = Vec::new();
     let mut occurrences: BTreeMap<String, Vec<&PhaseSummary>> = BTreeMap::new();
     for p in &report.phases {
-        let key = group_key(p);
+        let key = group_key(p, &report.policies);
         if !occurrences.contains_key(&key) {
             order.push(key.clone());
         }
@@ -217,5 +224,22 @@ mod tests {
         let ratio = legacy.exits_ratio.expect("off ran");
         assert!((ratio.median - 3.0).abs() < 1e-9, "{ratio:?}");
         assert_eq!(d.views[0].groups[1].cells[0].exits_ratio.map(|s| s.median), Some(1.0));
+    }
+
+    #[test]
+    fn a_repetition_with_other_faults_keeps_a_group_of_its_own() {
+        // legacy's first reads after the pass refault; later repetitions
+        // do not: the first must not vanish in the others' median.
+        let phases = |first_faults: u64| {
+            let mut v: Vec<_> = (2..6).map(|n| named(n, 1, "read every page")).collect();
+            v[0].figures.exits.record_n(vmm::stats::ExitKind::EptRead, first_faults);
+            v
+        };
+        let runs = vec![run_with("off", 0, phases(0), vec![]), run_with("legacy", 0, phases(512), vec![])];
+        let r = report(&["off", "legacy"], runs);
+        let d = ChartData::of(&[&r]);
+        let labels: Vec<(&str, usize)> = d.views[0].groups.iter().map(|g| (g.label.as_str(), g.times)).collect();
+        assert_eq!(labels, [("2 read every page", 1), ("3-5 read every page", 3), ("whole run", 1)]);
+        assert_eq!(d.views[0].groups[0].cells[1].faults[0], 512.0);
     }
 }

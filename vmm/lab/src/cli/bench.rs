@@ -147,11 +147,10 @@ fn bench_floor(kvm_device: PathBuf, args: &BenchArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-fn bench_fault(kvm_device: PathBuf, args: &BenchArgs) -> Result<(), CliError> {
-    let mem_bytes = guest_mem(args.mem.as_deref().unwrap_or("64M"))?;
-    vmm::signals::install(false).map_err(CliError::Signals)?;
-    let view = args.view.unwrap_or(ViewKind::Memslot);
-    let make = |image: &'static str| RunConfig {
+/// The configuration of a bench run whose memory hook drives the secondary
+/// MMU (range-flush, no built-in deduplicator), for built-in image `image`.
+fn hooked_config(kvm_device: PathBuf, mem_bytes: u64, view: ViewKind) -> impl Fn(&'static str) -> RunConfig {
+    move |image| RunConfig {
         dedup: DedupPolicy::RangeFlush,
         view,
         builtin_ksm: false,
@@ -161,7 +160,14 @@ fn bench_fault(kvm_device: PathBuf, args: &BenchArgs) -> Result<(), CliError> {
                 .unwrap_or_else(|_| GuestImage { name: image.into(), bytes: Vec::new() }),
             mem_bytes,
         )
-    };
+    }
+}
+
+fn bench_fault(kvm_device: PathBuf, args: &BenchArgs) -> Result<(), CliError> {
+    let mem_bytes = guest_mem(args.mem.as_deref().unwrap_or("64M"))?;
+    vmm::signals::install(false).map_err(CliError::Signals)?;
+    let view = args.view.unwrap_or(ViewKind::Memslot);
+    let make = hooked_config(kvm_device.clone(), mem_bytes, view);
     let report = fault_cost(make)?;
     print_report(&report, args.format)?;
     if args.quiet {
@@ -243,17 +249,7 @@ fn bench_profile_command(kvm_device: PathBuf, args: &BenchArgs) -> Result<(), Cl
         out: runs.clone(),
         base: compare_base(kvm_device.clone(), mem_bytes, view, &runs, this_vmm()?),
     };
-    let make = |image: &'static str| RunConfig {
-        dedup: DedupPolicy::RangeFlush,
-        view,
-        builtin_ksm: false,
-        ..bench_config(
-            kvm_device.clone(),
-            GuestImage::resolve(image, mem_bytes)
-                .unwrap_or_else(|_| GuestImage { name: image.into(), bytes: Vec::new() }),
-            mem_bytes,
-        )
-    };
+    let make = hooked_config(kvm_device.clone(), mem_bytes, view);
     let profile = bench_profile(&config, &make, &mut Terminal::new("vmm bench profile", args.quiet));
     let _ = std::fs::remove_dir_all(&runs);
     let json = serde_json::to_string_pretty(&profile.map_err(BenchError::from)?)?;
