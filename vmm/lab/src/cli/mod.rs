@@ -42,6 +42,10 @@ Examples:
   vmm bench                                   the cost of one VM exit on this machine, as JSON
   vmm bench fault --view memslot              one secondary-MMU fault against the bare mechanism
   vmm bench dedup                             scan and merge cost per page, against the host's KSM
+  vmm run template --guests 8 --mem 16M --dedup change-pte   a fleet of 8 guests, deduplicated together
+  vmm bench profile --out host.json           this host's cost per event (a cost profile)
+  vmm bench model --profile host.json         the profile's predictions against measured runs
+  vmm compare pagefill --project vmm/lab/profiles/hw-vmx-ept.json   each policy projected to hardware KVM
   vmm report docs/results --readme README.md  the README's results section from the JSON
 
 Guests are static ELF64 x86-64 executables written against the tiny-guest
