@@ -6,14 +6,16 @@
 //!
 //! Both are timed as the view makes them inside a batch of merges: a remap
 //! is one `mmap(MAP_FIXED)` of another frame over the page and one
-//! UFFDIO_CONTINUE, with one UFFDIO_REGISTER for the whole run of pages; a
-//! zap is the page's share of one MADV_DONTNEED over the run.
+//! UFFDIO_CONTINUE write-protected (a merged page is mapped read-only),
+//! with one UFFDIO_REGISTER for the whole run of pages; a zap is the page's
+//! share of one MADV_DONTNEED over the run.
 
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
 use shadow_mmu::{FramePool, PAGE_SHIFT, PAGE_SIZE};
 
+use super::abi::UFFDIO_CONTINUE_MODE_WP;
 use super::view::{open_view_userfaultfd, register};
 use super::window::Window;
 use crate::view::ViewError;
@@ -21,8 +23,9 @@ use crate::view::ViewError;
 /// What a bare remap and a bare zap of one page cost, in ns.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BareViewCosts {
-    /// `mmap(MAP_FIXED)` of another frame plus UFFDIO_CONTINUE, and the
-    /// page's share of one UFFDIO_REGISTER of the run.
+    /// `mmap(MAP_FIXED)` of another frame plus UFFDIO_CONTINUE with
+    /// UFFDIO_CONTINUE_MODE_WP, and the page's share of one
+    /// UFFDIO_REGISTER of the run.
     pub remap_ns: f64,
     /// The page's share of one MADV_DONTNEED of the run.
     pub zap_ns: f64,
@@ -46,7 +49,8 @@ pub fn bare_view_costs(pages: usize) -> Result<BareViewCosts, ViewError> {
     }
     register(&uffd, window.range(0, pages))?;
     for i in 0..pages {
-        uffd.continue_(window.range(i, 1), 0).map_err(|source| ViewError::Uffd { op: "UFFDIO_CONTINUE", source })?;
+        uffd.continue_(window.range(i, 1), UFFDIO_CONTINUE_MODE_WP)
+            .map_err(|source| ViewError::Uffd { op: "UFFDIO_CONTINUE", source })?;
     }
     let remap_ns = t.elapsed().as_nanos() as f64 / pages as f64;
     let t = Instant::now();
