@@ -5,8 +5,9 @@
 //! An exit event is the exit's reason ([`ExitKind`]), with port I/O split
 //! by the ABI's port classes ([`PortClass`]): `io:console`, `io:phase`, ...
 //! Secondary-MMU faults the userfaultfd view serves on its fault thread are
-//! no exit: they are listed as `ept_read:uffd` and `ept_write:uffd` with
-//! their samples and no time (the fault thread does not time them yet).
+//! no exit: they are listed as `ept_read:uffd` and `ept_write:uffd`, timed
+//! from the fault thread's taking the fault to its handler's return (the
+//! vCPU's wake follows), [`UffdFaultTimer`].
 
 use std::collections::BTreeMap;
 
@@ -294,9 +295,50 @@ impl ExitTimer {
     }
 }
 
+/// Times the secondary-MMU faults the userfaultfd view's fault thread
+/// serves without an exit ([`UFFD_READ`], [`UFFD_WRITE`]), for one stretch.
+#[derive(Debug, Clone, Default)]
+pub struct UffdFaultTimer {
+    reads: Welford,
+    writes: Welford,
+}
+
+impl UffdFaultTimer {
+    /// One fault, a write or not, served in `ns`.
+    pub fn record(&mut self, write: bool, ns: u64) {
+        if write { &mut self.writes } else { &mut self.reads }.add(ns);
+    }
+
+    /// The stretch's faults by key, with their times, and a fresh start.
+    pub fn take(&mut self) -> ExitTimes {
+        let taken = std::mem::take(self);
+        [(UFFD_READ, taken.reads), (UFFD_WRITE, taken.writes)]
+            .into_iter()
+            .filter(|(_, w)| w.n > 0)
+            .map(|(key, w)| (key.to_string(), w.summary()))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uffd_faults_are_timed_per_stretch() {
+        let mut t = UffdFaultTimer::default();
+        for ns in [10, 30] {
+            t.record(false, ns);
+        }
+        t.record(true, 7);
+        let times = t.take();
+        assert_eq!(
+            (times[UFFD_READ].samples, times[UFFD_READ].total_ns, times[UFFD_READ].max_ns),
+            (2, Some(40), Some(30))
+        );
+        assert_eq!(times[UFFD_WRITE].min_ns, Some(7));
+        assert!(t.take().is_empty(), "taking starts a new stretch");
+    }
 
     #[test]
     fn ports_fall_in_their_abi_classes() {

@@ -82,6 +82,7 @@ impl GuestRam {
     /// first touch of a frame that was a hole, or a race with a view
     /// update): the view maps it again and it is no secondary-MMU fault.
     pub fn serve_view_fault(&self, faults: &ViewFaults, gfn: Gfn, access: Access) -> Result<(), GuestRamError> {
+        let taken = std::time::Instant::now();
         {
             let mut mmu = lock(&self.mmu);
             if let Some(e) = mmu.ept().lookup(gfn) {
@@ -94,7 +95,9 @@ impl GuestRam {
             }
         }
         faults.record(access);
-        self.fault(gfn << PAGE_SHIFT, access)
+        let served = self.fault(gfn << PAGE_SHIFT, access);
+        faults.record_served(access, u64::try_from(taken.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        served
     }
 
     /// A guest read the VMM completes (an MMIO exit on RAM): fault the page

@@ -19,6 +19,8 @@ struct Readings {
     ksm_signed: SignedCounters,
     /// (reads, writes) served off the vCPU thread.
     view_faults: (u64, u64),
+    /// What serving those since the reading before took.
+    view_fault_times: ExitTimes,
     at: Option<Instant>,
 }
 
@@ -35,6 +37,7 @@ impl Readings {
             ksm: ksm_counters(vm),
             ksm_signed: lock(&vm.dedup).signed_figures(),
             view_faults: vm.view_faults.counts(),
+            view_fault_times: vm.view_faults.take_served(),
             at: Some(Instant::now()),
         }
     }
@@ -88,9 +91,13 @@ fn figures_between(vm: &Vm, a: &Readings, b: &Readings, mut exits: ExitCounts) -
     exits.total += reads + writes;
     let mut exit_times = ExitTimes::new();
     for (key, n) in [(UFFD_READ, reads), (UFFD_WRITE, writes)] {
-        if n > 0 {
-            exit_times.insert(key.to_string(), ServiceTime::untimed(n));
-        }
+        // The faults of a stretch are served within it (the vCPU waits for
+        // each); should the timed ones not match the count, the count wins.
+        match b.view_fault_times.get(key) {
+            Some(t) if t.samples == n => exit_times.insert(key.to_string(), t.clone()),
+            _ if n > 0 => exit_times.insert(key.to_string(), ServiceTime::untimed(n)),
+            _ => None,
+        };
     }
     let mut kvm = vm.vm_stats.moved(&a.kvm_vm, &b.kvm_vm);
     for (name, v) in vm.vcpu_stats.moved(&a.kvm_vcpu, &b.kvm_vcpu) {

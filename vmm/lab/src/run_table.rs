@@ -69,13 +69,16 @@ pub fn render_table(stats: &RunStats) -> String {
     let _ = writeln!(
         out,
         "\nTime: what serving the exit cost the VMM, from KVM_RUN's return to the next KVM_RUN entry (a phase \
-         marker's includes reading every layer's counters; a dedup request's, the pass the vCPU waited for)."
+         marker's includes reading every layer's counters; a dedup request's, the pass the vCPU waited for); for \
+         {UFFD_READ} and {UFFD_WRITE}, the secondary-MMU faults the userfaultfd view served on its fault thread \
+         while the vCPU waited inside KVM_RUN (no exit), from the fault thread's taking the fault to its handler's \
+         return."
     );
     if untimed {
         let _ = writeln!(
             out,
-            "{UFFD_READ}, {UFFD_WRITE}: secondary-MMU faults the userfaultfd view served on its fault thread while \
-             the vCPU waited inside KVM_RUN (no exit); their service time is not measured (\"-\")."
+            "\"-\": a time that was not measured (statistics written before the userfaultfd view's faults were \
+             timed)."
         );
     }
     let _ = writeln!(
@@ -376,7 +379,7 @@ mod tests {
         let uffd = t.lines().find(|l| l.contains(UFFD_READ) && l.contains('5')).expect("uffd row");
         assert!(uffd.trim_end().ends_with('-'), "untimed: {uffd}");
         assert!(t.contains("Total Samples:8, Total events handled time:96.00us."), "{t}");
-        assert!(t.contains("their service time is not measured"), "the footnote says why: {t}");
+        assert!(t.contains("a time that was not measured"), "the footnote says why: {t}");
     }
 
     #[test]

@@ -15,8 +15,11 @@ pub mod memslot;
 pub mod uffd;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use shadow_mmu::{EptView, Gfn, Pfn};
+
+use crate::exit_times::{ExitTimes, UffdFaultTimer};
 
 /// Errors of view backends.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +126,8 @@ pub struct ViewFaults {
     writes: AtomicU64,
     host_faults: AtomicU64,
     failed: AtomicBool,
+    /// What serving them took, since the last reading.
+    served: Mutex<UffdFaultTimer>,
 }
 
 impl ViewFaults {
@@ -130,6 +135,16 @@ impl ViewFaults {
     pub fn record(&self, access: shadow_mmu::Access) {
         let counter = if access == shadow_mmu::Access::Write { &self.writes } else { &self.reads };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A secondary-MMU fault counted by [`Self::record`] was served in `ns`.
+    pub fn record_served(&self, access: shadow_mmu::Access, ns: u64) {
+        crate::vm::lock(&self.served).record(access == shadow_mmu::Access::Write, ns);
+    }
+
+    /// The faults served since the last call, with their times.
+    pub fn take_served(&self) -> ExitTimes {
+        crate::vm::lock(&self.served).take()
     }
 
     /// Counts a fault that was the host's, not the secondary MMU's.
