@@ -39,30 +39,10 @@ fn output(args: &[&str]) -> Output {
 /// A static ELF64 image with one PT_LOAD at 1 MiB holding `code`, then
 /// `data` (whose address is returned by `layout` before the code is known).
 fn elf(code: &[u8], data: &[u8]) -> Vec<u8> {
-    const LOAD: u64 = 0x10_0000;
     let mut image = code.to_vec();
     image.resize(DATA_OFFSET, 0x90);
     image.extend_from_slice(data);
-    let mut elf = b"\x7fELF".to_vec();
-    elf.extend([2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // ELFCLASS64, little-endian, version 1
-    elf.extend(2u16.to_le_bytes()); // ET_EXEC
-    elf.extend(62u16.to_le_bytes()); // EM_X86_64
-    elf.extend(1u32.to_le_bytes());
-    for v in [LOAD, 64, 0] {
-        elf.extend(v.to_le_bytes()); // e_entry, e_phoff, e_shoff
-    }
-    elf.extend(0u32.to_le_bytes()); // e_flags
-    for v in [64u16, 56, 1, 64, 0, 0] {
-        elf.extend(v.to_le_bytes());
-    }
-    elf.extend(1u32.to_le_bytes()); // PT_LOAD
-    elf.extend(7u32.to_le_bytes()); // R+W+X
-    let len = image.len() as u64;
-    for v in [64 + 56, LOAD, LOAD, len, len, 0x1000] {
-        elf.extend(v.to_le_bytes()); // offset, vaddr, paddr, filesz, memsz, align
-    }
-    elf.extend(image);
-    elf
+    common::guests::static_elf(&image, 7)
 }
 
 /// Where a guest's data starts: 1 MiB + this.
