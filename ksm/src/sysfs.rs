@@ -136,7 +136,32 @@ impl Ksm {
 
     /// The statistics with the sysfs names, for reports.
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
-        let s = self.stats();
+        self.stats().counters()
+    }
+
+    /// The figures that are signed in Linux, with their sysfs names
+    /// ([`KsmStats::signed_counters`]).
+    pub fn signed_counters(&self) -> Vec<(&'static str, i64)> {
+        self.stats().signed_counters()
+    }
+
+    fn unstable_items(&self) -> u64 {
+        let items = self.slots.iter().flat_map(|slot| &slot.rmap);
+        items.filter(|r| r.state == RmapState::Unstable).count() as u64
+    }
+
+    /// Bytes of metadata held: rmap items, trees, stable nodes.
+    pub fn metadata_bytes(&self) -> usize {
+        let items: usize = self.slots.iter().map(|slot| slot.rmap.capacity()).sum();
+        let rmap = items * std::mem::size_of::<RmapItem>();
+        rmap + self.stable.metadata_bytes() + self.unstable.metadata_bytes()
+    }
+}
+
+impl KsmStats {
+    /// The figures with the sysfs names, for reports.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        let s = self;
         vec![
             ("pages_shared", s.pages_shared),
             ("pages_sharing", s.pages_sharing),
@@ -165,18 +190,6 @@ impl Ksm {
     /// `general_profit` (negative while the rmap items cost more than the
     /// merges save).
     pub fn signed_counters(&self) -> Vec<(&'static str, i64)> {
-        vec![("general_profit", self.stats().general_profit)]
-    }
-
-    fn unstable_items(&self) -> u64 {
-        let items = self.slots.iter().flat_map(|slot| &slot.rmap);
-        items.filter(|r| r.state == RmapState::Unstable).count() as u64
-    }
-
-    /// Bytes of metadata held: rmap items, trees, stable nodes.
-    pub fn metadata_bytes(&self) -> usize {
-        let items: usize = self.slots.iter().map(|slot| slot.rmap.capacity()).sum();
-        let rmap = items * std::mem::size_of::<RmapItem>();
-        rmap + self.stable.metadata_bytes() + self.unstable.metadata_bytes()
+        vec![("general_profit", self.general_profit)]
     }
 }

@@ -29,13 +29,14 @@ impl Readings {
         // Frames freed since the last reading go back to the host now, so
         // the memory figures of the phase are what the host really holds.
         let _ = lock(&vm.mm).flush_holes();
+        let (ksm, ksm_signed) = lock(&vm.dedup).figures();
         Self {
             // A stats read that fails mid-run costs the kvm section, not the run.
             kvm_vm: vm.vm_stats.snapshot().unwrap_or_default(),
             kvm_vcpu: vm.vcpu_stats.snapshot().unwrap_or_default(),
             shadow_mmu: shadow_mmu_counters(vm),
-            ksm: ksm_counters(vm),
-            ksm_signed: lock(&vm.dedup).signed_figures(),
+            ksm,
+            ksm_signed,
             view_faults: vm.view_faults.counts(),
             view_fault_times: vm.view_faults.take_served(),
             at: Some(Instant::now()),
@@ -62,11 +63,6 @@ fn shadow_mmu_counters(vm: &Vm) -> Counters {
         out.insert(name.to_string(), v);
     }
     out
-}
-
-/// The deduplicator's figures with the sysfs names.
-fn ksm_counters(vm: &Vm) -> Counters {
-    lock(&vm.dedup).figures()
 }
 
 /// What moved in named counters: counters by their increase, gauges by their

@@ -416,7 +416,7 @@ fn soft_dirty(state: &ControlState) -> Value {
 fn status(state: &ControlState) -> Value {
     let (run, figures) = {
         let dedup = lock(&state.dedup);
-        (dedup.run_state().sysfs(), dedup.figures())
+        (dedup.run_state().sysfs(), dedup.figures().0)
     };
     let mut status = json!({
         "ok": true,

@@ -4,7 +4,7 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
-use ksm::{Ksm, Ksmd};
+use ksm::{Ksm, KsmStats, Ksmd};
 use shadow_mmu::lock;
 
 use super::{DedupError, RunState};
@@ -74,13 +74,8 @@ impl BuiltinKsm {
         None
     }
 
-    /// The sysfs-named figures, over every mm on the list.
-    pub fn counters(&self) -> Vec<(&'static str, u64)> {
-        lock(&self.ksm).counters()
-    }
-
-    /// The figures Linux shows signed, with their sign.
-    pub fn signed_counters(&self) -> Vec<(&'static str, i64)> {
-        lock(&self.ksm).signed_counters()
+    /// The statistics now, over every mm on the list.
+    pub fn stats(&self) -> KsmStats {
+        lock(&self.ksm).stats()
     }
 }

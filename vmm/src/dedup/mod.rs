@@ -7,6 +7,7 @@
 pub mod builtin;
 pub mod host;
 
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -171,24 +172,22 @@ impl Dedup {
     }
 
     /// The deduplicator's figures now, with the sysfs names
-    /// ([`KSM_FIGURES_ALWAYS_REPORTED`], all 0, when off).
-    pub fn figures(&self) -> Counters {
-        let named = |v: Vec<(&'static str, u64)>| v.into_iter().map(|(n, v)| (n.to_string(), v)).collect();
-        match self {
-            Dedup::Off => KSM_FIGURES_ALWAYS_REPORTED.iter().map(|n| (n.to_string(), 0)).collect(),
-            Dedup::Builtin(b) => named(b.counters()),
-            Dedup::Host(h) => named(h.counters()),
+    /// ([`KSM_FIGURES_ALWAYS_REPORTED`], all 0, when off), and those Linux
+    /// shows signed (`general_profit`, `ksm_process_profit`) with their
+    /// sign (none when off), from one reading.
+    pub fn figures(&self) -> (Counters, SignedCounters) {
+        fn named<T>(v: Vec<(&'static str, T)>) -> BTreeMap<String, T> {
+            v.into_iter().map(|(n, v)| (n.to_string(), v)).collect()
         }
-    }
-
-    /// The figures Linux shows signed (`general_profit`,
-    /// `ksm_process_profit`), with their sign; none when off.
-    pub fn signed_figures(&self) -> SignedCounters {
-        let named = |v: Vec<(&'static str, i64)>| v.into_iter().map(|(n, v)| (n.to_string(), v)).collect();
         match self {
-            Dedup::Off => SignedCounters::new(),
-            Dedup::Builtin(b) => named(b.signed_counters()),
-            Dedup::Host(h) => named(h.signed_counters()),
+            Dedup::Off => {
+                (KSM_FIGURES_ALWAYS_REPORTED.iter().map(|n| (n.to_string(), 0)).collect(), SignedCounters::new())
+            }
+            Dedup::Builtin(b) => {
+                let stats = b.stats();
+                (named(stats.counters()), named(stats.signed_counters()))
+            }
+            Dedup::Host(h) => (named(h.counters()), named(h.signed_counters())),
         }
     }
 }
@@ -284,14 +283,9 @@ impl DedupControl {
         }
     }
 
-    /// The deduplicator's figures now, with the sysfs names.
-    pub fn figures(&self) -> Counters {
+    /// The deduplicator's figures now ([`Dedup::figures`]).
+    pub fn figures(&self) -> (Counters, SignedCounters) {
         self.dedup.figures()
-    }
-
-    /// The deduplicator's signed figures now ([`Dedup::signed_figures`]).
-    pub fn signed_figures(&self) -> SignedCounters {
-        self.dedup.signed_figures()
     }
 
     /// The flag a failing ksmd sets, for the watchdog to stop the vCPU at
