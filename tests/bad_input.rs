@@ -135,3 +135,19 @@ fn out_of_range_ksm_knobs_are_refused_whatever_the_policy() {
     refused(&["run", "hello", "--pages-to-scan", "0"], "pages_to_scan");
     refused(&["run", "hello", "--use-zero-pages", "2"], "--use-zero-pages");
 }
+
+/// `--guests` past what the VMM runs or the host holds is refused before
+/// any run, by every command that takes it (no KVM needed).
+#[test]
+fn impossible_fleets_are_refused_before_any_run() {
+    let out = std::env::temp_dir().join(format!("vmm-bad-fleet-{}", std::process::id()));
+    let out = out.to_str().expect("utf-8");
+    for cmd in [&["run", "hello"][..], &["compare", "hello", "--out", out][..], &["bench", "dedup"][..]] {
+        for (guests, mem, says) in
+            [("0", "4M", "at least one guest"), ("65", "4M", "more than the VMM runs"), ("64", "1G", "than this host")]
+        {
+            let args: Vec<&str> = cmd.iter().copied().chain(["--guests", guests, "--mem", mem]).collect();
+            refused(&args, says);
+        }
+    }
+}

@@ -2,8 +2,8 @@
 //! each guest gets its seat (RSI, RDX) and waits at the barriers, reports
 //! what it reports alone, and a deduplicator merges across guests so that
 //! every guest's figures follow the fleet models of guest-images/src
-//! (`template_faults`, `ltp_ksm01_fleet_figures`); the limits refuse in one
-//! line; a fleet ends non-zero when one guest fails.
+//! (`template_faults`, `ltp_ksm01_fleet_figures`); a fleet ends non-zero
+//! when one guest fails. The limits are refused in tests/bad_input.rs.
 
 mod common;
 
@@ -223,21 +223,6 @@ fn a_fleet_fails_when_a_guest_fails_and_ends_together_on_a_timeout() {
     assert_eq!(r.stats.guest.end.reason, "timeout");
     // Each guest's console lines carry its index.
     assert!(r.stdout().contains("[guest 1] spinning"), "{}", r.stdout());
-}
-
-#[test]
-#[ignore = "needs /dev/kvm: scripts/test.sh runs it"]
-fn the_limits_of_a_fleet_are_refused_in_one_line() {
-    require_kvm();
-    for (guests, mem, says) in
-        [("0", "4M", "at least one guest"), ("65", "4M", "more than the VMM runs"), ("64", "1G", "more than this host")]
-    {
-        let out = vmm().args(["run", "hello", "--guests", guests, "--mem", mem]).output().expect("spawn vmm");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "--guests {guests} --mem {mem}: {stderr}");
-        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
-        assert!(stderr.contains(says), "{stderr}");
-    }
 }
 
 /// SIGINT ends every guest of a running fleet, with statistics, and the

@@ -9,7 +9,7 @@ use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::ValueEnum;
 use vmm::vm::DedupPolicy;
 
-use vmm::memory::{check_mem_size, MemoryError};
+use vmm::memory::{check_fleet_size, check_mem_size, MemoryError};
 use vmm::size::{parse_size, SizeError};
 
 /// Most repeats a comparison takes.
@@ -21,7 +21,7 @@ pub(super) enum ArgError {
     /// `--mem` is not a size.
     #[error("--mem")]
     Size(#[source] SizeError),
-    /// `--mem` is a size ABI v1 or the host cannot honour.
+    /// `--mem` (or `--guests` of it) is a size ABI v1 or the host cannot honour.
     #[error(transparent)]
     MemSize(MemoryError),
     /// `--timeout` is not a number.
@@ -157,6 +157,12 @@ pub(super) fn guest_mem(text: &str) -> Result<u64, ArgError> {
     let bytes = parse_size(text).map_err(ArgError::Size)?;
     check_mem_size(bytes).map_err(ArgError::MemSize)?;
     Ok(bytes)
+}
+
+/// `--guests` of `--mem` each: at least one, within the VMM's limit and the
+/// host's memory (checked before any run, as `vmm run` checks it).
+pub(super) fn check_guests(guests: u32, mem_bytes: u64) -> Result<(), ArgError> {
+    check_fleet_size(guests, mem_bytes).map_err(ArgError::MemSize)
 }
 
 /// `--repeat`: between 1 and MAX_REPEAT.

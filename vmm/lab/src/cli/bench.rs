@@ -14,7 +14,7 @@ use vmm::vm::{DedupPolicy, RunConfig};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::args::{check_repeat, guest_mem, this_vmm, Format, KvmArg};
+use super::args::{check_guests, check_repeat, guest_mem, this_vmm, Format, KvmArg};
 use super::CliError;
 use crate::bench::dedup::{bench_dedup, DedupBenchConfig, DedupBenchReport};
 use crate::bench::model::{bench_model, render_model, ModelConfig, MODEL_WORKLOADS};
@@ -185,6 +185,7 @@ fn bench_fault(kvm_device: PathBuf, args: &BenchArgs) -> Result<(), CliError> {
 
 fn bench_dedup_command(kvm_device: PathBuf, args: &BenchArgs) -> Result<(), CliError> {
     let mem_bytes = guest_mem(args.mem.as_deref().unwrap_or("257M"))?;
+    check_guests(args.guests, mem_bytes)?;
     check_repeat(args.repeat)?;
     let vmm = this_vmm()?;
     let out = args

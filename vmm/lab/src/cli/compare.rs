@@ -7,7 +7,9 @@ use vmm::image::GuestImage;
 use vmm::view::ViewKind;
 use vmm::vm::DedupPolicy;
 
-use super::args::{check_repeat, guest_mem, parse_timeout, policy_parser, this_vmm, Format, KsmArgs, KvmArg};
+use super::args::{
+    check_guests, check_repeat, guest_mem, parse_timeout, policy_parser, this_vmm, Format, KsmArgs, KvmArg,
+};
 use super::CliError;
 use crate::compare::{compare, table, CompareConfig, CompareError};
 use crate::cost::CostProfile;
@@ -107,6 +109,7 @@ fn config(kvm_before: Option<PathBuf>, args: CompareArgs) -> Result<CompareConfi
         }
         policies.push(p);
     }
+    check_guests(args.guests, mem_bytes)?;
     GuestImage::resolve(&args.image, mem_bytes)?.validate(mem_bytes)?;
     let profiles = args.project.iter().map(|p| CostProfile::load(p)).collect::<Result<Vec<_>, _>>();
     let profiles = profiles.map_err(CompareError::Profile)?;
