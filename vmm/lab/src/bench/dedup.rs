@@ -102,6 +102,11 @@ pub struct Pass {
     pub pages_scanned: u64,
     /// Pages merged into KSM pages.
     pub pages_merged: u64,
+    /// Pages the view remapped onto another frame (0 for the kernel).
+    pub view_remaps: u64,
+    /// The mmaps those remaps took: a batch maps neighbouring pages onto
+    /// neighbouring frames with one.
+    pub view_remap_runs: u64,
 }
 
 fn pass_of(stats: &RunStats) -> Result<Pass, DedupBenchError> {
@@ -115,11 +120,14 @@ fn pass_of(stats: &RunStats) -> Result<Pass, DedupBenchError> {
     // The built-in deduplicator counts merges; the kernel reports the pages
     // of this process that map a KSM page.
     let merged = if stats.config.dedup == "kernel" { get("ksm_merging_pages") } else { get("merges") };
+    let view = |n: &str| phase.figures.shadow_mmu.get(n).copied().unwrap_or(0);
     Ok(Pass {
         wall_ns: phase.figures.wall_ns,
         cpu_ns: get("cpu_ns"),
         pages_scanned: get("pages_scanned"),
         pages_merged: merged,
+        view_remaps: view("view_remaps"),
+        view_remap_runs: view("view_remap_runs"),
     })
 }
 
@@ -350,7 +358,7 @@ mod tests {
     use super::*;
 
     fn pass(cpu: u64, scanned: u64, merged: u64) -> Pass {
-        Pass { wall_ns: cpu, cpu_ns: cpu, pages_scanned: scanned, pages_merged: merged }
+        Pass { wall_ns: cpu, cpu_ns: cpu, pages_scanned: scanned, pages_merged: merged, ..Pass::default() }
     }
 
     #[test]

@@ -89,6 +89,28 @@ struct PageState {
 
 const UNKNOWN_PFN: Pfn = Pfn::MAX;
 
+/// A remap made inside a batch, waiting for the batch's end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HeldRemap {
+    pfn: Pfn,
+    writable: bool,
+}
+
+/// The runs `(first, pages)` of neighbouring pages of `held` in which each
+/// page `joins` the one before it.
+fn held_runs(held: &BTreeMap<usize, HeldRemap>, joins: impl Fn(&HeldRemap, &HeldRemap) -> bool) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let mut prev: Option<(usize, &HeldRemap)> = None;
+    for (&i, remap) in held {
+        match (runs.last_mut(), prev) {
+            (Some((_, n)), Some((j, before))) if j + 1 == i && joins(before, remap) => *n += 1,
+            _ => runs.push((i, 1)),
+        }
+        prev = Some((i, remap));
+    }
+    runs
+}
+
 /// The userfaultfd backend of the EPT view (see the module documentation).
 #[derive(Debug)]
 pub struct UffdView {
@@ -107,14 +129,17 @@ pub struct UffdView {
     chunks: Chunks,
     shared: Arc<Shared>,
     remaps: u64,
+    /// The mmaps the remaps took (fewer than the remaps when a batch
+    /// remaps neighbouring pages onto neighbouring frames).
+    remap_runs: u64,
     continues: u64,
     wp_changes: u64,
     zaps: u64,
     /// The vCPU held out for a batch of the secondary MMU's updates.
     batch_hold: Option<GateHold>,
-    /// Pages remapped inside the batch, not registered nor populated yet:
-    /// index -> writable ([`UffdView::remap_held`]).
-    held_remaps: BTreeMap<usize, bool>,
+    /// Pages remapped inside the batch, not made real in W yet
+    /// ([`UffdView::remap_held`]).
+    held_remaps: BTreeMap<usize, HeldRemap>,
 }
 
 impl UffdView {
@@ -170,6 +195,7 @@ impl UffdView {
             chunks: Chunks::new(nr_pages),
             shared: Arc::new(Shared::new(nr_pages)),
             remaps: 0,
+            remap_runs: 0,
             continues: 0,
             wp_changes: 0,
             zaps: 0,
@@ -330,45 +356,89 @@ impl UffdView {
         Ok(())
     }
 
-    /// Inside a batch, with the vCPU held out: points page `i` at frame
-    /// `pfn` with one mmap, readable and writable at once (no vCPU can touch
-    /// the fresh mapping before the batch ends, so the read-only window
-    /// [`UffdView::remap`] keeps is not needed). Registering and populating
-    /// it wait for [`UffdView::flush_held_remaps`].
-    fn remap_held(&mut self, i: usize, pfn: Pfn, writable: bool) -> Result<(), ViewError> {
-        let (memfd, offset) = self.frame_offset(pfn)?;
-        self.window.map_frame(i, memfd, offset, true)?;
+    /// Inside a batch, with the vCPU held out: page `i` is to map frame
+    /// `pfn`. Nothing changes in W until [`UffdView::flush_held_remaps`]
+    /// at the batch's end, which maps neighbouring pages onto neighbouring
+    /// frames with one mmap.
+    fn remap_held(&mut self, i: usize, pfn: Pfn, writable: bool) {
         self.remaps += 1;
         self.pages[i] = PageState { pfn, present: false, wp: false };
-        self.held_remaps.insert(i, writable);
+        self.held_remaps.insert(i, HeldRemap { pfn, writable });
+    }
+
+    /// Makes the batch's remaps real, with the vCPU still held out: one
+    /// mmap per run of pages onto consecutive frames (readable and
+    /// writable at once: no vCPU can touch the fresh mapping before the
+    /// batch ends, so the read-only window [`UffdView::remap`] keeps is not
+    /// needed), one UFFDIO_REGISTER per run of neighbouring pages, one
+    /// UFFDIO_CONTINUE per run of one mapping with one access. A page whose
+    /// step failed is left for its next `map` to redo.
+    fn flush_held_remaps(&mut self) -> Result<(), ViewError> {
+        let mut held = std::mem::take(&mut self.held_remaps);
+        let mut first_error = None;
+        for (first, n) in held_runs(&held, |a, b| b.pfn == a.pfn + 1) {
+            let result = self.map_run(first, n, held[&first].pfn);
+            self.settle_run(&mut held, first, n, result, &mut first_error);
+        }
+        for (first, n) in held_runs(&held, |_, _| true) {
+            let result = register(&self.uffd, self.window.range(first, n));
+            self.settle_run(&mut held, first, n, result, &mut first_error);
+        }
+        for (first, n) in held_runs(&held, |a, b| b.pfn == a.pfn + 1 && a.writable == b.writable) {
+            let result = self.continue_run(first, n, !held[&first].writable);
+            self.settle_run(&mut held, first, n, result, &mut first_error);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Maps pages `[first, first + n)` of W onto the frames from `pfn`.
+    fn map_run(&mut self, first: usize, n: usize, pfn: Pfn) -> Result<(), ViewError> {
+        let (memfd, offset) = self.frame_offset(pfn)?;
+        self.window.map_frames(first, n, memfd, offset, true)?;
+        self.remap_runs += 1;
         Ok(())
     }
 
-    /// Registers the pages remapped inside the batch, one UFFDIO_REGISTER
-    /// per run of neighbouring pages, and populates each with the access
-    /// asked for. The pages of a run that failed are redone by their next
-    /// `map`.
-    fn flush_held_remaps(&mut self) -> Result<(), ViewError> {
-        let held = std::mem::take(&mut self.held_remaps);
-        let mut runs: Vec<(usize, usize)> = Vec::new();
-        for &i in held.keys() {
-            match runs.last_mut() {
-                Some((first, n)) if *first + *n == i => *n += 1,
-                _ => runs.push((i, 1)),
+    /// After a step of [`UffdView::flush_held_remaps`] on pages `[first,
+    /// first + n)`: if it failed, the pages leave the flush with their frame
+    /// unknown, so that their next `map` starts over, and the first error is
+    /// kept.
+    fn settle_run(
+        &mut self,
+        held: &mut BTreeMap<usize, HeldRemap>,
+        first: usize,
+        n: usize,
+        result: Result<(), ViewError>,
+        first_error: &mut Option<ViewError>,
+    ) {
+        if let Err(e) = result {
+            for i in first..first + n {
+                held.remove(&i);
+                self.pages[i].pfn = UNKNOWN_PFN;
             }
+            first_error.get_or_insert(e);
         }
-        let mut first_error = None;
-        for (first, n) in runs {
-            let result = register(&self.uffd, self.window.range(first, n))
-                .and_then(|()| (first..first + n).try_for_each(|i| self.continue_page(i, !held[&i], false)));
-            if let Err(e) = result {
-                for page in &mut self.pages[first..first + n] {
-                    page.pfn = UNKNOWN_PFN;
+    }
+
+    /// Populates pages `[first, first + n)` of one mapping of W, absent and
+    /// registered, write-protected if `wp`: one UFFDIO_CONTINUE, or page by
+    /// page (which handles every error one page can meet) when the fault
+    /// thread is serving one of them or the range call fails.
+    fn continue_run(&mut self, first: usize, n: usize, wp: bool) -> Result<(), ViewError> {
+        let served = (first..first + n).any(|i| self.shared.serving(i));
+        if n > 1 && !served {
+            let mode = if wp { UFFDIO_CONTINUE_MODE_WP } else { 0 };
+            if self.uffd.continue_(self.window.range(first, n), mode).is_ok() {
+                self.continues += 1;
+                for i in first..first + n {
+                    self.pages[i].present = true;
+                    self.pages[i].wp = wp;
+                    self.shared.woke(i);
                 }
-                first_error.get_or_insert(e);
+                return Ok(());
             }
         }
-        first_error.map_or(Ok(()), Err)
+        (first..first + n).try_for_each(|i| self.continue_page(i, wp, false))
     }
 
     /// The pool's memfd and the offset of frame `pfn` in it.
@@ -385,6 +455,7 @@ impl UffdView {
         // it (module documentation). On failure the state is unchanged.
         self.window.map_frame(i, memfd, offset, writable)?;
         self.remaps += 1;
+        self.remap_runs += 1;
         // Until the sequence completes, the next map() must start it again.
         self.pages[i] = PageState { pfn: UNKNOWN_PFN, present: false, wp: false };
         register(&self.uffd, self.window.range(i, 1))?;
@@ -483,7 +554,8 @@ impl EptView for UffdView {
         let hint = self.shared.pages[i].hint.swap(0, Ordering::AcqRel);
         let page = self.pages[i];
         if page.pfn != pfn && self.batch_hold.is_some() {
-            return self.remap_held(i, pfn, writable);
+            self.remap_held(i, pfn, writable);
+            return Ok(());
         }
         if page.pfn != pfn {
             // Replacing a mapping of W is not atomic for a running vCPU (a
@@ -551,6 +623,7 @@ impl EptView for UffdView {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         vec![
             ("view_remaps", self.remaps),
+            ("view_remap_runs", self.remap_runs),
             ("view_continues", self.continues),
             ("view_wp_changes", self.wp_changes),
             ("view_zaps", self.zaps),
@@ -582,5 +655,29 @@ impl Drop for UffdView {
         // Unregistering wakes any thread still blocked on W (there should be
         // none: the vCPUs are gone); errors do not matter, munmap follows.
         let _ = self.uffd.unregister(self.window.range(0, self.pages.len()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_remaps_run_while_pages_neighbour_and_each_page_joins() {
+        let held: BTreeMap<usize, HeldRemap> =
+            [(3, 40, true), (4, 41, true), (5, 42, false), (6, 7, false), (9, 8, false)]
+                .into_iter()
+                .map(|(i, pfn, writable)| (i, HeldRemap { pfn, writable }))
+                .collect();
+        // Neighbouring pages, whatever they map: a gap at 7 and 8.
+        assert_eq!(held_runs(&held, |_, _| true), vec![(3, 4), (9, 1)]);
+        // Onto neighbouring frames: 6 maps frame 7, not 43.
+        assert_eq!(held_runs(&held, |a, b| b.pfn == a.pfn + 1), vec![(3, 3), (6, 1), (9, 1)]);
+        // ... with one access: 5 is read-only.
+        assert_eq!(
+            held_runs(&held, |a, b| b.pfn == a.pfn + 1 && a.writable == b.writable),
+            vec![(3, 2), (5, 1), (6, 1), (9, 1)]
+        );
+        assert_eq!(held_runs(&BTreeMap::new(), |_, _| true), vec![]);
     }
 }

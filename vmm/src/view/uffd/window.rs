@@ -109,13 +109,26 @@ impl Window {
         offset: libc::off_t,
         writable: bool,
     ) -> Result<(), ViewError> {
+        self.map_frames(index, 1, memfd, offset, writable)
+    }
+
+    /// [`Window::map_frame`] for pages `[index, index + pages)` onto as
+    /// many consecutive frames from `offset`: one mmap.
+    pub(super) fn map_frames(
+        &self,
+        index: usize,
+        pages: usize,
+        memfd: RawFd,
+        offset: libc::off_t,
+        writable: bool,
+    ) -> Result<(), ViewError> {
         let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
-        // SAFETY: MAP_FIXED over one page of W, which the view owns and no
-        // Rust object points into (W is accessed only by KVM).
+        // SAFETY: MAP_FIXED over pages of W, which the view owns and no Rust
+        // object points into (W is accessed only by KVM).
         let rc = unsafe {
             libc::mmap(
                 self.page_addr(index) as *mut libc::c_void,
-                PAGE_SIZE as usize,
+                pages << PAGE_SHIFT,
                 prot,
                 libc::MAP_SHARED | libc::MAP_FIXED,
                 memfd,
@@ -123,7 +136,7 @@ impl Window {
             )
         };
         if rc == libc::MAP_FAILED {
-            return Err(vma_err("mmap(MAP_FIXED) of a frame into the window")(io::Error::last_os_error()));
+            return Err(vma_err("mmap(MAP_FIXED) of frames into the window")(io::Error::last_os_error()));
         }
         Ok(())
     }
