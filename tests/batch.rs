@@ -28,7 +28,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::pagefill::check_pagefill_exits;
+use common::pagefill::{check_pagefill_exits, check_window_moves_ahead_of_faults};
 use common::{require_kvm, run_in_process};
 use shadow_mmu::{Gfn, Pfn, PrimaryMmu, PAGE_SHIFT, PAGE_SIZE};
 use vmm::stats::{Counters, RunStats};
@@ -200,6 +200,7 @@ fn pagefill_with_batched_passes_takes_the_exits_of_its_model_under_both_views() 
         for policy in [DedupPolicy::RangeFlush, DedupPolicy::ChangePte, DedupPolicy::Legacy] {
             let s = run_in_process("pagefill", "8M", policy, view, Some(merge_pass_hook(true)));
             check_pagefill_exits(&s, policy, view);
+            check_window_moves_ahead_of_faults(&s, policy, view);
             let batches: u64 = s.phases.iter().map(|p| figure(&p.figures.shadow_mmu, "view_batches")).sum();
             assert_eq!(batches, 2, "{} {}: one batch per pass", view.name(), policy.name());
         }

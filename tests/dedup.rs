@@ -48,6 +48,7 @@ fn pagefill_takes_the_exits_the_model_predicts_from_the_merged_pages() {
                 assert_eq!(ksm(&s, phase, "bytes_returned"), (n - k) * 4096, "{ctx}: phase {phase}");
             }
             common::pagefill::check_pagefill_exits(&s, policy, view);
+            common::pagefill::check_window_moves_ahead_of_faults(&s, policy, view);
         }
     }
 }

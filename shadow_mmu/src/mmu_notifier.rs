@@ -8,7 +8,7 @@
 //! numbers, end exclusive, not in host virtual addresses of the VMM's
 //! mapping, since guest RAM is one linear mapping here.
 
-use crate::memory::Pte;
+use crate::memory::{PrimaryMmu, Pte};
 
 /// A guest frame number (guest-physical address >> 12).
 pub type Gfn = u64;
@@ -181,8 +181,10 @@ pub trait MmuNotifier: Send {
     fn batch_start(&mut self) {}
 
     /// The batch the calling thread began ends: deferred updates are
-    /// applied before this returns. The default does nothing.
-    fn batch_end(&mut self) {}
+    /// applied before this returns. `mm` is the primary MMU, its ptes as
+    /// the batch left them (Linux passes the mm to every callback of
+    /// `mmu_notifier_ops`). The default does nothing.
+    fn batch_end(&mut self, _mm: &PrimaryMmu) {}
 }
 
 /// A `change_pte` notification the range's USE_CHANGE_PTE flag does not allow.

@@ -121,6 +121,9 @@ pub struct MmuStats {
     /// Batches whose view updates were deferred and applied together at
     /// their end (a batch that changed no entry is not counted).
     pub view_batches: u64,
+    /// Pages a batch zapped whose host page the primary MMU moved before
+    /// the batch ended (a merge), told to the view at the batch's end.
+    pub host_pages_moved: u64,
     /// Time spent in the view, in nanoseconds (a batch's hold of the guest
     /// included).
     pub view_ns: u64,
@@ -317,6 +320,7 @@ impl<V: EptView> SecondaryMmu<V> {
             ("fault_retries", s.fault_retries),
             ("view_updates", s.view_updates),
             ("view_batches", s.view_batches),
+            ("host_pages_moved", s.host_pages_moved),
             ("view_ns", s.view_ns),
             ("ept_entries", self.ept.len()),
         ];
@@ -458,7 +462,7 @@ impl<V: EptView> SecondaryMmu<V> {
     /// write protections; a page zapped then mapped again in the batch is
     /// one `map`, or nothing if it maps what it mapped before), then lets
     /// the guest go. Does nothing on a thread that owns no batch.
-    pub fn batch_end(&mut self) {
+    pub fn batch_end(&mut self, mm: &PrimaryMmu) {
         let me = thread::current().id();
         let Some(batch) = self.batch.as_mut().filter(|b| b.owner == me) else { return };
         batch.depth -= 1;
@@ -466,11 +470,28 @@ impl<V: EptView> SecondaryMmu<V> {
             return;
         }
         let Some(batch) = self.batch.take() else { return };
-        for change in coalesced_changes(&batch.before, &self.ept) {
+        let changes = coalesced_changes(&batch.before, &self.ept);
+        for &change in &changes {
             self.view_op(change);
         }
         if batch.holding {
+            self.tell_moved_host_pages(&changes, &batch.before, mm);
             self.in_view(V::batch_end);
+        }
+    }
+
+    /// Tells the view of each page the batch zapped whose host page moved
+    /// meanwhile, where `mm` maps it now ([`EptView::host_page_moved`]).
+    fn tell_moved_host_pages(&mut self, changes: &[ViewChange], before: &BTreeMap<Gfn, ViewPage>, mm: &PrimaryMmu) {
+        for &change in changes {
+            let ViewChange::Zap { start, end } = change else { continue };
+            for gfn in start..end {
+                let Ok(pte) = mm.pte(gfn) else { continue };
+                if before.get(&gfn).is_some_and(|page| page.is_some_and(|(pfn, _)| pfn != pte.pfn)) {
+                    self.stats.host_pages_moved += 1;
+                    self.in_view(|v| v.host_page_moved(gfn, pte.pfn));
+                }
+            }
         }
     }
 
@@ -543,8 +564,8 @@ impl<V: EptView> MmuNotifier for SecondaryMmu<V> {
         SecondaryMmu::batch_start(self);
     }
 
-    fn batch_end(&mut self) {
-        SecondaryMmu::batch_end(self);
+    fn batch_end(&mut self, mm: &PrimaryMmu) {
+        SecondaryMmu::batch_end(self, mm);
     }
 }
 

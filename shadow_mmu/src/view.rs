@@ -38,6 +38,18 @@ pub trait EptView: Send {
         self.zap(start, end)
     }
 
+    /// Absent page `gfn`'s host page is now frame `pfn`: the primary MMU
+    /// moved it (a merge into a KSM page) while the secondary MMU had the
+    /// page zapped. Called inside a batch, before [`EptView::batch_end`];
+    /// the page stays absent and its next access still faults. A backend
+    /// whose fault must first find the host page in a mapping of its own
+    /// (the userfaultfd view's window, which a remap during the fault would
+    /// make the host KVM retry) may move that mapping now, out of any
+    /// fault. The default does nothing: the fault finds the frame then.
+    fn host_page_moved(&mut self, _gfn: Gfn, _pfn: Pfn) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
     /// The secondary MMU is about to defer view updates: until
     /// [`EptView::batch_end`] the view lags the table, so the backend must
     /// keep the guest from running (the VMM's views hold the vCPU out of
@@ -70,6 +82,9 @@ pub struct RecordingView {
     pub batches: u64,
     /// Between `batch_start` and `batch_end`: a guest would be held out.
     pub holding: bool,
+    /// `host_page_moved` calls received: gfn -> the frame its host page
+    /// moved to (the last one told).
+    pub host_pages_moved: std::collections::BTreeMap<Gfn, Pfn>,
 }
 
 impl EptView for RecordingView {
@@ -95,6 +110,13 @@ impl EptView for RecordingView {
         for (_, (_, writable)) in self.pages.range_mut(start..end) {
             *writable = false;
         }
+        Ok(())
+    }
+
+    fn host_page_moved(&mut self, gfn: Gfn, pfn: Pfn) -> Result<(), Self::Error> {
+        assert!(self.holding, "host_page_moved outside a batch");
+        assert!(!self.pages.contains_key(&gfn), "host_page_moved of mapped gfn {gfn}");
+        self.host_pages_moved.insert(gfn, pfn);
         Ok(())
     }
 

@@ -53,9 +53,10 @@ fn view_calls(lab: &Lab) -> ((u64, u64, u64), u64) {
     ((v.calls.0, v.calls.1, v.write_protect_calls), v.batches)
 }
 
-/// Every counter of the secondary MMU but the view's own.
+/// Every counter of the secondary MMU but the view's own (what it told
+/// the view of moved host pages included).
 fn table_stats(s: MmuStats) -> MmuStats {
-    MmuStats { view_updates: 0, view_batches: 0, view_ns: 0, ..s }
+    MmuStats { view_updates: 0, view_batches: 0, host_pages_moved: 0, view_ns: 0, ..s }
 }
 
 /// The view calls one merge pass makes outside a batch, and inside one,
@@ -99,6 +100,59 @@ fn a_merge_pass_in_one_batch_reaches_the_view_as_ranges() -> Res {
         lab.sweep()?;
     }
     Ok(())
+}
+
+/// What the view heard of moved host pages, and what the table maps.
+fn moved_pages(lab: &Lab) -> std::collections::BTreeMap<Gfn, shadow_mmu::Pfn> {
+    lock(&lab.mmus.mmu).view().host_pages_moved.clone()
+}
+
+#[test]
+fn a_batch_tells_the_view_where_the_host_pages_it_zapped_moved() -> Res {
+    for policy in POLICIES {
+        let lab = merge_pass_lab(policy);
+        let kpfn = |gfn: Gfn| lock(&lab.mmus.mm).pte(FIRST_GFN + (gfn - FIRST_GFN) % GROUPS).map(|p| p.pfn);
+        lock(&lab.mmus.mm).batch_start();
+        merge_pass(&lab)?;
+        lock(&lab.mmus.mm).batch_end();
+        lab.check()?;
+        // Zapping policies zapped every page: each replaced page's host page
+        // is now its group's KSM page; a KSM page kept its frame (only
+        // write-protected), so nothing is said of it. In-place policies
+        // zapped nothing.
+        let expected = match policy {
+            Policy::RangeFlush | Policy::Legacy => (FIRST_GFN + GROUPS..FIRST_GFN + PAGES)
+                .map(|gfn| Ok((gfn, kpfn(gfn).or_fail("pte")?)))
+                .collect::<Res<_>>()?,
+            Policy::ChangePte | Policy::EventAware => Default::default(),
+        };
+        prop_assert_eq!(moved_pages(&lab), expected, "{}", policy.name());
+        prop_assert_eq!(
+            lock(&lab.mmus.mmu).stats().host_pages_moved,
+            (PAGES - GROUPS) * u64::from(policy_zaps(policy))
+        );
+    }
+    // Outside a batch the view is told nothing: a fault finds the frame.
+    let plain = merge_pass_lab(Policy::RangeFlush);
+    merge_pass(&plain)?;
+    prop_assert!(moved_pages(&plain).is_empty());
+    Ok(())
+}
+
+#[test]
+fn a_zap_that_keeps_the_frames_tells_the_view_no_move() -> Res {
+    let mut lab = merge_pass_lab(Policy::RangeFlush);
+    lock(&lab.mmus.mm).batch_start();
+    lab.soft_dirty_round(FIRST_GFN, FIRST_GFN + PAGES)?;
+    lock(&lab.mmus.mm).batch_end();
+    lab.check()?;
+    prop_assert_eq!(view_calls(&lab), ((1, 0, 0), 1));
+    prop_assert!(moved_pages(&lab).is_empty());
+    Ok(())
+}
+
+fn policy_zaps(policy: Policy) -> bool {
+    matches!(policy, Policy::RangeFlush | Policy::Legacy)
 }
 
 #[test]

@@ -349,7 +349,7 @@ impl PrimaryMmu {
     /// Ends the calling thread's innermost batch; the outermost makes every
     /// deferred update real before it returns.
     pub fn batch_end(&mut self) {
-        self.notify(|s| s.batch_end());
+        self.notify(|s| s.batch_end(self));
     }
 
     /// [`PrimaryMmu::batch_start`] on `mm`, and [`PrimaryMmu::batch_end`]

@@ -215,6 +215,15 @@ impl EptView for AnyView {
         }
     }
 
+    fn host_page_moved(&mut self, gfn: Gfn, pfn: Pfn) -> Result<(), ViewError> {
+        match self {
+            AnyView::Memslot(v) => v.host_page_moved(gfn, pfn),
+            AnyView::Uffd(v) => v.host_page_moved(gfn, pfn),
+            #[cfg(test)]
+            AnyView::Recording(v) => v.host_page_moved(gfn, pfn).map_err(|never| match never {}),
+        }
+    }
+
     fn batch_start(&mut self) -> Result<(), ViewError> {
         match self {
             AnyView::Memslot(v) => v.batch_start(),

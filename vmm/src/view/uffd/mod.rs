@@ -40,10 +40,22 @@
 //!   kept out of KVM_RUN meanwhile ([`crate::vcpu_gate`]).
 //!
 //! Inside a batch of the secondary MMU's updates (`EptView::batch_start`)
-//! the vCPU is held out of KVM_RUN throughout, so a remap is one mmap,
-//! readable and writable at once (the read-only step below guards a
-//! running vCPU); the batch's remaps are registered at its end, one
-//! UFFDIO_REGISTER per run of neighbouring pages, and each CONTINUEd.
+//! the vCPU is held out of KVM_RUN throughout, and the batch's remaps wait
+//! for its end: one mmap per run of neighbouring pages onto neighbouring
+//! frames, readable and writable at once (the read-only step below guards a
+//! running vCPU), one UFFDIO_REGISTER per run of neighbouring pages, one
+//! UFFDIO_CONTINUE per run of one mapping and access. A merge pass maps a
+//! run of pages onto a run of KSM pages wherever the pages it merges with
+//! lie in the same order (a guest's duplicated buffers; a fleet's guests
+//! sharing an image), and then costs a fraction of a remap per page.
+//!
+//! A batch also tells the view where the host pages it zapped now lie
+//! (`EptView::host_page_moved`: a merge moved them onto KSM pages). W's
+//! page is pointed there at the batch's end and left absent, as in Linux
+//! the host mapping under a memslot already maps the KSM page when KVM
+//! next faults; the fault then only CONTINUEs it. A remap during the fault
+//! instead would make the host KVM retry it: its mmu notifier sees W
+//! change under the fault in flight, and the guest takes one more exit.
 //!
 //! The fault thread ([`UffdFaultThread`]) reads the events and calls the
 //! VMM's EPT-violation handler, which updates the secondary MMU, which calls

@@ -93,7 +93,9 @@ const UNKNOWN_PFN: Pfn = Pfn::MAX;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct HeldRemap {
     pfn: Pfn,
-    writable: bool,
+    /// The access the page is populated with (writable or not), or `None`
+    /// to leave it absent ([`UffdView::host_page_moved`](EptView::host_page_moved)).
+    populate: Option<bool>,
 }
 
 /// The runs `(first, pages)` of neighbouring pages of `held` in which each
@@ -132,6 +134,8 @@ pub struct UffdView {
     /// The mmaps the remaps took (fewer than the remaps when a batch
     /// remaps neighbouring pages onto neighbouring frames).
     remap_runs: u64,
+    /// Remaps of absent pages onto their moved host page, ahead of a fault.
+    absent_remaps: u64,
     continues: u64,
     wp_changes: u64,
     zaps: u64,
@@ -196,6 +200,7 @@ impl UffdView {
             shared: Arc::new(Shared::new(nr_pages)),
             remaps: 0,
             remap_runs: 0,
+            absent_remaps: 0,
             continues: 0,
             wp_changes: 0,
             zaps: 0,
@@ -363,7 +368,7 @@ impl UffdView {
     fn remap_held(&mut self, i: usize, pfn: Pfn, writable: bool) {
         self.remaps += 1;
         self.pages[i] = PageState { pfn, present: false, wp: false };
-        self.held_remaps.insert(i, HeldRemap { pfn, writable });
+        self.held_remaps.insert(i, HeldRemap { pfn, populate: Some(writable) });
     }
 
     /// Makes the batch's remaps real, with the vCPU still held out: one
@@ -371,8 +376,9 @@ impl UffdView {
     /// writable at once: no vCPU can touch the fresh mapping before the
     /// batch ends, so the read-only window [`UffdView::remap`] keeps is not
     /// needed), one UFFDIO_REGISTER per run of neighbouring pages, one
-    /// UFFDIO_CONTINUE per run of one mapping with one access. A page whose
-    /// step failed is left for its next `map` to redo.
+    /// UFFDIO_CONTINUE per run of one mapping with one access (none for
+    /// pages left absent). A page whose step failed is left for its next
+    /// `map` to redo.
     fn flush_held_remaps(&mut self) -> Result<(), ViewError> {
         let mut held = std::mem::take(&mut self.held_remaps);
         let mut first_error = None;
@@ -384,8 +390,9 @@ impl UffdView {
             let result = register(&self.uffd, self.window.range(first, n));
             self.settle_run(&mut held, first, n, result, &mut first_error);
         }
-        for (first, n) in held_runs(&held, |a, b| b.pfn == a.pfn + 1 && a.writable == b.writable) {
-            let result = self.continue_run(first, n, !held[&first].writable);
+        for (first, n) in held_runs(&held, |a, b| b.pfn == a.pfn + 1 && a.populate == b.populate) {
+            let Some(writable) = held[&first].populate else { continue };
+            let result = self.continue_run(first, n, !writable);
             self.settle_run(&mut held, first, n, result, &mut first_error);
         }
         first_error.map_or(Ok(()), Err)
@@ -602,6 +609,27 @@ impl EptView for UffdView {
         Ok(())
     }
 
+    /// Inside a batch: points absent page `gfn` at frame `pfn` at the
+    /// batch's end, not populated (one mmap per run onto neighbouring
+    /// frames, with the batch's other remaps). W then maps what the primary
+    /// MMU maps, as the host mapping under a memslot does in Linux, and the
+    /// page's next fault only populates it: a remap during that fault would
+    /// make the host KVM retry it (one more exit). Outside a batch, or for a
+    /// page W maps or already points at `pfn`, nothing is done.
+    fn host_page_moved(&mut self, gfn: Gfn, pfn: Pfn) -> Result<(), ViewError> {
+        let i = self.index(gfn, gfn.checked_add(1).ok_or(ViewError::OutOfRange(gfn))?)?;
+        let page = self.pages[i];
+        let unchanged = page.present || page.pfn == pfn || self.held_remaps.contains_key(&i);
+        if self.batch_hold.is_none() || unchanged || !self.chunks.is_registered(i) || pfn >= self.pool.nr_frames() {
+            return Ok(());
+        }
+        self.remaps += 1;
+        self.absent_remaps += 1;
+        self.pages[i] = PageState { pfn, present: false, wp: false };
+        self.held_remaps.insert(i, HeldRemap { pfn, populate: None });
+        Ok(())
+    }
+
     /// Holds the vCPU out of KVM_RUN until `batch_end` (a vCPU blocked on
     /// a fault of W is kicked out of it too): the pages of W lag the
     /// secondary table meanwhile, and the batch's remaps kick nobody and
@@ -624,6 +652,7 @@ impl EptView for UffdView {
         vec![
             ("view_remaps", self.remaps),
             ("view_remap_runs", self.remap_runs),
+            ("view_absent_remaps", self.absent_remaps),
             ("view_continues", self.continues),
             ("view_wp_changes", self.wp_changes),
             ("view_zaps", self.zaps),
@@ -667,7 +696,7 @@ mod tests {
         let held: BTreeMap<usize, HeldRemap> =
             [(3, 40, true), (4, 41, true), (5, 42, false), (6, 7, false), (9, 8, false)]
                 .into_iter()
-                .map(|(i, pfn, writable)| (i, HeldRemap { pfn, writable }))
+                .map(|(i, pfn, writable)| (i, HeldRemap { pfn, populate: Some(writable) }))
                 .collect();
         // Neighbouring pages, whatever they map: a gap at 7 and 8.
         assert_eq!(held_runs(&held, |_, _| true), vec![(3, 4), (9, 1)]);
@@ -675,7 +704,7 @@ mod tests {
         assert_eq!(held_runs(&held, |a, b| b.pfn == a.pfn + 1), vec![(3, 3), (6, 1), (9, 1)]);
         // ... with one access: 5 is read-only.
         assert_eq!(
-            held_runs(&held, |a, b| b.pfn == a.pfn + 1 && a.writable == b.writable),
+            held_runs(&held, |a, b| b.pfn == a.pfn + 1 && a.populate == b.populate),
             vec![(3, 2), (5, 1), (6, 1), (9, 1)]
         );
         assert_eq!(held_runs(&BTreeMap::new(), |_, _| true), vec![]);
