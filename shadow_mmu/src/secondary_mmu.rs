@@ -480,18 +480,23 @@ impl<V: EptView> SecondaryMmu<V> {
         }
     }
 
-    /// Tells the view of each page the batch zapped whose host page moved
-    /// meanwhile, where `mm` maps it now ([`EptView::host_page_moved`]).
+    /// Tells the view, in one call, of each page the batch zapped whose host
+    /// page moved meanwhile, and where `mm` maps it now
+    /// ([`EptView::host_pages_moved`]).
     fn tell_moved_host_pages(&mut self, changes: &[ViewChange], before: &BTreeMap<Gfn, ViewPage>, mm: &PrimaryMmu) {
+        let mut moved = Vec::new();
         for &change in changes {
             let ViewChange::Zap { start, end } = change else { continue };
-            for gfn in start..end {
-                let Ok(pte) = mm.pte(gfn) else { continue };
-                if before.get(&gfn).is_some_and(|page| page.is_some_and(|(pfn, _)| pfn != pte.pfn)) {
-                    self.stats.host_pages_moved += 1;
-                    self.in_view(|v| v.host_page_moved(gfn, pte.pfn));
+            for (&gfn, &page) in before.range(start..end) {
+                let (Some((old, _)), Ok(pte)) = (page, mm.pte(gfn)) else { continue };
+                if old != pte.pfn {
+                    moved.push((gfn, pte.pfn));
                 }
             }
+        }
+        if !moved.is_empty() {
+            self.stats.host_pages_moved += moved.len() as u64;
+            self.in_view(|v| v.host_pages_moved(&moved));
         }
     }
 

@@ -38,15 +38,16 @@ pub trait EptView: Send {
         self.zap(start, end)
     }
 
-    /// Absent page `gfn`'s host page is now frame `pfn`: the primary MMU
-    /// moved it (a merge into a KSM page) while the secondary MMU had the
-    /// page zapped. Called inside a batch, before [`EptView::batch_end`];
-    /// the page stays absent and its next access still faults. A backend
-    /// whose fault must first find the host page in a mapping of its own
-    /// (the userfaultfd view's window, which a remap during the fault would
-    /// make the host KVM retry) may move that mapping now, out of any
-    /// fault. The default does nothing: the fault finds the frame then.
-    fn host_page_moved(&mut self, _gfn: Gfn, _pfn: Pfn) -> Result<(), Self::Error> {
+    /// Each absent page `gfn` of `moved` has its host page at frame `pfn`
+    /// now: the primary MMU moved it (a merge into a KSM page) while the
+    /// secondary MMU had the page zapped. Called once at the end of a batch
+    /// that zapped such pages, before [`EptView::batch_end`]; the pages stay
+    /// absent and their next access still faults. A backend whose fault
+    /// must first find the host page in a mapping of its own (the
+    /// userfaultfd view's window, which a remap during the fault would make
+    /// the host KVM retry) may move that mapping now, out of any fault. The
+    /// default does nothing: the fault finds the frame then.
+    fn host_pages_moved(&mut self, _moved: &[(Gfn, Pfn)]) -> Result<(), Self::Error> {
         Ok(())
     }
 
@@ -82,8 +83,8 @@ pub struct RecordingView {
     pub batches: u64,
     /// Between `batch_start` and `batch_end`: a guest would be held out.
     pub holding: bool,
-    /// `host_page_moved` calls received: gfn -> the frame its host page
-    /// moved to (the last one told).
+    /// What `host_pages_moved` told: gfn -> the frame its host page moved
+    /// to (the last one told).
     pub host_pages_moved: std::collections::BTreeMap<Gfn, Pfn>,
 }
 
@@ -113,10 +114,12 @@ impl EptView for RecordingView {
         Ok(())
     }
 
-    fn host_page_moved(&mut self, gfn: Gfn, pfn: Pfn) -> Result<(), Self::Error> {
-        assert!(self.holding, "host_page_moved outside a batch");
-        assert!(!self.pages.contains_key(&gfn), "host_page_moved of mapped gfn {gfn}");
-        self.host_pages_moved.insert(gfn, pfn);
+    fn host_pages_moved(&mut self, moved: &[(Gfn, Pfn)]) -> Result<(), Self::Error> {
+        assert!(self.holding, "host_pages_moved outside a batch");
+        for &(gfn, pfn) in moved {
+            assert!(!self.pages.contains_key(&gfn), "host_pages_moved of mapped gfn {gfn}");
+            self.host_pages_moved.insert(gfn, pfn);
+        }
         Ok(())
     }
 

@@ -215,12 +215,12 @@ impl EptView for AnyView {
         }
     }
 
-    fn host_page_moved(&mut self, gfn: Gfn, pfn: Pfn) -> Result<(), ViewError> {
+    fn host_pages_moved(&mut self, moved: &[(Gfn, Pfn)]) -> Result<(), ViewError> {
         match self {
-            AnyView::Memslot(v) => v.host_page_moved(gfn, pfn),
-            AnyView::Uffd(v) => v.host_page_moved(gfn, pfn),
+            AnyView::Memslot(v) => v.host_pages_moved(moved),
+            AnyView::Uffd(v) => v.host_pages_moved(moved),
             #[cfg(test)]
-            AnyView::Recording(v) => v.host_page_moved(gfn, pfn).map_err(|never| match never {}),
+            AnyView::Recording(v) => v.host_pages_moved(moved).map_err(|never| match never {}),
         }
     }
 

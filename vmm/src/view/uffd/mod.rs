@@ -50,7 +50,7 @@
 //! sharing an image), and then costs a fraction of a remap per page.
 //!
 //! A batch also tells the view where the host pages it zapped now lie
-//! (`EptView::host_page_moved`: a merge moved them onto KSM pages). W's
+//! (`EptView::host_pages_moved`: a merge moved them onto KSM pages). W's
 //! page is pointed there at the batch's end and left absent, as in Linux
 //! the host mapping under a memslot already maps the KSM page when KVM
 //! next faults; the fault then only CONTINUEs it. A remap during the fault
@@ -123,6 +123,7 @@ mod abi;
 mod bare;
 mod chunks;
 mod fault_thread;
+mod held;
 mod shared;
 mod userfaultfd;
 mod view;

@@ -2,7 +2,6 @@
 //! operations that make a secondary-table change real (module
 //! documentation of [`super`]).
 
-use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
@@ -20,6 +19,7 @@ use super::abi::{
 };
 use super::chunks::{Chunks, CHUNK_PAGES};
 use super::fault_thread::UffdFaultSource;
+use super::held::{held_runs, HeldRemap, HeldRemaps};
 use super::shared::{FaultWait, Shared, HINT_ABSENT, HINT_WP};
 use super::userfaultfd::Userfaultfd;
 use super::window::{vma_err, Window};
@@ -89,30 +89,6 @@ struct PageState {
 
 const UNKNOWN_PFN: Pfn = Pfn::MAX;
 
-/// A remap made inside a batch, waiting for the batch's end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct HeldRemap {
-    pfn: Pfn,
-    /// The access the page is populated with (writable or not), or `None`
-    /// to leave it absent ([`UffdView::host_page_moved`](EptView::host_page_moved)).
-    populate: Option<bool>,
-}
-
-/// The runs `(first, pages)` of neighbouring pages of `held` in which each
-/// page `joins` the one before it.
-fn held_runs(held: &BTreeMap<usize, HeldRemap>, joins: impl Fn(&HeldRemap, &HeldRemap) -> bool) -> Vec<(usize, usize)> {
-    let mut runs: Vec<(usize, usize)> = Vec::new();
-    let mut prev: Option<(usize, &HeldRemap)> = None;
-    for (&i, remap) in held {
-        match (runs.last_mut(), prev) {
-            (Some((_, n)), Some((j, before))) if j + 1 == i && joins(before, remap) => *n += 1,
-            _ => runs.push((i, 1)),
-        }
-        prev = Some((i, remap));
-    }
-    runs
-}
-
 /// The userfaultfd backend of the EPT view (see the module documentation).
 #[derive(Debug)]
 pub struct UffdView {
@@ -143,7 +119,7 @@ pub struct UffdView {
     batch_hold: Option<GateHold>,
     /// Pages remapped inside the batch, not made real in W yet
     /// ([`UffdView::remap_held`]).
-    held_remaps: BTreeMap<usize, HeldRemap>,
+    held_remaps: HeldRemaps,
 }
 
 impl UffdView {
@@ -205,7 +181,7 @@ impl UffdView {
             wp_changes: 0,
             zaps: 0,
             batch_hold: None,
-            held_remaps: BTreeMap::new(),
+            held_remaps: HeldRemaps::new(nr_pages),
         })
     }
 
@@ -368,7 +344,7 @@ impl UffdView {
     fn remap_held(&mut self, i: usize, pfn: Pfn, writable: bool) {
         self.remaps += 1;
         self.pages[i] = PageState { pfn, present: false, wp: false };
-        self.held_remaps.insert(i, HeldRemap { pfn, populate: Some(writable) });
+        self.held_remaps.push(i, HeldRemap { pfn, populate: Some(writable) });
     }
 
     /// Makes the batch's remaps real, with the vCPU still held out: one
@@ -380,20 +356,22 @@ impl UffdView {
     /// pages left absent). A page whose step failed is left for its next
     /// `map` to redo.
     fn flush_held_remaps(&mut self) -> Result<(), ViewError> {
-        let mut held = std::mem::take(&mut self.held_remaps);
+        let mut held = self.held_remaps.take();
         let mut first_error = None;
-        for (first, n) in held_runs(&held, |a, b| b.pfn == a.pfn + 1) {
-            let result = self.map_run(first, n, held[&first].pfn);
-            self.settle_run(&mut held, first, n, result, &mut first_error);
+        for (first, n, remap) in held_runs(&held, |a, b| b.pfn == a.pfn + 1) {
+            let result = self.map_run(first, n, remap.pfn);
+            self.settle_run(first, n, result, &mut first_error);
         }
-        for (first, n) in held_runs(&held, |_, _| true) {
+        held.retain(|&(i, _)| self.pages[i].pfn != UNKNOWN_PFN);
+        for (first, n, _) in held_runs(&held, |_, _| true) {
             let result = register(&self.uffd, self.window.range(first, n));
-            self.settle_run(&mut held, first, n, result, &mut first_error);
+            self.settle_run(first, n, result, &mut first_error);
         }
-        for (first, n) in held_runs(&held, |a, b| b.pfn == a.pfn + 1 && a.populate == b.populate) {
-            let Some(writable) = held[&first].populate else { continue };
+        held.retain(|&(i, _)| self.pages[i].pfn != UNKNOWN_PFN);
+        for (first, n, remap) in held_runs(&held, |a, b| b.pfn == a.pfn + 1 && a.populate == b.populate) {
+            let Some(writable) = remap.populate else { continue };
             let result = self.continue_run(first, n, !writable);
-            self.settle_run(&mut held, first, n, result, &mut first_error);
+            self.settle_run(first, n, result, &mut first_error);
         }
         first_error.map_or(Ok(()), Err)
     }
@@ -407,21 +385,19 @@ impl UffdView {
     }
 
     /// After a step of [`UffdView::flush_held_remaps`] on pages `[first,
-    /// first + n)`: if it failed, the pages leave the flush with their frame
-    /// unknown, so that their next `map` starts over, and the first error is
-    /// kept.
+    /// first + n)`: if it failed, the pages' frame becomes unknown, so that
+    /// the flush's later steps leave them out and their next `map` starts
+    /// over, and the first error is kept.
     fn settle_run(
         &mut self,
-        held: &mut BTreeMap<usize, HeldRemap>,
         first: usize,
         n: usize,
         result: Result<(), ViewError>,
         first_error: &mut Option<ViewError>,
     ) {
         if let Err(e) = result {
-            for i in first..first + n {
-                held.remove(&i);
-                self.pages[i].pfn = UNKNOWN_PFN;
+            for page in &mut self.pages[first..first + n] {
+                page.pfn = UNKNOWN_PFN;
             }
             first_error.get_or_insert(e);
         }
@@ -548,7 +524,7 @@ impl EptView for UffdView {
         if pfn >= self.pool.nr_frames() {
             return Err(ViewError::NoSuchFrame(pfn));
         }
-        if self.held_remaps.contains_key(&i) {
+        if self.held_remaps.contains(i) {
             self.flush_held_remaps()?;
         }
         if !self.chunks.is_registered(i) {
@@ -609,24 +585,29 @@ impl EptView for UffdView {
         Ok(())
     }
 
-    /// Inside a batch: points absent page `gfn` at frame `pfn` at the
+    /// Inside a batch: points each absent page `gfn` at frame `pfn` at the
     /// batch's end, not populated (one mmap per run onto neighbouring
     /// frames, with the batch's other remaps). W then maps what the primary
     /// MMU maps, as the host mapping under a memslot does in Linux, and the
     /// page's next fault only populates it: a remap during that fault would
-    /// make the host KVM retry it (one more exit). Outside a batch, or for a
-    /// page W maps or already points at `pfn`, nothing is done.
-    fn host_page_moved(&mut self, gfn: Gfn, pfn: Pfn) -> Result<(), ViewError> {
-        let i = self.index(gfn, gfn.checked_add(1).ok_or(ViewError::OutOfRange(gfn))?)?;
-        let page = self.pages[i];
-        let unchanged = page.present || page.pfn == pfn || self.held_remaps.contains_key(&i);
-        if self.batch_hold.is_none() || unchanged || !self.chunks.is_registered(i) || pfn >= self.pool.nr_frames() {
+    /// make the host KVM retry it (one more exit). Outside a batch nothing
+    /// is done, nor for a page W maps or already points at `pfn`.
+    fn host_pages_moved(&mut self, moved: &[(Gfn, Pfn)]) -> Result<(), ViewError> {
+        if self.batch_hold.is_none() {
             return Ok(());
         }
-        self.remaps += 1;
-        self.absent_remaps += 1;
-        self.pages[i] = PageState { pfn, present: false, wp: false };
-        self.held_remaps.insert(i, HeldRemap { pfn, populate: None });
+        for &(gfn, pfn) in moved {
+            let i = self.index(gfn, gfn.checked_add(1).ok_or(ViewError::OutOfRange(gfn))?)?;
+            let page = self.pages[i];
+            let unchanged = page.present || page.pfn == pfn || self.held_remaps.contains(i);
+            if unchanged || !self.chunks.is_registered(i) || pfn >= self.pool.nr_frames() {
+                continue;
+            }
+            self.remaps += 1;
+            self.absent_remaps += 1;
+            self.pages[i] = PageState { pfn, present: false, wp: false };
+            self.held_remaps.push(i, HeldRemap { pfn, populate: None });
+        }
         Ok(())
     }
 
@@ -684,29 +665,5 @@ impl Drop for UffdView {
         // Unregistering wakes any thread still blocked on W (there should be
         // none: the vCPUs are gone); errors do not matter, munmap follows.
         let _ = self.uffd.unregister(self.window.range(0, self.pages.len()));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn held_remaps_run_while_pages_neighbour_and_each_page_joins() {
-        let held: BTreeMap<usize, HeldRemap> =
-            [(3, 40, true), (4, 41, true), (5, 42, false), (6, 7, false), (9, 8, false)]
-                .into_iter()
-                .map(|(i, pfn, writable)| (i, HeldRemap { pfn, populate: Some(writable) }))
-                .collect();
-        // Neighbouring pages, whatever they map: a gap at 7 and 8.
-        assert_eq!(held_runs(&held, |_, _| true), vec![(3, 4), (9, 1)]);
-        // Onto neighbouring frames: 6 maps frame 7, not 43.
-        assert_eq!(held_runs(&held, |a, b| b.pfn == a.pfn + 1), vec![(3, 3), (6, 1), (9, 1)]);
-        // ... with one access: 5 is read-only.
-        assert_eq!(
-            held_runs(&held, |a, b| b.pfn == a.pfn + 1 && a.populate == b.populate),
-            vec![(3, 2), (5, 1), (6, 1), (9, 1)]
-        );
-        assert_eq!(held_runs(&BTreeMap::new(), |_, _| true), vec![]);
     }
 }
