@@ -83,14 +83,15 @@
 //!    mapcount over every mm (only merges and copied mappings map it, so
 //!    that is Linux's counter, lowered at once by a copy-on-write break),
 //!    and an mm's own ([`KsmMmStats`]) counts its ptes that map it.
-//! 6. **One copy of the page per visit.** The page being visited is read
-//!    once into a buffer (`read_page`), and that copy is checksummed and
-//!    compared in both trees, where Linux reads the live page each time; the
-//!    checksum and every comparison of one visit judge the same bytes, and
-//!    guest memory is only ever read through raw pointers ([`page`]). After
-//!    a failed merge with the zero page the page is write-protected, and
-//!    read again before the stable tree search, so the search judges what
-//!    the page holds from then on, as Linux's does.
+//! 6. **One copy of the page per tree search.** The checksum is computed on
+//!    the live page, as Linux's is (in place, through atomic loads:
+//!    [`xxh64`]); a page whose checksum held is then read once into a
+//!    buffer (`read_page`), after the attempt to merge it with the zero
+//!    page, and that copy is compared in both trees, where Linux reads the
+//!    live page each time: every comparison of one visit judges the same
+//!    bytes, those the page holds once a failed zero-page merge
+//!    write-protected it. Guest memory is only ever read through raw
+//!    pointers or atomics ([`page`]).
 //! 7. **No `break_cow` after half a pair.** When the second half of
 //!    `try_to_merge_two_pages` fails, the page that was to become the KSM
 //!    page is left write-protected but not KSM instead of going through
@@ -189,6 +190,7 @@ pub mod sysfs;
 pub mod tree;
 pub mod unmerge;
 pub mod unstable_tree;
+pub mod xxh64;
 
 pub use ksm::{Ksm, KsmError};
 pub use ksmd::Ksmd;

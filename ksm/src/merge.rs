@@ -12,7 +12,7 @@ use shadow_mmu::{Gfn, Pfn, PrimaryMmu};
 
 use crate::ksm::{Ksm, KsmError};
 use crate::mm_slot::{MmLock, RmapId};
-use crate::page::{frames_identical, read_page};
+use crate::page::frames_identical;
 use crate::stable_tree::owner_tag;
 
 /// What `try_to_merge_one_page` did.
@@ -91,10 +91,10 @@ impl Ksm {
     /// item `id`, whose checksum `sum` held since the last scan, is merged
     /// with the zero page if the checksum is the zero page's
     /// (`try_to_merge_one_page` then compares the whole page). Returns
-    /// whether it merged; if not, the visit goes on to the stable tree. A
-    /// merge that failed left the page write-protected, so its copy in
-    /// `self.buf` is read again: the trees are searched with what the page
-    /// holds from now on, as Linux searches them with the live page.
+    /// whether it merged; if not, the visit goes on to the stable tree (a
+    /// merge that failed left the page write-protected: the copy the trees
+    /// judge is taken after this, so it is what the page holds from now on,
+    /// as Linux searches them with the live page).
     pub(crate) fn try_to_merge_with_zero_page(
         &mut self,
         mms: &mut MmLock<'_>,
@@ -107,11 +107,7 @@ impl Ksm {
         let (pos, gfn) = self.gfn_of(id);
         let host = mms.mm(pos);
         match self.try_to_merge_one_page(host, gfn, Some(self.zero_pfn))? {
-            MergeOne::Failed => {
-                let pfn = host.pte(gfn)?.pfn;
-                read_page(self.frames.pool(), pfn, &mut self.buf);
-                Ok(false)
-            }
+            MergeOne::Failed => Ok(false),
             _ => {
                 self.stats.merges += 1;
                 Ok(true)

@@ -1,4 +1,5 @@
-//! Reading page contents for the scanner: checksums (`calc_checksum`),
+//! Reading page contents for the scanner: checksums (`calc_checksum`, of a
+//! copy or in place),
 //! comparisons (`memcmp_pages`, `pages_identical`). Which frames hold
 //! memory at all is `FramePool::resident`.
 //!
@@ -10,6 +11,7 @@
 //! points at memory another agent writes.
 
 use std::cmp::Ordering;
+use std::sync::atomic::AtomicU64;
 
 use shadow_mmu::{FramePool, Pfn, PAGE_SIZE};
 
@@ -31,6 +33,20 @@ pub fn read_page(pool: &FramePool, pfn: Pfn, buf: &mut PageBuf) -> bool {
 /// `calc_checksum`: xxHash of the page, truncated to 32 bits as in Linux.
 pub fn checksum(page: &PageBuf) -> u32 {
     xxhash_rust::xxh64::xxh64(page, 0) as u32
+}
+
+/// [`checksum`] of frame `pfn` as it is now, read in place (no copy, as
+/// Linux's `calc_checksum` reads the live page); `None` if the frame does
+/// not exist.
+pub fn frame_checksum(pool: &FramePool, pfn: Pfn) -> Option<u32> {
+    let frame = pool.frame_hva(pfn)?;
+    // SAFETY: `frame` points at a whole page of the direct map (checked by
+    // frame_hva), page-aligned and alive as long as `pool`. Viewed as
+    // atomics, a concurrent guest write is a race every load tolerates
+    // (it sees the old word or the new one), never a Rust reference to
+    // memory that changes.
+    let words = unsafe { std::slice::from_raw_parts(frame.cast::<AtomicU64>(), PAGE_SIZE as usize / 8) };
+    crate::xxh64::xxh64_words(words, 0).map(|h| h as u32)
 }
 
 /// Orders a copied page against frame `pfn` as it is now (`memcmp_pages`).
@@ -74,5 +90,8 @@ mod tests {
         let mut other = buf;
         other[0] = 9;
         assert_ne!(checksum(&buf), checksum(&other));
+        // In place, the same checksum as of the copy.
+        assert_eq!(frame_checksum(&pool, 1), Some(checksum(&buf)));
+        assert_eq!(frame_checksum(&pool, 4), None);
     }
 }

@@ -17,7 +17,7 @@ use shadow_mmu::{MmBatch, Pfn, PrimaryMmu, Pte};
 
 use crate::ksm::{Ksm, KsmError};
 use crate::mm_slot::{MmLock, RmapId};
-use crate::page::{checksum, read_page};
+use crate::page::{frame_checksum, read_page};
 use crate::rmap::{RmapState, NIL};
 
 /// The longest the scanner works in one go: ksmd holds the deduplicator's
@@ -283,13 +283,10 @@ impl Ksm {
             return Ok(());
         }
         self.remove_rmap_item_from_tree(id);
-        if !read_page(self.frames.pool(), pte.pfn, &mut self.buf) {
-            return Ok(());
-        }
         // A page whose content changed since the last scan is changing too
         // fast to be worth a search in either tree (Linux 6.11 moved this
         // test before the stable tree search).
-        let sum = checksum(&self.buf);
+        let Some(sum) = frame_checksum(self.frames.pool(), pte.pfn) else { return Ok(()) };
         let (slot, idx) = self.slot_mut(id);
         if slot.rmap[idx].oldchecksum != sum {
             slot.rmap[idx].oldchecksum = sum;
@@ -297,6 +294,12 @@ impl Ksm {
             return Ok(());
         }
         if self.try_to_merge_with_zero_page(mms, id, sum)? {
+            return Ok(());
+        }
+        // The trees judge one copy of the page (crate docs), taken now: after
+        // a failed zero-page merge, what the page (write-protected on the
+        // same frame) holds from then on.
+        if !read_page(self.frames.pool(), pte.pfn, &mut self.buf) {
             return Ok(());
         }
         // Is there a KSM page with this content already, in any mm? The
