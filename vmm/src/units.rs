@@ -85,6 +85,7 @@ pub const OWN_FIGURES: &[(&str, &str, FigureKind)] = &[
     ("shadow_mmu.view_remaps", "pages", Count),
     ("shadow_mmu.view_remap_runs", "calls", Count),
     ("shadow_mmu.view_absent_remaps", "pages", Count),
+    ("shadow_mmu.view_unbatched_remaps", "pages", Count),
     ("shadow_mmu.view_continues", "calls", Count),
     ("shadow_mmu.view_wp_changes", "calls", Count),
     ("shadow_mmu.view_zaps", "calls", Count),

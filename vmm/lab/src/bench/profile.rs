@@ -46,6 +46,11 @@ const COW: &str = "the primary MMU's wp_page_copy of write-protected pages timed
 const FLUSH: &str = "0: a flush is no operation of its own in this lab; the view's zap or update that makes KVM's \
                      mapping go is timed under zap and change_pte, so it is not counted twice";
 
+const VIEW_REMAP: &str = "a bare remap of one page of the uffd view's window (mmap of another frame, UFFDIO_REGISTER, \
+                          UFFDIO_CONTINUE write-protected: vmm::view::uffd::bare_view_costs) plus one host_refault \
+                          for the host KVM's retry of the fault the remap raced with";
+const VIEW_REMAP_NONE: &str = "0: the memslot view has no window to remap; it counts no such event";
+
 /// Pages the copy-on-write microbenchmark copies.
 const COW_PAGES: u64 = 4_096;
 
@@ -61,6 +66,9 @@ pub enum ProfileBenchError {
         #[source]
         source: Box<BenchError>,
     },
+    /// The bare remap of the uffd view could not be timed.
+    #[error("cannot time a bare remap of the uffd view")]
+    BareRemap(#[source] vmm::view::ViewError),
     /// A calibration run gave no statistics.
     #[error(transparent)]
     Run(#[from] RunError),
@@ -292,6 +300,17 @@ fn cow_copy_ns() -> Result<f64, ProfileBenchError> {
     Ok(start.elapsed().as_nanos() as f64 / COW_PAGES as f64)
 }
 
+/// A remap of the view during a fault: under the uffd view its bare
+/// mechanism, timed in this process, plus the host KVM's retry
+/// (`refault_ns`, one host refault).
+fn view_remap_cost(view: ViewKind, refault_ns: f64) -> Result<Cost, ProfileBenchError> {
+    if view != ViewKind::Uffd {
+        return Ok(cost(0.0, CostKind::Derived, VIEW_REMAP_NONE.into()));
+    }
+    let bare = vmm::view::uffd::bare_view_costs(COW_PAGES as usize).map_err(ProfileBenchError::BareRemap)?;
+    Ok(cost(bare.remap_ns + refault_ns, CostKind::Derived, format!("{VIEW_REMAP} ({COW_PAGES} pages)")))
+}
+
 /// The exit round trip, from the exit-floor bench. (The secondary-MMU
 /// fault is measured on a calibration guest rather than by `vmm bench
 /// fault`, so that every figure but this one comes from the same runs.)
@@ -342,6 +361,8 @@ pub fn bench_profile(
     let cow = format!("{COW} ({COW_PAGES} pages)");
     costs.insert("cow_copy".into(), cost(cow_copy_ns()?, CostKind::Measured, cow));
     costs.insert("tlb_flush".into(), cost(0.0, CostKind::Derived, FLUSH.into()));
+    let refault = costs.get("host_refault").map_or(0.0, |c| c.ns);
+    costs.insert("view_remap".into(), view_remap_cost(config.view, refault)?);
     Ok(CostProfile {
         schema: PROFILE_SCHEMA.into(),
         version: PROFILE_VERSION,

@@ -42,6 +42,13 @@ pub const EVENTS: &[EventDef] = &[
         figures: &["kvm.pf_fixed"],
     },
     EventDef {
+        key: "view_remap",
+        what: "a remap of the VMM's view made while the guest waits on a fault whose frame changed (a \
+               copy-on-write break), and the host KVM's retry of that fault: a cost of emulating the secondary \
+               MMU in userspace",
+        figures: &["shadow_mmu.view_unbatched_remaps"],
+    },
+    EventDef {
         key: "change_pte",
         what: "an in-place update of one secondary-MMU entry by change_pte",
         figures: &["shadow_mmu.change_pte_applied"],

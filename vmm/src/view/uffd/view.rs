@@ -112,6 +112,9 @@ pub struct UffdView {
     remap_runs: u64,
     /// Remaps of absent pages onto their moved host page, ahead of a fault.
     absent_remaps: u64,
+    /// Remaps made one at a time, outside a batch: in a fault whose frame
+    /// changed (a copy-on-write break), which the host KVM then retries.
+    unbatched_remaps: u64,
     continues: u64,
     wp_changes: u64,
     zaps: u64,
@@ -177,6 +180,7 @@ impl UffdView {
             remaps: 0,
             remap_runs: 0,
             absent_remaps: 0,
+            unbatched_remaps: 0,
             continues: 0,
             wp_changes: 0,
             zaps: 0,
@@ -439,6 +443,7 @@ impl UffdView {
         self.window.map_frame(i, memfd, offset, writable)?;
         self.remaps += 1;
         self.remap_runs += 1;
+        self.unbatched_remaps += 1;
         // Until the sequence completes, the next map() must start it again.
         self.pages[i] = PageState { pfn: UNKNOWN_PFN, present: false, wp: false };
         register(&self.uffd, self.window.range(i, 1))?;
@@ -634,6 +639,7 @@ impl EptView for UffdView {
             ("view_remaps", self.remaps),
             ("view_remap_runs", self.remap_runs),
             ("view_absent_remaps", self.absent_remaps),
+            ("view_unbatched_remaps", self.unbatched_remaps),
             ("view_continues", self.continues),
             ("view_wp_changes", self.wp_changes),
             ("view_zaps", self.zaps),
