@@ -158,6 +158,7 @@ fn count(figures: &Value, policy: &str, event: &str) -> f64 {
         "exit_other" => sum(&["exits.mmio", "exits.hlt", "exits.shutdown", "exits.internal_error", "exits.other"]),
         "secondary_mmu_fault" => faults,
         "host_refault" => (f("kvm.pf_fixed") - faults).max(0.0),
+        "view_remap" => f("shadow_mmu.view_unbatched_remaps"),
         "change_pte" => f("shadow_mmu.change_pte_applied"),
         "zap" => f("shadow_mmu.zapped"),
         "tlb_flush" => f("shadow_mmu.flushes"),
