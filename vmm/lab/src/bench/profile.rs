@@ -54,6 +54,9 @@ const VIEW_REMAP_NONE: &str = "0: the memslot view has no window to remap; it co
 /// Pages the copy-on-write microbenchmark copies.
 const COW_PAGES: u64 = 4_096;
 
+/// Pages the bare remap of the uffd view's window is timed over.
+const BARE_REMAP_PAGES: usize = 4_096;
+
 /// Errors of `vmm bench profile`.
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileBenchError {
@@ -307,8 +310,8 @@ fn view_remap_cost(view: ViewKind, refault_ns: f64) -> Result<Cost, ProfileBench
     if view != ViewKind::Uffd {
         return Ok(cost(0.0, CostKind::Derived, VIEW_REMAP_NONE.into()));
     }
-    let bare = vmm::view::uffd::bare_view_costs(COW_PAGES as usize).map_err(ProfileBenchError::BareRemap)?;
-    Ok(cost(bare.remap_ns + refault_ns, CostKind::Derived, format!("{VIEW_REMAP} ({COW_PAGES} pages)")))
+    let bare = vmm::view::uffd::bare_view_costs(BARE_REMAP_PAGES).map_err(ProfileBenchError::BareRemap)?;
+    Ok(cost(bare.remap_ns + refault_ns, CostKind::Derived, format!("{VIEW_REMAP} ({BARE_REMAP_PAGES} pages)")))
 }
 
 /// The exit round trip, from the exit-floor bench. (The secondary-MMU
